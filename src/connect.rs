@@ -1,0 +1,228 @@
+//! How to reach Redis: where, with which credentials, within which connect timeout.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use redis::{
+    AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, aio::MultiplexedConnection,
+};
+
+use crate::{Error, service::RedisService};
+
+/// The connect timeout used unless [`Connector::connect_timeout`] sets another.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How to open a connection to Redis: a [`redis::Client`] (built from a URL, a
+/// [`ConnectionInfo`], or by you, with TLS certificates say) and a connect timeout that
+/// bounds the whole handshake (TCP, TLS, `AUTH`, `SELECT`).
+///
+/// Cheap to clone. Its `Debug` shows the address and database, never the credentials.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_redis_resilience::Connector;
+///
+/// # async fn run() -> Result<(), tower_redis_resilience::Error> {
+/// let connector = Connector::from_url("redis://:secret@127.0.0.1:6379/0")?
+///     .connect_timeout(Duration::from_millis(250));
+/// let redis = connector.connect().await?;
+/// # let _ = redis; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Connector {
+    client: redis::Client,
+    connect_timeout: Duration,
+    /// The address as shown in `Debug` and logs, computed once.
+    display: Arc<str>,
+}
+
+impl Connector {
+    /// Parses a `redis://`, `rediss://` or `unix://` URL. A malformed URL is a
+    /// [config](Error::is_config) error that quotes the URL with its password hidden.
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        let client = redis::Client::open(url).map_err(|err| {
+            Error::config(format!("invalid redis URL `{}`: {err}", redact_url(url)))
+        })?;
+        Ok(Connector::from_client(client))
+    }
+
+    /// Uses connection details you assembled yourself.
+    pub fn from_connection_info(info: impl IntoConnectionInfo) -> Result<Self, Error> {
+        let client = redis::Client::open(info)
+            .map_err(|err| Error::config(format!("invalid redis connection info: {err}")))?;
+        Ok(Connector::from_client(client))
+    }
+
+    /// Uses a `redis::Client` you built, for instance with `Client::build_with_tls`.
+    pub fn from_client(client: redis::Client) -> Self {
+        let display = describe(client.get_connection_info()).into();
+        Connector {
+            client,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            display,
+        }
+    }
+
+    /// Bounds each connection attempt, handshake included. Default:
+    /// [`DEFAULT_CONNECT_TIMEOUT`].
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The configured connect timeout.
+    pub fn get_connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// The connection details.
+    pub fn connection_info(&self) -> &ConnectionInfo {
+        self.client.get_connection_info()
+    }
+
+    /// Where this connector connects, safe to log: `127.0.0.1:6379/0`, no credentials.
+    pub fn address(&self) -> &str {
+        &self.display
+    }
+
+    /// Opens a connection and returns the leaf service over it.
+    ///
+    /// Errors: [unavailable](Error::is_unavailable) when Redis cannot be reached in time
+    /// (refused, timed out, `LOADING`), [config](Error::is_config) when it rejects the
+    /// handshake (`WRONGPASS`, a database index out of range, TLS mismatch).
+    pub async fn connect(&self) -> Result<RedisService, Error> {
+        let connection = self.connect_multiplexed().await?;
+        Ok(RedisService::from_parts(
+            connection,
+            self.connection_info().redis_settings().db(),
+            self.display.clone(),
+        ))
+    }
+
+    async fn connect_multiplexed(&self) -> Result<MultiplexedConnection, Error> {
+        // No response timeout: deadlines belong to the Timeout layer, and a redis-rs
+        // timeout would fire under it with a different error.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(None);
+        let attempt = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config);
+        // redis-rs's connection timeout may not cover every step of the handshake; this
+        // one does.
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(err)) => Err(Error::from_connect(err)),
+            Err(_) => Err(Error::unavailable("connect timed out")),
+        }
+    }
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("address", &self.display)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// `host:port/db` (or `unix:path/db`), with a `tls` marker; never credentials.
+fn describe(info: &ConnectionInfo) -> String {
+    let db = info.redis_settings().db();
+    let user = match info.redis_settings().username() {
+        Some(user) => format!("{user}@"),
+        None => String::new(),
+    };
+    format!("{user}{}/{db}", info.addr())
+}
+
+/// Hides the password of a URL (`redis://user:***@host`) and any `password=` query value,
+/// even when the rest of the URL does not parse.
+pub(crate) fn redact_url(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    let rest = match url.find("://") {
+        Some(at) => {
+            out.push_str(&url[..at + 3]);
+            &url[at + 3..]
+        }
+        None => url,
+    };
+    // Everything up to the last '@' is user information; a password may hold '@' or '/'.
+    let rest = match rest.rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            match userinfo.find(':') {
+                Some(colon) => {
+                    out.push_str(&userinfo[..colon]);
+                    out.push_str(":***");
+                }
+                None => out.push_str(userinfo),
+            }
+            out.push('@');
+            &rest[at + 1..]
+        }
+        None => rest,
+    };
+    match rest.find('?') {
+        Some(q) => {
+            out.push_str(&rest[..=q]);
+            let query = rest[q + 1..]
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                    _ => pair.to_owned(),
+                });
+            out.push_str(&query.collect::<Vec<_>>().join("&"));
+        }
+        None => out.push_str(rest),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_url_hides_passwords_and_keeps_the_rest() {
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact_url("redis://:hunter2@127.0.0.1/"),
+            "redis://:***@127.0.0.1/"
+        );
+        assert_eq!(
+            redact_url("rediss://app:p@ss/w0rd@::1:6380"),
+            "rediss://app:***@::1:6380"
+        );
+        assert_eq!(
+            redact_url("redis://alice@127.0.0.1"),
+            "redis://alice@127.0.0.1"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1/?protocol=resp3&password=hunter2"),
+            "redis://127.0.0.1/?protocol=resp3&password=***"
+        );
+        assert_eq!(redact_url("no scheme:hunter2@x"), "no scheme:***@x");
+    }
+
+    #[test]
+    fn malformed_url_is_a_config_error_without_the_password() {
+        let err = Connector::from_url("redis://:hunter2@127.0.0.1:notaport").unwrap_err();
+        assert!(err.is_config(), "{err:?}");
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis://:***@127.0.0.1:notaport"), "{shown}");
+    }
+
+    #[test]
+    fn debug_shows_the_address_not_the_credentials() {
+        let connector = Connector::from_url("redis://bob:hunter2@127.0.0.1:6390/3").unwrap();
+        let shown = format!("{connector:?}");
+        assert!(shown.contains("bob@127.0.0.1:6390/3"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+}

@@ -1,0 +1,508 @@
+//! The one error type of the crate, and how redis-rs's errors map onto it.
+
+use std::{fmt, io, sync::Arc, time::Duration};
+
+use redis::{ErrorKind, RedisError, ServerError, ServerErrorKind, Value};
+
+/// The error every service of this crate returns.
+///
+/// Callers ask questions instead of matching on internals: [`is_unavailable`] (Redis could
+/// not serve; transient), [`is_timeout`] (the deadline passed; the command may have run),
+/// [`is_circuit_open`] (rejected without touching Redis), [`is_server`] (Redis answered
+/// with an error such as `WRONGTYPE`: the application's problem, not an outage) and
+/// [`is_config`] (bad URL, wrong credentials, TLS mismatch: retrying will not help).
+/// Exactly one of the five is true. [`may_have_run`] says whether Redis may have executed
+/// the command, which is what decides if it can be sent again.
+///
+/// Errors that come out through redis-rs's API (a [`Client`](crate::Client) used with
+/// `AsyncCommands`) are [`RedisError`]s; `Error::from(redis_error)` gives this error back
+/// with its classification, command name and details intact. Server errors come out as
+/// exactly the `RedisError` plain redis-rs would give (`code()`, `kind()` and `detail()`
+/// work as usual).
+///
+/// ```
+/// use tower_redis_resilience::Error;
+///
+/// fn should_page_someone(err: &redis::RedisError) -> bool {
+///     let err = Error::from(err.clone());
+///     err.is_unavailable() || err.is_timeout() || err.is_circuit_open()
+/// }
+/// # let _ = should_page_someone;
+/// ```
+///
+/// [`is_unavailable`]: Error::is_unavailable
+/// [`is_timeout`]: Error::is_timeout
+/// [`is_circuit_open`]: Error::is_circuit_open
+/// [`is_server`]: Error::is_server
+/// [`is_config`]: Error::is_config
+/// [`may_have_run`]: Error::may_have_run
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct Error {
+    kind: Kind,
+    command: Option<&'static str>,
+    detail: Detail,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Unavailable { may_have_run: bool },
+    Timeout { after: Duration },
+    CircuitOpen { retry_in: Duration },
+    Server,
+    Config,
+}
+
+#[derive(Clone)]
+enum Detail {
+    None,
+    Message(&'static str),
+    Text(Arc<str>),
+    Redis(RedisError),
+}
+
+/// Server error codes that mean "Redis cannot serve right now", not "your command is
+/// wrong": the command was refused without running, and a later attempt may succeed.
+/// READONLY is the failover signal (a write reached a demoted master); MISCONF and
+/// NOREPLICAS refuse writes until the server's persistence or replicas recover.
+const UNAVAILABLE_CODES: &[&str] = &[
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "READONLY",
+    "MISCONF",
+    "NOREPLICAS",
+];
+
+/// Server error codes that mean the credentials are wrong.
+const AUTH_CODES: &[&str] = &["WRONGPASS", "NOAUTH"];
+
+impl Error {
+    /// Redis could not serve the request: connection refused, reset or closed, not
+    /// connected, reconnecting, or the server refused it as `LOADING`, `BUSY`,
+    /// `MASTERDOWN`, `TRYAGAIN`, `CLUSTERDOWN`, `READONLY`, `MISCONF` or `NOREPLICAS`.
+    /// Transient: the same request may succeed later.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self.kind, Kind::Unavailable { .. })
+    }
+
+    /// The request's deadline passed before Redis answered. It may or may not have run.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self.kind, Kind::Timeout { .. })
+    }
+
+    /// A circuit breaker rejected the request without sending it.
+    pub fn is_circuit_open(&self) -> bool {
+        matches!(self.kind, Kind::CircuitOpen { .. })
+    }
+
+    /// Redis answered with an error about the command itself (`WRONGTYPE`, `ERR syntax`,
+    /// `NOSCRIPT`, `OOM`, `EXECABORT`, `NOPERM`...). Not an outage.
+    pub fn is_server(&self) -> bool {
+        matches!(self.kind, Kind::Server)
+    }
+
+    /// The configuration or the credentials are wrong (malformed URL, `WRONGPASS`,
+    /// `NOAUTH`, TLS mismatch, bad database index) or the request cannot be sent (an empty
+    /// command). Retrying soon will not help.
+    pub fn is_config(&self) -> bool {
+        matches!(self.kind, Kind::Config)
+    }
+
+    /// Whether Redis may have executed the command. `false` only when it provably did not:
+    /// the request never left the client (not connected, circuit open, bad configuration)
+    /// or Redis refused it without running it (`LOADING`, `BUSY`, `READONLY`...). Timeouts,
+    /// dropped connections and server errors answer `true` (a script may fail half-way).
+    /// A command for which this is `true` and that is not idempotent must not be resent.
+    pub fn may_have_run(&self) -> bool {
+        match self.kind {
+            Kind::Unavailable { may_have_run } => may_have_run,
+            Kind::Timeout { .. } | Kind::Server => true,
+            Kind::CircuitOpen { .. } | Kind::Config => false,
+        }
+    }
+
+    /// The canonical name of the command that failed (`"GET"`, `"PIPELINE"`), when the
+    /// error belongs to a command rather than to connecting.
+    pub fn command(&self) -> Option<&'static str> {
+        self.command
+    }
+
+    /// For a timeout, the deadline that passed.
+    pub fn timeout(&self) -> Option<Duration> {
+        match self.kind {
+            Kind::Timeout { after } => Some(after),
+            _ => None,
+        }
+    }
+
+    /// For a circuit-open rejection, how long until the breaker lets a probe through.
+    pub fn retry_in(&self) -> Option<Duration> {
+        match self.kind {
+            Kind::CircuitOpen { retry_in } => Some(retry_in),
+            _ => None,
+        }
+    }
+
+    /// The error code Redis answered with (`"WRONGTYPE"`, `"LOADING"`, `"WRONGPASS"`).
+    pub fn server_code(&self) -> Option<&str> {
+        match &self.detail {
+            Detail::Redis(err) => err.code(),
+            _ => None,
+        }
+    }
+
+    /// The redis-rs error this one was made from, if any.
+    pub fn redis_error(&self) -> Option<&RedisError> {
+        match &self.detail {
+            Detail::Redis(err) => Some(err),
+            _ => None,
+        }
+    }
+
+    /// Names the command this error belongs to.
+    pub fn with_command(mut self, command: &'static str) -> Self {
+        self.command = Some(command);
+        self
+    }
+
+    /// Part of a pipeline may have run before Redis refused the rest.
+    pub(crate) fn ran_partially(mut self) -> Self {
+        if let Kind::Unavailable { .. } = self.kind {
+            self.kind = Kind::Unavailable { may_have_run: true };
+        }
+        self
+    }
+
+    /// An [unavailable](Error::is_unavailable) error for a request that never left the
+    /// client (no connection to send it on), for layers and test services of your own.
+    ///
+    /// ```
+    /// let err = tower_redis_resilience::Error::unavailable("not connected");
+    /// assert!(err.is_unavailable() && !err.may_have_run());
+    /// ```
+    pub fn unavailable(message: &'static str) -> Self {
+        Error::new(
+            Kind::Unavailable {
+                may_have_run: false,
+            },
+            Detail::Message(message),
+        )
+    }
+
+    /// A configuration problem described in words (which must not contain secrets).
+    pub(crate) fn config(message: impl Into<Arc<str>>) -> Self {
+        Error::new(Kind::Config, Detail::Text(message.into()))
+    }
+
+    /// A [timeout](Error::is_timeout): a deadline of `after` passed.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let err = tower_redis_resilience::Error::timed_out(Duration::from_millis(250));
+    /// assert!(err.is_timeout() && err.may_have_run());
+    /// ```
+    pub fn timed_out(after: Duration) -> Self {
+        Error::new(Kind::Timeout { after }, Detail::None)
+    }
+
+    /// A [circuit-open](Error::is_circuit_open) rejection; a probe is allowed in
+    /// `retry_in`. Does not allocate.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let err = tower_redis_resilience::Error::circuit_open(Duration::from_secs(1));
+    /// assert_eq!(err.retry_in(), Some(Duration::from_secs(1)));
+    /// ```
+    pub fn circuit_open(retry_in: Duration) -> Self {
+        Error::new(Kind::CircuitOpen { retry_in }, Detail::None)
+    }
+
+    /// An error from a request that was handed to the connection: an I/O failure may have
+    /// happened after Redis received it.
+    pub(crate) fn from_request(err: RedisError) -> Self {
+        Error::classify(err, true)
+    }
+
+    /// An error from establishing a connection: nothing of the user's was sent, and a
+    /// server error during the handshake (`SELECT` of a missing database, `HELLO`) is a
+    /// configuration problem unless it is one of the transient codes.
+    pub(crate) fn from_connect(err: RedisError) -> Self {
+        let mut error = Error::classify(err, false);
+        if error.is_server() {
+            let full = error.server_code() == Some("ERR")
+                && error
+                    .redis_error()
+                    .and_then(RedisError::detail)
+                    .is_some_and(|d| d.contains("max number of clients"));
+            error.kind = if full {
+                Kind::Unavailable {
+                    may_have_run: false,
+                }
+            } else {
+                Kind::Config
+            };
+        }
+        error
+    }
+
+    /// A server error found in a reply (`Value::ServerError`).
+    pub(crate) fn from_server_error(err: ServerError) -> Self {
+        Error::classify(RedisError::from(err), true)
+    }
+
+    /// Whether a reply value is a server error that means "unavailable".
+    pub(crate) fn is_unavailable_reply(value: &Value) -> bool {
+        matches!(value, Value::ServerError(err) if UNAVAILABLE_CODES.contains(&err.code()))
+    }
+
+    fn new(kind: Kind, detail: Detail) -> Self {
+        Error {
+            kind,
+            command: None,
+            detail,
+        }
+    }
+
+    fn classify(err: RedisError, io_may_have_run: bool) -> Self {
+        if let Some(ours) = Error::unwrap_from(&err) {
+            return ours;
+        }
+        let kind = match err.kind() {
+            ErrorKind::Io => Kind::Unavailable {
+                may_have_run: io_may_have_run,
+            },
+            // A reply that does not parse leaves the connection out of step with Redis.
+            ErrorKind::Parse => Kind::Unavailable {
+                may_have_run: io_may_have_run,
+            },
+            ErrorKind::AuthenticationFailed
+            | ErrorKind::InvalidClientConfig
+            | ErrorKind::Client
+            | ErrorKind::RESP3NotSupported
+            | ErrorKind::UnexpectedReturnType => Kind::Config,
+            ErrorKind::Server(ServerErrorKind::ExecAbort) => classify_transaction(&err),
+            ErrorKind::Server(_) | ErrorKind::Extension => classify_code(err.code()),
+            _ => Kind::Unavailable {
+                may_have_run: io_may_have_run,
+            },
+        };
+        Error::new(kind, Detail::Redis(err))
+    }
+
+    /// Finds an `Error` of ours carried inside a `RedisError` by [`From<Error>`].
+    fn unwrap_from(err: &RedisError) -> Option<Error> {
+        if err.kind() != ErrorKind::Io {
+            return None;
+        }
+        let source = std::error::Error::source(err)?;
+        // redis-rs keeps the io::Error behind an Arc and hands out the Arc as the source.
+        let io = match source.downcast_ref::<io::Error>() {
+            Some(io) => io,
+            None => source
+                .downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>()?
+                .downcast_ref::<io::Error>()?,
+        };
+        io.get_ref()?.downcast_ref::<Error>().cloned()
+    }
+
+    /// The `io::ErrorKind` our error travels under through redis-rs, chosen so redis-rs's
+    /// own predicates agree with ours (`is_timeout()` for timeouts, `is_connection_refusal()`
+    /// for open circuits, `is_connection_dropped()` for unavailability).
+    fn io_kind(&self) -> io::ErrorKind {
+        if let Detail::Redis(err) = &self.detail
+            && let Some(io) = std::error::Error::source(err).and_then(|s| {
+                s.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>()
+                    .and_then(|arc| arc.downcast_ref::<io::Error>())
+            })
+        {
+            return io.kind();
+        }
+        match self.kind {
+            Kind::Unavailable { .. } => io::ErrorKind::NotConnected,
+            Kind::Timeout { .. } => io::ErrorKind::TimedOut,
+            Kind::CircuitOpen { .. } => io::ErrorKind::ConnectionRefused,
+            Kind::Config => io::ErrorKind::PermissionDenied,
+            Kind::Server => io::ErrorKind::Other,
+        }
+    }
+}
+
+fn classify_code(code: Option<&str>) -> Kind {
+    match code {
+        Some(code) if UNAVAILABLE_CODES.contains(&code) => Kind::Unavailable {
+            may_have_run: false,
+        },
+        Some(code) if AUTH_CODES.contains(&code) => Kind::Config,
+        _ => Kind::Server,
+    }
+}
+
+/// An aborted transaction is the application's problem unless Redis refused the queued
+/// commands because it could not serve (`LOADING` answered to every command, say).
+fn classify_transaction(err: &RedisError) -> Kind {
+    let unavailable = err.clone().into_server_errors().is_some_and(|errors| {
+        errors
+            .iter()
+            .any(|(_, e)| UNAVAILABLE_CODES.contains(&e.code()))
+    });
+    if unavailable {
+        Kind::Unavailable {
+            may_have_run: false,
+        }
+    } else {
+        Kind::Server
+    }
+}
+
+impl From<RedisError> for Error {
+    /// Classifies any redis-rs error, and recovers an `Error` of ours exactly (with its
+    /// command name and details) when the `RedisError` came out of a [`Client`](crate::Client).
+    fn from(err: RedisError) -> Self {
+        Error::classify(err, true)
+    }
+}
+
+impl From<Error> for RedisError {
+    /// Server errors become the `RedisError` redis-rs would have given; every other error
+    /// travels inside an `io::Error` whose kind matches it, so redis-rs's predicates keep
+    /// working and `Error::from` recovers it.
+    fn from(err: Error) -> Self {
+        if err.is_server()
+            && let Detail::Redis(redis) = &err.detail
+        {
+            return redis.clone();
+        }
+        RedisError::from(io::Error::new(err.io_kind(), err))
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(command) = self.command {
+            write!(f, "{command}: ")?;
+        }
+        match self.kind {
+            Kind::Unavailable { .. } => f.write_str("redis unavailable")?,
+            Kind::Timeout { after } => write!(f, "timed out after {after:?}")?,
+            Kind::CircuitOpen { retry_in } => {
+                write!(f, "circuit open, next probe in {retry_in:?}")?
+            }
+            Kind::Server => f.write_str("redis replied with an error")?,
+            Kind::Config => f.write_str("configuration error")?,
+        }
+        match &self.detail {
+            Detail::None => Ok(()),
+            Detail::Message(message) => write!(f, ": {message}"),
+            Detail::Text(text) => write!(f, ": {text}"),
+            Detail::Redis(err) => write!(f, ": {err}"),
+        }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("kind", &self.kind)
+            .field("command", &self.command)
+            .field("message", &format_args!("{self}"))
+            .finish()
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.detail {
+            Detail::Redis(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(reply: &[u8]) -> Error {
+        let value = redis::parse_redis_value(reply).expect("valid RESP");
+        match value {
+            Value::ServerError(err) => Error::from_server_error(err),
+            other => panic!("not an error reply: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn exactly_one_class_holds_for_every_kind() {
+        let errors = [
+            Error::unavailable("x"),
+            Error::timed_out(Duration::from_millis(5)),
+            Error::circuit_open(Duration::from_secs(1)),
+            server(b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"),
+            Error::config("bad"),
+        ];
+        for err in errors {
+            let classes = [
+                err.is_unavailable(),
+                err.is_timeout(),
+                err.is_circuit_open(),
+                err.is_server(),
+                err.is_config(),
+            ];
+            assert_eq!(classes.iter().filter(|c| **c).count(), 1, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn transient_server_codes_are_unavailable_and_did_not_run() {
+        for reply in [
+            &b"-LOADING Redis is loading the dataset in memory\r\n"[..],
+            b"-BUSY Redis is busy running a script.\r\n",
+            b"-MASTERDOWN Link with MASTER is down\r\n",
+            b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+            b"-CLUSTERDOWN The cluster is down\r\n",
+            b"-READONLY You can't write against a read only replica.\r\n",
+        ] {
+            let err = server(reply);
+            assert!(err.is_unavailable(), "{err}");
+            assert!(!err.may_have_run(), "{err}");
+        }
+    }
+
+    #[test]
+    fn auth_codes_are_config() {
+        assert!(server(b"-WRONGPASS invalid username-password pair\r\n").is_config());
+        assert!(server(b"-NOAUTH Authentication required.\r\n").is_config());
+    }
+
+    #[test]
+    fn our_error_survives_a_trip_through_redis_error() {
+        let original = Error::timed_out(Duration::from_millis(250)).with_command("GET");
+        let redis = RedisError::from(original.clone());
+        assert!(redis.is_timeout(), "redis-rs agrees it is a timeout");
+        let back = Error::from(redis);
+        assert!(back.is_timeout());
+        assert_eq!(back.command(), Some("GET"));
+        assert_eq!(back.timeout(), Some(Duration::from_millis(250)));
+        assert_eq!(back.to_string(), original.to_string());
+
+        let open = RedisError::from(Error::circuit_open(Duration::from_secs(2)));
+        assert!(open.is_connection_refusal());
+        assert_eq!(Error::from(open).retry_in(), Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn server_errors_leave_as_the_plain_redis_error() {
+        let err = server(b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n");
+        let redis = RedisError::from(err.with_command("GET"));
+        assert_eq!(redis.code(), Some("WRONGTYPE"));
+        assert!(Error::from(redis).is_server());
+    }
+
+    #[test]
+    fn display_names_the_command_and_the_cause() {
+        let err = Error::circuit_open(Duration::from_millis(1500)).with_command("SET");
+        assert_eq!(err.to_string(), "SET: circuit open, next probe in 1.5s");
+    }
+}

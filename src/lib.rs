@@ -1,0 +1,43 @@
+//! Redis as a [`tower::Service`], for applications that must keep answering when Redis
+//! restarts, stalls, fails over or vanishes.
+//!
+//! A [`Request`] is a redis-rs [`Cmd`](redis::Cmd) or [`Pipeline`](redis::Pipeline) with
+//! its [`CommandInfo`] (read-only? idempotent? blocking, and for how long?) computed once.
+//! [`RedisService`] sends requests on one multiplexed connection and answers
+//! [`redis::Value`]s or one [`Error`] type whose classifiers (`is_unavailable`,
+//! `is_timeout`, `is_circuit_open`, `is_server`, `is_config`, `may_have_run`) drive every
+//! resilience policy. [`Client`] puts redis-rs's whole command API on top of any stack.
+//!
+//! ```no_run
+//! use redis::AsyncCommands;
+//! use tower_redis_resilience::{Client, RedisService};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let redis = RedisService::connect("redis://127.0.0.1:6379").await?;
+//! // Layers go here: tower::ServiceBuilder::new().layer(..).service(redis)
+//! let mut client = Client::new(redis);
+//! let () = client.set("k", "v").await?;
+//! let value: Option<String> = client.get("k").await?;
+//! # let _ = value; Ok(()) }
+//! ```
+//!
+//! # Feature flags
+//!
+//! | feature | what it adds |
+//! |---------|--------------|
+//! | `tls`   | `rediss://` URLs and [`redis::Client::build_with_tls`], through redis-rs's rustls support (crypto provider: `ring`) |
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs)]
+
+mod client;
+mod connect;
+mod error;
+mod request;
+mod service;
+
+pub use client::Client;
+pub use connect::{Connector, DEFAULT_CONNECT_TIMEOUT};
+pub use error::Error;
+pub use request::{Blocking, CommandInfo, PIPELINE, Request, TRANSACTION, UNKNOWN_COMMAND};
+pub use service::{RedisService, ResponseFuture};

@@ -1,0 +1,414 @@
+use std::time::Duration;
+
+use redis::{Arg, Cmd, Pipeline};
+
+use super::spec::{self, BlockArg, CommandSpec, flags};
+
+/// The canonical name given to commands missing from the command table (module commands,
+/// typos), so metric labels stay a bounded set.
+pub const UNKNOWN_COMMAND: &str = "UNKNOWN";
+/// The canonical name of a plain pipeline.
+pub const PIPELINE: &str = "PIPELINE";
+/// The canonical name of an atomic (`MULTI`/`EXEC`) pipeline.
+pub const TRANSACTION: &str = "MULTI";
+
+/// How long a command may legitimately keep Redis from answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Blocking {
+    /// Redis answers as soon as it has run the command.
+    No,
+    /// Redis may hold the reply for up to this long (`BLPOP k 5`, `XREAD BLOCK 5000`).
+    For(Duration),
+    /// Redis may hold the reply forever (`BLPOP k 0`, `WAIT 1 0`).
+    Forever,
+}
+
+impl Blocking {
+    /// The longer of two block times, for a pipeline holding both.
+    fn max(self, other: Blocking) -> Blocking {
+        match (self, other) {
+            (Blocking::Forever, _) | (_, Blocking::Forever) => Blocking::Forever,
+            (Blocking::For(a), Blocking::For(b)) => Blocking::For(a.max(b)),
+            (Blocking::For(d), Blocking::No) | (Blocking::No, Blocking::For(d)) => Blocking::For(d),
+            (Blocking::No, Blocking::No) => Blocking::No,
+        }
+    }
+}
+
+/// What every layer needs to know about a request, computed once when it is built.
+///
+/// The flags come from a table generated from a real Redis 7 server's `COMMAND INFO`
+/// (`tools/gen_command_table.py`), refined by the arguments where they change the answer
+/// (`SET k v NX` is not idempotent, `XREAD` blocks only with `BLOCK`).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_redis_resilience::{Blocking, Request};
+///
+/// let get = Request::from(redis::cmd("GET").arg("k").to_owned());
+/// assert_eq!(get.info().name(), "GET");
+/// assert!(get.info().is_read_only() && get.info().is_idempotent());
+///
+/// let incr = Request::from(redis::cmd("INCR").arg("n").to_owned());
+/// assert!(!incr.info().is_idempotent());
+///
+/// let blpop = Request::from(redis::cmd("BLPOP").arg("q").arg(2.5).to_owned());
+/// assert_eq!(blpop.info().blocking(), Blocking::For(Duration::from_millis(2500)));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandInfo {
+    name: &'static str,
+    read_only: bool,
+    idempotent: bool,
+    pubsub: bool,
+    blocking: Blocking,
+}
+
+impl CommandInfo {
+    /// The canonical upper-case name: `"GET"`, `"CONFIG GET"`, [`PIPELINE`],
+    /// [`TRANSACTION`], or [`UNKNOWN_COMMAND`]. Always one of a bounded set.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The command only reads data (Redis flags it `readonly`); a pipeline is read-only
+    /// only if every command in it is.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Sending it twice leaves the data as sending it once would, so it may be retried
+    /// after an ambiguous failure. Counting replies can differ on a resend (`DEL` answers 1,
+    /// then 0); forms whose reply is the point (`SET .. NX`, `INCR`) are not idempotent.
+    pub fn is_idempotent(&self) -> bool {
+        self.idempotent
+    }
+
+    /// The command belongs to pub/sub (`PUBLISH`, `SUBSCRIBE`, `PUBSUB ..`).
+    pub fn is_pubsub(&self) -> bool {
+        self.pubsub
+    }
+
+    /// How long Redis may hold the reply on purpose.
+    pub fn blocking(&self) -> Blocking {
+        self.blocking
+    }
+
+    /// Shorthand for `blocking() != Blocking::No`.
+    pub fn is_blocking(&self) -> bool {
+        self.blocking != Blocking::No
+    }
+
+    /// Describes one command.
+    pub fn of_cmd(cmd: &Cmd) -> CommandInfo {
+        let mut args = simple_args(cmd);
+        let Some(first) = args.next() else {
+            return CommandInfo::unknown();
+        };
+        let Some(spec) = spec::lookup(first, args.next()) else {
+            return CommandInfo::unknown();
+        };
+        let mut idempotent = spec.has(flags::IDEMPOTENT);
+        if idempotent && spec.has(flags::REFINE_BY_ARGS) {
+            idempotent = !has_conditional_option(spec, cmd);
+        }
+        CommandInfo {
+            name: spec.name,
+            read_only: spec.has(flags::READ_ONLY),
+            idempotent,
+            pubsub: spec.has(flags::PUBSUB),
+            blocking: block_time(spec.block, cmd),
+        }
+    }
+
+    /// Describes a pipeline: read-only and idempotent only if every command is, pub/sub
+    /// if any is, blocking for as long as its longest-blocking command.
+    pub fn of_pipeline(pipeline: &Pipeline) -> CommandInfo {
+        let mut info = CommandInfo {
+            name: if pipeline.is_transaction() {
+                TRANSACTION
+            } else {
+                PIPELINE
+            },
+            read_only: true,
+            idempotent: true,
+            pubsub: false,
+            blocking: Blocking::No,
+        };
+        for cmd in pipeline.cmd_iter() {
+            let one = CommandInfo::of_cmd(cmd);
+            info.read_only &= one.read_only;
+            info.idempotent &= one.idempotent;
+            info.pubsub |= one.pubsub;
+            info.blocking = info.blocking.max(one.blocking);
+        }
+        info
+    }
+
+    fn unknown() -> CommandInfo {
+        CommandInfo {
+            name: UNKNOWN_COMMAND,
+            read_only: false,
+            idempotent: false,
+            pubsub: false,
+            blocking: Blocking::No,
+        }
+    }
+}
+
+fn simple_args(cmd: &Cmd) -> impl Iterator<Item = &[u8]> + Clone {
+    // The other kind of argument is a SCAN cursor placeholder, never a word we look for.
+    cmd.args_iter().filter_map(|arg| match arg {
+        Arg::Simple(bytes) => Some(bytes),
+        _ => None,
+    })
+}
+
+/// `SET k v NX|XX|GET` and `ZADD k .. INCR ..` answer something a resend would change.
+fn has_conditional_option(spec: &CommandSpec, cmd: &Cmd) -> bool {
+    let is = |arg: &[u8], word: &str| arg.eq_ignore_ascii_case(word.as_bytes());
+    match spec.name {
+        // SET key value [options]: every argument after the value is an option word or
+        // an option's number, neither of which can be mistaken for NX/XX/GET.
+        "SET" => simple_args(cmd)
+            .skip(3)
+            .any(|arg| is(arg, "NX") || is(arg, "XX") || is(arg, "GET")),
+        // ZADD key [NX|XX] [GT|LT] [CH] [INCR] score member ...: options precede the first
+        // score, so stop there; a member may well be called "INCR".
+        "ZADD" => simple_args(cmd)
+            .skip(2)
+            .take_while(|arg| {
+                ["NX", "XX", "GT", "LT", "CH", "INCR"]
+                    .iter()
+                    .any(|w| is(arg, w))
+            })
+            .any(|arg| is(arg, "INCR")),
+        _ => false,
+    }
+}
+
+fn block_time(block: BlockArg, cmd: &Cmd) -> Blocking {
+    let args = simple_args(cmd);
+    let number = |arg: Option<&[u8]>| -> Option<f64> {
+        std::str::from_utf8(arg?).ok()?.trim().parse::<f64>().ok()
+    };
+    let (amount, unit) = match block {
+        BlockArg::None => return Blocking::No,
+        BlockArg::LastArgSeconds => (number(args.last()), 1.0),
+        BlockArg::FirstArgSeconds => (number(args.clone().nth(1)), 1.0),
+        BlockArg::LastArgMillis => (number(args.last()), 1e-3),
+        BlockArg::BlockOptionMillis => (number(xread_block_option(cmd)), 1e-3),
+    };
+    match amount {
+        // A missing or malformed timeout makes Redis answer with an error at once.
+        None => Blocking::No,
+        Some(amount) if amount == 0.0 => Blocking::Forever,
+        Some(amount) => match Duration::try_from_secs_f64(amount * unit) {
+            Ok(duration) => Blocking::For(duration),
+            Err(_) if amount.is_sign_positive() => Blocking::Forever,
+            Err(_) => Blocking::No,
+        },
+    }
+}
+
+/// The argument after `BLOCK` in `XREAD [COUNT n] [BLOCK ms] STREAMS ..` or
+/// `XREADGROUP GROUP g c [COUNT n] [BLOCK ms] [NOACK] STREAMS ..`.
+fn xread_block_option(cmd: &Cmd) -> Option<&[u8]> {
+    let mut args = simple_args(cmd);
+    let name = args.next()?;
+    if name.eq_ignore_ascii_case(b"XREADGROUP") {
+        // GROUP group consumer: the names may be anything, even "BLOCK".
+        args.nth(2)?;
+    }
+    while let Some(arg) = args.next() {
+        if arg.eq_ignore_ascii_case(b"BLOCK") {
+            return args.next();
+        }
+        if arg.eq_ignore_ascii_case(b"COUNT") {
+            args.next();
+        } else if arg.eq_ignore_ascii_case(b"STREAMS") {
+            return None;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::cmd;
+
+    fn info(args: &[&str]) -> CommandInfo {
+        let mut c = cmd(args[0]);
+        for arg in &args[1..] {
+            c.arg(*arg);
+        }
+        CommandInfo::of_cmd(&c)
+    }
+
+    #[test]
+    fn reads_are_read_only_and_idempotent() {
+        for args in [
+            &["GET", "k"][..],
+            &["hgetall", "h"],
+            &["MGET", "a", "b"],
+            &["EXISTS", "k"],
+        ] {
+            let i = info(args);
+            assert!(i.is_read_only() && i.is_idempotent(), "{args:?}: {i:?}");
+            assert_eq!(i.blocking(), Blocking::No);
+        }
+    }
+
+    #[test]
+    fn counters_and_list_pushes_are_not_idempotent() {
+        for args in [
+            &["INCR", "n"][..],
+            &["INCRBY", "n", "2"],
+            &["LPUSH", "l", "x"],
+            &["HINCRBY", "h", "f", "1"],
+            &["APPEND", "k", "x"],
+            &["EVAL", "return 1", "0"],
+            &["PUBLISH", "c", "m"],
+            &["GETDEL", "k"],
+        ] {
+            let i = info(args);
+            assert!(!i.is_idempotent() && !i.is_read_only(), "{args:?}: {i:?}");
+        }
+    }
+
+    #[test]
+    fn set_is_idempotent_unless_its_reply_is_conditional() {
+        assert!(info(&["SET", "k", "v"]).is_idempotent());
+        assert!(info(&["SET", "k", "v", "EX", "10"]).is_idempotent());
+        assert!(
+            info(&["SET", "nx", "nx"]).is_idempotent(),
+            "key and value named NX"
+        );
+        assert!(!info(&["SET", "k", "v", "nx"]).is_idempotent());
+        assert!(!info(&["SET", "k", "v", "PX", "10", "XX"]).is_idempotent());
+        assert!(!info(&["SET", "k", "v", "GET"]).is_idempotent());
+    }
+
+    #[test]
+    fn zadd_is_idempotent_unless_incr() {
+        assert!(info(&["ZADD", "z", "1", "m"]).is_idempotent());
+        assert!(
+            info(&["ZADD", "z", "NX", "CH", "1", "INCR"]).is_idempotent(),
+            "member INCR"
+        );
+        assert!(!info(&["ZADD", "z", "XX", "INCR", "1", "m"]).is_idempotent());
+    }
+
+    #[test]
+    fn block_times_come_from_the_right_argument() {
+        let secs = |s: f64| Blocking::For(Duration::from_secs_f64(s));
+        assert_eq!(info(&["BLPOP", "a", "b", "5"]).blocking(), secs(5.0));
+        assert_eq!(info(&["brpop", "a", "0.25"]).blocking(), secs(0.25));
+        assert_eq!(info(&["BLPOP", "a", "0"]).blocking(), Blocking::Forever);
+        assert_eq!(
+            info(&["BLMOVE", "a", "b", "LEFT", "RIGHT", "1"]).blocking(),
+            secs(1.0)
+        );
+        assert_eq!(info(&["BZPOPMIN", "z", "3"]).blocking(), secs(3.0));
+        assert_eq!(
+            info(&["BLMPOP", "2", "1", "l", "LEFT"]).blocking(),
+            secs(2.0)
+        );
+        assert_eq!(info(&["WAIT", "1", "1500"]).blocking(), secs(1.5));
+        assert_eq!(info(&["WAIT", "1", "0"]).blocking(), Blocking::Forever);
+        assert_eq!(info(&["BLPOP", "a", "soon"]).blocking(), Blocking::No);
+        assert_eq!(info(&["BLPOP", "a", "-1"]).blocking(), Blocking::No);
+    }
+
+    #[test]
+    fn xread_blocks_only_with_the_block_option() {
+        assert_eq!(
+            info(&["XREAD", "STREAMS", "s", "0"]).blocking(),
+            Blocking::No
+        );
+        assert_eq!(
+            info(&["XREAD", "COUNT", "10", "BLOCK", "2000", "STREAMS", "s", "$"]).blocking(),
+            Blocking::For(Duration::from_secs(2))
+        );
+        assert_eq!(
+            info(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]).blocking(),
+            Blocking::Forever
+        );
+        assert_eq!(
+            info(&["XREADGROUP", "GROUP", "BLOCK", "BLOCK", "STREAMS", "s", ">"]).blocking(),
+            Blocking::No,
+            "group and consumer named BLOCK"
+        );
+        assert_eq!(
+            info(&[
+                "XREADGROUP",
+                "GROUP",
+                "g",
+                "c",
+                "BLOCK",
+                "100",
+                "STREAMS",
+                "s",
+                ">"
+            ])
+            .blocking(),
+            Blocking::For(Duration::from_millis(100))
+        );
+    }
+
+    #[test]
+    fn subcommands_have_their_own_names_and_flags() {
+        let get = info(&["CONFIG", "GET", "maxmemory"]);
+        assert_eq!(get.name(), "CONFIG GET");
+        assert!(get.is_idempotent());
+        assert_eq!(info(&["client", "setname", "x"]).name(), "CLIENT SETNAME");
+        assert_eq!(info(&["CLIENT", "KILL", "ID", "1"]).name(), "CLIENT KILL");
+        assert!(!info(&["CLIENT", "KILL", "ID", "1"]).is_idempotent());
+        assert_eq!(info(&["CONFIG"]).name(), "CONFIG");
+    }
+
+    #[test]
+    fn unknown_commands_share_one_name_and_are_treated_as_unsafe() {
+        let i = info(&["JSON.SET", "k", "$", "1"]);
+        assert_eq!(i.name(), UNKNOWN_COMMAND);
+        assert!(!i.is_idempotent() && !i.is_read_only());
+        assert_eq!(CommandInfo::of_cmd(&Cmd::new()).name(), UNKNOWN_COMMAND);
+    }
+
+    #[test]
+    fn pubsub_commands_are_flagged() {
+        assert!(info(&["PUBLISH", "c", "m"]).is_pubsub());
+        assert!(info(&["SUBSCRIBE", "c"]).is_pubsub());
+        assert!(!info(&["GET", "k"]).is_pubsub());
+    }
+
+    #[test]
+    fn pipeline_is_read_only_only_if_every_command_is() {
+        let mut reads = redis::pipe();
+        reads.get("a").get("b");
+        let i = CommandInfo::of_pipeline(&reads);
+        assert_eq!(i.name(), PIPELINE);
+        assert!(i.is_read_only() && i.is_idempotent());
+
+        let mut mixed = redis::pipe();
+        mixed.atomic().get("a").incr("n", 1);
+        let i = CommandInfo::of_pipeline(&mixed);
+        assert_eq!(i.name(), TRANSACTION);
+        assert!(!i.is_read_only() && !i.is_idempotent());
+
+        let mut blocking = redis::pipe();
+        blocking
+            .cmd("BLPOP")
+            .arg("q")
+            .arg(1)
+            .cmd("BLPOP")
+            .arg("q")
+            .arg(3);
+        assert_eq!(
+            CommandInfo::of_pipeline(&blocking).blocking(),
+            Blocking::For(Duration::from_secs(3))
+        );
+    }
+}

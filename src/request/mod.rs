@@ -1,0 +1,98 @@
+//! What flows through the stack: a command or a pipeline, and what is known about it.
+
+mod info;
+mod spec;
+mod table;
+
+pub use info::{Blocking, CommandInfo, PIPELINE, TRANSACTION, UNKNOWN_COMMAND};
+
+use redis::{Cmd, Pipeline};
+
+/// One request for Redis: a [`Cmd`] or a [`Pipeline`] (plain or `.atomic()`), with its
+/// [`CommandInfo`] computed once so no layer parses arguments again.
+///
+/// A command answers its reply as a [`redis::Value`]. A plain pipeline answers
+/// `Value::Array` of its replies in order (a command's server error stays in its slot as
+/// `Value::ServerError`); an atomic pipeline answers the `EXEC` reply, `Value::Array` of
+/// the queued commands' replies.
+///
+/// ```
+/// use tower_redis_resilience::Request;
+///
+/// let request = Request::from(redis::cmd("SET").arg("k").arg("v").to_owned());
+/// assert_eq!(request.info().name(), "SET");
+///
+/// let mut pipe = redis::pipe();
+/// pipe.atomic().cmd("INCR").arg("n").cmd("GET").arg("n");
+/// let request = Request::from(pipe);
+/// assert_eq!(request.info().name(), "MULTI");
+/// assert!(!request.info().is_idempotent());
+/// ```
+#[derive(Debug, Clone)]
+pub struct Request {
+    body: Body,
+    info: CommandInfo,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Body {
+    Cmd(Cmd),
+    Pipeline(Pipeline),
+}
+
+impl Request {
+    /// What the stack knows about this request.
+    pub fn info(&self) -> &CommandInfo {
+        &self.info
+    }
+
+    /// The command, if this request is one.
+    pub fn cmd(&self) -> Option<&Cmd> {
+        match &self.body {
+            Body::Cmd(cmd) => Some(cmd),
+            Body::Pipeline(_) => None,
+        }
+    }
+
+    /// The pipeline, if this request is one.
+    pub fn pipeline(&self) -> Option<&Pipeline> {
+        match &self.body {
+            Body::Pipeline(pipeline) => Some(pipeline),
+            Body::Cmd(_) => None,
+        }
+    }
+
+    pub(crate) fn into_body(self) -> Body {
+        self.body
+    }
+}
+
+impl From<Cmd> for Request {
+    fn from(cmd: Cmd) -> Self {
+        Request {
+            info: CommandInfo::of_cmd(&cmd),
+            body: Body::Cmd(cmd),
+        }
+    }
+}
+
+impl From<&Cmd> for Request {
+    fn from(cmd: &Cmd) -> Self {
+        Request::from(cmd.clone())
+    }
+}
+
+impl From<Pipeline> for Request {
+    fn from(pipeline: Pipeline) -> Self {
+        Request {
+            info: CommandInfo::of_pipeline(&pipeline),
+            body: Body::Pipeline(pipeline),
+        }
+    }
+}
+
+impl From<&Pipeline> for Request {
+    fn from(pipeline: &Pipeline) -> Self {
+        Request::from(pipeline.clone())
+    }
+}

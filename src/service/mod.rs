@@ -1,0 +1,167 @@
+//! The leaf service: one redis-rs multiplexed connection as a `tower::Service`.
+
+mod future;
+
+pub use future::ResponseFuture;
+
+use std::{
+    fmt,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use redis::{Pipeline, Value, aio::MultiplexedConnection};
+use tower::Service;
+
+use crate::{Connector, Error, Request, request::Body};
+
+/// Redis as a [`tower::Service`]: sends each [`Request`] on one multiplexed connection
+/// (redis-rs's [`MultiplexedConnection`]), so any number of clones and in-flight calls
+/// share one socket.
+///
+/// It has no deadline of its own (the Timeout layer owns deadlines) and does not
+/// reconnect (the Reconnect layer does): once its connection breaks, every call answers
+/// [unavailable](Error::is_unavailable). Server replies that are errors come back as
+/// `Err`, classified: `WRONGTYPE` is a [server](Error::is_server) error, `LOADING` is
+/// unavailable. A pipeline answers `Value::Array`; see [`Request`].
+///
+/// ```no_run
+/// use tower::{Service, ServiceExt};
+/// use tower_redis_resilience::{RedisService, Request};
+///
+/// # async fn run() -> Result<(), tower_redis_resilience::Error> {
+/// let mut redis = RedisService::connect("redis://127.0.0.1:6379").await?;
+/// let reply = redis
+///     .ready()
+///     .await?
+///     .call(Request::from(redis::cmd("PING").to_owned()))
+///     .await?;
+/// assert_eq!(reply, redis::Value::SimpleString("PONG".into()));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisService {
+    connection: MultiplexedConnection,
+    db: i64,
+    address: Arc<str>,
+}
+
+impl RedisService {
+    /// Connects to the URL with the default connect timeout. See [`Connector`] for the
+    /// other ways to say where Redis is and for the errors.
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        Connector::from_url(url)?.connect().await
+    }
+
+    /// Connects with a `redis::Client` you built (TLS certificates, custom settings).
+    pub async fn from_client(client: redis::Client) -> Result<Self, Error> {
+        Connector::from_client(client).connect().await
+    }
+
+    /// Wraps a connection you opened yourself. Mind that redis-rs gives connections a
+    /// 500 ms response timeout by default; [`Connector`] turns it off.
+    pub fn from_connection(connection: MultiplexedConnection, db: i64) -> Self {
+        RedisService::from_parts(connection, db, Arc::from(format!("db {db}")))
+    }
+
+    pub(crate) fn from_parts(
+        connection: MultiplexedConnection,
+        db: i64,
+        address: Arc<str>,
+    ) -> Self {
+        RedisService {
+            connection,
+            db,
+            address,
+        }
+    }
+
+    /// The database index the connection selected.
+    pub fn db(&self) -> i64 {
+        self.db
+    }
+}
+
+impl Service<Request> for RedisService {
+    type Response = Value;
+    type Error = Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        // The multiplexer queues requests itself; there is nothing to wait for here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> ResponseFuture {
+        let mut connection = self.connection.clone();
+        let name = request.info().name();
+        match request.into_body() {
+            Body::Cmd(cmd) => ResponseFuture::new(async move {
+                match connection.send_packed_command(&cmd).await {
+                    Ok(Value::ServerError(err)) => Err(Error::from_server_error(err)),
+                    Ok(value) => Ok(value),
+                    Err(err) => Err(Error::from_request(err)),
+                }
+                .map_err(|err| err.with_command(name))
+            }),
+            Body::Pipeline(pipeline) => ResponseFuture::new(async move {
+                send_pipeline(&mut connection, &pipeline)
+                    .await
+                    .map_err(|err| err.with_command(name))
+            }),
+        }
+    }
+}
+
+async fn send_pipeline(
+    connection: &mut MultiplexedConnection,
+    pipeline: &Pipeline,
+) -> Result<Value, Error> {
+    let atomic = pipeline.is_transaction();
+    if pipeline.is_empty() && !atomic {
+        return Ok(Value::Array(Vec::new()));
+    }
+    // The same framing as Pipeline::query_async: skip MULTI and the QUEUED replies of an
+    // atomic pipeline and keep EXEC's reply; keep every reply of a plain one.
+    let (offset, count) = if atomic {
+        (pipeline.len() + 1, 1)
+    } else {
+        (0, pipeline.len())
+    };
+    let mut replies = connection
+        .send_packed_commands(pipeline, offset, count)
+        .await
+        .map_err(Error::from_request)?;
+    // A plain pipeline keeps each command's server error in its slot, like redis-rs, unless
+    // Redis could not serve at all: then the pipeline failed as a whole. Commands before
+    // that slot may have run.
+    if let Some(Value::ServerError(err)) = replies.iter().find(|v| Error::is_unavailable_reply(v)) {
+        let err = Error::from_server_error(err.clone());
+        return Err(if replies.iter().all(Error::is_unavailable_reply) {
+            err
+        } else {
+            err.ran_partially()
+        });
+    }
+    if atomic {
+        match replies.pop() {
+            Some(Value::ServerError(err)) => Err(Error::from_server_error(err)),
+            Some(exec) if replies.is_empty() => Ok(exec),
+            _ => Err(Error::from_request(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "transaction answered an unexpected number of replies",
+            )))),
+        }
+    } else {
+        Ok(Value::Array(replies))
+    }
+}
+
+impl fmt::Debug for RedisService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisService")
+            .field("address", &self.address)
+            .field("db", &self.db)
+            .finish()
+    }
+}

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Regenerates src/request/table.rs from a real Redis server's COMMAND INFO.
+
+Usage:
+    python3 tools/gen_command_table.py            # starts a throwaway redis-server
+    REDIS_PORT=6379 python3 tools/gen_command_table.py   # or reads an existing one
+
+Redis itself says which commands are read-only, write, pub/sub or blocking (the
+`readonly`, `write`, `pubsub` and `blocking` flags of COMMAND INFO). It has no notion of
+idempotency, so that comes from the curated lists below: a command is idempotent when
+sending it twice leaves the data as sending it once would, *and* its reply still means the
+same thing (so `SET k v NX`, whose reply says "did I win", is not). Every name in the lists
+must exist on the server, so a refresh against a newer Redis fails loudly instead of
+silently dropping an entry.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "request", "table.rs")
+
+# Writes that are safe to send twice. Counting replies (DEL, SADD, HSET...) may differ on a
+# resend (1 then 0); the data does not. Conditional forms whose reply is the point are
+# refined per call in src/request/info.rs (`SET ... NX|XX|GET`, `ZADD ... INCR`).
+IDEMPOTENT_WRITES = {
+    "set", "setex", "psetex", "mset", "setrange", "getex",
+    "del", "unlink", "expire", "pexpire", "expireat", "pexpireat", "persist",
+    "hset", "hmset", "hdel",
+    "sadd", "srem",
+    "zadd", "zrem", "zremrangebyscore", "zremrangebylex", "geoadd",
+    "lset", "ltrim",
+    "pfadd",
+    "flushdb", "flushall",
+    "xdel", "xtrim", "xack", "xgroup|setid", "xgroup|delconsumer", "xgroup|destroy",
+}
+
+# Commands with neither `readonly` nor `write` that only read server state or set
+# connection/server state to a fixed value: resending them is harmless.
+IDEMPOTENT_OTHER = {
+    "ping", "echo", "time", "info", "lastsave", "role", "select", "readonly", "readwrite",
+    "auth", "hello", "asking",
+    "command", "command|info", "command|docs", "command|count", "command|list",
+    "command|getkeys", "command|getkeysandflags",
+    "config|get", "config|set", "config|resetstat",
+    "client|getname", "client|setname", "client|id", "client|info", "client|list",
+    "client|getredir", "client|trackinginfo", "client|no-evict", "client|reply",
+    "script|load", "script|exists", "script|flush",
+    "function|list", "function|dump", "function|stats",
+    "memory|stats", "memory|malloc-stats", "memory|doctor", "memory|purge",
+    "slowlog|get", "slowlog|len", "slowlog|reset",
+    "latency|latest", "latency|history", "latency|graph", "latency|doctor",
+    "latency|histogram", "latency|reset",
+    "acl|cat", "acl|whoami", "acl|users", "acl|getuser", "acl|list", "acl|log", "acl|dryrun",
+    "cluster|info", "cluster|nodes", "cluster|slots", "cluster|shards", "cluster|myid",
+    "cluster|keyslot", "cluster|countkeysinslot", "cluster|getkeysinslot", "cluster|links",
+    "cluster|replicas", "cluster|slaves", "cluster|count-failure-reports",
+    "pubsub|channels", "pubsub|numsub", "pubsub|numpat", "pubsub|shardchannels",
+    "pubsub|shardnumsub",
+}
+
+# Where the block timeout sits. The server flags all of these `blocking` except WAIT (and
+# WAITAOF on 7.2+), which block all the same; the check below keeps this map complete.
+BLOCK_ARGS = {
+    "blpop": "LastArgSeconds", "brpop": "LastArgSeconds", "brpoplpush": "LastArgSeconds",
+    "blmove": "LastArgSeconds", "bzpopmin": "LastArgSeconds", "bzpopmax": "LastArgSeconds",
+    "blmpop": "FirstArgSeconds", "bzmpop": "FirstArgSeconds",
+    "xread": "BlockOptionMillis", "xreadgroup": "BlockOptionMillis",
+    "wait": "LastArgMillis", "waitaof": "LastArgMillis",
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_cli(port, *args):
+    out = subprocess.run(["redis-cli", "-p", str(port), "--json", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def walk(commands, parent=None):
+    for c in commands:
+        name, _arity, flags, _first, _last, _step, _acl, _tips, _keyspecs, subs = c
+        yield parent, name, set(flags)
+        yield from walk(subs, name)
+
+
+def flags_of(name, flags):
+    out = []
+    read_only = "readonly" in flags and "write" not in flags
+    if read_only:
+        out.append("READ_ONLY")
+    if "write" in flags:
+        out.append("WRITE")
+    if read_only or name in IDEMPOTENT_WRITES or name in IDEMPOTENT_OTHER or name.endswith("|help"):
+        out.append("IDEMPOTENT")
+    if "pubsub" in flags:
+        out.append("PUBSUB")
+    if name in ("set", "zadd"):
+        out.append("REFINE_BY_ARGS")
+    return " | ".join(out) if out else "0"
+
+
+def render(version, rows):
+    by_parent = {}
+    for parent, name, flags in rows:
+        by_parent.setdefault(parent, []).append((name, flags))
+
+    lines = [
+        f"// @generated by tools/gen_command_table.py from Redis {version}'s COMMAND INFO.",
+        "// Do not edit by hand: change the generator and run it again.",
+        "",
+        "use super::spec::{BlockArg, CommandSpec, flags::*};",
+        "",
+    ]
+
+    def spec(name, flags, subs_ident):
+        key = name.split("|")[-1].upper()
+        display = name.replace("|", " ").upper()
+        block = BLOCK_ARGS.get(name, "None")
+        return (f"    CommandSpec {{ key: {json.dumps(key)}, name: {json.dumps(display)}, "
+                f"flags: {flags_of(name, flags)}, block: BlockArg::{block}, "
+                f"subcommands: {subs_ident} }},")
+
+    top = sorted(by_parent[None], key=lambda r: r[0].upper())
+    for name, _ in top:
+        subs = by_parent.get(name)
+        if subs:
+            ident = "SUB_" + name.upper().replace("-", "_")
+            lines.append(f"static {ident}: &[CommandSpec] = &[")
+            for sub, flags in sorted(subs, key=lambda r: r[0].split("|")[-1].upper()):
+                lines.append(spec(sub, flags, "&[]"))
+            lines.append("];")
+            lines.append("")
+
+    lines.append(f"/// Every command of Redis {version}, sorted by `key`.")
+    lines.append("pub(super) static COMMANDS: &[CommandSpec] = &[")
+    for name, flags in top:
+        ident = "SUB_" + name.upper().replace("-", "_") if by_parent.get(name) else "&[]"
+        lines.append(spec(name, flags, ident))
+    lines.append("];")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    port = os.environ.get("REDIS_PORT")
+    server = None
+    if port is None:
+        port = free_port()
+        tmp = tempfile.mkdtemp()
+        server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "",
+                                   "--dir", tmp], stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+    try:
+        info = redis_cli(port, "COMMAND", "INFO")
+        version = next(line.split(":", 1)[1] for line in
+                       subprocess.run(["redis-cli", "-p", str(port), "INFO", "server"],
+                                      check=True, capture_output=True, text=True).stdout.splitlines()
+                       if line.startswith("redis_version:")).strip()
+    finally:
+        if server:
+            server.kill()
+
+    rows = list(walk(info))
+    names = {name for _, name, _ in rows}
+    missing = sorted((IDEMPOTENT_WRITES | IDEMPOTENT_OTHER | {n for n in BLOCK_ARGS if n != "waitaof"}) - names)
+    if missing:
+        sys.exit(f"curated names not on this server: {missing}")
+    flagged_blocking = {name for _, name, flags in rows if "blocking" in flags}
+    unmapped = sorted(flagged_blocking - set(BLOCK_ARGS))
+    if unmapped:
+        sys.exit(f"blocking commands without a BLOCK_ARGS entry: {unmapped}")
+    writes_marked_other = sorted(n for _, n, f in rows if n in IDEMPOTENT_OTHER and "write" in f)
+    if writes_marked_other:
+        sys.exit(f"IDEMPOTENT_OTHER holds write commands, move them: {writes_marked_other}")
+
+    with open(OUT, "w") as f:
+        f.write(render(version, rows))
+    print(f"wrote {OUT}: {len(rows)} commands and subcommands from Redis {version}")
+
+
+if __name__ == "__main__":
+    main()
