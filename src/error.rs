@@ -226,11 +226,17 @@ impl Error {
         Error::classify(err, true)
     }
 
-    /// An error from establishing a connection: nothing of the user's was sent, and a
-    /// server error during the handshake (`SELECT` of a missing database, `HELLO`) is a
-    /// configuration problem unless it is one of the transient codes.
+    /// An error from establishing a connection: nothing of the user's was sent. A server
+    /// error during the handshake (`SELECT` of a missing database, `HELLO`) is a
+    /// configuration problem unless it is one of the transient codes, and so is a TLS
+    /// handshake the TLS layer rejects (untrusted certificate, not TLS on the other end),
+    /// which reaches us as `InvalidData`.
     pub(crate) fn from_connect(err: RedisError) -> Self {
+        let tls_rejected = io_error(&err).is_some_and(|io| io.kind() == io::ErrorKind::InvalidData);
         let mut error = Error::classify(err, false);
+        if tls_rejected {
+            error.kind = Kind::Config;
+        }
         if error.is_server() {
             let full = error.server_code() == Some("ERR")
                 && error
@@ -294,18 +300,7 @@ impl Error {
 
     /// Finds an `Error` of ours carried inside a `RedisError` by [`From<Error>`].
     fn unwrap_from(err: &RedisError) -> Option<Error> {
-        if err.kind() != ErrorKind::Io {
-            return None;
-        }
-        let source = std::error::Error::source(err)?;
-        // redis-rs keeps the io::Error behind an Arc and hands out the Arc as the source.
-        let io = match source.downcast_ref::<io::Error>() {
-            Some(io) => io,
-            None => source
-                .downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>()?
-                .downcast_ref::<io::Error>()?,
-        };
-        io.get_ref()?.downcast_ref::<Error>().cloned()
+        io_error(err)?.get_ref()?.downcast_ref::<Error>().cloned()
     }
 
     /// The `io::ErrorKind` our error travels under through redis-rs, chosen so redis-rs's
@@ -313,10 +308,7 @@ impl Error {
     /// for open circuits, `is_connection_dropped()` for unavailability).
     fn io_kind(&self) -> io::ErrorKind {
         if let Detail::Redis(err) = &self.detail
-            && let Some(io) = std::error::Error::source(err).and_then(|s| {
-                s.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>()
-                    .and_then(|arc| arc.downcast_ref::<io::Error>())
-            })
+            && let Some(io) = io_error(err)
         {
             return io.kind();
         }
@@ -327,6 +319,21 @@ impl Error {
             Kind::Config => io::ErrorKind::PermissionDenied,
             Kind::Server => io::ErrorKind::Other,
         }
+    }
+}
+
+/// The `io::Error` inside a redis-rs I/O error.
+fn io_error(err: &RedisError) -> Option<&io::Error> {
+    if err.kind() != ErrorKind::Io {
+        return None;
+    }
+    let source = std::error::Error::source(err)?;
+    // redis-rs keeps the io::Error behind an Arc and hands out the Arc as the source.
+    match source.downcast_ref::<io::Error>() {
+        Some(io) => Some(io),
+        None => source
+            .downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>()?
+            .downcast_ref::<io::Error>(),
     }
 }
 

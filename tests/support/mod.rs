@@ -1,0 +1,455 @@
+//! Real `redis-server` processes for tests: free loopback ports, a temp dir each, and the
+//! faults tests need (kill, restart on the same port, pause, resume).
+//!
+//! Every server runs under a tiny `sh` watchdog that holds a pipe from this process: if the
+//! test process dies in any way (panic=abort, SIGKILL), the pipe closes and the watchdog
+//! kills its server, so servers never outlive the tests. `Drop` kills them in the normal
+//! case.
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+mod proxy;
+pub use proxy::FaultProxy;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+/// How a test server is configured before it starts.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    password: Option<String>,
+    user: Option<(String, String)>,
+    tls: bool,
+    args: Vec<(String, String)>,
+}
+
+impl ServerConfig {
+    /// `requirepass`: the default user needs this password.
+    pub fn password(mut self, password: &str) -> Self {
+        self.password = Some(password.to_owned());
+        self
+    }
+
+    /// An ACL user with every permission, and the default user disabled.
+    pub fn user(mut self, name: &str, password: &str) -> Self {
+        self.user = Some((name.to_owned(), password.to_owned()));
+        self
+    }
+
+    /// Serve TLS only, with a CA and server certificate generated now.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
+    /// Any other `redis-server --name value` option (`appendonly yes`, ...).
+    pub fn arg(mut self, name: &str, value: &str) -> Self {
+        self.args.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn start(self) -> RedisServer {
+        RedisServer::start_with(self)
+    }
+}
+
+/// A running `redis-server` on `127.0.0.1`.
+#[derive(Debug)]
+pub struct RedisServer {
+    config: ServerConfig,
+    port: u16,
+    dir: TempDir,
+    process: Option<Process>,
+    starts: u32,
+}
+
+#[derive(Debug)]
+struct Process {
+    watchdog: Child,
+    pid: i32,
+}
+
+impl RedisServer {
+    /// A plain server with no password.
+    pub fn start() -> RedisServer {
+        ServerConfig::default().start()
+    }
+
+    pub fn config() -> ServerConfig {
+        ServerConfig::default()
+    }
+
+    fn start_with(config: ServerConfig) -> RedisServer {
+        let binary = redis_server_binary();
+        let mut server = RedisServer {
+            config,
+            port: 0,
+            dir: TempDir::new(),
+            process: None,
+            starts: 0,
+        };
+        if server.config.tls {
+            make_certificates(server.dir.path());
+        }
+        // Another test may take the free port between our probe and the bind; try again.
+        for _ in 0..5 {
+            server.port = free_port();
+            match server.spawn(&binary) {
+                Ok(()) => return server,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("redis-server did not start:\n{log}"),
+            }
+        }
+        panic!("redis-server found no free port after 5 tries");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The URL clients use, with the credentials this server requires.
+    pub fn url(&self) -> String {
+        let scheme = if self.config.tls { "rediss" } else { "redis" };
+        let auth = match (&self.config.user, &self.config.password) {
+            (Some((user, pass)), _) => format!("{user}:{pass}@"),
+            (None, Some(pass)) => format!(":{pass}@"),
+            (None, None) => String::new(),
+        };
+        format!("{scheme}://{auth}127.0.0.1:{}", self.port)
+    }
+
+    /// The PEM of the CA that signed a TLS server's certificate.
+    pub fn ca_certificate(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("ca.crt")).expect("TLS server has a CA certificate")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.process.as_ref().expect("server is running").pid
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.process.is_some()
+    }
+
+    /// SIGKILL: the server dies at once, connections see resets. Returns once the port
+    /// refuses connections.
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            signal(process.pid, libc::SIGKILL);
+            drop(process.watchdog.stdin.take()); // lets the watchdog exit
+            let _ = process.watchdog.wait();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                assert!(Instant::now() < deadline, "killed server still accepts");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    /// Starts the server again on the same port with the same directory (so `appendonly`
+    /// data survives). Kills it first if it is running.
+    pub fn restart(&mut self) {
+        self.kill();
+        let binary = redis_server_binary();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn(&binary) {
+                Ok(()) => return,
+                Err(log) if log.contains("Address already in use") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(log) => panic!("redis-server did not restart on port {}:\n{log}", self.port),
+            }
+        }
+    }
+
+    /// Restarts on the same port and returns as soon as the port accepts connections,
+    /// while the server may still be loading its data (and answering `LOADING`).
+    pub fn restart_while_loading(&mut self) {
+        self.kill();
+        let binary = redis_server_binary();
+        self.spawn_until(&binary, Ready::Listening)
+            .unwrap_or_else(|log| panic!("redis-server did not restart:\n{log}"));
+    }
+
+    /// SIGSTOP: the server keeps its sockets but answers nothing, like a stalled host.
+    pub fn pause(&self) {
+        signal(self.pid(), libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        signal(self.pid(), libc::SIGCONT);
+    }
+
+    /// A field of `INFO` (`total_connections_received`, `connected_clients`...), read over
+    /// a fresh connection that counts itself in those numbers.
+    pub fn info_field(&self, field: &str) -> String {
+        let reply = self.raw_command(&["INFO", "everything"]);
+        reply
+            .lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .unwrap_or_else(|| panic!("INFO has no field {field}"))
+            .trim()
+            .to_owned()
+    }
+
+    /// Sends one command over a plain socket (RESP) and returns the reply's text. For
+    /// arranging state from outside the code under test. Not for TLS servers.
+    pub fn raw_command(&self, args: &[&str]) -> String {
+        assert!(!self.config.tls, "raw_command speaks plain TCP");
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut request = Vec::new();
+        if let Some(auth) = self.auth_args() {
+            write_command(&mut request, &auth.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        write_command(&mut request, args);
+        stream.write_all(&request).unwrap();
+        let mut reader = BufReader::new(stream);
+        if self.auth_args().is_some() {
+            let auth_reply = read_reply(&mut reader);
+            assert_eq!(auth_reply, "OK", "AUTH failed");
+        }
+        read_reply(&mut reader)
+    }
+
+    fn auth_args(&self) -> Option<Vec<String>> {
+        match (&self.config.user, &self.config.password) {
+            (Some((user, pass)), _) => Some(vec!["AUTH".into(), user.clone(), pass.clone()]),
+            (None, Some(pass)) => Some(vec!["AUTH".into(), pass.clone()]),
+            (None, None) => None,
+        }
+    }
+
+    fn spawn(&mut self, binary: &Path) -> Result<(), String> {
+        self.spawn_until(binary, Ready::Serving)
+    }
+
+    fn spawn_until(&mut self, binary: &Path, ready: Ready) -> Result<(), String> {
+        self.starts += 1;
+        let log = self.dir.path().join(format!("redis-{}.log", self.starts));
+        let mut args: Vec<String> = vec![
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--dir".into(),
+            self.dir.path().display().to_string(),
+            "--logfile".into(),
+            log.display().to_string(),
+            "--save".into(),
+            "".into(),
+            "--daemonize".into(),
+            "no".into(),
+        ];
+        if self.config.tls {
+            let d = self.dir.path();
+            args.extend(
+                [
+                    ("--port", "0".to_owned()),
+                    ("--tls-port", self.port.to_string()),
+                    ("--tls-cert-file", d.join("server.crt").display().to_string()),
+                    ("--tls-key-file", d.join("server.key").display().to_string()),
+                    ("--tls-ca-cert-file", d.join("ca.crt").display().to_string()),
+                    ("--tls-auth-clients", "no".to_owned()),
+                ]
+                .map(|(k, v)| [k.to_owned(), v])
+                .into_iter()
+                .flatten(),
+            );
+        } else {
+            args.extend(["--port".into(), self.port.to_string()]);
+        }
+        if let Some(pass) = &self.config.password {
+            args.extend(["--requirepass".into(), pass.clone()]);
+        }
+        if let Some((user, pass)) = &self.config.user {
+            // Each word of the ACL rule is its own argument.
+            let rule = format!("{user} on >{pass} ~* &* +@all");
+            args.push("--user".into());
+            args.extend(rule.split(' ').map(str::to_owned));
+            args.extend(["--user", "default", "off"].map(str::to_owned));
+        }
+        for (name, value) in &self.config.args {
+            args.extend([format!("--{name}"), value.clone()]);
+        }
+
+        // The watchdog prints the server's pid, then waits for this process's end of the
+        // pipe to close, and kills the server.
+        let mut watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(r#""$0" "$@" >/dev/null 2>&1 & echo $!; read _; kill -9 $! 2>/dev/null"#)
+            .arg(binary)
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sh");
+        let mut line = String::new();
+        BufReader::new(watchdog.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("watchdog prints the pid");
+        let pid: i32 = line.trim().parse().expect("pid");
+        let process = Process { watchdog, pid };
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let up = match ready {
+                Ready::Serving => text.contains("Ready to accept connections"),
+                Ready::Listening => TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+            };
+            if up {
+                self.process = Some(process);
+                return Ok(());
+            }
+            let dead = unsafe { libc::kill(pid, 0) } != 0 || text.contains("# Failed") || text.contains("FATAL");
+            if dead || Instant::now() > deadline {
+                signal(pid, libc::SIGKILL);
+                let mut process = process;
+                drop(process.watchdog.stdin.take());
+                let _ = process.watchdog.wait();
+                return Err(if text.is_empty() { "no log written".into() } else { text });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Ready {
+    /// The server logged that it serves (data loaded).
+    Serving,
+    /// The port accepts connections.
+    Listening,
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(process) = &self.process {
+            signal(process.pid, libc::SIGKILL);
+        }
+        if let Some(mut process) = self.process.take() {
+            drop(process.watchdog.stdin.take());
+            let _ = process.watchdog.wait();
+        }
+    }
+}
+
+/// `redis-server` from `REDIS_SERVER_BIN` or `PATH`, or a failing test with one clear line.
+pub fn redis_server_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("REDIS_SERVER_BIN") {
+        return PathBuf::from(bin);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join("redis-server"))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "redis-server is not on PATH and REDIS_SERVER_BIN is unset: install it \
+                 (`sudo apt-get install -y redis-server`, any Redis >= 6) to run these tests"
+            )
+        })
+}
+
+fn signal(pid: i32, signal: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+fn write_command(out: &mut Vec<u8>, args: &[&str]) {
+    out.extend(format!("*{}\r\n", args.len()).bytes());
+    for arg in args {
+        out.extend(format!("${}\r\n{arg}\r\n", arg.len()).bytes());
+    }
+}
+
+/// Reads one RESP2 reply as text: simple strings, errors (prefixed `-`), integers, bulk
+/// strings; arrays are joined with newlines.
+fn read_reply(reader: &mut impl BufRead) -> String {
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("reply");
+    let line = line.trim_end_matches("\r\n");
+    let (kind, rest) = line.split_at(1);
+    match kind {
+        "+" | ":" => rest.to_owned(),
+        "-" => line.to_owned(),
+        "$" => {
+            let len: i64 = rest.parse().expect("bulk length");
+            if len < 0 {
+                return String::new();
+            }
+            let mut buf = vec![0; len as usize + 2];
+            reader.read_exact(&mut buf).expect("bulk body");
+            String::from_utf8_lossy(&buf[..len as usize]).into_owned()
+        }
+        "*" => {
+            let n: i64 = rest.parse().expect("array length");
+            (0..n.max(0)).map(|_| read_reply(reader)).collect::<Vec<_>>().join("\n")
+        }
+        other => panic!("unexpected reply type {other}"),
+    }
+}
+
+/// Self-signed CA and a server certificate for 127.0.0.1 and localhost, by the openssl CLI.
+fn make_certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("openssl is needed for TLS tests ({e}): apt-get install -y openssl"));
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca"]].concat());
+    run(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]].concat());
+    run(&[
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "2", "-extfile", "san.ext",
+    ]);
+}
+
+/// A directory under the system temp dir, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "tower-redis-resilience-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,97 @@
+//! A TCP proxy in front of a real server that injects network faults on demand.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// Forwards `127.0.0.1:<port>` to an upstream port. [`cut_replies_after`] makes it close
+/// every connection once that many more bytes have gone from the server to the client,
+/// so a reply can be cut in the middle.
+///
+/// [`cut_replies_after`]: FaultProxy::cut_replies_after
+#[derive(Debug)]
+pub struct FaultProxy {
+    addr: SocketAddr,
+    budget: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+const UNLIMITED: u64 = u64::MAX;
+
+impl FaultProxy {
+    /// Starts forwarding; needs a tokio runtime.
+    pub async fn start(upstream_port: u16) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let budget = Arc::new(AtomicU64::new(UNLIMITED));
+        let shared = budget.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let budget = shared.clone();
+                tokio::spawn(async move {
+                    if let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await {
+                        forward(client, server, budget).await;
+                    }
+                });
+            }
+        });
+        FaultProxy { addr, budget, task }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.addr.port())
+    }
+
+    /// From now on, let only `bytes` more bytes through from the server, then close.
+    pub fn cut_replies_after(&self, bytes: u64) {
+        self.budget.store(bytes, Ordering::SeqCst);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn forward(client: TcpStream, server: TcpStream, budget: Arc<AtomicU64>) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = async move {
+        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+    };
+    let downstream = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match server_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let allowed = budget.load(Ordering::SeqCst);
+            let pass = (n as u64).min(allowed) as usize;
+            if allowed != UNLIMITED {
+                budget.fetch_sub(pass as u64, Ordering::SeqCst);
+            }
+            if client_write.write_all(&buf[..pass]).await.is_err() || pass < n {
+                return; // dropping both halves closes the client connection mid-reply
+            }
+        }
+    };
+    tokio::select! {
+        () = upstream => {}
+        () = downstream => {}
+    }
+}

@@ -1,0 +1,73 @@
+//! TLS through redis-rs's rustls support, against a TLS-only redis-server.
+#![cfg(feature = "tls")]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use redis::{AsyncCommands, TlsCertificates};
+use support::RedisServer;
+use tower_redis_resilience::{Client, Connector, RedisService};
+
+fn trusting(server: &RedisServer) -> redis::Client {
+    redis::Client::build_with_tls(
+        server.url(),
+        TlsCertificates {
+            client_tls: None,
+            root_cert: Some(server.ca_certificate()),
+        },
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn commands_work_over_tls_with_a_private_ca() {
+    let server = RedisServer::config().tls().password("tls-pw").start();
+    let redis = RedisService::from_client(trusting(&server)).await.unwrap();
+    let mut client = Client::new(redis);
+    let () = client.set("k", "over tls").await.unwrap();
+    let v: String = client.get("k").await.unwrap();
+    assert_eq!(v, "over tls");
+}
+
+#[tokio::test]
+async fn untrusted_certificate_is_config() {
+    let server = RedisServer::config().tls().start();
+    // The system roots do not include the test CA.
+    let err = Connector::from_url(&server.url()).unwrap().connect().await.unwrap_err();
+    assert!(err.is_config(), "{err:?}");
+}
+
+/// Redis reads a ClientHello as the start of an inline command and waits for a newline
+/// that never comes, so the handshake can only end by the connect timeout: unavailable,
+/// within the bound.
+#[tokio::test]
+async fn tls_client_against_a_plain_server_fails_within_the_connect_timeout() {
+    let server = RedisServer::start();
+    let url = format!("rediss://127.0.0.1:{}", server.port());
+    let timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    let err = Connector::from_url(&url)
+        .unwrap()
+        .connect_timeout(timeout)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+    assert!(started.elapsed() < timeout * 3, "{:?}", started.elapsed());
+}
+
+/// Redis resets a connection whose first bytes are not a TLS handshake: to the client
+/// that is indistinguishable from a server going away, so it is unavailable.
+#[tokio::test]
+async fn plain_client_against_a_tls_server_is_reset_at_once() {
+    let server = RedisServer::config().tls().start();
+    let url = format!("redis://127.0.0.1:{}", server.port());
+    let result = Connector::from_url(&url)
+        .unwrap()
+        .connect_timeout(Duration::from_millis(300))
+        .connect()
+        .await;
+    let err = result.unwrap_err();
+    assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+}
