@@ -1,1 +1,150 @@
-fn main() {}
+//! End-to-end GET throughput against a spawned redis-server, 64 requests in flight:
+//! raw redis-rs `MultiplexedConnection`, our leaf `RedisService`, and `Client` over it
+//! (redis-rs's `AsyncCommands` through the tower stack), in the same run.
+//!
+//! `cargo bench --bench end_to_end` prints criterion's numbers for each variant on a
+//! current-thread and a 2-worker runtime, then an interleaved round with the ratios.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use futures::future::join_all;
+use redis::{AsyncCommands, AsyncConnectionConfig, aio::MultiplexedConnection};
+use support::RedisServer;
+use tokio::runtime::{Builder, Runtime};
+use tower::{Service, ServiceExt};
+use tower_redis_resilience::{Client, RedisService, Request};
+
+const IN_FLIGHT: usize = 64;
+const PER_WORKER: usize = 20;
+const BATCH: usize = IN_FLIGHT * PER_WORKER;
+
+#[derive(Clone)]
+enum Variant {
+    Raw(MultiplexedConnection),
+    Leaf(RedisService),
+    Client(Client<RedisService>),
+}
+
+impl Variant {
+    fn name(&self) -> &'static str {
+        match self {
+            Variant::Raw(_) => "raw redis-rs MultiplexedConnection",
+            Variant::Leaf(_) => "RedisService",
+            Variant::Client(_) => "Client<RedisService>",
+        }
+    }
+
+    /// One worker: `PER_WORKER` GETs, one after another.
+    async fn worker(mut self) {
+        for _ in 0..PER_WORKER {
+            let value: Option<Vec<u8>> = match &mut self {
+                Variant::Raw(conn) => conn.get("bench:key").await.unwrap(),
+                Variant::Leaf(service) => {
+                    let request = Request::from(redis::cmd("GET").arg("bench:key").to_owned());
+                    let reply = service.ready().await.unwrap().call(request).await.unwrap();
+                    redis::from_redis_value(reply).unwrap()
+                }
+                Variant::Client(client) => client.get("bench:key").await.unwrap(),
+            };
+            assert!(value.is_some());
+        }
+    }
+
+    /// `BATCH` GETs with `IN_FLIGHT` outstanding at any time.
+    async fn batch(&self) {
+        join_all((0..IN_FLIGHT).map(|_| self.clone().worker())).await;
+    }
+}
+
+async fn variants(url: &str) -> Vec<Variant> {
+    let client = redis::Client::open(url).unwrap();
+    // Same work as our leaf: no per-request response timer.
+    let config = AsyncConnectionConfig::new().set_response_timeout(None);
+    let raw = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap();
+    let mut seed = raw.clone();
+    let () = seed.set("bench:key", vec![b'v'; 64]).await.unwrap();
+    vec![
+        Variant::Raw(raw),
+        Variant::Leaf(RedisService::connect(url).await.unwrap()),
+        Variant::Client(Client::new(RedisService::connect(url).await.unwrap())),
+    ]
+}
+
+fn runtimes() -> Vec<(&'static str, Runtime)> {
+    vec![
+        (
+            "current_thread",
+            Builder::new_current_thread().enable_all().build().unwrap(),
+        ),
+        (
+            "multi_thread(2)",
+            Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap(),
+        ),
+    ]
+}
+
+fn bench(c: &mut Criterion) {
+    let server = RedisServer::start();
+    for (flavour, rt) in runtimes() {
+        let variants = rt.block_on(variants(&server.url()));
+        let mut group = c.benchmark_group(format!("get_64_in_flight/{flavour}"));
+        group.throughput(Throughput::Elements(BATCH as u64));
+        group
+            .sample_size(20)
+            .measurement_time(Duration::from_secs(4));
+        for variant in &variants {
+            group.bench_function(variant.name(), |b| {
+                b.to_async(&rt).iter(|| variant.batch());
+            });
+        }
+        group.finish();
+        print_ratios(flavour, &rt, &variants);
+    }
+}
+
+/// Interleaves the variants round by round (so drift hits them alike) and prints the
+/// median throughput of each and its ratio to raw redis-rs.
+fn print_ratios(flavour: &str, rt: &Runtime, variants: &[Variant]) {
+    const ROUNDS: usize = 31;
+    const BATCHES_PER_ROUND: usize = 10;
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for _ in 0..ROUNDS {
+        for (i, variant) in variants.iter().enumerate() {
+            let started = Instant::now();
+            rt.block_on(async {
+                for _ in 0..BATCHES_PER_ROUND {
+                    variant.batch().await;
+                }
+            });
+            rates[i].push((BATCH * BATCHES_PER_ROUND) as f64 / started.elapsed().as_secs_f64());
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let medians: Vec<f64> = rates.iter_mut().map(median).collect();
+    println!("\nGET, {IN_FLIGHT} in flight, {flavour}: median of {ROUNDS} interleaved rounds");
+    for (variant, rate) in variants.iter().zip(&medians) {
+        println!(
+            "  {:<36} {:>9.0} GET/s   ratio to raw {:.3}",
+            variant.name(),
+            rate,
+            rate / medians[0]
+        );
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

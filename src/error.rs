@@ -404,7 +404,11 @@ impl fmt::Display for Error {
             Detail::None => Ok(()),
             Detail::Message(message) => write!(f, ": {message}"),
             Detail::Text(text) => write!(f, ": {text}"),
-            Detail::Redis(err) => write!(f, ": {err}"),
+            // Server errors read as Redis wrote them: `WRONGTYPE Operation against...`.
+            Detail::Redis(err) => match (err.code(), err.detail()) {
+                (Some(code), Some(detail)) => write!(f, ": {code} {detail}"),
+                _ => write!(f, ": {err}"),
+            },
         }
     }
 }

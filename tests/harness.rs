@@ -20,7 +20,10 @@ fn restart_keeps_the_port_and_appendonly_data() {
     let port = server.port();
     assert_eq!(server.raw_command(&["INCRBY", "n", "41"]), "41");
     server.kill();
-    assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "killed server refuses");
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "killed server refuses"
+    );
     server.restart();
     assert_eq!(server.port(), port);
     assert_eq!(server.raw_command(&["INCR", "n"]), "42");
@@ -31,13 +34,21 @@ fn paused_server_accepts_but_does_not_answer_until_resumed() {
     let server = RedisServer::start();
     server.pause();
     let mut stream = TcpStream::connect(("127.0.0.1", server.port())).expect("kernel accepts");
-    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     std::io::Write::write_all(&mut stream, b"PING\r\n").unwrap();
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    assert!(reader.read_line(&mut line).is_err(), "a paused server answers nothing");
+    assert!(
+        reader.read_line(&mut line).is_err(),
+        "a paused server answers nothing"
+    );
     server.resume();
-    reader.get_ref().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     reader.read_line(&mut line).unwrap();
     assert_eq!(line, "+PONG\r\n");
 }
@@ -46,7 +57,10 @@ fn paused_server_accepts_but_does_not_answer_until_resumed() {
 fn password_and_info_fields_are_available() {
     let server = RedisServer::config().password("pw").start();
     assert!(server.url().contains(":pw@"));
-    let received: u64 = server.info_field("total_connections_received").parse().unwrap();
+    let received: u64 = server
+        .info_field("total_connections_received")
+        .parse()
+        .unwrap();
     assert!(received >= 1);
 }
 
@@ -66,7 +80,11 @@ fn child_that_aborts_with_a_running_server() {
 #[test]
 fn servers_die_with_the_test_process() {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_that_aborts_with_a_running_server", "--nocapture"])
+        .args([
+            "--exact",
+            "child_that_aborts_with_a_running_server",
+            "--nocapture",
+        ])
         .env(CHILD, "abort")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -85,7 +103,10 @@ fn servers_die_with_the_test_process() {
 
     let deadline = Instant::now() + Duration::from_secs(5);
     while TcpStream::connect(("127.0.0.1", port)).is_ok() || process_alive(pid) {
-        assert!(Instant::now() < deadline, "server {pid} outlived its test process");
+        assert!(
+            Instant::now() < deadline,
+            "server {pid} outlived its test process"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -93,7 +114,10 @@ fn servers_die_with_the_test_process() {
 fn process_alive(pid: i32) -> bool {
     // A zombie waiting to be reaped is dead for our purpose.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.split_whitespace().nth(2).is_some_and(|state| state == "Z"),
+        Ok(stat) => stat
+            .split_whitespace()
+            .nth(2)
+            .is_none_or(|state| state != "Z"),
         Err(_) => false,
     }
 }
@@ -118,7 +142,8 @@ fn missing_redis_server_fails_with_one_clear_line() {
     assert!(!output.status.success(), "the test fails, it does not skip");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("redis-server is not on PATH") && stderr.contains("apt-get install -y redis-server"),
+        stderr.contains("redis-server is not on PATH")
+            && stderr.contains("apt-get install -y redis-server"),
         "{stderr}"
     );
 }

@@ -30,9 +30,18 @@ async fn set_then_get_round_trips_through_the_service() {
     let server = RedisServer::start();
     let mut redis = RedisService::connect(&server.url()).await.unwrap();
 
-    assert_eq!(call(&mut redis, cmd(&["SET", "k", "v"])).await.unwrap(), Value::Okay);
-    assert_eq!(call(&mut redis, cmd(&["GET", "k"])).await.unwrap(), bulk("v"));
-    assert_eq!(call(&mut redis, cmd(&["GET", "missing"])).await.unwrap(), Value::Nil);
+    assert_eq!(
+        call(&mut redis, cmd(&["SET", "k", "v"])).await.unwrap(),
+        Value::Okay
+    );
+    assert_eq!(
+        call(&mut redis, cmd(&["GET", "k"])).await.unwrap(),
+        bulk("v")
+    );
+    assert_eq!(
+        call(&mut redis, cmd(&["GET", "missing"])).await.unwrap(),
+        Value::Nil
+    );
 }
 
 #[tokio::test]
@@ -40,13 +49,25 @@ async fn plain_pipeline_answers_an_array_in_order_with_errors_in_their_slots() {
     let server = RedisServer::start();
     let mut redis = RedisService::connect(&server.url()).await.unwrap();
     let mut pipe = redis::pipe();
-    pipe.cmd("SET").arg("a").arg("1").cmd("INCR").arg("a").cmd("HGET").arg("a").arg("f");
+    pipe.cmd("SET")
+        .arg("a")
+        .arg("1")
+        .cmd("INCR")
+        .arg("a")
+        .cmd("HGET")
+        .arg("a")
+        .arg("f");
 
     let reply = call(&mut redis, Request::from(pipe)).await.unwrap();
-    let Value::Array(items) = reply else { panic!("not an array: {reply:?}") };
+    let Value::Array(items) = reply else {
+        panic!("not an array: {reply:?}")
+    };
     assert_eq!(items[0], Value::Okay);
     assert_eq!(items[1], Value::Int(2));
-    assert!(matches!(&items[2], Value::ServerError(e) if e.code() == "WRONGTYPE"), "{items:?}");
+    assert!(
+        matches!(&items[2], Value::ServerError(e) if e.code() == "WRONGTYPE"),
+        "{items:?}"
+    );
 }
 
 #[tokio::test]
@@ -54,17 +75,28 @@ async fn atomic_pipeline_answers_the_exec_array() {
     let server = RedisServer::start();
     let mut redis = RedisService::connect(&server.url()).await.unwrap();
     let mut pipe = redis::pipe();
-    pipe.atomic().cmd("INCR").arg("n").cmd("INCR").arg("n").cmd("GET").arg("n");
+    pipe.atomic()
+        .cmd("INCR")
+        .arg("n")
+        .cmd("INCR")
+        .arg("n")
+        .cmd("GET")
+        .arg("n");
 
     let reply = call(&mut redis, Request::from(pipe)).await.unwrap();
-    assert_eq!(reply, Value::Array(vec![Value::Int(1), Value::Int(2), bulk("2")]));
+    assert_eq!(
+        reply,
+        Value::Array(vec![Value::Int(1), Value::Int(2), bulk("2")])
+    );
 }
 
 #[tokio::test]
 async fn empty_plain_pipeline_answers_an_empty_array_without_a_round_trip() {
     let server = RedisServer::start();
     let mut redis = RedisService::connect(&server.url()).await.unwrap();
-    let reply = call(&mut redis, Request::from(redis::pipe())).await.unwrap();
+    let reply = call(&mut redis, Request::from(redis::pipe()))
+        .await
+        .unwrap();
     assert_eq!(reply, Value::Array(vec![]));
 }
 
@@ -97,7 +129,10 @@ async fn client_gives_the_whole_async_commands_api() {
     let missing: Option<String> = client.get("nobody").await.unwrap();
     assert_eq!(missing, None);
 
-    let () = client.hset_multiple("h", &[("a", 1), ("b", 2)]).await.unwrap();
+    let () = client
+        .hset_multiple("h", &[("a", 1), ("b", 2)])
+        .await
+        .unwrap();
     let total: i64 = client.hincr("h", "a", 10).await.unwrap();
     assert_eq!(total, 11);
     let n: i64 = client.incr("counter", 5).await.unwrap();
@@ -105,17 +140,25 @@ async fn client_gives_the_whole_async_commands_api() {
 
     // Pipelines through Pipeline::query_async, plain and atomic, with ignored replies.
     let (a, b): (i64, i64) = redis::pipe()
-        .cmd("SET").arg("x").arg(1).ignore()
-        .cmd("INCR").arg("x")
-        .cmd("INCR").arg("x")
+        .cmd("SET")
+        .arg("x")
+        .arg(1)
+        .ignore()
+        .cmd("INCR")
+        .arg("x")
+        .cmd("INCR")
+        .arg("x")
         .query_async(&mut client)
         .await
         .unwrap();
     assert_eq!((a, b), (2, 3));
     let (x,): (i64,) = redis::pipe()
         .atomic()
-        .cmd("INCR").arg("x").ignore()
-        .cmd("GET").arg("x")
+        .cmd("INCR")
+        .arg("x")
+        .ignore()
+        .cmd("GET")
+        .arg("x")
         .query_async(&mut client)
         .await
         .unwrap();
@@ -141,7 +184,9 @@ async fn server_errors_through_client_are_the_plain_redis_rs_errors() {
     // A failing command inside a transaction aborts it the way redis-rs reports it.
     let err = redis::pipe()
         .atomic()
-        .cmd("SET").arg("t").arg(1)
+        .cmd("SET")
+        .arg("t")
+        .arg(1)
         .cmd("NOSUCHCOMMAND")
         .query_async::<Value>(&mut client)
         .await
@@ -157,20 +202,32 @@ async fn server_error_replies_are_classified_by_code() {
     let mut redis = RedisService::connect(&server.url()).await.unwrap();
     call(&mut redis, cmd(&["SET", "s", "text"])).await.unwrap();
 
-    let wrongtype = call(&mut redis, cmd(&["LPUSH", "s", "x"])).await.unwrap_err();
+    let wrongtype = call(&mut redis, cmd(&["LPUSH", "s", "x"]))
+        .await
+        .unwrap_err();
     assert!(wrongtype.is_server(), "{wrongtype:?}");
     assert_eq!(wrongtype.server_code(), Some("WRONGTYPE"));
     assert_eq!(wrongtype.command(), Some("LPUSH"));
 
-    let noscript = call(&mut redis, cmd(&["EVALSHA", &"0".repeat(40), "0"])).await.unwrap_err();
+    let noscript = call(&mut redis, cmd(&["EVALSHA", &"0".repeat(40), "0"]))
+        .await
+        .unwrap_err();
     assert!(noscript.is_server(), "{noscript:?}");
     assert_eq!(noscript.server_code(), Some("NOSCRIPT"));
 
-    let syntax = call(&mut redis, cmd(&["SET", "k", "v", "BOGUS"])).await.unwrap_err();
-    assert!(syntax.is_server() && syntax.server_code() == Some("ERR"), "{syntax:?}");
+    let syntax = call(&mut redis, cmd(&["SET", "k", "v", "BOGUS"]))
+        .await
+        .unwrap_err();
+    assert!(
+        syntax.is_server() && syntax.server_code() == Some("ERR"),
+        "{syntax:?}"
+    );
 
     // The connection is still fine after server errors.
-    assert_eq!(call(&mut redis, cmd(&["GET", "s"])).await.unwrap(), bulk("text"));
+    assert_eq!(
+        call(&mut redis, cmd(&["GET", "s"])).await.unwrap(),
+        bulk("text")
+    );
 }
 
 #[tokio::test]
@@ -194,27 +251,43 @@ async fn loading_is_unavailable_and_did_not_run() {
             }
         }
     };
-    let err = call(&mut redis, cmd(&["INCR", "counter"])).await.unwrap_err();
+    let err = call(&mut redis, cmd(&["INCR", "counter"]))
+        .await
+        .unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
     assert_eq!(err.server_code(), Some("LOADING"));
-    assert!(!err.may_have_run(), "LOADING means the INCR was not executed");
+    assert!(
+        !err.may_have_run(),
+        "LOADING means the INCR was not executed"
+    );
 }
 
 #[tokio::test]
 async fn wrong_password_is_a_clear_config_error_that_never_shows_the_password() {
-    let server = RedisServer::config().password("right-horse-battery").start();
+    let server = RedisServer::config()
+        .password("right-horse-battery")
+        .start();
     let url = format!("redis://:wrong-staple@127.0.0.1:{}", server.port());
 
     let err = RedisService::connect(&url).await.unwrap_err();
     assert!(err.is_config(), "{err:?}");
     assert!(!err.may_have_run());
     let shown = format!("{err} {err:?}");
-    assert!(shown.contains("WRONGPASS") || shown.to_lowercase().contains("auth"), "{shown}");
-    assert!(!shown.contains("wrong-staple") && !shown.contains("right-horse"), "{shown}");
+    assert!(
+        shown.contains("WRONGPASS") || shown.to_lowercase().contains("auth"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("wrong-staple") && !shown.contains("right-horse"),
+        "{shown}"
+    );
 
     // The right password works.
     let mut redis = RedisService::connect(&server.url()).await.unwrap();
-    assert_eq!(call(&mut redis, cmd(&["PING"])).await.unwrap(), Value::SimpleString("PONG".into()));
+    assert_eq!(
+        call(&mut redis, cmd(&["PING"])).await.unwrap(),
+        Value::SimpleString("PONG".into())
+    );
 }
 
 #[tokio::test]
@@ -250,10 +323,14 @@ async fn database_index_out_of_range_is_config() {
 
 #[tokio::test]
 async fn malformed_url_is_config_with_the_password_hidden() {
-    let err = RedisService::connect("redis://:s3cr3t@127.0.0.1:99999999").await.unwrap_err();
+    let err = RedisService::connect("redis://:s3cr3t@127.0.0.1:99999999")
+        .await
+        .unwrap_err();
     assert!(err.is_config(), "{err:?}");
     assert!(!format!("{err}{err:?}").contains("s3cr3t"));
-    let err = RedisService::connect("http://127.0.0.1:6379").await.unwrap_err();
+    let err = RedisService::connect("http://127.0.0.1:6379")
+        .await
+        .unwrap_err();
     assert!(err.is_config(), "{err:?}");
 }
 
@@ -321,25 +398,35 @@ async fn reply_cut_mid_way_is_unavailable_not_a_truncated_value() {
     call(&mut redis, cmd(&["SET", "big", &big])).await.unwrap();
 
     proxy.cut_replies_after(4096);
-    let result = tokio::time::timeout(Duration::from_secs(5), call(&mut redis, cmd(&["GET", "big"])))
-        .await
-        .expect("a cut reply fails instead of hanging");
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        call(&mut redis, cmd(&["GET", "big"])),
+    )
+    .await
+    .expect("a cut reply fails instead of hanging");
     let err = result.unwrap_err();
     assert!(err.is_unavailable() && err.may_have_run(), "{err:?}");
 }
 
 #[tokio::test]
 async fn oversized_value_is_refused_with_a_clear_error_and_nothing_written() {
-    let server = RedisServer::config().arg("proto-max-bulk-len", "1mb").start();
+    let server = RedisServer::config()
+        .arg("proto-max-bulk-len", "1mb")
+        .start();
     let mut redis = RedisService::connect(&server.url()).await.unwrap();
     let too_big = "x".repeat(2 << 20);
-    let err = call(&mut redis, cmd(&["SET", "big", &too_big])).await.unwrap_err();
+    let err = call(&mut redis, cmd(&["SET", "big", &too_big]))
+        .await
+        .unwrap_err();
     assert!(!err.is_timeout(), "{err:?}");
     assert!(err.to_string().contains("SET"), "{err}");
 
     // Redis drops a connection that sent an invalid bulk length; a new one sees no key.
     let mut fresh = RedisService::connect(&server.url()).await.unwrap();
-    assert_eq!(call(&mut fresh, cmd(&["EXISTS", "big"])).await.unwrap(), Value::Int(0));
+    assert_eq!(
+        call(&mut fresh, cmd(&["EXISTS", "big"])).await.unwrap(),
+        Value::Int(0)
+    );
 }
 
 #[tokio::test]
@@ -365,7 +452,11 @@ async fn debug_of_services_never_shows_the_password() {
     let redis = RedisService::connect(&server.url()).await.unwrap();
     let client = Client::new(redis.clone());
     let connector = Connector::from_url(&server.url()).unwrap();
-    for shown in [format!("{redis:?}"), format!("{client:?}"), format!("{connector:?}")] {
+    for shown in [
+        format!("{redis:?}"),
+        format!("{client:?}"),
+        format!("{connector:?}"),
+    ] {
         assert!(!shown.contains("pw-do-not-print"), "{shown}");
         assert!(shown.contains(&server.port().to_string()), "{shown}");
     }

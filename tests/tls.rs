@@ -34,7 +34,11 @@ async fn commands_work_over_tls_with_a_private_ca() {
 async fn untrusted_certificate_is_config() {
     let server = RedisServer::config().tls().start();
     // The system roots do not include the test CA.
-    let err = Connector::from_url(&server.url()).unwrap().connect().await.unwrap_err();
+    let err = Connector::from_url(&server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_err();
     assert!(err.is_config(), "{err:?}");
 }
 

@@ -203,7 +203,7 @@ fn block_time(block: BlockArg, cmd: &Cmd) -> Blocking {
     match amount {
         // A missing or malformed timeout makes Redis answer with an error at once.
         None => Blocking::No,
-        Some(amount) if amount == 0.0 => Blocking::Forever,
+        Some(0.0) => Blocking::Forever,
         Some(amount) => match Duration::try_from_secs_f64(amount * unit) {
             Ok(duration) => Blocking::For(duration),
             Err(_) if amount.is_sign_positive() => Blocking::Forever,

@@ -8,6 +8,7 @@
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 mod proxy;
+#[allow(unused_imports)] // not every test binary injects network faults
 pub use proxy::FaultProxy;
 
 use std::{
@@ -204,10 +205,15 @@ impl RedisServer {
     pub fn raw_command(&self, args: &[&str]) -> String {
         assert!(!self.config.tls, "raw_command speaks plain TCP");
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut request = Vec::new();
         if let Some(auth) = self.auth_args() {
-            write_command(&mut request, &auth.iter().map(String::as_str).collect::<Vec<_>>());
+            write_command(
+                &mut request,
+                &auth.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
         }
         write_command(&mut request, args);
         stream.write_all(&request).unwrap();
@@ -252,7 +258,10 @@ impl RedisServer {
                 [
                     ("--port", "0".to_owned()),
                     ("--tls-port", self.port.to_string()),
-                    ("--tls-cert-file", d.join("server.crt").display().to_string()),
+                    (
+                        "--tls-cert-file",
+                        d.join("server.crt").display().to_string(),
+                    ),
                     ("--tls-key-file", d.join("server.key").display().to_string()),
                     ("--tls-ca-cert-file", d.join("ca.crt").display().to_string()),
                     ("--tls-auth-clients", "no".to_owned()),
@@ -308,13 +317,19 @@ impl RedisServer {
                 self.process = Some(process);
                 return Ok(());
             }
-            let dead = unsafe { libc::kill(pid, 0) } != 0 || text.contains("# Failed") || text.contains("FATAL");
+            let dead = unsafe { libc::kill(pid, 0) } != 0
+                || text.contains("# Failed")
+                || text.contains("FATAL");
             if dead || Instant::now() > deadline {
                 signal(pid, libc::SIGKILL);
                 let mut process = process;
                 drop(process.watchdog.stdin.take());
                 let _ = process.watchdog.wait();
-                return Err(if text.is_empty() { "no log written".into() } else { text });
+                return Err(if text.is_empty() {
+                    "no log written".into()
+                } else {
+                    text
+                });
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -401,7 +416,10 @@ fn read_reply(reader: &mut impl BufRead) -> String {
         }
         "*" => {
             let n: i64 = rest.parse().expect("array length");
-            (0..n.max(0)).map(|_| read_reply(reader)).collect::<Vec<_>>().join("\n")
+            (0..n.max(0))
+                .map(|_| read_reply(reader))
+                .collect::<Vec<_>>()
+                .join("\n")
         }
         other => panic!("unexpected reply type {other}"),
     }
@@ -414,16 +432,71 @@ fn make_certificates(dir: &Path) {
             .args(args)
             .current_dir(dir)
             .output()
-            .unwrap_or_else(|e| panic!("openssl is needed for TLS tests ({e}): apt-get install -y openssl"));
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            .unwrap_or_else(|e| {
+                panic!("openssl is needed for TLS tests ({e}): apt-get install -y openssl")
+            });
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    run(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca"]].concat());
-    run(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]].concat());
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     run(&[
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.crt", "-days", "2", "-extfile", "san.ext",
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    ]
+    .concat());
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
     ]);
 }
 
