@@ -41,3 +41,8 @@ pub use connect::{Connector, DEFAULT_CONNECT_TIMEOUT};
 pub use error::Error;
 pub use request::{Blocking, CommandInfo, PIPELINE, Request, TRANSACTION, UNKNOWN_COMMAND};
 pub use service::{RedisService, ResponseFuture};
+
+/// Compiles the README's Rust examples as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
