@@ -61,7 +61,8 @@ impl RedisService {
     /// Wraps a connection you opened yourself. Mind that redis-rs gives connections a
     /// 500 ms response timeout by default; [`Connector`] turns it off.
     pub fn from_connection(connection: MultiplexedConnection, db: i64) -> Self {
-        RedisService::from_parts(connection, db, Arc::from(format!("db {db}")))
+        // The connection does not say where it goes; `Connector` knows and shows it.
+        RedisService::from_parts(connection, db, Arc::from("(connection opened by caller)"))
     }
 
     pub(crate) fn from_parts(
