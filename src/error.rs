@@ -57,6 +57,11 @@ enum Kind {
 enum Detail {
     None,
     Message(&'static str),
+    /// Formatted when shown, so rejecting calls during an outage does not allocate.
+    Reconnecting {
+        attempt: u32,
+        next_try_in: Option<Duration>,
+    },
     Text(Arc<str>),
     Redis(RedisError),
 }
@@ -190,6 +195,28 @@ impl Error {
             },
             Detail::Message(message),
         )
+    }
+
+    /// The connection is being re-established; the request was not sent.
+    pub(crate) fn reconnecting(attempt: u32, next_try_in: Option<Duration>) -> Self {
+        Error::new(
+            Kind::Unavailable {
+                may_have_run: false,
+            },
+            Detail::Reconnecting {
+                attempt,
+                next_try_in,
+            },
+        )
+    }
+
+    /// The connection this error came from is unusable: I/O failed or the replies went
+    /// out of step. Server refusals such as `LOADING` leave the connection fine.
+    pub(crate) fn breaks_connection(&self) -> bool {
+        self.is_unavailable()
+            && self
+                .redis_error()
+                .is_some_and(|err| matches!(err.kind(), ErrorKind::Io | ErrorKind::Parse))
     }
 
     /// A configuration problem described in words (which must not contain secrets).
@@ -403,6 +430,13 @@ impl fmt::Display for Error {
         match &self.detail {
             Detail::None => Ok(()),
             Detail::Message(message) => write!(f, ": {message}"),
+            Detail::Reconnecting {
+                attempt,
+                next_try_in: Some(next),
+            } => write!(f, ": reconnecting, attempt {attempt}, next try in {next:?}"),
+            Detail::Reconnecting { attempt, .. } => {
+                write!(f, ": reconnecting, attempt {attempt} in progress")
+            }
             Detail::Text(text) => write!(f, ": {text}"),
             // Server errors read as Redis wrote them: `WRONGTYPE Operation against...`.
             Detail::Redis(err) => match (err.code(), err.detail()) {

@@ -34,6 +34,7 @@ pub mod backoff;
 mod client;
 mod connect;
 mod error;
+pub mod reconnect;
 mod request;
 mod service;
 

@@ -22,6 +22,7 @@ use tokio::{
 pub struct FaultProxy {
     addr: SocketAddr,
     budget: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -33,9 +34,12 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let budget = Arc::new(AtomicU64::new(UNLIMITED));
+        let accepted = Arc::new(AtomicU64::new(0));
         let shared = budget.clone();
+        let counter = accepted.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
                 let budget = shared.clone();
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await {
@@ -44,7 +48,12 @@ impl FaultProxy {
                 });
             }
         });
-        FaultProxy { addr, budget, task }
+        FaultProxy {
+            addr,
+            budget,
+            accepted,
+            task,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -53,6 +62,12 @@ impl FaultProxy {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.addr.port())
+    }
+
+    /// How many client connections the proxy accepted: every connection attempt, even
+    /// those it could not forward because the server was down.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// From now on, let only `bytes` more bytes through from the server, then close.

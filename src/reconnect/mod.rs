@@ -1,0 +1,223 @@
+//! Keeping a connection: one reconnect loop with backoff for every clone, fail-fast (or a
+//! bounded wait) while it runs, and detection of connections that broke or went quiet.
+
+mod config;
+mod future;
+mod shared;
+
+pub use config::ReconnectConfig;
+pub use future::ResponseFuture;
+
+use std::{
+    fmt,
+    sync::{Arc, atomic::Ordering},
+    task::{Context, Poll},
+};
+
+use redis::Value;
+use tokio::sync::watch;
+use tower::Service;
+
+use self::{future::Tracker, shared::Shared};
+use crate::{Connector, Error, RedisService, Request};
+
+/// Where the connection of a [`Reconnect`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// Calls go to Redis.
+    Connected,
+    /// The connection is being (re-)established; `attempt` counts from 1 within this
+    /// outage (0 before the first attempt starts).
+    Reconnecting {
+        /// The attempt under way.
+        attempt: u32,
+    },
+    /// The backoff schedule ran out (`max_attempts`/`max_elapsed`); calls fail until
+    /// [`Reconnect::reconnect`] starts over.
+    Failed,
+}
+
+/// Counters of connection attempts since the `Reconnect` was created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ReconnectStats {
+    /// Connection attempts, the first one included.
+    pub attempts: u64,
+    /// Attempts that produced a connection.
+    pub successes: u64,
+    /// Attempts that failed.
+    pub failures: u64,
+}
+
+/// The bottom of a resilient stack: a [`tower::Service`] that keeps one Redis connection
+/// and re-establishes it when it is lost.
+///
+/// Every clone shares one connection and one reconnect loop, so many callers during an
+/// outage cause one connection attempt per backoff step, not one each. (It is a service,
+/// not a `Layer`, because it makes its leaf itself from a [`Connector`]; clone the one
+/// handle wherever a stack is built, as axum does per request.)
+///
+/// - **Lost connections** are noticed when a call fails with a broken connection (reset,
+///   closed, refused), when [`stuck_after`](ReconnectConfig::stuck_after) calls in a row
+///   are dropped unanswered (an outer timeout gave up on a stalled server), or when the
+///   optional [health check](ReconnectConfig::health_check) `PING` gets no reply.
+/// - **While reconnecting**, calls fail at once with an [unavailable](Error::is_unavailable)
+///   error ("reconnecting, attempt 3, next try in 20ms") that never reached Redis, or wait
+///   at most [`max_wait`](ReconnectConfig::max_wait).
+/// - **Wrong credentials or settings** are retried at the slowest rate of the schedule
+///   with a warning, never in a hot loop.
+/// - **State** is observable through [`state`](Reconnect::state) (a `watch` channel) and
+///   [`stats`](Reconnect::stats), and logged with `tracing` (never the password).
+///
+/// ```no_run
+/// use tower_redis_resilience::{Client, Connector, reconnect::{Reconnect, ReconnectConfig}};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let connector = Connector::from_url("redis://127.0.0.1:6379")?;
+/// // Start even if Redis is down; calls fail fast until it is reachable.
+/// let redis = Reconnect::lazy(connector, ReconnectConfig::default())?;
+/// let mut state = redis.state();
+/// tokio::spawn(async move {
+///     while state.changed().await.is_ok() {
+///         println!("redis is now {:?}", *state.borrow());
+///     }
+/// });
+/// let client = Client::new(redis);
+/// # let _ = client; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Reconnect {
+    shared: Arc<Shared>,
+    cached_generation: u64,
+    cached: Option<RedisService>,
+}
+
+impl Reconnect {
+    /// Connects now and returns the error if that fails (eager start).
+    pub async fn connect(connector: Connector, config: ReconnectConfig) -> Result<Self, Error> {
+        require_runtime()?;
+        let connection = shared::open(&connector, &config).await?;
+        let shared = Shared::new(connector, config, Some(connection));
+        shared.count_initial_connect();
+        Ok(Reconnect::start(shared))
+    }
+
+    /// Returns at once and connects in the background (lazy start): calls fail as
+    /// unavailable until the first connection is up. Needs a tokio runtime.
+    pub fn lazy(connector: Connector, config: ReconnectConfig) -> Result<Self, Error> {
+        require_runtime()?;
+        let shared = Shared::new(connector, config, None);
+        shared.reconnect_now();
+        Ok(Reconnect::start(shared))
+    }
+
+    fn start(shared: Arc<Shared>) -> Self {
+        if let Some((interval, timeout)) = shared.config.health_check {
+            tokio::spawn(shared::health_check(
+                Arc::downgrade(&shared),
+                interval,
+                timeout,
+            ));
+        }
+        Reconnect {
+            shared,
+            cached_generation: 0,
+            cached: None,
+        }
+    }
+
+    /// The connection state, now and as it changes.
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.shared.subscribe()
+    }
+
+    /// Connection attempt counters.
+    pub fn stats(&self) -> ReconnectStats {
+        self.shared.stats()
+    }
+
+    /// Drops the current connection, if any, and connects again; also restarts a loop that
+    /// gave up ([`ConnectionState::Failed`]).
+    pub fn reconnect(&self) {
+        self.shared.reconnect_now();
+    }
+
+    /// Where it connects, safe to log.
+    pub fn address(&self) -> &str {
+        self.shared.connector.address()
+    }
+}
+
+fn require_runtime() -> Result<(), Error> {
+    tokio::runtime::Handle::try_current()
+        .map(|_| ())
+        .map_err(|_| Error::config("Reconnect needs to be created inside a tokio runtime"))
+}
+
+impl Service<Request> for Reconnect {
+    type Response = Value;
+    type Error = Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        // Rejections while reconnecting come from `call`, so readiness never blocks.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> ResponseFuture {
+        if self.shared.generation.load(Ordering::Acquire) != self.cached_generation {
+            (self.cached_generation, self.cached) = self.shared.current();
+        }
+        let counts_cancellation = !request.info().is_blocking();
+        match &mut self.cached {
+            Some(connection) => {
+                let tracker = Tracker::new(
+                    self.shared.clone(),
+                    self.cached_generation,
+                    counts_cancellation,
+                );
+                ResponseFuture::call(connection.call(request), tracker)
+            }
+            None if self.shared.config.max_wait.is_zero() => ResponseFuture::rejected(
+                self.shared.rejection().with_command(request.info().name()),
+            ),
+            None => ResponseFuture::wait(wait_then_call(self.shared.clone(), request)),
+        }
+    }
+}
+
+/// Waits up to `max_wait` for a connection, then calls on it.
+async fn wait_then_call(shared: Arc<Shared>, request: Request) -> Result<Value, Error> {
+    let name = request.info().name();
+    let counts_cancellation = !request.info().is_blocking();
+    let deadline = tokio::time::Instant::now() + shared.config.max_wait;
+    let mut state = shared.subscribe();
+    loop {
+        // Mark the state seen before looking for the connection, so a connection that
+        // arrives in between wakes `changed()` instead of being missed.
+        let failed = *state.borrow_and_update() == ConnectionState::Failed;
+        if let (generation, Some(mut connection)) = shared.current() {
+            let mut tracker = Tracker::new(shared.clone(), generation, counts_cancellation);
+            let result = connection.call(request).await;
+            tracker.finish(&result);
+            return result;
+        }
+        if failed {
+            return Err(shared.rejection().with_command(name));
+        }
+        match tokio::time::timeout_at(deadline, state.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return Err(shared.rejection().with_command(name)),
+        }
+    }
+}
+
+impl fmt::Debug for Reconnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reconnect")
+            .field("address", &self.shared.connector.address())
+            .field("state", &*self.shared.subscribe().borrow())
+            .finish()
+    }
+}

@@ -1,0 +1,287 @@
+//! The state every clone of one `Reconnect` shares, and its one reconnect loop.
+
+use std::{
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{sync::watch, time::Instant};
+use tower::Service;
+
+use super::{ConnectionState, ReconnectConfig, ReconnectStats};
+use crate::{Connector, Error, RedisService, Request};
+
+pub(super) struct Shared {
+    pub connector: Connector,
+    pub config: ReconnectConfig,
+    /// Bumped (under the slot lock) whenever the connection is lost or replaced, so a
+    /// handle refreshes its cached connection with one atomic load per call.
+    pub generation: AtomicU64,
+    /// Calls cancelled in a row with no reply in between.
+    stuck: AtomicU32,
+    slot: Mutex<Slot>,
+    state: watch::Sender<ConnectionState>,
+    attempts: AtomicU64,
+    successes: AtomicU64,
+    failures: AtomicU64,
+}
+
+#[derive(Default)]
+struct Slot {
+    connection: Option<RedisService>,
+    looping: bool,
+    failed: bool,
+    attempt: u32,
+    next_try_at: Option<Instant>,
+    /// The last attempt's error when it was about configuration or credentials: calls
+    /// get it instead of a bare "reconnecting", since it says what to fix.
+    config_error: Option<Error>,
+}
+
+impl Shared {
+    pub fn new(
+        connector: Connector,
+        config: ReconnectConfig,
+        connection: Option<RedisService>,
+    ) -> Arc<Shared> {
+        let state = match connection {
+            Some(_) => ConnectionState::Connected,
+            None => ConnectionState::Reconnecting { attempt: 0 },
+        };
+        Arc::new(Shared {
+            connector,
+            config,
+            generation: AtomicU64::new(1),
+            stuck: AtomicU32::new(0),
+            slot: Mutex::new(Slot {
+                connection,
+                ..Slot::default()
+            }),
+            state: watch::Sender::new(state),
+            attempts: AtomicU64::new(0),
+            successes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        })
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Slot> {
+        // The slot holds plain data that every writer leaves consistent; a panic elsewhere
+        // while holding the lock does not make it unusable.
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The current generation and connection.
+    pub fn current(&self) -> (u64, Option<RedisService>) {
+        let slot = self.slot();
+        (
+            self.generation.load(Ordering::Acquire),
+            slot.connection.clone(),
+        )
+    }
+
+    /// The error for a call that finds no connection.
+    pub fn rejection(&self) -> Error {
+        let slot = self.slot();
+        if let Some(error) = &slot.config_error {
+            return error.clone();
+        }
+        if slot.failed {
+            return Error::unavailable("reconnecting gave up; call Reconnect::reconnect to retry");
+        }
+        let next = slot
+            .next_try_at
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        Error::reconnecting(slot.attempt, next)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<ConnectionState> {
+        self.state.subscribe()
+    }
+
+    pub fn stats(&self) -> ReconnectStats {
+        ReconnectStats {
+            attempts: self.attempts.load(Ordering::Relaxed),
+            successes: self.successes.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn count_initial_connect(&self) {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        self.successes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A reply came back on the connection: it is not stuck.
+    pub fn alive(&self) {
+        if self.stuck.load(Ordering::Relaxed) != 0 {
+            self.stuck.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A call was dropped before its reply came.
+    pub fn cancelled(self: &Arc<Self>, generation: u64) {
+        let threshold = self.config.stuck_after;
+        let count = self.stuck.fetch_add(1, Ordering::Relaxed) + 1;
+        if threshold > 0 && count >= threshold {
+            self.connection_lost(generation, "calls keep timing out with no reply");
+        }
+    }
+
+    /// The connection of `generation` is unusable: drop it and start the reconnect loop,
+    /// unless that connection was already replaced.
+    pub fn connection_lost(self: &Arc<Self>, generation: u64, why: &'static str) {
+        let mut slot = self.slot();
+        if self.generation.load(Ordering::Acquire) != generation || slot.connection.is_none() {
+            return;
+        }
+        slot.connection = None;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.stuck.store(0, Ordering::Relaxed);
+        tracing::warn!(
+            address = self.connector.address(),
+            reason = why,
+            "redis connection lost; reconnecting"
+        );
+        self.start_loop(&mut slot);
+    }
+
+    /// Drops the connection if there is one and starts the loop if it is not running.
+    pub fn reconnect_now(self: &Arc<Self>) {
+        let mut slot = self.slot();
+        if slot.connection.take().is_some() {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        self.start_loop(&mut slot);
+    }
+
+    fn start_loop(self: &Arc<Self>, slot: &mut Slot) {
+        if slot.looping {
+            return;
+        }
+        slot.looping = true;
+        slot.failed = false;
+        slot.attempt = 0;
+        slot.next_try_at = None;
+        self.set_state(ConnectionState::Reconnecting { attempt: 0 });
+        tokio::spawn(reconnect_loop(self.clone()));
+    }
+
+    fn set_state(&self, state: ConnectionState) {
+        self.state.send_if_modified(|current| {
+            let changed = *current != state;
+            *current = state;
+            changed
+        });
+    }
+}
+
+/// Opens a connection and runs the user's hook on it.
+pub(super) async fn open(
+    connector: &Connector,
+    config: &ReconnectConfig,
+) -> Result<RedisService, Error> {
+    let connection = connector.connect().await?;
+    if let Some(hook) = &config.on_connect {
+        hook(connection.clone()).await?;
+    }
+    Ok(connection)
+}
+
+/// The one loop that re-establishes the connection: an attempt at once, then one per
+/// backoff step. Configuration errors wait the longest delay, so a wrong password never
+/// turns into a hot loop.
+async fn reconnect_loop(shared: Arc<Shared>) {
+    let mut delays = shared.config.backoff.iter();
+    let mut attempt = 0u32;
+    loop {
+        attempt = attempt.saturating_add(1);
+        {
+            let mut slot = shared.slot();
+            slot.attempt = attempt;
+            slot.next_try_at = None;
+        }
+        shared.set_state(ConnectionState::Reconnecting { attempt });
+        shared.attempts.fetch_add(1, Ordering::Relaxed);
+        let error = match open(&shared.connector, &shared.config).await {
+            Ok(connection) => {
+                {
+                    let mut slot = shared.slot();
+                    slot.connection = Some(connection);
+                    slot.looping = false;
+                    slot.attempt = 0;
+                    slot.config_error = None;
+                    shared.generation.fetch_add(1, Ordering::AcqRel);
+                }
+                shared.stuck.store(0, Ordering::Relaxed);
+                shared.successes.fetch_add(1, Ordering::Relaxed);
+                shared.set_state(ConnectionState::Connected);
+                tracing::info!(
+                    address = shared.connector.address(),
+                    attempt,
+                    "redis connection established"
+                );
+                return;
+            }
+            Err(error) => error,
+        };
+        shared.failures.fetch_add(1, Ordering::Relaxed);
+        let slowest = shared.config.backoff.max();
+        let delay = delays
+            .next()
+            .map(|d| if error.is_config() { d.max(slowest) } else { d });
+        let Some(delay) = delay else {
+            let mut slot = shared.slot();
+            slot.looping = false;
+            slot.failed = true;
+            drop(slot);
+            shared.set_state(ConnectionState::Failed);
+            tracing::error!(address = shared.connector.address(), attempts = attempt, %error, "gave up reconnecting to redis");
+            return;
+        };
+        if error.is_config() {
+            tracing::warn!(
+                address = shared.connector.address(),
+                attempt,
+                %error,
+                retry_in = ?delay,
+                "redis rejected the connection settings or credentials; retrying at the slowest rate"
+            );
+        } else {
+            tracing::debug!(address = shared.connector.address(), attempt, %error, retry_in = ?delay, "redis connection attempt failed");
+        }
+        {
+            let mut slot = shared.slot();
+            slot.next_try_at = Some(Instant::now() + delay);
+            slot.config_error = error.is_config().then(|| error.clone());
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Pings on an interval and reports a connection that does not answer in time. Holds only
+/// a weak reference, so it ends when the last handle is dropped.
+pub(super) async fn health_check(shared: Weak<Shared>, interval: Duration, timeout: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let (generation, Some(mut connection)) = shared.current() else {
+            continue;
+        };
+        let ping = connection.call(Request::from(redis::cmd("PING")));
+        match tokio::time::timeout(timeout, ping).await {
+            Ok(Err(error)) if error.breaks_connection() => {
+                shared.connection_lost(generation, "health check PING failed")
+            }
+            Ok(_) => shared.alive(),
+            Err(_) => shared.connection_lost(generation, "health check PING timed out"),
+        }
+    }
+}

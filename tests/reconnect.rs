@@ -1,0 +1,375 @@
+//! Reconnect against real redis-server processes that are killed, restarted and paused.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use redis::Value;
+use support::{FaultProxy, RedisServer};
+use tower::{Service, ServiceExt};
+use tower_redis_resilience::{
+    Connector, Error, Request,
+    backoff::{ExponentialBackoff, Jitter},
+    reconnect::{ConnectionState, Reconnect, ReconnectConfig},
+};
+
+fn get(key: &str) -> Request {
+    Request::from(redis::cmd("GET").arg(key).to_owned())
+}
+
+async fn call(redis: &mut Reconnect, request: Request) -> Result<Value, Error> {
+    redis.ready().await?.call(request).await
+}
+
+fn connector(url: &str) -> Connector {
+    Connector::from_url(url)
+        .unwrap()
+        .connect_timeout(Duration::from_millis(200))
+}
+
+/// Runs a blocking harness operation without stalling the runtime's other tasks.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// Calls until one succeeds; returns when it did. Every failure must be immediate.
+async fn until_ok(redis: &mut Reconnect, limit: Duration) -> Instant {
+    let started = Instant::now();
+    loop {
+        let before = Instant::now();
+        let result = call(redis, get("k")).await;
+        assert!(
+            before.elapsed() < Duration::from_millis(100),
+            "a call took {:?}",
+            before.elapsed()
+        );
+        match result {
+            Ok(_) => return Instant::now(),
+            Err(err) => assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}"),
+        }
+        assert!(started.elapsed() < limit, "no success within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovers_by_itself_within_100ms_of_a_restarted_server_accepting() {
+    let mut server = RedisServer::start();
+    let mut redis = Reconnect::connect(connector(&server.url()), ReconnectConfig::default())
+        .await
+        .unwrap();
+    call(&mut redis, get("k")).await.unwrap();
+
+    server = blocking(move || {
+        server.kill();
+        server
+    })
+    .await;
+    let err = call(&mut redis, get("k")).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let err = call(&mut redis, get("k")).await.unwrap_err();
+    assert!(err.to_string().contains("reconnecting, attempt"), "{err}");
+    assert!(!err.may_have_run());
+
+    let (server, back) = blocking(move || {
+        server.restart();
+        (server, Instant::now())
+    })
+    .await;
+    let first_success = until_ok(&mut redis, Duration::from_secs(2)).await;
+    let recovery = first_success.duration_since(back);
+    assert!(
+        recovery < Duration::from_millis(100),
+        "recovered {recovery:?} after the server was back"
+    );
+    assert_eq!(*redis.state().borrow(), ConnectionState::Connected);
+    assert_eq!(redis.stats().successes, 2, "{:?}", redis.stats());
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_connection_to_a_paused_server_is_replaced_after_resume() {
+    let server = RedisServer::start();
+    let mut redis = Reconnect::connect(connector(&server.url()), ReconnectConfig::default())
+        .await
+        .unwrap();
+    call(&mut redis, get("k")).await.unwrap();
+    let deadline = Duration::from_millis(100);
+    let grace = Duration::from_millis(50);
+
+    server.pause();
+    // The outer deadline drops each call; three in a row mark the connection stuck.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(deadline, call(&mut redis, get("k"))).await;
+        assert!(outcome.is_err(), "a paused server cannot answer");
+        assert!(started.elapsed() < deadline + grace);
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(matches!(
+        *redis.state().borrow(),
+        ConnectionState::Reconnecting { .. }
+    ));
+    // While the paused server cannot complete a handshake, calls fail fast.
+    for _ in 0..5 {
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(deadline, call(&mut redis, get("k"))).await;
+        let err = outcome.expect("fails fast instead of waiting").unwrap_err();
+        assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+        assert!(started.elapsed() < deadline + grace);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+
+    server.resume();
+    until_ok(&mut redis, Duration::from_secs(3)).await;
+    assert!(redis.stats().successes >= 2, "{:?}", redis.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_tasks_through_a_three_second_outage() {
+    let mut server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port()).await;
+    // Equal jitter so the fewest possible delays give a firm upper bound on attempts.
+    let config = ReconnectConfig::default().backoff(
+        ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
+            .jitter(Jitter::Equal)
+            .fast_phase(Duration::from_millis(25), Duration::from_secs(2)),
+    );
+    let redis = Reconnect::connect(connector(&proxy.url()), config)
+        .await
+        .unwrap();
+    let bound = Duration::from_millis(200);
+    let slowest = Arc::new(AtomicU64::new(0));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = Instant::now() + Duration::from_millis(4500);
+
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let mut redis = redis.clone();
+            let (slowest, ok, failed) = (slowest.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                while Instant::now() < stop {
+                    let started = Instant::now();
+                    match tokio::time::timeout(bound, call(&mut redis, get("k"))).await {
+                        Ok(Ok(_)) => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    slowest.fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = proxy.connections();
+    server = blocking(move || {
+        server.kill();
+        server
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = proxy.connections() - before;
+    let attempts_during = redis.stats().attempts - 1;
+    server = blocking(move || {
+        server.restart();
+        server
+    })
+    .await;
+    for task in tasks {
+        task.await.expect("no task panicked");
+    }
+
+    let slowest = Duration::from_micros(slowest.load(Ordering::Relaxed));
+    assert!(
+        slowest < bound + Duration::from_millis(50),
+        "a call took {slowest:?}"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 0 && failed.load(Ordering::Relaxed) > 0);
+    // One loop for all 64 tasks: the proxy saw exactly the loop's attempts, and no more
+    // than the schedule allows in 3 s (fast phase: 2 s at >= 12.5 ms, then >= 25, 50,
+    // 100, 200, 400 ms): 160 + 5, plus slack for the attempt in flight.
+    assert!(
+        during.abs_diff(attempts_during) <= 1,
+        "proxy saw {during}, loop made {attempts_during}"
+    );
+    assert!(during <= 170, "{during} connection attempts in 3 s");
+    // The restarted server counts from zero: one connection shared by all 64 tasks, plus
+    // the one this INFO comes over.
+    let connections = server.info_field("total_connections_received");
+    assert_eq!(connections, "2", "64 tasks must share one new connection");
+    assert_eq!(*redis.state().borrow(), ConnectionState::Connected);
+}
+
+#[tokio::test]
+async fn wrong_password_fails_calls_with_the_reason_at_a_bounded_attempt_rate() {
+    let server = RedisServer::config().password("right").start();
+    let url = format!("redis://:wrong@127.0.0.1:{}", server.port());
+    let config = ReconnectConfig::default().backoff(ExponentialBackoff::new(
+        Duration::from_millis(10),
+        Duration::from_millis(300),
+    ));
+    let mut redis = Reconnect::lazy(connector(&url), config).unwrap();
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let stats = redis.stats();
+    // Attempts at 0 ms, then every 300 ms: at most 4 in one second.
+    assert!(stats.attempts <= 4 && stats.attempts >= 2, "{stats:?}");
+    assert_eq!(stats.successes, 0);
+    let err = call(&mut redis, get("k")).await.unwrap_err();
+    assert!(err.is_config(), "{err:?}");
+    assert!(!err.may_have_run());
+    assert!(err.to_string().contains("authentication failed"), "{err}");
+    assert!(
+        !format!("{err} {err:?} {redis:?}").contains("wrong@"),
+        "password shown"
+    );
+}
+
+#[tokio::test]
+async fn lazy_start_with_no_server_comes_up_by_itself() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    server.kill();
+
+    let mut redis = Reconnect::lazy(connector(&url), ReconnectConfig::default()).unwrap();
+    let err = call(&mut redis, get("k")).await.unwrap_err();
+    assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+    assert!(
+        Reconnect::connect(connector(&url), ReconnectConfig::default())
+            .await
+            .is_err(),
+        "eager start reports the error"
+    );
+
+    server.restart();
+    let mut state = redis.state();
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        state.wait_for(|s| *s == ConnectionState::Connected),
+    )
+    .await
+    .expect("connected by itself")
+    .unwrap();
+    assert_eq!(call(&mut redis, get("k")).await.unwrap(), Value::Nil);
+}
+
+#[tokio::test]
+async fn health_check_finds_a_stalled_server_without_user_traffic() {
+    let server = RedisServer::start();
+    let config = ReconnectConfig::default()
+        .health_check(Duration::from_millis(100), Duration::from_millis(50));
+    let mut redis = Reconnect::connect(connector(&server.url()), config)
+        .await
+        .unwrap();
+    let mut state = redis.state();
+
+    server.pause();
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        state.wait_for(|s| *s != ConnectionState::Connected),
+    )
+    .await
+    .expect("the health check noticed")
+    .unwrap();
+    server.resume();
+    tokio::time::timeout(
+        Duration::from_secs(3),
+        state.wait_for(|s| *s == ConnectionState::Connected),
+    )
+    .await
+    .expect("reconnected after resume")
+    .unwrap();
+    call(&mut redis, get("k")).await.unwrap();
+}
+
+#[tokio::test]
+async fn on_connect_hook_runs_on_every_new_connection() {
+    let server = RedisServer::start();
+    let runs = Arc::new(AtomicU64::new(0));
+    let counter = runs.clone();
+    let config = ReconnectConfig::default().on_connect(move |mut redis| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let setname =
+                Request::from(redis::cmd("CLIENT").arg("SETNAME").arg("hooked").to_owned());
+            redis.ready().await?.call(setname).await.map(|_| ())
+        }
+    });
+    let mut redis = Reconnect::connect(connector(&server.url()), config)
+        .await
+        .unwrap();
+    let name = call(
+        &mut redis,
+        Request::from(redis::cmd("CLIENT").arg("GETNAME").to_owned()),
+    )
+    .await;
+    assert_eq!(name.unwrap(), Value::BulkString(b"hooked".to_vec()));
+
+    redis.reconnect();
+    let mut state = redis.state();
+    state
+        .wait_for(|s| *s == ConnectionState::Connected)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    let name = call(
+        &mut redis,
+        Request::from(redis::cmd("CLIENT").arg("GETNAME").to_owned()),
+    )
+    .await;
+    assert_eq!(name.unwrap(), Value::BulkString(b"hooked".to_vec()));
+}
+
+#[tokio::test]
+async fn failing_hook_fails_the_attempt() {
+    let server = RedisServer::start();
+    let config = ReconnectConfig::default()
+        .on_connect(|_| async { Err(Error::unavailable("hook says no")) });
+    let err = Reconnect::connect(connector(&server.url()), config)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("hook says no"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_wait_lets_calls_wait_for_the_connection_but_never_longer() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    server.kill();
+    let config = ReconnectConfig::default().max_wait(Duration::from_millis(150));
+    let mut redis = Reconnect::lazy(connector(&url), config).unwrap();
+
+    let started = Instant::now();
+    let err = call(&mut redis, get("k")).await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        waited >= Duration::from_millis(140) && waited < Duration::from_millis(250),
+        "{waited:?}"
+    );
+
+    let patient = ReconnectConfig::default().max_wait(Duration::from_secs(3));
+    let mut patient = Reconnect::lazy(connector(&url), patient).unwrap();
+    let pending = tokio::spawn(async move { call(&mut patient, get("k")).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let _server = blocking(move || {
+        server.restart();
+        server
+    })
+    .await;
+    assert_eq!(
+        pending.await.unwrap().unwrap(),
+        Value::Nil,
+        "the waiting call was served"
+    );
+}
