@@ -433,7 +433,10 @@ impl fmt::Display for Error {
             Detail::Reconnecting {
                 attempt,
                 next_try_in: Some(next),
-            } => write!(f, ": reconnecting, attempt {attempt}, next try in {next:?}"),
+            } => write!(
+                f,
+                ": reconnecting, attempt {attempt} failed, next in {next:?}"
+            ),
             Detail::Reconnecting { attempt, .. } => {
                 write!(f, ": reconnecting, attempt {attempt} in progress")
             }

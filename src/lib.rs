@@ -36,6 +36,7 @@ mod connect;
 mod error;
 pub mod reconnect;
 mod request;
+pub mod retry;
 mod service;
 
 pub use client::Client;

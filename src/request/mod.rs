@@ -6,6 +6,8 @@ mod table;
 
 pub use info::{Blocking, CommandInfo, PIPELINE, TRANSACTION, UNKNOWN_COMMAND};
 
+use std::sync::Arc;
+
 use redis::{Cmd, Pipeline};
 
 /// One request for Redis: a [`Cmd`] or a [`Pipeline`] (plain or `.atomic()`), with its
@@ -34,10 +36,12 @@ pub struct Request {
     info: CommandInfo,
 }
 
+/// Shared, so cloning a request for a possible retry costs a reference count, not a copy
+/// of the command's buffers.
 #[derive(Debug, Clone)]
 pub(crate) enum Body {
-    Cmd(Cmd),
-    Pipeline(Pipeline),
+    Cmd(Arc<Cmd>),
+    Pipeline(Arc<Pipeline>),
 }
 
 impl Request {
@@ -71,7 +75,7 @@ impl From<Cmd> for Request {
     fn from(cmd: Cmd) -> Self {
         Request {
             info: CommandInfo::of_cmd(&cmd),
-            body: Body::Cmd(cmd),
+            body: Body::Cmd(Arc::new(cmd)),
         }
     }
 }
@@ -86,7 +90,7 @@ impl From<Pipeline> for Request {
     fn from(pipeline: Pipeline) -> Self {
         Request {
             info: CommandInfo::of_pipeline(&pipeline),
-            body: Body::Pipeline(pipeline),
+            body: Body::Pipeline(Arc::new(pipeline)),
         }
     }
 }
