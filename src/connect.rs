@@ -1,12 +1,45 @@
 //! How to reach Redis: where, with which credentials, within which connect timeout.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{fmt, future::Future, sync::Arc, time::Duration};
 
 use redis::{
     AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, aio::MultiplexedConnection,
 };
 
-use crate::{Error, service::RedisService};
+use redis::Value;
+use tower::Service;
+
+use crate::{Error, Request, service::RedisService};
+
+/// Opens connections for [`Reconnect`](crate::reconnect::Reconnect): [`Connector`] opens
+/// [`RedisService`]s; implement it to find Redis another way (ask Sentinel for the
+/// current master, say) or to put an in-memory service under the stack in tests.
+pub trait MakeConnection: Send + Sync + 'static {
+    /// The service over one connection.
+    type Connection: Service<Request, Response = Value, Error = Error, Future: Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static;
+
+    /// Opens one connection, within whatever deadline the implementation sets.
+    fn connect(&self) -> impl Future<Output = Result<Self::Connection, Error>> + Send;
+
+    /// Where it connects, for logs: no credentials.
+    fn address(&self) -> &str;
+}
+
+impl MakeConnection for Connector {
+    type Connection = RedisService;
+
+    fn connect(&self) -> impl Future<Output = Result<RedisService, Error>> + Send {
+        Connector::connect(self)
+    }
+
+    fn address(&self) -> &str {
+        Connector::address(self)
+    }
+}
 
 /// The connect timeout used unless [`Connector::connect_timeout`] sets another.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);

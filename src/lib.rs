@@ -40,7 +40,7 @@ pub mod retry;
 mod service;
 
 pub use client::Client;
-pub use connect::{Connector, DEFAULT_CONNECT_TIMEOUT};
+pub use connect::{Connector, DEFAULT_CONNECT_TIMEOUT, MakeConnection};
 pub use error::Error;
 pub use request::{Blocking, CommandInfo, PIPELINE, Request, TRANSACTION, UNKNOWN_COMMAND};
 pub use service::{RedisService, ResponseFuture};

@@ -122,7 +122,7 @@ async fn incr_counts_add_up_through_a_kill_and_restart() {
     let connector = Connector::from_url(&server.url())
         .unwrap()
         .connect_timeout(Duration::from_millis(200));
-    let reconnect = Reconnect::connect(connector, ReconnectConfig::default())
+    let reconnect = Reconnect::connect(connector, ReconnectConfig::new())
         .await
         .unwrap();
     let record = Arc::new(Record::default());

@@ -61,7 +61,7 @@ async fn until_ok(redis: &mut Reconnect, limit: Duration) -> Instant {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_by_itself_within_100ms_of_a_restarted_server_accepting() {
     let mut server = RedisServer::start();
-    let mut redis = Reconnect::connect(connector(&server.url()), ReconnectConfig::default())
+    let mut redis = Reconnect::connect(connector(&server.url()), ReconnectConfig::new())
         .await
         .unwrap();
     call(&mut redis, get("k")).await.unwrap();
@@ -97,7 +97,7 @@ async fn recovers_by_itself_within_100ms_of_a_restarted_server_accepting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_connection_to_a_paused_server_is_replaced_after_resume() {
     let server = RedisServer::start();
-    let mut redis = Reconnect::connect(connector(&server.url()), ReconnectConfig::default())
+    let mut redis = Reconnect::connect(connector(&server.url()), ReconnectConfig::new())
         .await
         .unwrap();
     call(&mut redis, get("k")).await.unwrap();
@@ -137,7 +137,7 @@ async fn sixty_four_tasks_through_a_three_second_outage() {
     let mut server = RedisServer::start();
     let proxy = FaultProxy::start(server.port()).await;
     // Equal jitter so the fewest possible delays give a firm upper bound on attempts.
-    let config = ReconnectConfig::default().backoff(
+    let config = ReconnectConfig::new().backoff(
         ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
             .jitter(Jitter::Equal)
             .fast_phase(Duration::from_millis(25), Duration::from_secs(2)),
@@ -212,7 +212,7 @@ async fn sixty_four_tasks_through_a_three_second_outage() {
 async fn wrong_password_fails_calls_with_the_reason_at_a_bounded_attempt_rate() {
     let server = RedisServer::config().password("right").start();
     let url = format!("redis://:wrong@127.0.0.1:{}", server.port());
-    let config = ReconnectConfig::default().backoff(ExponentialBackoff::new(
+    let config = ReconnectConfig::new().backoff(ExponentialBackoff::new(
         Duration::from_millis(10),
         Duration::from_millis(300),
     ));
@@ -239,11 +239,11 @@ async fn lazy_start_with_no_server_comes_up_by_itself() {
     let url = server.url();
     server.kill();
 
-    let mut redis = Reconnect::lazy(connector(&url), ReconnectConfig::default()).unwrap();
+    let mut redis = Reconnect::lazy(connector(&url), ReconnectConfig::new()).unwrap();
     let err = call(&mut redis, get("k")).await.unwrap_err();
     assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
     assert!(
-        Reconnect::connect(connector(&url), ReconnectConfig::default())
+        Reconnect::connect(connector(&url), ReconnectConfig::new())
             .await
             .is_err(),
         "eager start reports the error"
@@ -264,8 +264,8 @@ async fn lazy_start_with_no_server_comes_up_by_itself() {
 #[tokio::test]
 async fn health_check_finds_a_stalled_server_without_user_traffic() {
     let server = RedisServer::start();
-    let config = ReconnectConfig::default()
-        .health_check(Duration::from_millis(100), Duration::from_millis(50));
+    let config =
+        ReconnectConfig::new().health_check(Duration::from_millis(100), Duration::from_millis(50));
     let mut redis = Reconnect::connect(connector(&server.url()), config)
         .await
         .unwrap();
@@ -295,7 +295,7 @@ async fn on_connect_hook_runs_on_every_new_connection() {
     let server = RedisServer::start();
     let runs = Arc::new(AtomicU64::new(0));
     let counter = runs.clone();
-    let config = ReconnectConfig::default().on_connect(move |mut redis| {
+    let config = ReconnectConfig::new().on_connect(move |mut redis| {
         let counter = counter.clone();
         async move {
             counter.fetch_add(1, Ordering::SeqCst);
@@ -333,8 +333,8 @@ async fn on_connect_hook_runs_on_every_new_connection() {
 #[tokio::test]
 async fn failing_hook_fails_the_attempt() {
     let server = RedisServer::start();
-    let config = ReconnectConfig::default()
-        .on_connect(|_| async { Err(Error::unavailable("hook says no")) });
+    let config =
+        ReconnectConfig::new().on_connect(|_| async { Err(Error::unavailable("hook says no")) });
     let err = Reconnect::connect(connector(&server.url()), config)
         .await
         .unwrap_err();
@@ -346,7 +346,7 @@ async fn max_wait_lets_calls_wait_for_the_connection_but_never_longer() {
     let mut server = RedisServer::start();
     let url = server.url();
     server.kill();
-    let config = ReconnectConfig::default().max_wait(Duration::from_millis(150));
+    let config = ReconnectConfig::new().max_wait(Duration::from_millis(150));
     let mut redis = Reconnect::lazy(connector(&url), config).unwrap();
 
     let started = Instant::now();
@@ -358,7 +358,7 @@ async fn max_wait_lets_calls_wait_for_the_connection_but_never_longer() {
         "{waited:?}"
     );
 
-    let patient = ReconnectConfig::default().max_wait(Duration::from_secs(3));
+    let patient = ReconnectConfig::new().max_wait(Duration::from_secs(3));
     let mut patient = Reconnect::lazy(connector(&url), patient).unwrap();
     let pending = tokio::spawn(async move { call(&mut patient, get("k")).await });
     tokio::time::sleep(Duration::from_millis(20)).await;

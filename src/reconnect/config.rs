@@ -2,9 +2,8 @@ use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use crate::{Error, RedisService, backoff::ExponentialBackoff};
 
-type OnConnect = Arc<
-    dyn Fn(RedisService) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> + Send + Sync,
->;
+type OnConnect<S> =
+    Arc<dyn Fn(S) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> + Send + Sync>;
 
 /// How [`Reconnect`](super::Reconnect) behaves when the connection is lost.
 ///
@@ -18,7 +17,7 @@ type OnConnect = Arc<
 /// use std::time::Duration;
 /// use tower_redis_resilience::{backoff::ExponentialBackoff, reconnect::ReconnectConfig};
 ///
-/// let config = ReconnectConfig::default()
+/// let config = ReconnectConfig::new()
 ///     .backoff(ExponentialBackoff::new(Duration::from_millis(25), Duration::from_secs(1)))
 ///     .max_wait(Duration::from_millis(50))
 ///     .health_check(Duration::from_secs(1), Duration::from_millis(250))
@@ -29,17 +28,31 @@ type OnConnect = Arc<
 ///     });
 /// # let _ = config;
 /// ```
-#[derive(Clone)]
+///
+/// `S` is the connection's service: [`RedisService`] unless a custom
+/// [`MakeConnection`](crate::MakeConnection) opens something else.
 #[must_use]
-pub struct ReconnectConfig {
+pub struct ReconnectConfig<S = RedisService> {
     pub(super) backoff: ExponentialBackoff,
     pub(super) stuck_after: u32,
     pub(super) max_wait: Duration,
     pub(super) health_check: Option<(Duration, Duration)>,
-    pub(super) on_connect: Option<OnConnect>,
+    pub(super) on_connect: Option<OnConnect<S>>,
 }
 
-impl Default for ReconnectConfig {
+impl<S> Clone for ReconnectConfig<S> {
+    fn clone(&self) -> Self {
+        ReconnectConfig {
+            backoff: self.backoff.clone(),
+            stuck_after: self.stuck_after,
+            max_wait: self.max_wait,
+            health_check: self.health_check,
+            on_connect: self.on_connect.clone(),
+        }
+    }
+}
+
+impl<S> Default for ReconnectConfig<S> {
     fn default() -> Self {
         ReconnectConfig {
             backoff: ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
@@ -52,7 +65,15 @@ impl Default for ReconnectConfig {
     }
 }
 
-impl ReconnectConfig {
+impl ReconnectConfig<RedisService> {
+    /// The defaults, for connections opened by a [`Connector`](crate::Connector). (With a
+    /// custom [`MakeConnection`](crate::MakeConnection), use `ReconnectConfig::default()`.)
+    pub fn new() -> Self {
+        ReconnectConfig::default()
+    }
+}
+
+impl<S> ReconnectConfig<S> {
     /// The schedule of delays between connection attempts. A fresh schedule starts with
     /// each outage; when it ends (`max_attempts`, `max_elapsed`) the state becomes
     /// [`Failed`](super::ConnectionState::Failed).
@@ -90,7 +111,7 @@ impl ReconnectConfig {
     /// failed.
     pub fn on_connect<F, Fut>(mut self, hook: F) -> Self
     where
-        F: Fn(RedisService) -> Fut + Send + Sync + 'static,
+        F: Fn(S) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), Error>> + Send + 'static,
     {
         self.on_connect = Some(Arc::new(move |redis| Box::pin(hook(redis))));
@@ -98,7 +119,7 @@ impl ReconnectConfig {
     }
 }
 
-impl fmt::Debug for ReconnectConfig {
+impl<S> fmt::Debug for ReconnectConfig<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReconnectConfig")
             .field("backoff", &self.backoff)

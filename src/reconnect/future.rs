@@ -9,22 +9,22 @@ use pin_project::pin_project;
 use redis::Value;
 
 use super::shared::Shared;
-use crate::{Error, service};
+use crate::{Error, MakeConnection};
 
-/// The future of [`Reconnect`](super::Reconnect).
+/// The future of [`Reconnect`](super::Reconnect): the connection's future `F`, watched.
 #[pin_project]
 #[must_use = "futures do nothing unless polled"]
-pub struct ResponseFuture {
+pub struct ResponseFuture<F, M: MakeConnection> {
     #[pin]
-    kind: Kind,
+    kind: Kind<F, M>,
 }
 
 #[pin_project(project = KindProj)]
-enum Kind {
+enum Kind<F, M: MakeConnection> {
     Call {
         #[pin]
-        inner: service::ResponseFuture,
-        tracker: Tracker,
+        inner: F,
+        tracker: Tracker<M>,
     },
     Rejected {
         error: Option<Error>,
@@ -34,8 +34,8 @@ enum Kind {
     },
 }
 
-impl ResponseFuture {
-    pub(super) fn call(inner: service::ResponseFuture, tracker: Tracker) -> Self {
+impl<F, M: MakeConnection> ResponseFuture<F, M> {
+    pub(super) fn call(inner: F, tracker: Tracker<M>) -> Self {
         ResponseFuture {
             kind: Kind::Call { inner, tracker },
         }
@@ -56,7 +56,11 @@ impl ResponseFuture {
     }
 }
 
-impl Future for ResponseFuture {
+impl<F, M> Future for ResponseFuture<F, M>
+where
+    F: Future<Output = Result<Value, Error>>,
+    M: MakeConnection,
+{
     type Output = Result<Value, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -74,7 +78,7 @@ impl Future for ResponseFuture {
     }
 }
 
-impl std::fmt::Debug for ResponseFuture {
+impl<F, M: MakeConnection> std::fmt::Debug for ResponseFuture<F, M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
@@ -83,16 +87,16 @@ impl std::fmt::Debug for ResponseFuture {
 /// Reports how a call on a connection ended: a reply proves the connection alive, a
 /// broken connection starts the reconnect loop, and a call dropped before its reply (an
 /// outer timeout gave up on it) is evidence the connection may be stuck.
-pub(super) struct Tracker {
-    shared: Arc<Shared>,
+pub(super) struct Tracker<M: MakeConnection> {
+    shared: Arc<Shared<M>>,
     generation: u64,
     /// Blocking commands are expected to go quiet; their cancellation proves nothing.
     counts_cancellation: bool,
     done: bool,
 }
 
-impl Tracker {
-    pub fn new(shared: Arc<Shared>, generation: u64, counts_cancellation: bool) -> Self {
+impl<M: MakeConnection> Tracker<M> {
+    pub fn new(shared: Arc<Shared<M>>, generation: u64, counts_cancellation: bool) -> Self {
         Tracker {
             shared,
             generation,
@@ -112,7 +116,7 @@ impl Tracker {
     }
 }
 
-impl Drop for Tracker {
+impl<M: MakeConnection> Drop for Tracker<M> {
     fn drop(&mut self) {
         if !self.done && self.counts_cancellation {
             self.shared.cancelled(self.generation);

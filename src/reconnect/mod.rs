@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tower::Service;
 
 use self::{future::Tracker, shared::Shared};
-use crate::{Connector, Error, RedisService, Request};
+use crate::{Connector, Error, MakeConnection, Request};
 
 /// Where the connection of a [`Reconnect`] stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +76,7 @@ pub struct ReconnectStats {
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let connector = Connector::from_url("redis://127.0.0.1:6379")?;
 /// // Start even if Redis is down; calls fail fast until it is reachable.
-/// let redis = Reconnect::lazy(connector, ReconnectConfig::default())?;
+/// let redis = Reconnect::lazy(connector, ReconnectConfig::new())?;
 /// let mut state = redis.state();
 /// tokio::spawn(async move {
 ///     while state.changed().await.is_ok() {
@@ -86,16 +86,31 @@ pub struct ReconnectStats {
 /// let client = Client::new(redis);
 /// # let _ = client; Ok(()) }
 /// ```
-#[derive(Clone)]
-pub struct Reconnect {
-    shared: Arc<Shared>,
+///
+/// `M` says how to open a connection: a [`Connector`] unless you bring your own
+/// [`MakeConnection`].
+pub struct Reconnect<M: MakeConnection = Connector> {
+    shared: Arc<Shared<M>>,
     cached_generation: u64,
-    cached: Option<RedisService>,
+    cached: Option<M::Connection>,
 }
 
-impl Reconnect {
+impl<M: MakeConnection> Clone for Reconnect<M> {
+    fn clone(&self) -> Self {
+        Reconnect {
+            shared: self.shared.clone(),
+            cached_generation: self.cached_generation,
+            cached: self.cached.clone(),
+        }
+    }
+}
+
+impl<M: MakeConnection> Reconnect<M> {
     /// Connects now and returns the error if that fails (eager start).
-    pub async fn connect(connector: Connector, config: ReconnectConfig) -> Result<Self, Error> {
+    pub async fn connect(
+        connector: M,
+        config: ReconnectConfig<M::Connection>,
+    ) -> Result<Self, Error> {
         require_runtime()?;
         let connection = shared::open(&connector, &config).await?;
         let shared = Shared::new(connector, config, Some(connection));
@@ -105,14 +120,14 @@ impl Reconnect {
 
     /// Returns at once and connects in the background (lazy start): calls fail as
     /// unavailable until the first connection is up. Needs a tokio runtime.
-    pub fn lazy(connector: Connector, config: ReconnectConfig) -> Result<Self, Error> {
+    pub fn lazy(connector: M, config: ReconnectConfig<M::Connection>) -> Result<Self, Error> {
         require_runtime()?;
         let shared = Shared::new(connector, config, None);
         shared.reconnect_now();
         Ok(Reconnect::start(shared))
     }
 
-    fn start(shared: Arc<Shared>) -> Self {
+    fn start(shared: Arc<Shared<M>>) -> Self {
         if let Some((interval, timeout)) = shared.config.health_check {
             tokio::spawn(shared::health_check(
                 Arc::downgrade(&shared),
@@ -155,17 +170,17 @@ fn require_runtime() -> Result<(), Error> {
         .map_err(|_| Error::config("Reconnect needs to be created inside a tokio runtime"))
 }
 
-impl Service<Request> for Reconnect {
+impl<M: MakeConnection> Service<Request> for Reconnect<M> {
     type Response = Value;
     type Error = Error;
-    type Future = ResponseFuture;
+    type Future = ResponseFuture<<M::Connection as Service<Request>>::Future, M>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         // Rejections while reconnecting come from `call`, so readiness never blocks.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request) -> ResponseFuture {
+    fn call(&mut self, request: Request) -> Self::Future {
         if self.shared.generation.load(Ordering::Acquire) != self.cached_generation {
             (self.cached_generation, self.cached) = self.shared.current();
         }
@@ -188,7 +203,10 @@ impl Service<Request> for Reconnect {
 }
 
 /// Waits up to `max_wait` for a connection, then calls on it.
-async fn wait_then_call(shared: Arc<Shared>, request: Request) -> Result<Value, Error> {
+async fn wait_then_call<M: MakeConnection>(
+    shared: Arc<Shared<M>>,
+    request: Request,
+) -> Result<Value, Error> {
     let name = request.info().name();
     let counts_cancellation = !request.info().is_blocking();
     let deadline = tokio::time::Instant::now() + shared.config.max_wait;
@@ -199,7 +217,10 @@ async fn wait_then_call(shared: Arc<Shared>, request: Request) -> Result<Value, 
         let failed = *state.borrow_and_update() == ConnectionState::Failed;
         if let (generation, Some(mut connection)) = shared.current() {
             let mut tracker = Tracker::new(shared.clone(), generation, counts_cancellation);
-            let result = connection.call(request).await;
+            let result = match std::future::poll_fn(|cx| connection.poll_ready(cx)).await {
+                Ok(()) => connection.call(request).await,
+                Err(error) => Err(error),
+            };
             tracker.finish(&result);
             return result;
         }
@@ -213,7 +234,7 @@ async fn wait_then_call(shared: Arc<Shared>, request: Request) -> Result<Value, 
     }
 }
 
-impl fmt::Debug for Reconnect {
+impl<M: MakeConnection> fmt::Debug for Reconnect<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reconnect")
             .field("address", &self.shared.connector.address())

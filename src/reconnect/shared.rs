@@ -12,26 +12,27 @@ use tokio::{sync::watch, time::Instant};
 use tower::Service;
 
 use super::{ConnectionState, ReconnectConfig, ReconnectStats};
-use crate::{Connector, Error, RedisService, Request};
+use crate::{Error, MakeConnection, Request};
 
-pub(super) struct Shared {
-    pub connector: Connector,
-    pub config: ReconnectConfig,
+type Connection<M> = <M as MakeConnection>::Connection;
+
+pub(super) struct Shared<M: MakeConnection> {
+    pub connector: M,
+    pub config: ReconnectConfig<Connection<M>>,
     /// Bumped (under the slot lock) whenever the connection is lost or replaced, so a
     /// handle refreshes its cached connection with one atomic load per call.
     pub generation: AtomicU64,
     /// Calls cancelled in a row with no reply in between.
     stuck: AtomicU32,
-    slot: Mutex<Slot>,
+    slot: Mutex<Slot<Connection<M>>>,
     state: watch::Sender<ConnectionState>,
     attempts: AtomicU64,
     successes: AtomicU64,
     failures: AtomicU64,
 }
 
-#[derive(Default)]
-struct Slot {
-    connection: Option<RedisService>,
+struct Slot<C> {
+    connection: Option<C>,
     looping: bool,
     failed: bool,
     attempt: u32,
@@ -41,12 +42,12 @@ struct Slot {
     config_error: Option<Error>,
 }
 
-impl Shared {
+impl<M: MakeConnection> Shared<M> {
     pub fn new(
-        connector: Connector,
-        config: ReconnectConfig,
-        connection: Option<RedisService>,
-    ) -> Arc<Shared> {
+        connector: M,
+        config: ReconnectConfig<Connection<M>>,
+        connection: Option<Connection<M>>,
+    ) -> Arc<Self> {
         let state = match connection {
             Some(_) => ConnectionState::Connected,
             None => ConnectionState::Reconnecting { attempt: 0 },
@@ -58,7 +59,11 @@ impl Shared {
             stuck: AtomicU32::new(0),
             slot: Mutex::new(Slot {
                 connection,
-                ..Slot::default()
+                looping: false,
+                failed: false,
+                attempt: 0,
+                next_try_at: None,
+                config_error: None,
             }),
             state: watch::Sender::new(state),
             attempts: AtomicU64::new(0),
@@ -67,14 +72,14 @@ impl Shared {
         })
     }
 
-    fn slot(&self) -> MutexGuard<'_, Slot> {
+    fn slot(&self) -> MutexGuard<'_, Slot<Connection<M>>> {
         // The slot holds plain data that every writer leaves consistent; a panic elsewhere
         // while holding the lock does not make it unusable.
         self.slot.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The current generation and connection.
-    pub fn current(&self) -> (u64, Option<RedisService>) {
+    pub fn current(&self) -> (u64, Option<Connection<M>>) {
         let slot = self.slot();
         (
             self.generation.load(Ordering::Acquire),
@@ -157,7 +162,7 @@ impl Shared {
         self.start_loop(&mut slot);
     }
 
-    fn start_loop(self: &Arc<Self>, slot: &mut Slot) {
+    fn start_loop(self: &Arc<Self>, slot: &mut Slot<Connection<M>>) {
         if slot.looping {
             return;
         }
@@ -179,10 +184,10 @@ impl Shared {
 }
 
 /// Opens a connection and runs the user's hook on it.
-pub(super) async fn open(
-    connector: &Connector,
-    config: &ReconnectConfig,
-) -> Result<RedisService, Error> {
+pub(super) async fn open<M: MakeConnection>(
+    connector: &M,
+    config: &ReconnectConfig<Connection<M>>,
+) -> Result<Connection<M>, Error> {
     let connection = connector.connect().await?;
     if let Some(hook) = &config.on_connect {
         hook(connection.clone()).await?;
@@ -193,7 +198,7 @@ pub(super) async fn open(
 /// The one loop that re-establishes the connection: an attempt at once, then one per
 /// backoff step. Configuration errors wait the longest delay, so a wrong password never
 /// turns into a hot loop.
-async fn reconnect_loop(shared: Arc<Shared>) {
+async fn reconnect_loop<M: MakeConnection>(shared: Arc<Shared<M>>) {
     let mut delays = shared.config.backoff.iter();
     let mut attempt = 0u32;
     loop {
@@ -263,7 +268,11 @@ async fn reconnect_loop(shared: Arc<Shared>) {
 
 /// Pings on an interval and reports a connection that does not answer in time. Holds only
 /// a weak reference, so it ends when the last handle is dropped.
-pub(super) async fn health_check(shared: Weak<Shared>, interval: Duration, timeout: Duration) {
+pub(super) async fn health_check<M: MakeConnection>(
+    shared: Weak<Shared<M>>,
+    interval: Duration,
+    timeout: Duration,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -275,7 +284,10 @@ pub(super) async fn health_check(shared: Weak<Shared>, interval: Duration, timeo
         let (generation, Some(mut connection)) = shared.current() else {
             continue;
         };
-        let ping = connection.call(Request::from(redis::cmd("PING")));
+        let ping = async {
+            std::future::poll_fn(|cx| connection.poll_ready(cx)).await?;
+            connection.call(Request::from(redis::cmd("PING"))).await
+        };
         match tokio::time::timeout(timeout, ping).await {
             Ok(Err(error)) if error.breaks_connection() => {
                 shared.connection_lost(generation, "health check PING failed")

@@ -35,7 +35,7 @@ pub type Retry<S> = tower::retry::Retry<RetryPolicy, S>;
 /// use tower_redis_resilience::{Connector, reconnect::{Reconnect, ReconnectConfig}, retry::RetryLayer};
 ///
 /// # async fn run() -> Result<(), tower_redis_resilience::Error> {
-/// let redis = Reconnect::lazy(Connector::from_url("redis://127.0.0.1:6379")?, ReconnectConfig::default())?;
+/// let redis = Reconnect::lazy(Connector::from_url("redis://127.0.0.1:6379")?, ReconnectConfig::new())?;
 /// let stack = ServiceBuilder::new().layer(RetryLayer::default()).service(redis);
 /// # let _ = stack; Ok(()) }
 /// ```
