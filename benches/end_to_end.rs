@@ -15,8 +15,13 @@ use futures::future::join_all;
 use redis::{AsyncCommands, AsyncConnectionConfig, aio::MultiplexedConnection};
 use support::RedisServer;
 use tokio::runtime::{Builder, Runtime};
+use tower::Layer;
 use tower::{Service, ServiceExt};
-use tower_redis_resilience::{Client, RedisService, Request};
+use tower_redis_resilience::{
+    Client, Connector, RedisService, Request,
+    reconnect::{Reconnect, ReconnectConfig},
+    retry::{Retry, RetryLayer},
+};
 
 const IN_FLIGHT: usize = 64;
 const PER_WORKER: usize = 20;
@@ -27,6 +32,8 @@ enum Variant {
     Raw(MultiplexedConnection),
     Leaf(RedisService),
     Client(Client<RedisService>),
+    Reconnect(Reconnect),
+    RetryReconnect(Retry<Reconnect>),
 }
 
 impl Variant {
@@ -35,6 +42,8 @@ impl Variant {
             Variant::Raw(_) => "raw redis-rs MultiplexedConnection",
             Variant::Leaf(_) => "RedisService",
             Variant::Client(_) => "Client<RedisService>",
+            Variant::Reconnect(_) => "Reconnect",
+            Variant::RetryReconnect(_) => "Retry<Reconnect>",
         }
     }
 
@@ -49,6 +58,16 @@ impl Variant {
                     redis::from_redis_value(reply).unwrap()
                 }
                 Variant::Client(client) => client.get("bench:key").await.unwrap(),
+                Variant::Reconnect(service) => {
+                    let request = Request::from(redis::cmd("GET").arg("bench:key").to_owned());
+                    let reply = service.ready().await.unwrap().call(request).await.unwrap();
+                    redis::from_redis_value(reply).unwrap()
+                }
+                Variant::RetryReconnect(service) => {
+                    let request = Request::from(redis::cmd("GET").arg("bench:key").to_owned());
+                    let reply = service.ready().await.unwrap().call(request).await.unwrap();
+                    redis::from_redis_value(reply).unwrap()
+                }
             };
             assert!(value.is_some());
         }
@@ -74,7 +93,15 @@ async fn variants(url: &str) -> Vec<Variant> {
         Variant::Raw(raw),
         Variant::Leaf(RedisService::connect(url).await.unwrap()),
         Variant::Client(Client::new(RedisService::connect(url).await.unwrap())),
+        Variant::Reconnect(reconnect(url).await),
+        Variant::RetryReconnect(RetryLayer::default().layer(reconnect(url).await)),
     ]
+}
+
+async fn reconnect(url: &str) -> Reconnect {
+    Reconnect::connect(Connector::from_url(url).unwrap(), ReconnectConfig::new())
+        .await
+        .unwrap()
 }
 
 fn runtimes() -> Vec<(&'static str, Runtime)> {

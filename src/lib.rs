@@ -6,16 +6,23 @@
 //! [`RedisService`] sends requests on one multiplexed connection and answers
 //! [`redis::Value`]s or one [`Error`] type whose classifiers (`is_unavailable`,
 //! `is_timeout`, `is_circuit_open`, `is_server`, `is_config`, `may_have_run`) drive every
-//! resilience policy. [`Client`] puts redis-rs's whole command API on top of any stack.
+//! resilience policy. [`reconnect::Reconnect`] keeps that connection through restarts and
+//! stalls, [`retry::RetryLayer`] resends what is safe to resend, and [`Client`] puts
+//! redis-rs's whole command API on top of any stack.
 //!
 //! ```no_run
 //! use redis::AsyncCommands;
-//! use tower_redis_resilience::{Client, RedisService};
+//! use tower::ServiceBuilder;
+//! use tower_redis_resilience::{
+//!     Client, Connector,
+//!     reconnect::{Reconnect, ReconnectConfig},
+//!     retry::RetryLayer,
+//! };
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let redis = RedisService::connect("redis://127.0.0.1:6379").await?;
-//! // Layers go here: tower::ServiceBuilder::new().layer(..).service(redis)
-//! let mut client = Client::new(redis);
+//! let redis = Reconnect::lazy(Connector::from_url("redis://127.0.0.1:6379")?, ReconnectConfig::new())?;
+//! let stack = ServiceBuilder::new().layer(RetryLayer::default()).service(redis);
+//! let mut client = Client::new(stack);
 //! let () = client.set("k", "v").await?;
 //! let value: Option<String> = client.get("k").await?;
 //! # let _ = value; Ok(()) }

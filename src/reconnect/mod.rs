@@ -95,12 +95,15 @@ pub struct Reconnect<M: MakeConnection = Connector> {
     cached: Option<M::Connection>,
 }
 
+/// A clone starts with an empty cache that its first call fills (one lock): cloning is
+/// one reference count, which matters because tower's `Retry` clones the service it wraps
+/// on every call in case it has to retry.
 impl<M: MakeConnection> Clone for Reconnect<M> {
     fn clone(&self) -> Self {
         Reconnect {
             shared: self.shared.clone(),
-            cached_generation: self.cached_generation,
-            cached: self.cached.clone(),
+            cached_generation: 0,
+            cached: None,
         }
     }
 }
