@@ -373,3 +373,49 @@ async fn max_wait_lets_calls_wait_for_the_connection_but_never_longer() {
         "the waiting call was served"
     );
 }
+
+#[tokio::test]
+async fn exhausted_schedule_fails_until_reconnect_is_asked_for() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    server.kill();
+    let config = ReconnectConfig::new().backoff(
+        ExponentialBackoff::new(Duration::from_millis(5), Duration::from_millis(5)).max_attempts(2),
+    );
+    let mut redis = Reconnect::lazy(connector(&url), config).unwrap();
+    let mut state = redis.state();
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        state.wait_for(|s| *s == ConnectionState::Failed),
+    )
+    .await
+    .expect("gave up after the schedule ran out")
+    .unwrap();
+    assert_eq!(
+        redis.stats().attempts,
+        3,
+        "the first attempt and one per delay"
+    );
+    let err = call(&mut redis, get("k")).await.unwrap_err();
+    assert!(
+        err.is_unavailable() && err.to_string().contains("gave up"),
+        "{err}"
+    );
+
+    server.restart();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        *redis.state().borrow(),
+        ConnectionState::Failed,
+        "no attempts after giving up"
+    );
+    redis.reconnect();
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        state.wait_for(|s| *s == ConnectionState::Connected),
+    )
+    .await
+    .expect("reconnect() starts over")
+    .unwrap();
+    call(&mut redis, get("k")).await.unwrap();
+}
