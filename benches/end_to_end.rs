@@ -144,6 +144,7 @@ fn bench(c: &mut Criterion) {
 /// median throughput of each and its ratio to raw redis-rs.
 fn print_ratios(flavour: &str, rt: &Runtime, variants: &[Variant]) {
     const ROUNDS: usize = 31;
+    let steal_before = cpu_steal();
     const BATCHES_PER_ROUND: usize = 10;
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for _ in 0..ROUNDS {
@@ -163,6 +164,13 @@ fn print_ratios(flavour: &str, rt: &Runtime, variants: &[Variant]) {
     };
     let medians: Vec<f64> = rates.iter_mut().map(median).collect();
     println!("\nGET, {IN_FLIGHT} in flight, {flavour}: median of {ROUNDS} interleaved rounds");
+    if let (Some((s0, t0)), Some((s1, t1))) = (steal_before, cpu_steal()) {
+        // Time the hypervisor gave to others: above a few percent the ratios are noise.
+        println!(
+            "  cpu steal during the rounds: {:.1}%",
+            100.0 * (s1 - s0) as f64 / (t1 - t0).max(1) as f64
+        );
+    }
     for (variant, rate) in variants.iter().zip(&medians) {
         println!(
             "  {:<36} {:>9.0} GET/s   ratio to raw {:.3}",
@@ -171,6 +179,19 @@ fn print_ratios(flavour: &str, rt: &Runtime, variants: &[Variant]) {
             rate / medians[0]
         );
     }
+}
+
+/// (steal, total) jiffies from /proc/stat, where there is one.
+fn cpu_steal() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    Some((*fields.get(7)?, fields.iter().take(8).sum()))
 }
 
 criterion_group!(benches, bench);

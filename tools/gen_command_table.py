@@ -126,9 +126,8 @@ def render(version, rows):
         key = name.split("|")[-1].upper()
         display = name.replace("|", " ").upper()
         block = BLOCK_ARGS.get(name, "None")
-        return (f"    CommandSpec {{ key: {json.dumps(key)}, name: {json.dumps(display)}, "
-                f"flags: {flags_of(name, flags)}, block: BlockArg::{block}, "
-                f"subcommands: {subs_ident} }},")
+        return (f"    CommandSpec::new({json.dumps(key)}, {json.dumps(display)}, "
+                f"{flags_of(name, flags)}, BlockArg::{block}, {subs_ident}),")
 
     top = sorted(by_parent[None], key=lambda r: r[0].upper())
     for name, _ in top:

@@ -33,6 +33,9 @@ pub(super) enum BlockArg {
 
 #[derive(Debug)]
 pub(super) struct CommandSpec {
+    /// The first 8 bytes of `key`, big-endian and zero-padded: ordered like `key`, so
+    /// the search compares one integer per step.
+    prefix: u64,
     /// The upper-case word that selects this entry (`"GET"`; `"GET"` too for `CONFIG GET`).
     pub key: &'static str,
     /// The canonical name used in errors and metrics (`"GET"`, `"CONFIG GET"`).
@@ -44,6 +47,23 @@ pub(super) struct CommandSpec {
 }
 
 impl CommandSpec {
+    pub const fn new(
+        key: &'static str,
+        name: &'static str,
+        flags: u8,
+        block: BlockArg,
+        subcommands: &'static [CommandSpec],
+    ) -> CommandSpec {
+        CommandSpec {
+            prefix: prefix(key.as_bytes()),
+            key,
+            name,
+            flags,
+            block,
+            subcommands,
+        }
+    }
+
     pub fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0
     }
@@ -63,10 +83,55 @@ pub(super) fn lookup(name: &[u8], sub: Option<&[u8]>) -> Option<&'static Command
 }
 
 fn find(specs: &'static [CommandSpec], word: &[u8]) -> Option<&'static CommandSpec> {
+    let word_prefix = runtime_prefix(word);
     specs
-        .binary_search_by(|spec| cmp_upper(spec.key.as_bytes(), word))
+        .binary_search_by(|spec| {
+            spec.prefix.cmp(&word_prefix).then_with(|| {
+                let key = spec.key.as_bytes();
+                if key.len() <= 8 && word.len() <= 8 {
+                    // Same first 8 bytes: only a NUL in the word (not padding) differs.
+                    key.len().cmp(&word.len())
+                } else {
+                    // Keys sharing their first 8 bytes: ZRANGEBYSCORE, ZRANGEBYLEX.
+                    cmp_upper(key, word)
+                }
+            })
+        })
         .ok()
         .map(|index| &specs[index])
+}
+
+/// The first 8 bytes, upper-cased, big-endian, zero-padded: integer order is the order of
+/// the words. For the table, at compile time.
+const fn prefix(word: &[u8]) -> u64 {
+    let mut packed = 0u64;
+    let mut i = 0;
+    while i < 8 {
+        let byte = if i < word.len() {
+            word[i].to_ascii_uppercase()
+        } else {
+            0
+        };
+        packed = (packed << 8) | byte as u64;
+        i += 1;
+    }
+    packed
+}
+
+/// [`prefix`] for a request's word: one copy, and all 8 bytes upper-cased at once.
+fn runtime_prefix(word: &[u8]) -> u64 {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut bytes = [0u8; 8];
+    let n = word.len().min(8);
+    bytes[..n].copy_from_slice(&word[..n]);
+    let packed = u64::from_be_bytes(bytes);
+    // High bit of each byte: set where the byte is >= 'a', and where it is > 'z'
+    // (computed on 7 bits so no byte carries into its neighbour).
+    let seven = packed & !HIGH;
+    let at_least_a = seven + 0x1f1f_1f1f_1f1f_1f1f;
+    let above_z = seven + 0x0505_0505_0505_0505;
+    let lower = at_least_a & !above_z & !packed & HIGH;
+    packed - (lower >> 2)
 }
 
 /// Compares an upper-case key with a word of any case, without allocating.
@@ -97,6 +162,51 @@ mod tests {
                 assert_eq!(found.map(|s| s.name), Some(sub.name));
             }
         }
+    }
+
+    #[test]
+    fn runtime_prefix_agrees_with_the_compile_time_one() {
+        let mut words: Vec<Vec<u8>> = Vec::new();
+        for spec in super::super::table::COMMANDS {
+            words.push(spec.key.as_bytes().to_vec());
+            words.push(spec.key.to_ascii_lowercase().into_bytes());
+        }
+        // Every byte value in every position, including the ones around 'a' and 'z'.
+        for byte in 0..=255u8 {
+            for at in 0..9 {
+                let mut word = b"sEt@`{zZ".to_vec();
+                if at < 8 {
+                    word[at] = byte;
+                } else {
+                    word.push(byte);
+                }
+                words.push(word);
+            }
+        }
+        for word in &words {
+            assert_eq!(runtime_prefix(word), prefix(word), "{word:?}");
+        }
+    }
+
+    #[test]
+    fn words_with_a_shared_eight_byte_prefix_are_told_apart() {
+        assert_eq!(
+            lookup(b"zrangebyscore", None).map(|s| s.name),
+            Some("ZRANGEBYSCORE")
+        );
+        assert_eq!(
+            lookup(b"ZRANGEBYLEX", None).map(|s| s.name),
+            Some("ZRANGEBYLEX")
+        );
+        assert_eq!(
+            lookup(b"GEORADIUSBYMEMBER_RO", None).map(|s| s.name),
+            Some("GEORADIUSBYMEMBER_RO")
+        );
+        assert!(lookup(b"ZRANGEBYNOTHING", None).is_none());
+        assert!(
+            lookup(b"GET\0", None).is_none(),
+            "a NUL byte is not padding"
+        );
     }
 
     #[test]

@@ -1,21 +1,22 @@
 //! Retrying calls that are safe to send again, within a budget.
 
 mod budget;
+mod future;
 
 pub use budget::RetryBudget;
+pub use future::ResponseFuture;
 
-use std::{sync::Arc, time::Duration};
-
-use redis::Value;
-use tower::{Layer, retry::Policy};
-
-use crate::{
-    Error, Request,
-    backoff::{Delays, ExponentialBackoff},
+use std::{
+    fmt,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
 };
 
-/// tower's retry middleware driven by [`RetryPolicy`].
-pub type Retry<S> = tower::retry::Retry<RetryPolicy, S>;
+use redis::Value;
+use tower::{Layer, Service};
+
+use crate::{Error, Request, backoff::ExponentialBackoff};
 
 /// Retries calls that failed as [unavailable](Error::is_unavailable) when sending them
 /// again is safe: the command is idempotent (`GET`, `SET`, `DEL`...), or the error proves
@@ -39,17 +40,26 @@ pub type Retry<S> = tower::retry::Retry<RetryPolicy, S>;
 /// let stack = ServiceBuilder::new().layer(RetryLayer::default()).service(redis);
 /// # let _ = stack; Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct RetryLayer {
-    policy: RetryPolicy,
+    settings: Arc<Settings>,
 }
 
-#[derive(Debug)]
-struct Settings {
+pub(crate) struct Settings {
     max_retries: u32,
     backoff: ExponentialBackoff,
     budget: RetryBudget,
+}
+
+impl Settings {
+    /// Whether a failed call may be sent again (and takes a retry from the budget if so).
+    fn allows_retry(&self, request: &Request, error: &Error, retries: u32) -> bool {
+        error.is_unavailable()
+            && (!error.may_have_run() || request.info().is_idempotent())
+            && retries < self.max_retries
+            && self.budget.withdraw()
+    }
 }
 
 impl Default for RetryLayer {
@@ -66,21 +76,17 @@ impl RetryLayer {
     /// At most `max_retries` retries per call, `backoff` between them, within `budget`.
     pub fn new(max_retries: u32, backoff: ExponentialBackoff, budget: RetryBudget) -> Self {
         RetryLayer {
-            policy: RetryPolicy {
-                settings: Arc::new(Settings {
-                    max_retries,
-                    backoff,
-                    budget,
-                }),
-                retries: 0,
-                delays: None,
-            },
+            settings: Arc::new(Settings {
+                max_retries,
+                backoff,
+                budget,
+            }),
         }
     }
 
     /// Retries left in the shared budget.
     pub fn budget_available(&self) -> u64 {
-        self.policy.settings.budget.available()
+        self.settings.budget.available()
     }
 }
 
@@ -88,57 +94,58 @@ impl<S> Layer<S> for RetryLayer {
     type Service = Retry<S>;
 
     fn layer(&self, inner: S) -> Retry<S> {
-        tower::retry::Retry::new(self.policy.clone(), inner)
+        Retry {
+            inner,
+            settings: self.settings.clone(),
+        }
     }
 }
 
-/// The decision of [`RetryLayer`]; one copy per call carries that call's retry count.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
+impl fmt::Debug for RetryLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryLayer")
+            .field("max_retries", &self.settings.max_retries)
+            .field("backoff", &self.settings.backoff)
+            .field("budget_available", &self.budget_available())
+            .finish()
+    }
+}
+
+/// The service [`RetryLayer`] makes.
+///
+/// Unlike tower's generic `Retry`, the healthy path costs two reference counts (the
+/// request and the inner service, kept in case a retry is needed) and no timer: the
+/// backoff sleep and schedule are allocated only when a retry happens.
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
     settings: Arc<Settings>,
-    retries: u32,
-    delays: Option<Delays>,
 }
 
-impl RetryPolicy {
-    fn may_retry(request: &Request, error: &Error) -> bool {
-        error.is_unavailable() && (!error.may_have_run() || request.info().is_idempotent())
+impl<S> Service<Request> for Retry<S>
+where
+    S: Service<Request, Response = Value, Error = Error> + Clone,
+{
+    type Response = Value;
+    type Error = Error;
+    type Future = ResponseFuture<S>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> ResponseFuture<S> {
+        self.settings.budget.deposit();
+        let future = self.inner.call(request.clone());
+        ResponseFuture::new(future, request, self.inner.clone(), self.settings.clone())
     }
 }
 
-impl Policy<Request, Value, Error> for RetryPolicy {
-    type Future = tokio::time::Sleep;
-
-    fn retry(
-        &mut self,
-        request: &mut Request,
-        result: &mut Result<Value, Error>,
-    ) -> Option<Self::Future> {
-        let error = result.as_ref().err()?;
-        if !RetryPolicy::may_retry(request, error)
-            || self.retries >= self.settings.max_retries
-            || !self.settings.budget.withdraw()
-        {
-            return None;
-        }
-        self.retries += 1;
-        let settings = &self.settings;
-        let delay = self
-            .delays
-            .get_or_insert_with(|| settings.backoff.iter())
-            .next()?;
-        tracing::debug!(command = request.info().name(), retry = self.retries, ?delay, %error, "retrying redis call");
-        Some(tokio::time::sleep(delay))
-    }
-
-    fn clone_request(&mut self, request: &Request) -> Option<Request> {
-        // tower calls this on the service's own policy before each first send (where no
-        // retry ever happened) and on the call's copy before each retry: only the first
-        // earns the budget a deposit.
-        if self.retries == 0 {
-            self.settings.budget.deposit();
-        }
-        Some(request.clone())
+impl<S: fmt::Debug> fmt::Debug for Retry<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
     }
 }
 

@@ -216,7 +216,7 @@ async fn every_call_through_one_service_earns_the_budget_a_deposit() {
     let script = Script::new(vec![]);
     let mut service = layer.layer(script.clone());
     // Spend the reserve, then let ten successful calls on the same service refill it.
-    assert!(layer.policy.settings.budget.withdraw());
+    assert!(layer.settings.budget.withdraw());
     for _ in 0..10 {
         service
             .ready()

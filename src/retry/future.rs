@@ -1,0 +1,119 @@
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use pin_project::pin_project;
+use redis::Value;
+use tokio::time::Sleep;
+use tower::Service;
+
+use super::Settings;
+use crate::{Error, Request, backoff::Delays};
+
+/// The future of [`Retry`](super::Retry).
+#[pin_project]
+#[must_use = "futures do nothing unless polled"]
+pub struct ResponseFuture<S: Service<Request>> {
+    #[pin]
+    state: State<S::Future>,
+    request: Request,
+    service: S,
+    settings: Arc<Settings>,
+    retries: u32,
+    /// Made on the first retry; most calls never need one.
+    delays: Option<Box<Delays>>,
+}
+
+#[pin_project(project = StateProj)]
+enum State<F> {
+    Called {
+        #[pin]
+        future: F,
+    },
+    Waiting {
+        sleep: Pin<Box<Sleep>>,
+    },
+    Readying,
+}
+
+impl<S: Service<Request>> ResponseFuture<S> {
+    pub(super) fn new(
+        future: S::Future,
+        request: Request,
+        service: S,
+        settings: Arc<Settings>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+            request,
+            service,
+            settings,
+            retries: 0,
+            delays: None,
+        }
+    }
+}
+
+impl<S> Future for ResponseFuture<S>
+where
+    S: Service<Request, Response = Value, Error = Error>,
+{
+    type Output = Result<Value, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let this = self.as_mut().project();
+            match this.state.project() {
+                StateProj::Called { future } => {
+                    let result = ready!(future.poll(cx));
+                    let Err(error) = &result else {
+                        return Poll::Ready(result);
+                    };
+                    if !this
+                        .settings
+                        .allows_retry(this.request, error, *this.retries)
+                    {
+                        return Poll::Ready(result);
+                    }
+                    let settings = &**this.settings;
+                    let delays = this
+                        .delays
+                        .get_or_insert_with(|| Box::new(settings.backoff.iter()));
+                    let Some(delay) = delays.next() else {
+                        return Poll::Ready(result);
+                    };
+                    *this.retries += 1;
+                    tracing::debug!(
+                        command = this.request.info().name(),
+                        retry = *this.retries,
+                        ?delay,
+                        %error,
+                        "retrying redis call"
+                    );
+                    let sleep = Box::pin(tokio::time::sleep(delay));
+                    self.as_mut().project().state.set(State::Waiting { sleep });
+                }
+                StateProj::Waiting { sleep } => {
+                    ready!(sleep.as_mut().poll(cx));
+                    self.as_mut().project().state.set(State::Readying);
+                }
+                StateProj::Readying => {
+                    ready!(this.service.poll_ready(cx))?;
+                    let future = this.service.call(this.request.clone());
+                    self.as_mut().project().state.set(State::Called { future });
+                }
+            }
+        }
+    }
+}
+
+impl<S: Service<Request>> std::fmt::Debug for ResponseFuture<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
+    }
+}
