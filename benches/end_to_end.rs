@@ -53,18 +53,18 @@ impl Variant {
             let value: Option<Vec<u8>> = match &mut self {
                 Variant::Raw(conn) => conn.get("bench:key").await.unwrap(),
                 Variant::Leaf(service) => {
-                    let request = Request::from(redis::cmd("GET").arg("bench:key").to_owned());
+                    let request = get_request();
                     let reply = service.ready().await.unwrap().call(request).await.unwrap();
                     redis::from_redis_value(reply).unwrap()
                 }
                 Variant::Client(client) => client.get("bench:key").await.unwrap(),
                 Variant::Reconnect(service) => {
-                    let request = Request::from(redis::cmd("GET").arg("bench:key").to_owned());
+                    let request = get_request();
                     let reply = service.ready().await.unwrap().call(request).await.unwrap();
                     redis::from_redis_value(reply).unwrap()
                 }
                 Variant::RetryReconnect(service) => {
-                    let request = Request::from(redis::cmd("GET").arg("bench:key").to_owned());
+                    let request = get_request();
                     let reply = service.ready().await.unwrap().call(request).await.unwrap();
                     redis::from_redis_value(reply).unwrap()
                 }
@@ -77,6 +77,13 @@ impl Variant {
     async fn batch(&self) {
         join_all((0..IN_FLIGHT).map(|_| self.clone().worker())).await;
     }
+}
+
+/// `GET bench:key`, built the way redis-rs builds it for `query_async`: no clone.
+fn get_request() -> Request {
+    let mut cmd = redis::cmd("GET");
+    cmd.arg("bench:key");
+    Request::from(cmd)
 }
 
 async fn variants(url: &str) -> Vec<Variant> {

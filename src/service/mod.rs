@@ -41,6 +41,12 @@ use crate::{Connector, Error, Request, request::Body};
 /// ```
 #[derive(Clone)]
 pub struct RedisService {
+    /// One pointer: cloning the service (as retries and reconnects do per call) is one
+    /// reference count, and futures that hold a clone stay small.
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     connection: MultiplexedConnection,
     db: i64,
     address: Arc<str>,
@@ -71,15 +77,17 @@ impl RedisService {
         address: Arc<str>,
     ) -> Self {
         RedisService {
-            connection,
-            db,
-            address,
+            inner: Arc::new(Inner {
+                connection,
+                db,
+                address,
+            }),
         }
     }
 
     /// The database index the connection selected.
     pub fn db(&self) -> i64 {
-        self.db
+        self.inner.db
     }
 }
 
@@ -94,7 +102,7 @@ impl Service<Request> for RedisService {
     }
 
     fn call(&mut self, request: Request) -> ResponseFuture {
-        let mut connection = self.connection.clone();
+        let mut connection = self.inner.connection.clone();
         let name = request.info().name();
         match request.into_body() {
             Body::Cmd(cmd) => ResponseFuture::new(async move {
@@ -161,8 +169,8 @@ async fn send_pipeline(
 impl fmt::Debug for RedisService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisService")
-            .field("address", &self.address)
-            .field("db", &self.db)
+            .field("address", &self.inner.address)
+            .field("db", &self.inner.db)
             .finish()
     }
 }
