@@ -33,6 +33,19 @@ fn connector(url: &str) -> Connector {
         .connect_timeout(Duration::from_millis(200))
 }
 
+/// Waits until the state satisfies `ready`, failing the test with `what` after `within`.
+async fn wait_for_state(
+    state: &mut tokio::sync::watch::Receiver<ConnectionState>,
+    within: Duration,
+    what: &str,
+    ready: impl FnMut(&ConnectionState) -> bool,
+) {
+    tokio::time::timeout(within, state.wait_for(ready))
+        .await
+        .unwrap_or_else(|_| panic!("not {what} within {within:?}"))
+        .expect("the Reconnect is alive");
+}
+
 /// Runs a blocking harness operation without stalling the runtime's other tasks.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
@@ -251,13 +264,13 @@ async fn lazy_start_with_no_server_comes_up_by_itself() {
 
     server.restart();
     let mut state = redis.state();
-    tokio::time::timeout(
+    wait_for_state(
+        &mut state,
         Duration::from_secs(2),
-        state.wait_for(|s| *s == ConnectionState::Connected),
+        "connected by itself",
+        |s| *s == ConnectionState::Connected,
     )
-    .await
-    .expect("connected by itself")
-    .unwrap();
+    .await;
     assert_eq!(call(&mut redis, get("k")).await.unwrap(), Value::Nil);
 }
 
@@ -272,21 +285,21 @@ async fn health_check_finds_a_stalled_server_without_user_traffic() {
     let mut state = redis.state();
 
     server.pause();
-    tokio::time::timeout(
+    wait_for_state(
+        &mut state,
         Duration::from_secs(1),
-        state.wait_for(|s| *s != ConnectionState::Connected),
+        "the health check noticed",
+        |s| *s != ConnectionState::Connected,
     )
-    .await
-    .expect("the health check noticed")
-    .unwrap();
+    .await;
     server.resume();
-    tokio::time::timeout(
+    wait_for_state(
+        &mut state,
         Duration::from_secs(3),
-        state.wait_for(|s| *s == ConnectionState::Connected),
+        "reconnected after resume",
+        |s| *s == ConnectionState::Connected,
     )
-    .await
-    .expect("reconnected after resume")
-    .unwrap();
+    .await;
     call(&mut redis, get("k")).await.unwrap();
 }
 
@@ -316,10 +329,10 @@ async fn on_connect_hook_runs_on_every_new_connection() {
 
     redis.reconnect();
     let mut state = redis.state();
-    state
-        .wait_for(|s| *s == ConnectionState::Connected)
-        .await
-        .unwrap();
+    wait_for_state(&mut state, Duration::from_secs(2), "reconnected", |s| {
+        *s == ConnectionState::Connected
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     let name = call(
@@ -384,13 +397,13 @@ async fn exhausted_schedule_fails_until_reconnect_is_asked_for() {
     );
     let mut redis = Reconnect::lazy(connector(&url), config).unwrap();
     let mut state = redis.state();
-    tokio::time::timeout(
+    wait_for_state(
+        &mut state,
         Duration::from_secs(2),
-        state.wait_for(|s| *s == ConnectionState::Failed),
+        "gave up after the schedule ran out",
+        |s| *s == ConnectionState::Failed,
     )
-    .await
-    .expect("gave up after the schedule ran out")
-    .unwrap();
+    .await;
     assert_eq!(
         redis.stats().attempts,
         3,
@@ -410,12 +423,12 @@ async fn exhausted_schedule_fails_until_reconnect_is_asked_for() {
         "no attempts after giving up"
     );
     redis.reconnect();
-    tokio::time::timeout(
+    wait_for_state(
+        &mut state,
         Duration::from_secs(2),
-        state.wait_for(|s| *s == ConnectionState::Connected),
+        "reconnect() starts over",
+        |s| *s == ConnectionState::Connected,
     )
-    .await
-    .expect("reconnect() starts over")
-    .unwrap();
+    .await;
     call(&mut redis, get("k")).await.unwrap();
 }

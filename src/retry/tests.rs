@@ -69,6 +69,13 @@ fn request(args: &[&str]) -> Request {
     Request::from(cmd)
 }
 
+async fn send<S>(service: &mut S, args: &[&str]) -> Result<Value, Error>
+where
+    S: Service<Request, Response = Value, Error = Error>,
+{
+    service.ready().await?.call(request(args)).await
+}
+
 fn layer() -> RetryLayer {
     RetryLayer::new(
         2,
@@ -83,12 +90,7 @@ async fn idempotent_read_is_retried_after_a_broken_connection() {
     let script = Script::new(vec![Err(broken_after_send()), Ok(Value::Int(7))]);
     let mut service = layer().layer(script.clone());
     let started = tokio::time::Instant::now();
-    let reply = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request(&["GET", "k"]))
-        .await;
+    let reply = send(&mut service, &["GET", "k"]).await;
     assert_eq!(reply.unwrap(), Value::Int(7));
     assert_eq!(script.calls(), 2);
     assert_eq!(
@@ -102,13 +104,7 @@ async fn idempotent_read_is_retried_after_a_broken_connection() {
 async fn incr_that_may_have_run_is_never_resent() {
     let script = Script::new(vec![Err(broken_after_send())]);
     let mut service = layer().layer(script.clone());
-    let err = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request(&["INCR", "n"]))
-        .await
-        .unwrap_err();
+    let err = send(&mut service, &["INCR", "n"]).await.unwrap_err();
     assert!(err.may_have_run());
     assert_eq!(script.calls(), 1);
 }
@@ -118,12 +114,7 @@ async fn incr_that_never_left_the_client_is_retried() {
     let script = Script::new(vec![Err(not_sent()), Err(not_sent()), Ok(Value::Int(1))]);
     let mut service = layer().layer(script.clone());
     let started = tokio::time::Instant::now();
-    let reply = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request(&["INCR", "n"]))
-        .await;
+    let reply = send(&mut service, &["INCR", "n"]).await;
     assert_eq!(reply.unwrap(), Value::Int(1));
     assert_eq!(script.calls(), 3);
     assert_eq!(
@@ -149,12 +140,7 @@ async fn timeouts_server_errors_and_open_circuits_are_not_retried() {
     ] {
         let script = Script::new(vec![Err(error.clone())]);
         let mut service = layer().layer(script.clone());
-        let result = service
-            .ready()
-            .await
-            .unwrap()
-            .call(request(&["GET", "k"]))
-            .await;
+        let result = send(&mut service, &["GET", "k"]).await;
         assert!(result.is_err());
         assert_eq!(script.calls(), 1, "{error:?} was retried");
     }
@@ -169,13 +155,7 @@ async fn retries_stop_at_max_retries() {
         Ok(Value::Nil),
     ]);
     let mut service = layer().layer(script.clone());
-    let err = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request(&["GET", "k"]))
-        .await
-        .unwrap_err();
+    let err = send(&mut service, &["GET", "k"]).await.unwrap_err();
     assert!(err.is_unavailable());
     assert_eq!(script.calls(), 3, "one call and two retries");
 }
@@ -191,12 +171,7 @@ async fn budget_is_shared_by_every_service_of_one_layer_and_bounds_retries() {
     // A stack rebuilt per call, as axum does, still draws on one budget.
     for _ in 0..4 {
         let mut service = layer.layer(script.clone());
-        let _ = service
-            .ready()
-            .await
-            .unwrap()
-            .call(request(&["GET", "k"]))
-            .await;
+        let _ = send(&mut service, &["GET", "k"]).await;
     }
     assert_eq!(
         script.calls(),
@@ -218,13 +193,7 @@ async fn every_call_through_one_service_earns_the_budget_a_deposit() {
     // Spend the reserve, then let ten successful calls on the same service refill it.
     assert!(layer.settings.budget.withdraw());
     for _ in 0..10 {
-        service
-            .ready()
-            .await
-            .unwrap()
-            .call(request(&["GET", "k"]))
-            .await
-            .unwrap();
+        send(&mut service, &["GET", "k"]).await.unwrap();
     }
     assert_eq!(
         layer.budget_available(),
