@@ -52,22 +52,10 @@ impl Variant {
         for _ in 0..PER_WORKER {
             let value: Option<Vec<u8>> = match &mut self {
                 Variant::Raw(conn) => conn.get("bench:key").await.unwrap(),
-                Variant::Leaf(service) => {
-                    let request = get_request();
-                    let reply = service.ready().await.unwrap().call(request).await.unwrap();
-                    redis::from_redis_value(reply).unwrap()
-                }
+                Variant::Leaf(service) => get_through(service).await,
                 Variant::Client(client) => client.get("bench:key").await.unwrap(),
-                Variant::Reconnect(service) => {
-                    let request = get_request();
-                    let reply = service.ready().await.unwrap().call(request).await.unwrap();
-                    redis::from_redis_value(reply).unwrap()
-                }
-                Variant::RetryReconnect(service) => {
-                    let request = get_request();
-                    let reply = service.ready().await.unwrap().call(request).await.unwrap();
-                    redis::from_redis_value(reply).unwrap()
-                }
+                Variant::Reconnect(service) => get_through(service).await,
+                Variant::RetryReconnect(service) => get_through(service).await,
             };
             assert!(value.is_some());
         }
@@ -77,6 +65,21 @@ impl Variant {
     async fn batch(&self) {
         join_all((0..IN_FLIGHT).map(|_| self.clone().worker())).await;
     }
+}
+
+/// `GET bench:key` through a tower stack of this crate.
+async fn get_through<S>(service: &mut S) -> Option<Vec<u8>>
+where
+    S: Service<Request, Response = redis::Value, Error = tower_redis_resilience::Error>,
+{
+    let reply = service
+        .ready()
+        .await
+        .unwrap()
+        .call(get_request())
+        .await
+        .unwrap();
+    redis::from_redis_value(reply).unwrap()
 }
 
 /// `GET bench:key`, built the way redis-rs builds it for `query_async`: no clone.
