@@ -48,9 +48,19 @@ pub struct Error {
 enum Kind {
     Unavailable { may_have_run: bool },
     Timeout { after: Duration },
-    CircuitOpen { retry_in: Duration },
+    CircuitOpen { probe: Probe },
     Server,
     Config,
+}
+
+/// When an open circuit lets a probe through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    In(Duration),
+    /// Kept as an instant so rejecting a call does not read the clock; `retry_in` does.
+    At(tokio::time::Instant),
+    /// Forced open by hand: no probe until someone resets it.
+    Never,
 }
 
 #[derive(Clone)]
@@ -143,10 +153,17 @@ impl Error {
         }
     }
 
-    /// For a circuit-open rejection, how long until the breaker lets a probe through.
+    /// For a circuit-open rejection, how long until the breaker lets a probe through
+    /// (zero while it is probing); `None` for other errors and for a breaker forced open
+    /// by hand, which lets nothing through until it is reset.
     pub fn retry_in(&self) -> Option<Duration> {
         match self.kind {
-            Kind::CircuitOpen { retry_in } => Some(retry_in),
+            Kind::CircuitOpen {
+                probe: Probe::In(retry_in),
+            } => Some(retry_in),
+            Kind::CircuitOpen {
+                probe: Probe::At(at),
+            } => Some(at.saturating_duration_since(tokio::time::Instant::now())),
             _ => None,
         }
     }
@@ -244,7 +261,32 @@ impl Error {
     /// assert_eq!(err.retry_in(), Some(Duration::from_secs(1)));
     /// ```
     pub fn circuit_open(retry_in: Duration) -> Self {
-        Error::new(Kind::CircuitOpen { retry_in }, Detail::None)
+        Error::new(
+            Kind::CircuitOpen {
+                probe: Probe::In(retry_in),
+            },
+            Detail::None,
+        )
+    }
+
+    /// A circuit-open rejection whose next probe is due at `at`.
+    pub(crate) fn circuit_open_until(at: tokio::time::Instant) -> Self {
+        Error::new(
+            Kind::CircuitOpen {
+                probe: Probe::At(at),
+            },
+            Detail::None,
+        )
+    }
+
+    /// A rejection by a breaker forced open by hand.
+    pub(crate) fn circuit_forced_open() -> Self {
+        Error::new(
+            Kind::CircuitOpen {
+                probe: Probe::Never,
+            },
+            Detail::Message("forced open"),
+        )
     }
 
     /// An error from a request that was handed to the connection: an I/O failure may have
@@ -421,9 +463,14 @@ impl fmt::Display for Error {
         match self.kind {
             Kind::Unavailable { .. } => f.write_str("redis unavailable")?,
             Kind::Timeout { after } => write!(f, "timed out after {after:?}")?,
-            Kind::CircuitOpen { retry_in } => {
-                write!(f, "circuit open, next probe in {retry_in:?}")?
-            }
+            Kind::CircuitOpen {
+                probe: Probe::Never,
+            } => f.write_str("circuit open")?,
+            Kind::CircuitOpen { .. } => match self.retry_in() {
+                Some(Duration::ZERO) => f.write_str("circuit open, probing")?,
+                Some(retry_in) => write!(f, "circuit open, next probe in {retry_in:?}")?,
+                None => f.write_str("circuit open")?,
+            },
             Kind::Server => f.write_str("redis replied with an error")?,
             Kind::Config => f.write_str("configuration error")?,
         }

@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod circuit_breaker;
 mod client;
 mod connect;
 mod error;

@@ -1,0 +1,168 @@
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use pin_project::pin_project;
+use redis::Value;
+use tokio::time::Instant;
+
+use super::{
+    config::{CancelPolicy, Outcome},
+    shared::{Shared, Ticket},
+};
+use crate::Error;
+
+/// The future of [`CircuitBreaker`](super::CircuitBreaker).
+#[pin_project(project = Proj)]
+#[must_use = "futures do nothing unless polled"]
+pub struct ResponseFuture<F> {
+    #[pin]
+    kind: Kind<F>,
+}
+
+#[pin_project(project = KindProj)]
+enum Kind<F> {
+    Called {
+        #[pin]
+        future: F,
+        /// `None` when the breaker is disabled.
+        call: Option<Call>,
+    },
+    Rejected {
+        error: Option<Error>,
+    },
+}
+
+impl<F> ResponseFuture<F> {
+    pub(super) fn called(future: F, call: Option<Call>) -> Self {
+        ResponseFuture {
+            kind: Kind::Called { future, call },
+        }
+    }
+
+    pub(super) fn rejected(error: Error) -> Self {
+        ResponseFuture {
+            kind: Kind::Rejected { error: Some(error) },
+        }
+    }
+}
+
+impl<F> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Value, Error>>,
+{
+    type Output = Result<Value, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Called { future, call } => match future.poll(cx) {
+                Poll::Ready(result) => {
+                    if let Some(call) = call.take() {
+                        call.finish(&result);
+                    }
+                    Poll::Ready(result)
+                }
+                Poll::Pending => {
+                    if let Some(call) = call {
+                        call.started();
+                    }
+                    Poll::Pending
+                }
+            },
+            KindProj::Rejected { error } => Poll::Ready(Err(error
+                .take()
+                .unwrap_or_else(|| Error::unavailable("response future polled after completion")))),
+        }
+    }
+}
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.kind {
+            Kind::Called { .. } => "called",
+            Kind::Rejected { .. } => "rejected",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
+    }
+}
+
+/// A call the breaker let through, until its outcome is recorded: when it finishes, or
+/// when it is dropped unfinished (cancelled).
+pub(super) struct Call {
+    shared: Arc<Shared>,
+    ticket: Ticket,
+    /// Blocking commands wait by design: never slow, not recorded when cancelled.
+    blocking: bool,
+    /// Read when the inner future first waits, so a call answered at once costs no clock
+    /// reading and one that waits costs two.
+    started: Option<Instant>,
+    finished: bool,
+}
+
+impl Call {
+    pub(super) fn new(shared: Arc<Shared>, ticket: Ticket, blocking: bool) -> Self {
+        Call {
+            shared,
+            ticket,
+            blocking,
+            started: None,
+            finished: false,
+        }
+    }
+
+    fn started(&mut self) {
+        if self.started.is_none() && !self.blocking {
+            self.started = Some(Instant::now());
+        }
+    }
+
+    /// How long the call has run and the time now, if it waited at all.
+    fn elapsed(&self) -> Option<(bool, Instant)> {
+        self.started.map(|started| {
+            let now = Instant::now();
+            let slow =
+                now.saturating_duration_since(started) >= self.shared.config.slow_call_duration;
+            (slow, now)
+        })
+    }
+
+    fn finish(mut self, result: &Result<Value, Error>) {
+        self.finished = true;
+        let outcome = self.shared.config.classify(result);
+        if outcome == Outcome::Ignore {
+            return self.shared.ignore(self.ticket);
+        }
+        let (slow, now) = match self.elapsed() {
+            Some((slow, now)) => (slow, Some(now)),
+            None => (false, None),
+        };
+        self.shared.record(self.ticket, outcome, slow, now);
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let elapsed = self.elapsed();
+        let slow = elapsed.is_some_and(|(slow, _)| slow);
+        let now = elapsed.map(|(_, now)| now);
+        let failure = !self.blocking
+            && match self.shared.config.on_cancel {
+                CancelPolicy::Failure => true,
+                CancelPolicy::FailureIfSlow => slow,
+                CancelPolicy::Ignore => false,
+            };
+        if failure {
+            self.shared.record(self.ticket, Outcome::Failure, slow, now);
+        } else {
+            self.shared.ignore(self.ticket);
+        }
+    }
+}

@@ -1,0 +1,154 @@
+use std::{fmt, sync::Arc};
+
+use tokio::sync::watch;
+use tower::Layer;
+
+use super::{
+    BreakerMetrics, BreakerState, CircuitBreaker, CircuitBreakerConfig,
+    shared::{self, Shared},
+};
+use crate::{Error, reconnect::ConnectionState};
+
+/// A circuit breaker for Redis calls: after enough evidence of an outage it rejects calls
+/// at once instead of letting each one wait for a timeout, then lets a few probes through
+/// to see whether Redis is back.
+///
+/// **The layer owns the breaker.** Every service it makes and every clone of it (the
+/// layer's or a service's) shares one state and one window, so a stack that a framework
+/// rebuilds per request still trips. Keep a clone of the layer as the handle for
+/// [`state`](Self::state), [`metrics`](Self::metrics) and the manual controls.
+///
+/// - **Closed**: calls go through; their outcomes fill a [sliding
+///   window](super::SlidingWindow). With at least `minimum_calls` in it, a failure rate
+///   or slow-call rate at its threshold opens the breaker. Recording costs a few atomic
+///   operations and no lock; a count window reads no clock for calls answered at once.
+/// - **Open**: calls are rejected with a [circuit-open](Error::is_circuit_open) error
+///   telling when the next probe is due. After `wait_in_open` — or at once when Redis
+///   reconnects, see [`half_open_on_reconnect`](Self::half_open_on_reconnect) — it goes
+///   half-open.
+/// - **Half-open**: exactly `permitted_calls_in_half_open` calls go through, however many
+///   arrive at once; their outcomes close or re-open it.
+/// - **Forced open / disabled**: set by hand with [`force_open`](Self::force_open) and
+///   [`disable`](Self::disable), left with [`reset`](Self::reset).
+///
+/// Calls dropped before they finish (an outer timeout gave up) are recorded as the
+/// [`CancelPolicy`](super::CancelPolicy) says, so a timeout above the breaker cannot hide an
+/// outage from it. State changes are logged with `tracing` (warn on open, info on close),
+/// published on a `watch` channel ([`subscribe`](Self::subscribe)) and given to the
+/// [`on_state_change`](CircuitBreakerConfig::on_state_change) hook.
+///
+/// ```no_run
+/// use tower::ServiceBuilder;
+/// use tower_redis_resilience::{
+///     Client, Connector,
+///     circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer},
+///     reconnect::{Reconnect, ReconnectConfig},
+/// };
+///
+/// # async fn run() -> Result<(), tower_redis_resilience::Error> {
+/// let redis = Reconnect::lazy(Connector::from_url("redis://127.0.0.1:6379")?, ReconnectConfig::new())?;
+/// let breaker = CircuitBreakerLayer::new(CircuitBreakerConfig::new())?;
+/// // Probe as soon as a new connection is up instead of waiting out `wait_in_open`.
+/// breaker.half_open_on_reconnect(redis.state())?;
+/// let client = Client::new(ServiceBuilder::new().layer(breaker.clone()).service(redis));
+/// println!("breaker is {:?}", breaker.state());
+/// # let _ = client; Ok(()) }
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct CircuitBreakerLayer {
+    pub(super) shared: Arc<Shared>,
+}
+
+impl CircuitBreakerLayer {
+    /// A breaker with these settings; a setting out of range is a
+    /// [configuration](Error::is_config) error.
+    pub fn new(config: CircuitBreakerConfig) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(CircuitBreakerLayer {
+            shared: Arc::new(Shared::new(config)),
+        })
+    }
+
+    /// The state now.
+    pub fn state(&self) -> BreakerState {
+        self.shared.state()
+    }
+
+    /// The state now and as it changes.
+    pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
+        self.shared.subscribe()
+    }
+
+    /// Window counts, rates and rejections.
+    pub fn metrics(&self) -> BreakerMetrics {
+        self.shared.metrics()
+    }
+
+    /// Reject every call until [`reset`](Self::reset) (a maintenance switch).
+    pub fn force_open(&self) {
+        self.shared.force_open();
+    }
+
+    /// Let every call through and record nothing until [`reset`](Self::reset).
+    pub fn disable(&self) {
+        self.shared.disable();
+    }
+
+    /// Close the breaker with an empty window, whatever its state.
+    pub fn reset(&self) {
+        self.shared.reset();
+    }
+
+    /// Go half-open as soon as `connection` (from
+    /// [`Reconnect::state`](crate::reconnect::Reconnect::state)) reports a new connection
+    /// while the breaker is open, instead of waiting out `wait_in_open`: after a restart
+    /// the app is served again within milliseconds of Redis accepting connections.
+    /// `wait_in_open` still ends an open period when no reconnect happens (a stalled
+    /// server). Spawns a task on the current tokio runtime that ends when the breaker or
+    /// the connection is dropped; without a runtime it is a
+    /// [configuration](Error::is_config) error.
+    pub fn half_open_on_reconnect(
+        &self,
+        connection: watch::Receiver<ConnectionState>,
+    ) -> Result<(), Error> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::config("half_open_on_reconnect must be called within a tokio runtime")
+        })?;
+        runtime.spawn(shared::follow_connection(
+            Arc::downgrade(&self.shared),
+            self.shared.subscribe(),
+            connection,
+        ));
+        Ok(())
+    }
+}
+
+impl Default for CircuitBreakerLayer {
+    /// The [default settings](CircuitBreakerConfig), which are always valid.
+    fn default() -> Self {
+        CircuitBreakerLayer {
+            shared: Arc::new(Shared::new(CircuitBreakerConfig::default())),
+        }
+    }
+}
+
+impl<S> Layer<S> for CircuitBreakerLayer {
+    type Service = CircuitBreaker<S>;
+
+    fn layer(&self, inner: S) -> CircuitBreaker<S> {
+        CircuitBreaker {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for CircuitBreakerLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerLayer")
+            .field("config", &self.shared.config)
+            .field("metrics", &self.metrics())
+            .finish()
+    }
+}

@@ -1,0 +1,460 @@
+//! The breaker every service of one layer shares: a state word read on every call, the
+//! window, and the rarely taken lock that serialises state changes.
+
+use std::{
+    sync::{
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicU32, AtomicU64, Ordering::*},
+    },
+    time::Duration,
+};
+
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
+
+use super::{
+    BreakerMetrics, BreakerState, Transition,
+    config::{CircuitBreakerConfig, Outcome},
+    window::{Counts, FAILED, PackedCounts, RECORDED, SLOW, Sample, Window},
+};
+use crate::{Error, backoff::Delays, reconnect::ConnectionState};
+
+// The state word: `epoch << 8 | code`. The epoch grows with every change, so a call admitted
+// under one state is not counted in the next.
+const CLOSED: u64 = 0;
+/// Open, with a task that will move it to half-open.
+const OPEN: u64 = 1;
+/// Open with no task to wake it (no runtime when it opened): callers check the clock.
+const OPEN_UNDRIVEN: u64 = 2;
+const HALF_OPEN: u64 = 3;
+const FORCED_OPEN: u64 = 4;
+const DISABLED: u64 = 5;
+
+const CODE_MASK: u64 = 0xff;
+
+/// While a driven breaker is open, one rejection in this many also checks the clock, in
+/// case the task that should end the wait is gone (its runtime shut down).
+const CLOCK_CHECK_EVERY: u64 = 64;
+
+fn code(word: u64) -> u64 {
+    word & CODE_MASK
+}
+
+fn public(word: u64) -> BreakerState {
+    match code(word) {
+        CLOSED => BreakerState::Closed,
+        OPEN | OPEN_UNDRIVEN => BreakerState::Open,
+        HALF_OPEN => BreakerState::HalfOpen,
+        FORCED_OPEN => BreakerState::ForcedOpen,
+        _ => BreakerState::Disabled,
+    }
+}
+
+/// The state word a call was admitted under, and whether it is a half-open probe.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Ticket {
+    word: u64,
+}
+
+impl Ticket {
+    fn probe(self) -> bool {
+        code(self.word) == HALF_OPEN
+    }
+}
+
+pub(super) enum Admission {
+    /// Call, and record the outcome.
+    Record(Ticket),
+    /// Call; nothing is recorded (disabled).
+    Pass,
+    Reject(Error),
+}
+
+pub(super) struct Shared {
+    pub(super) config: CircuitBreakerConfig,
+    state: AtomicU64,
+    window: Window,
+    minimum_calls: u64,
+    /// Taken and outcome counts of the current half-open period.
+    probes_taken: AtomicU32,
+    probes: PackedCounts,
+    /// Probe failures (slow probes) that re-open the breaker.
+    probe_failures_to_open: u64,
+    probe_slow_to_open: u64,
+    /// When the open breaker lets probes through, in nanoseconds after `origin`.
+    open_until: AtomicU64,
+    origin: Instant,
+    rejected: AtomicU64,
+    control: Mutex<Control>,
+    states: watch::Sender<BreakerState>,
+}
+
+/// What only state changes touch.
+#[derive(Default)]
+struct Control {
+    /// The growing wait of repeated opens, when configured; reset by a close.
+    reopen_delays: Option<Delays>,
+    driver: Option<JoinHandle<()>>,
+}
+
+impl Shared {
+    pub(super) fn new(config: CircuitBreakerConfig) -> Shared {
+        let origin = Instant::now();
+        let window = Window::new(config.window, origin);
+        let minimum_calls =
+            u64::from(config.minimum_calls).min(window.capacity().unwrap_or(u64::MAX));
+        let permitted = f64::from(config.permitted_calls_in_half_open);
+        let needed = |percent: f32| ((f64::from(percent) * permitted / 100.0).ceil() as u64).max(1);
+        Shared {
+            probe_failures_to_open: needed(config.failure_rate_threshold),
+            probe_slow_to_open: needed(config.slow_call_rate_threshold),
+            state: AtomicU64::new(CLOSED),
+            window,
+            minimum_calls,
+            probes_taken: AtomicU32::new(0),
+            probes: PackedCounts::default(),
+            open_until: AtomicU64::new(0),
+            origin,
+            rejected: AtomicU64::new(0),
+            control: Mutex::new(Control::default()),
+            states: watch::channel(BreakerState::Closed).0,
+            config,
+        }
+    }
+
+    /// Decides whether a call may go through. The closed path is one atomic load.
+    #[inline]
+    pub(super) fn admit(self: &Arc<Self>) -> Admission {
+        let word = self.state.load(Acquire);
+        match code(word) {
+            CLOSED => Admission::Record(Ticket { word }),
+            OPEN => {
+                let rejected = self.rejected.fetch_add(1, Relaxed);
+                if rejected.is_multiple_of(CLOCK_CHECK_EVERY) {
+                    self.end_wait_if_due(word);
+                }
+                Admission::Reject(Error::circuit_open_until(self.open_until()))
+            }
+            DISABLED => Admission::Pass,
+            _ => self.admit_slow(word),
+        }
+    }
+
+    #[cold]
+    fn admit_slow(self: &Arc<Self>, word: u64) -> Admission {
+        match code(word) {
+            OPEN_UNDRIVEN => {
+                if self.end_wait_if_due(word) {
+                    return self.admit();
+                }
+                self.rejected.fetch_add(1, Relaxed);
+                Admission::Reject(Error::circuit_open_until(self.open_until()))
+            }
+            HALF_OPEN => {
+                let permitted = self.config.permitted_calls_in_half_open;
+                let taken = self.probes_taken.fetch_update(AcqRel, Acquire, |taken| {
+                    (taken < permitted).then_some(taken + 1)
+                });
+                if taken.is_ok() {
+                    Admission::Record(Ticket { word })
+                } else {
+                    self.rejected.fetch_add(1, Relaxed);
+                    Admission::Reject(Error::circuit_open(Duration::ZERO))
+                }
+            }
+            _ => {
+                self.rejected.fetch_add(1, Relaxed);
+                Admission::Reject(Error::circuit_forced_open())
+            }
+        }
+    }
+
+    fn open_until(&self) -> Instant {
+        self.origin + Duration::from_nanos(self.open_until.load(Relaxed))
+    }
+
+    /// Moves an open breaker whose wait is over to half-open. True if it did.
+    fn end_wait_if_due(self: &Arc<Self>, word: u64) -> bool {
+        Instant::now() >= self.open_until()
+            && self.change(Some(word), HALF_OPEN, "wait in open elapsed")
+    }
+
+    /// Records what a finished call said. `now` is a clock reading the caller already
+    /// has, if any.
+    pub(super) fn record(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        outcome: Outcome,
+        slow: bool,
+        now: Option<Instant>,
+    ) {
+        let sample: Sample = match outcome {
+            Outcome::Ignore => return self.ignore(ticket),
+            Outcome::Success => RECORDED,
+            Outcome::Failure => RECORDED | FAILED,
+        } | if slow { SLOW } else { 0 };
+        let word = self.state.load(Acquire);
+        if word != ticket.word {
+            // The state changed since this call was admitted: it belongs to a past period.
+            return;
+        }
+        if ticket.probe() {
+            return self.record_probe(word, sample);
+        }
+        if let Some(counts) = self.window.record(sample, now)
+            && self.trips(counts)
+        {
+            self.change(
+                Some(word),
+                OPEN,
+                "failure or slow-call rate reached its threshold",
+            );
+        }
+    }
+
+    /// A call that says nothing: gives its probe permit back.
+    pub(super) fn ignore(&self, ticket: Ticket) {
+        if ticket.probe() && self.state.load(Acquire) == ticket.word {
+            self.probes_taken.fetch_sub(1, AcqRel);
+        }
+    }
+
+    fn trips(&self, counts: Counts) -> bool {
+        let config = &self.config;
+        let calls = counts.calls as f32;
+        counts.calls >= self.minimum_calls
+            && (counts.failures as f32 * 100.0 >= config.failure_rate_threshold * calls
+                || counts.slow as f32 * 100.0 >= config.slow_call_rate_threshold * calls)
+    }
+
+    /// Half-open decides as soon as the permitted probes' rates are sure to reach a
+    /// threshold (re-open) or sure not to (close).
+    fn record_probe(self: &Arc<Self>, word: u64, sample: Sample) {
+        let Some(probes) = self.probes.replace(0, sample) else {
+            return;
+        };
+        let permitted = u64::from(self.config.permitted_calls_in_half_open);
+        let remaining = permitted.saturating_sub(probes.calls);
+        if probes.failures >= self.probe_failures_to_open || probes.slow >= self.probe_slow_to_open
+        {
+            self.change(Some(word), OPEN, "probes failed");
+        } else if probes.failures + remaining < self.probe_failures_to_open
+            && probes.slow + remaining < self.probe_slow_to_open
+        {
+            self.change(Some(word), CLOSED, "probes succeeded");
+        }
+    }
+
+    /// A new connection after an outage: an open breaker probes at once.
+    pub(super) fn on_reconnected(self: &Arc<Self>) {
+        let word = self.state.load(Acquire);
+        if matches!(code(word), OPEN | OPEN_UNDRIVEN) {
+            self.change(Some(word), HALF_OPEN, "redis reconnected");
+        }
+    }
+
+    /// Changes state if it is still `expected` (any state for `None`, the manual
+    /// controls). True if it changed.
+    pub(super) fn change(
+        self: &Arc<Self>,
+        expected: Option<u64>,
+        to: u64,
+        reason: &'static str,
+    ) -> bool {
+        let mut control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
+        let word = self.state.load(Acquire);
+        if expected.is_some_and(|expected| expected != word) {
+            return false;
+        }
+        let mut to = to;
+        let mut wait = Duration::ZERO;
+        match to {
+            CLOSED => {
+                self.window.clear();
+                control.reopen_delays = None;
+            }
+            OPEN => {
+                wait = self.next_wait(&mut control);
+                let until = Instant::now() + wait;
+                let nanos = u64::try_from(until.saturating_duration_since(self.origin).as_nanos())
+                    .unwrap_or(u64::MAX);
+                self.open_until.store(nanos, Relaxed);
+                if !self.ensure_driver(&mut control) {
+                    to = OPEN_UNDRIVEN;
+                }
+            }
+            HALF_OPEN => {
+                self.probes.clear();
+                self.probes_taken.store(0, Release);
+            }
+            FORCED_OPEN => {}
+            _ => control.reopen_delays = None,
+        }
+        let counts = self.window.counts();
+        let new_word = ((word >> 8) + 1) << 8 | to;
+        self.state.store(new_word, Release);
+        let transition = Transition {
+            from: public(word),
+            to: public(new_word),
+        };
+        self.states.send_replace(transition.to);
+        drop(control);
+        self.trace(transition, reason, counts, wait);
+        if let Some(hook) = &self.config.on_state_change {
+            hook(transition);
+        }
+        true
+    }
+
+    fn next_wait(&self, control: &mut Control) -> Duration {
+        let Some(backoff) = &self.config.wait_in_open_backoff else {
+            return self.config.wait_in_open;
+        };
+        control
+            .reopen_delays
+            .get_or_insert_with(|| backoff.iter())
+            .next()
+            .unwrap_or_else(|| backoff.max())
+    }
+
+    /// Makes sure a task will end the open wait; false if there is no runtime to run it.
+    fn ensure_driver(self: &Arc<Self>, control: &mut Control) -> bool {
+        if control
+            .driver
+            .as_ref()
+            .is_some_and(|driver| !driver.is_finished())
+        {
+            return true;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        control.driver = Some(runtime.spawn(drive(Arc::downgrade(self), self.states.subscribe())));
+        true
+    }
+
+    fn trace(&self, transition: Transition, reason: &'static str, counts: Counts, wait: Duration) {
+        let name = &*self.config.name;
+        let Transition { from, to } = transition;
+        match to {
+            BreakerState::Open => tracing::warn!(
+                breaker = name,
+                ?from,
+                reason,
+                calls = counts.calls,
+                failed_calls = counts.failures,
+                slow_calls = counts.slow,
+                ?wait,
+                "circuit breaker opened: redis calls are rejected until it probes again"
+            ),
+            BreakerState::Closed => {
+                tracing::info!(breaker = name, ?from, reason, "circuit breaker closed")
+            }
+            BreakerState::HalfOpen => {
+                tracing::info!(
+                    breaker = name,
+                    reason,
+                    "circuit breaker half-open: probing redis"
+                )
+            }
+            BreakerState::ForcedOpen => {
+                tracing::warn!(breaker = name, ?from, "circuit breaker forced open by hand")
+            }
+            BreakerState::Disabled => {
+                tracing::warn!(breaker = name, ?from, "circuit breaker disabled by hand")
+            }
+        }
+    }
+
+    pub(super) fn state(&self) -> BreakerState {
+        public(self.state.load(Acquire))
+    }
+
+    pub(super) fn subscribe(&self) -> watch::Receiver<BreakerState> {
+        self.states.subscribe()
+    }
+
+    pub(super) fn metrics(&self) -> BreakerMetrics {
+        let counts = self.window.counts();
+        let rate = |part: u64| {
+            (counts.calls >= self.minimum_calls).then(|| part as f32 * 100.0 / counts.calls as f32)
+        };
+        BreakerMetrics {
+            state: self.state(),
+            calls: counts.calls,
+            failed_calls: counts.failures,
+            slow_calls: counts.slow,
+            failure_rate: rate(counts.failures),
+            slow_call_rate: rate(counts.slow),
+            rejected_calls: self.rejected.load(Relaxed),
+        }
+    }
+
+    pub(super) fn force_open(self: &Arc<Self>) {
+        self.change(None, FORCED_OPEN, "forced open");
+    }
+
+    pub(super) fn disable(self: &Arc<Self>) {
+        self.change(None, DISABLED, "disabled");
+    }
+
+    pub(super) fn reset(self: &Arc<Self>) {
+        self.change(None, CLOSED, "reset by hand");
+    }
+}
+
+/// Ends each open wait: when it has elapsed, or at once on a reconnect (see
+/// [`follow_connection`]). Lives as long as the breaker.
+async fn drive(breaker: Weak<Shared>, mut states: watch::Receiver<BreakerState>) {
+    loop {
+        let open = {
+            let Some(shared) = breaker.upgrade() else {
+                return;
+            };
+            let word = shared.state.load(Acquire);
+            (code(word) == OPEN).then(|| (word, shared.open_until()))
+        };
+        match open {
+            Some((word, until)) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => {
+                        if let Some(shared) = breaker.upgrade() {
+                            shared.change(Some(word), HALF_OPEN, "wait in open elapsed");
+                        }
+                    }
+                    changed = states.changed() => if changed.is_err() { return },
+                }
+            }
+            None => {
+                if states.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Moves the breaker to half-open whenever the connection comes back. Ends when either
+/// side is dropped.
+pub(super) async fn follow_connection(
+    breaker: Weak<Shared>,
+    mut states: watch::Receiver<BreakerState>,
+    mut connection: watch::Receiver<ConnectionState>,
+) {
+    connection.mark_unchanged();
+    loop {
+        tokio::select! {
+            changed = connection.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if *connection.borrow_and_update() == ConnectionState::Connected {
+                    let Some(shared) = breaker.upgrade() else {
+                        return;
+                    };
+                    shared.on_reconnected();
+                }
+            }
+            changed = states.changed() => if changed.is_err() { return },
+        }
+    }
+}
