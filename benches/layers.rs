@@ -6,8 +6,10 @@
 use std::{
     future::{Future, Ready, ready},
     hint::black_box,
-    pin::pin,
+    pin::{Pin, pin},
+    sync::Barrier,
     task::{Context, Poll, Waker},
+    time::{Duration, Instant},
 };
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -16,6 +18,7 @@ use tokio::runtime::{Builder, Runtime};
 use tower::{Layer, Service, ServiceExt};
 use tower_redis_resilience::{
     Error, MakeConnection, Request,
+    circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer},
     reconnect::{Reconnect, ReconnectConfig},
     retry::RetryLayer,
 };
@@ -38,6 +41,73 @@ impl Service<Request> for Memory {
     }
 }
 
+/// A leaf whose answer is not ready at the first poll, as a network call's never is: the
+/// layers' full cost, clock readings included.
+#[derive(Clone)]
+struct Waiting;
+
+struct WaitOnce(bool);
+
+impl Future for WaitOnce {
+    type Output = Result<Value, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.0 {
+            return Poll::Ready(Ok(Value::Okay));
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl Service<Request> for Waiting {
+    type Response = Value;
+    type Error = Error;
+    type Future = WaitOnce;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request) -> WaitOnce {
+        WaitOnce(false)
+    }
+}
+
+/// The least a layer with shared state can do: keep a reference count on it in each
+/// call's future, as the breaker (and tower's `ConcurrencyLimit`) must.
+#[derive(Clone)]
+struct ArcPerCall<S> {
+    inner: S,
+    shared: std::sync::Arc<u64>,
+}
+
+impl<S: Service<Request>> Service<Request> for ArcPerCall<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Holding<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        Holding(self.inner.call(request), self.shared.clone())
+    }
+}
+
+#[pin_project::pin_project]
+struct Holding<F>(#[pin] F, std::sync::Arc<u64>);
+
+impl<F: Future> Future for Holding<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().0.poll(cx)
+    }
+}
+
 struct MemoryConnector;
 
 impl MakeConnection for MemoryConnector {
@@ -56,33 +126,75 @@ fn runtime() -> Runtime {
     Builder::new_current_thread().enable_all().build().unwrap()
 }
 
-/// Polls a future that completes at once: no runtime in the measurement.
+/// Polls a future of the in-memory leaves to completion: no runtime in the measurement.
 fn now<F: Future>(future: F) -> F::Output {
     let mut future = pin!(future);
-    match future
-        .as_mut()
-        .poll(&mut Context::from_waker(Waker::noop()))
-    {
-        Poll::Ready(output) => output,
-        Poll::Pending => panic!("the healthy path over an in-memory leaf never waits"),
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
     }
+}
+
+fn get() -> Request {
+    Request::from(redis::cmd("GET").arg("k").to_owned())
+}
+
+/// One call through `service`; `Ok` or the error's class, checked.
+fn call_once<S>(service: &mut S, request: &Request, expect_ok: bool)
+where
+    S: Service<Request, Response = Value, Error = Error>,
+{
+    let reply = now(async {
+        service
+            .ready()
+            .await
+            .unwrap()
+            .call(black_box(request.clone()))
+            .await
+    });
+    assert_eq!(black_box(reply).is_ok(), expect_ok);
 }
 
 fn bench_one<S>(c: &mut Criterion, name: &str, mut service: S)
 where
     S: Service<Request, Response = Value, Error = Error>,
 {
-    let request = Request::from(redis::cmd("GET").arg("k").to_owned());
+    let request = get();
+    c.bench_function(name, |b| b.iter(|| call_once(&mut service, &request, true)));
+}
+
+/// Two threads calling clones of one service at once: the per-call time each thread
+/// sees while the other contends for the same shared state.
+fn bench_two_threads<S>(c: &mut Criterion, name: &str, service: S, expect_ok: bool)
+where
+    S: Service<Request, Response = Value, Error = Error> + Clone + Send,
+{
     c.bench_function(name, |b| {
-        b.iter(|| {
-            now(async {
-                let reply = service
-                    .ready()
-                    .await
-                    .unwrap()
-                    .call(black_box(request.clone()))
-                    .await;
-                black_box(reply).unwrap()
+        b.iter_custom(|iters| {
+            let barrier = Barrier::new(2);
+            std::thread::scope(|scope| {
+                let threads: Vec<_> = (0..2)
+                    .map(|_| {
+                        let mut service = service.clone();
+                        let barrier = &barrier;
+                        scope.spawn(move || {
+                            let request = get();
+                            barrier.wait();
+                            let start = Instant::now();
+                            for _ in 0..iters {
+                                call_once(&mut service, &request, expect_ok);
+                            }
+                            start.elapsed()
+                        })
+                    })
+                    .collect();
+                threads
+                    .into_iter()
+                    .map(|thread| thread.join().unwrap())
+                    .max()
+                    .unwrap_or(Duration::ZERO)
             })
         })
     });
@@ -107,7 +219,77 @@ fn layers(c: &mut Criterion) {
         "healthy/Retry+Reconnect",
         RetryLayer::default().layer(reconnect),
     );
+
+    let breaker = CircuitBreakerLayer::default();
+    bench_one(c, "healthy/CircuitBreaker", breaker.layer(Memory));
+    bench_one(c, "waiting leaf/leaf alone", Waiting);
+    bench_one(c, "waiting leaf/CircuitBreaker", breaker.layer(Waiting));
+    let time_window = CircuitBreakerLayer::new(CircuitBreakerConfig::new().sliding_window(
+        tower_redis_resilience::circuit_breaker::SlidingWindow::Time {
+            length: Duration::from_secs(10),
+            buckets: 10,
+        },
+    ))
+    .unwrap();
+    bench_one(
+        c,
+        "healthy/CircuitBreaker time window",
+        time_window.layer(Memory),
+    );
+
+    // The floor: a leaf that answers an error at once, for comparison.
+    let mut refusing = tower::service_fn(|_: Request| {
+        ready(Err::<Value, _>(Error::circuit_open(Duration::from_secs(1))))
+    });
+    let request = get();
+    c.bench_function("open/erroring leaf alone", |b| {
+        b.iter(|| call_once(&mut refusing, &request, false))
+    });
+    let mut rejected = tripped().layer(Memory);
+    let request = get();
+    c.bench_function("open/CircuitBreaker rejection", |b| {
+        b.iter(|| call_once(&mut rejected, &request, false))
+    });
 }
 
-criterion_group!(benches, layers);
+/// A breaker opened by failures, that stays open for the whole run.
+fn tripped() -> CircuitBreakerLayer {
+    let breaker = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new().wait_in_open(Duration::from_secs(3600)),
+    )
+    .unwrap();
+    let mut failing = breaker.layer(tower::service_fn(|_: Request| {
+        ready(Err::<Value, _>(Error::unavailable("down")))
+    }));
+    let request = get();
+    for _ in 0..20 {
+        call_once(&mut failing, &request, false);
+    }
+    assert_eq!(
+        breaker.state(),
+        tower_redis_resilience::circuit_breaker::BreakerState::Open
+    );
+    breaker
+}
+
+fn two_threads(c: &mut Criterion) {
+    let rt = runtime();
+    let _guard = rt.enter();
+    bench_two_threads(c, "2 threads/leaf alone", Memory, true);
+    let floor = ArcPerCall {
+        inner: Memory,
+        shared: std::sync::Arc::new(0),
+    };
+    bench_two_threads(c, "2 threads/Arc clone per call", floor, true);
+    let breaker = CircuitBreakerLayer::default();
+    bench_two_threads(c, "2 threads/CircuitBreaker", breaker.layer(Memory), true);
+    bench_two_threads(
+        c,
+        "2 threads/CircuitBreaker rejection",
+        tripped().layer(Memory),
+        false,
+    );
+}
+
+criterion_group!(benches, layers, two_threads);
 criterion_main!(benches);

@@ -56,11 +56,12 @@ where
 {
     type Output = Result<Value, Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Called { future, call } => match future.poll(cx) {
                 Poll::Ready(result) => {
-                    if let Some(call) = call.take() {
+                    if let Some(call) = call {
                         call.finish(&result);
                     }
                     Poll::Ready(result)
@@ -131,7 +132,11 @@ impl Call {
         })
     }
 
-    fn finish(mut self, result: &Result<Value, Error>) {
+    #[inline]
+    fn finish(&mut self, result: &Result<Value, Error>) {
+        if self.finished {
+            return;
+        }
         self.finished = true;
         let outcome = self.shared.config.classify(result);
         if outcome == Outcome::Ignore {

@@ -71,8 +71,6 @@ pub struct BreakerMetrics {
     pub failure_rate: Option<f32>,
     /// Slow calls in percent, once the window holds `minimum_calls`.
     pub slow_call_rate: Option<f32>,
-    /// Calls rejected since the breaker was made.
-    pub rejected_calls: u64,
 }
 
 /// The service [`CircuitBreakerLayer`] makes: calls go to `inner` while the circuit is
@@ -99,6 +97,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, request: Request) -> Self::Future {
         match self.shared.admit() {
             Admission::Record(ticket) => {
@@ -107,9 +106,11 @@ where
                 ResponseFuture::called(self.inner.call(request), Some(call))
             }
             Admission::Pass => ResponseFuture::called(self.inner.call(request), None),
-            Admission::Reject(error) => {
-                ResponseFuture::rejected(error.with_command(request.info().name()))
-            }
+            Admission::Reject(word) => ResponseFuture::rejected(
+                self.shared
+                    .rejection(word)
+                    .with_command(request.info().name()),
+            ),
         }
     }
 }

@@ -14,26 +14,23 @@ use tokio::{sync::watch, task::JoinHandle, time::Instant};
 use super::{
     BreakerMetrics, BreakerState, Transition,
     config::{CircuitBreakerConfig, Outcome},
-    window::{Counts, FAILED, PackedCounts, RECORDED, SLOW, Sample, Window},
+    window::{Counts, FAILED, PackedCounts, Padded, RECORDED, SLOW, Sample, Window},
 };
 use crate::{Error, backoff::Delays, reconnect::ConnectionState};
 
 // The state word: `epoch << 8 | code`. The epoch grows with every change, so a call admitted
 // under one state is not counted in the next.
 const CLOSED: u64 = 0;
-/// Open, with a task that will move it to half-open.
+/// Open, with a task that will move it to half-open: rejecting reads no clock.
 const OPEN: u64 = 1;
-/// Open with no task to wake it (no runtime when it opened): callers check the clock.
+/// Open with no task to end the wait (no runtime when it opened, or the runtime shut
+/// down since): callers check the clock.
 const OPEN_UNDRIVEN: u64 = 2;
 const HALF_OPEN: u64 = 3;
 const FORCED_OPEN: u64 = 4;
 const DISABLED: u64 = 5;
 
 const CODE_MASK: u64 = 0xff;
-
-/// While a driven breaker is open, one rejection in this many also checks the clock, in
-/// case the task that should end the wait is gone (its runtime shut down).
-const CLOCK_CHECK_EVERY: u64 = 64;
 
 fn code(word: u64) -> u64 {
     word & CODE_MASK
@@ -66,12 +63,14 @@ pub(super) enum Admission {
     Record(Ticket),
     /// Call; nothing is recorded (disabled).
     Pass,
-    Reject(Error),
+    /// Reject: the breaker was in this state.
+    Reject(u64),
 }
 
 pub(super) struct Shared {
     pub(super) config: CircuitBreakerConfig,
-    state: AtomicU64,
+    /// Read by every call; on lines of its own, away from the counters calls write.
+    state: Padded<AtomicU64>,
     window: Window,
     minimum_calls: u64,
     /// Taken and outcome counts of the current half-open period.
@@ -80,10 +79,10 @@ pub(super) struct Shared {
     /// Probe failures (slow probes) that re-open the breaker.
     probe_failures_to_open: u64,
     probe_slow_to_open: u64,
-    /// When the open breaker lets probes through, in nanoseconds after `origin`.
+    /// When the open breaker lets probes through, after `origin`: seconds in the high
+    /// half, nanoseconds in the low half, so a rejection divides nothing.
     open_until: AtomicU64,
     origin: Instant,
-    rejected: AtomicU64,
     control: Mutex<Control>,
     states: watch::Sender<BreakerState>,
 }
@@ -107,14 +106,13 @@ impl Shared {
         Shared {
             probe_failures_to_open: needed(config.failure_rate_threshold),
             probe_slow_to_open: needed(config.slow_call_rate_threshold),
-            state: AtomicU64::new(CLOSED),
+            state: Padded(AtomicU64::new(CLOSED)),
             window,
             minimum_calls,
             probes_taken: AtomicU32::new(0),
             probes: PackedCounts::default(),
             open_until: AtomicU64::new(0),
             origin,
-            rejected: AtomicU64::new(0),
             control: Mutex::new(Control::default()),
             states: watch::channel(BreakerState::Closed).0,
             config,
@@ -127,13 +125,7 @@ impl Shared {
         let word = self.state.load(Acquire);
         match code(word) {
             CLOSED => Admission::Record(Ticket { word }),
-            OPEN => {
-                let rejected = self.rejected.fetch_add(1, Relaxed);
-                if rejected.is_multiple_of(CLOCK_CHECK_EVERY) {
-                    self.end_wait_if_due(word);
-                }
-                Admission::Reject(Error::circuit_open_until(self.open_until()))
-            }
+            OPEN => Admission::Reject(word),
             DISABLED => Admission::Pass,
             _ => self.admit_slow(word),
         }
@@ -141,35 +133,45 @@ impl Shared {
 
     #[cold]
     fn admit_slow(self: &Arc<Self>, word: u64) -> Admission {
+        if code(word) == OPEN_UNDRIVEN && self.end_wait_if_due(word) {
+            return self.admit();
+        }
+        if code(word) == HALF_OPEN {
+            let permitted = self.config.permitted_calls_in_half_open;
+            let taken = self.probes_taken.fetch_update(AcqRel, Acquire, |taken| {
+                (taken < permitted).then_some(taken + 1)
+            });
+            if taken.is_ok() {
+                return Admission::Record(Ticket { word });
+            }
+        }
+        Admission::Reject(word)
+    }
+
+    /// The error for a call rejected under `word`.
+    #[inline]
+    pub(super) fn rejection(&self, word: u64) -> Error {
         match code(word) {
-            OPEN_UNDRIVEN => {
-                if self.end_wait_if_due(word) {
-                    return self.admit();
-                }
-                self.rejected.fetch_add(1, Relaxed);
-                Admission::Reject(Error::circuit_open_until(self.open_until()))
-            }
-            HALF_OPEN => {
-                let permitted = self.config.permitted_calls_in_half_open;
-                let taken = self.probes_taken.fetch_update(AcqRel, Acquire, |taken| {
-                    (taken < permitted).then_some(taken + 1)
-                });
-                if taken.is_ok() {
-                    Admission::Record(Ticket { word })
-                } else {
-                    self.rejected.fetch_add(1, Relaxed);
-                    Admission::Reject(Error::circuit_open(Duration::ZERO))
-                }
-            }
-            _ => {
-                self.rejected.fetch_add(1, Relaxed);
-                Admission::Reject(Error::circuit_forced_open())
-            }
+            OPEN | OPEN_UNDRIVEN => Error::circuit_open_until(self.open_until()),
+            HALF_OPEN => Error::circuit_open(Duration::ZERO),
+            _ => Error::circuit_forced_open(),
         }
     }
 
+    #[inline]
     fn open_until(&self) -> Instant {
-        self.origin + Duration::from_nanos(self.open_until.load(Relaxed))
+        let packed = self.open_until.load(Relaxed);
+        let after = Duration::new(packed >> 32, packed as u32);
+        self.origin.checked_add(after).unwrap_or(self.origin)
+    }
+
+    fn set_open_until(&self, wait: Duration) {
+        let since = Instant::now()
+            .saturating_duration_since(self.origin)
+            .saturating_add(wait);
+        let secs = since.as_secs().min(u64::from(u32::MAX));
+        self.open_until
+            .store(secs << 32 | u64::from(since.subsec_nanos()), Relaxed);
     }
 
     /// Moves an open breaker whose wait is over to half-open. True if it did.
@@ -274,10 +276,7 @@ impl Shared {
             }
             OPEN => {
                 wait = self.next_wait(&mut control);
-                let until = Instant::now() + wait;
-                let nanos = u64::try_from(until.saturating_duration_since(self.origin).as_nanos())
-                    .unwrap_or(u64::MAX);
-                self.open_until.store(nanos, Relaxed);
+                self.set_open_until(wait);
                 if !self.ensure_driver(&mut control) {
                     to = OPEN_UNDRIVEN;
                 }
@@ -328,7 +327,10 @@ impl Shared {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return false;
         };
-        control.driver = Some(runtime.spawn(drive(Arc::downgrade(self), self.states.subscribe())));
+        control.driver = Some(runtime.spawn(drive(
+            DriverGone(Arc::downgrade(self)),
+            self.states.subscribe(),
+        )));
         true
     }
 
@@ -385,7 +387,6 @@ impl Shared {
             slow_calls: counts.slow,
             failure_rate: rate(counts.failures),
             slow_call_rate: rate(counts.slow),
-            rejected_calls: self.rejected.load(Relaxed),
         }
     }
 
@@ -404,7 +405,11 @@ impl Shared {
 
 /// Ends each open wait: when it has elapsed, or at once on a reconnect (see
 /// [`follow_connection`]). Lives as long as the breaker.
-async fn drive(breaker: Weak<Shared>, mut states: watch::Receiver<BreakerState>) {
+///
+/// The guard is an argument so that it is dropped with the future even if the task never
+/// ran.
+async fn drive(gone: DriverGone, mut states: watch::Receiver<BreakerState>) {
+    let breaker = gone.0.clone();
     loop {
         let open = {
             let Some(shared) = breaker.upgrade() else {
@@ -428,6 +433,24 @@ async fn drive(breaker: Weak<Shared>, mut states: watch::Receiver<BreakerState>)
                 if states.changed().await.is_err() {
                     return;
                 }
+            }
+        }
+    }
+}
+
+/// Dropped with the driver's future: if its runtime shuts down while the breaker is open,
+/// callers take over ending the wait.
+struct DriverGone(Weak<Shared>);
+
+impl Drop for DriverGone {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            let word = shared.state.load(Acquire);
+            if code(word) == OPEN {
+                let undriven = word & !CODE_MASK | OPEN_UNDRIVEN;
+                let _ = shared
+                    .state
+                    .compare_exchange(word, undriven, AcqRel, Acquire);
             }
         }
     }
