@@ -1,6 +1,7 @@
 //! End-to-end GET throughput against a spawned redis-server, 64 requests in flight:
-//! raw redis-rs `MultiplexedConnection`, our leaf `RedisService`, and `Client` over it
-//! (redis-rs's `AsyncCommands` through the tower stack), in the same run.
+//! raw redis-rs `MultiplexedConnection`, our leaf `RedisService`, `Client` over it
+//! (redis-rs's `AsyncCommands` through the tower stack), and our layers stacked one by
+//! one, in the same run.
 //!
 //! `cargo bench --bench end_to_end` prints criterion's numbers for each variant on a
 //! current-thread and a 2-worker runtime, then an interleaved round with the ratios.
@@ -19,6 +20,7 @@ use tower::Layer;
 use tower::{Service, ServiceExt};
 use tower_redis_resilience::{
     Client, Connector, RedisService, Request,
+    circuit_breaker::{CircuitBreaker, CircuitBreakerLayer},
     reconnect::{Reconnect, ReconnectConfig},
     retry::{Retry, RetryLayer},
 };
@@ -34,6 +36,7 @@ enum Variant {
     Client(Client<RedisService>),
     Reconnect(Reconnect),
     RetryReconnect(Retry<Reconnect>),
+    BreakerRetryReconnect(CircuitBreaker<Retry<Reconnect>>),
 }
 
 impl Variant {
@@ -44,6 +47,7 @@ impl Variant {
             Variant::Client(_) => "Client<RedisService>",
             Variant::Reconnect(_) => "Reconnect",
             Variant::RetryReconnect(_) => "Retry<Reconnect>",
+            Variant::BreakerRetryReconnect(_) => "CircuitBreaker<Retry<Reconnect>>",
         }
     }
 
@@ -56,6 +60,7 @@ impl Variant {
                 Variant::Client(client) => client.get("bench:key").await.unwrap(),
                 Variant::Reconnect(service) => get_through(service).await,
                 Variant::RetryReconnect(service) => get_through(service).await,
+                Variant::BreakerRetryReconnect(service) => get_through(service).await,
             };
             assert!(value.is_some());
         }
@@ -105,6 +110,9 @@ async fn variants(url: &str) -> Vec<Variant> {
         Variant::Client(Client::new(RedisService::connect(url).await.unwrap())),
         Variant::Reconnect(reconnect(url).await),
         Variant::RetryReconnect(RetryLayer::default().layer(reconnect(url).await)),
+        Variant::BreakerRetryReconnect(
+            CircuitBreakerLayer::default().layer(RetryLayer::default().layer(reconnect(url).await)),
+        ),
     ]
 }
 

@@ -7,21 +7,29 @@
 //! [`redis::Value`]s or one [`Error`] type whose classifiers (`is_unavailable`,
 //! `is_timeout`, `is_circuit_open`, `is_server`, `is_config`, `may_have_run`) drive every
 //! resilience policy. [`reconnect::Reconnect`] keeps that connection through restarts and
-//! stalls, [`retry::RetryLayer`] resends what is safe to resend, and [`Client`] puts
-//! redis-rs's whole command API on top of any stack.
+//! stalls, [`retry::RetryLayer`] resends what is safe to resend,
+//! [`circuit_breaker::CircuitBreakerLayer`] fails fast while Redis is down and probes for
+//! its return, and [`Client`] puts redis-rs's whole command API on top of any stack.
 //!
 //! ```no_run
 //! use redis::AsyncCommands;
 //! use tower::ServiceBuilder;
 //! use tower_redis_resilience::{
 //!     Client, Connector,
+//!     circuit_breaker::CircuitBreakerLayer,
 //!     reconnect::{Reconnect, ReconnectConfig},
 //!     retry::RetryLayer,
 //! };
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let redis = Reconnect::lazy(Connector::from_url("redis://127.0.0.1:6379")?, ReconnectConfig::new())?;
-//! let stack = ServiceBuilder::new().layer(RetryLayer::default()).service(redis);
+//! let breaker = CircuitBreakerLayer::default();
+//! // A new connection after an outage lets the breaker probe at once.
+//! breaker.half_open_on_reconnect(redis.state())?;
+//! let stack = ServiceBuilder::new()
+//!     .layer(breaker.clone())
+//!     .layer(RetryLayer::default())
+//!     .service(redis);
 //! let mut client = Client::new(stack);
 //! let () = client.set("k", "v").await?;
 //! let value: Option<String> = client.get("k").await?;

@@ -37,6 +37,39 @@ use crate::{Error, reconnect::ConnectionState};
 /// published on a `watch` channel ([`subscribe`](Self::subscribe)) and given to the
 /// [`on_state_change`](CircuitBreakerConfig::on_state_change) hook.
 ///
+/// How it behaves, over a stand-in for a Redis that is down:
+///
+/// ```
+/// use tower::{Layer, Service, ServiceExt, service_fn};
+/// use tower_redis_resilience::{
+///     Error, Request,
+///     circuit_breaker::{BreakerState, CircuitBreakerConfig, CircuitBreakerLayer, SlidingWindow},
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let breaker = CircuitBreakerLayer::new(
+///     CircuitBreakerConfig::new()
+///         .sliding_window(SlidingWindow::Count(10))
+///         .minimum_calls(5),
+/// )?;
+/// let down = service_fn(|_: Request| async { Err::<redis::Value, _>(Error::unavailable("down")) });
+/// let mut redis = breaker.layer(down);
+/// let get = || Request::from(redis::cmd("GET").arg("k").to_owned());
+///
+/// for _ in 0..5 {
+///     let err = redis.ready().await?.call(get()).await.unwrap_err();
+///     assert!(err.is_unavailable());
+/// }
+/// assert_eq!(breaker.state(), BreakerState::Open);
+/// let err = redis.ready().await?.call(get()).await.unwrap_err();
+/// assert!(err.is_circuit_open()); // without calling the inner service
+/// assert_eq!(breaker.metrics().failure_rate, Some(100.0));
+/// # Ok(()) }
+/// ```
+///
+/// In a stack over a real connection:
+///
 /// ```no_run
 /// use tower::ServiceBuilder;
 /// use tower_redis_resilience::{
