@@ -99,10 +99,20 @@ pub(super) struct Call {
     ticket: Ticket,
     /// Blocking commands wait by design: never slow, not recorded when cancelled.
     blocking: bool,
-    /// Read when the inner future first waits, so a call answered at once costs no clock
+    /// Set when the inner future first waits, so a call answered at once costs no clock
     /// reading and one that waits costs two.
-    started: Option<Instant>,
+    timing: Timing,
     finished: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Timing {
+    /// Answered at once so far (or blocking): not slow.
+    Untimed,
+    /// Slow if it finishes at or after this instant.
+    SlowAt(Instant),
+    /// `slow_call_duration` is too long to ever be reached.
+    NeverSlow,
 }
 
 impl Call {
@@ -111,25 +121,30 @@ impl Call {
             shared,
             ticket,
             blocking,
-            started: None,
+            timing: Timing::Untimed,
             finished: false,
         }
     }
 
     fn started(&mut self) {
-        if self.started.is_none() && !self.blocking {
-            self.started = Some(Instant::now());
+        if matches!(self.timing, Timing::Untimed) && !self.blocking {
+            self.timing = match Instant::now().checked_add(self.shared.config.slow_call_duration) {
+                Some(at) => Timing::SlowAt(at),
+                None => Timing::NeverSlow,
+            };
         }
     }
 
-    /// How long the call has run and the time now, if it waited at all.
+    /// Whether the call is slow, and the time now if it had to be read.
     fn elapsed(&self) -> Option<(bool, Instant)> {
-        self.started.map(|started| {
-            let now = Instant::now();
-            let slow =
-                now.saturating_duration_since(started) >= self.shared.config.slow_call_duration;
-            (slow, now)
-        })
+        match self.timing {
+            Timing::Untimed => None,
+            Timing::SlowAt(at) => {
+                let now = Instant::now();
+                Some((now >= at, now))
+            }
+            Timing::NeverSlow => Some((false, Instant::now())),
+        }
     }
 
     #[inline]

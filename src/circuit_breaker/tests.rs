@@ -195,6 +195,18 @@ async fn slow_calls_open_it_at_their_own_threshold() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_unreachable_slow_call_duration_is_never_slow() {
+    let (layer, mut service, _) = breaker(
+        count_window(10, 2)
+            .slow_call_duration(Duration::MAX)
+            .slow_call_rate_threshold(50.0),
+    );
+    repeat(&mut service, 4, "ok", 3_600_000).await;
+    assert_eq!(layer.metrics().slow_calls, 0);
+    assert_eq!(layer.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
 async fn blocking_commands_are_never_slow() {
     let (layer, mut service, leaf) = breaker(
         count_window(10, 2)
