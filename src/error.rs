@@ -516,17 +516,19 @@ impl std::error::Error for Error {
     }
 }
 
+/// The error Redis's reply `reply` (`b"-WRONGTYPE ...\r\n"`) becomes, for unit tests.
+#[cfg(test)]
+pub(crate) fn server(reply: &[u8]) -> Error {
+    let value = redis::parse_redis_value(reply).expect("valid RESP");
+    match value {
+        Value::ServerError(err) => Error::from_server_error(err),
+        other => panic!("not an error reply: {other:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn server(reply: &[u8]) -> Error {
-        let value = redis::parse_redis_value(reply).expect("valid RESP");
-        match value {
-            Value::ServerError(err) => Error::from_server_error(err),
-            other => panic!("not an error reply: {other:?}"),
-        }
-    }
 
     #[test]
     fn exactly_one_class_holds_for_every_kind() {

@@ -136,14 +136,14 @@ impl Call {
     }
 
     /// Whether the call is slow, and the time now if it had to be read.
-    fn elapsed(&self) -> Option<(bool, Instant)> {
+    fn slow_and_now(&self) -> (bool, Option<Instant>) {
         match self.timing {
-            Timing::Untimed => None,
+            Timing::Untimed => (false, None),
             Timing::SlowAt(at) => {
                 let now = Instant::now();
-                Some((now >= at, now))
+                (now >= at, Some(now))
             }
-            Timing::NeverSlow => Some((false, Instant::now())),
+            Timing::NeverSlow => (false, Some(Instant::now())),
         }
     }
 
@@ -157,10 +157,7 @@ impl Call {
         if outcome == Outcome::Ignore {
             return self.shared.ignore(self.ticket);
         }
-        let (slow, now) = match self.elapsed() {
-            Some((slow, now)) => (slow, Some(now)),
-            None => (false, None),
-        };
+        let (slow, now) = self.slow_and_now();
         self.shared.record(self.ticket, outcome, slow, now);
     }
 }
@@ -170,9 +167,7 @@ impl Drop for Call {
         if self.finished {
             return;
         }
-        let elapsed = self.elapsed();
-        let slow = elapsed.is_some_and(|(slow, _)| slow);
-        let now = elapsed.map(|(_, now)| now);
+        let (slow, now) = self.slow_and_now();
         let failure = !self.blocking
             && match self.shared.config.on_cancel {
                 CancelPolicy::Failure => true,

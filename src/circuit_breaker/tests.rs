@@ -87,10 +87,7 @@ async fn answer(behaviour: Behaviour) -> Result<Value, Error> {
         Behaviour::Ok => Ok(Value::Okay),
         Behaviour::Fail => Err(Error::unavailable("connection lost")),
         Behaviour::Timeout => Err(Error::timed_out(Duration::from_millis(250))),
-        Behaviour::Server => match redis::parse_redis_value(b"-WRONGTYPE x\r\n") {
-            Ok(Value::ServerError(err)) => Err(Error::from_server_error(err)),
-            other => panic!("not an error reply: {other:?}"),
-        },
+        Behaviour::Server => Err(crate::error::server(b"-WRONGTYPE x\r\n")),
         Behaviour::Hang => std::future::pending().await,
     }
 }

@@ -126,12 +126,7 @@ async fn incr_that_never_left_the_client_is_retried() {
 
 #[tokio::test(start_paused = true)]
 async fn timeouts_server_errors_and_open_circuits_are_not_retried() {
-    let wrongtype = Error::from_server_error(
-        match redis::parse_redis_value(b"-WRONGTYPE x\r\n").unwrap() {
-            Value::ServerError(e) => e,
-            _ => unreachable!(),
-        },
-    );
+    let wrongtype = crate::error::server(b"-WRONGTYPE x\r\n");
     for error in [
         Error::timed_out(Duration::from_millis(5)),
         wrongtype,
