@@ -54,6 +54,9 @@ pub mod reconnect;
 mod request;
 pub mod retry;
 mod service;
+#[cfg(test)]
+mod testing;
+pub mod timeout;
 
 pub use client::Client;
 pub use connect::{Connector, DEFAULT_CONNECT_TIMEOUT, MakeConnection};

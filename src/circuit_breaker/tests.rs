@@ -4,11 +4,7 @@
 use std::{
     collections::VecDeque,
     future::Future,
-    pin::Pin,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -19,89 +15,11 @@ use tokio::time::{Instant, advance};
 use tower::{Layer, Service, ServiceExt};
 
 use super::*;
-use crate::{backoff::ExponentialBackoff, reconnect::ConnectionState};
-
-/// What the leaf does with a call: `GET <behaviour> <milliseconds>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Behaviour {
-    Ok,
-    /// Unavailable (a lost connection).
-    Fail,
-    /// A timeout error from below.
-    Timeout,
-    /// `WRONGTYPE`.
-    Server,
-    /// Never answers.
-    Hang,
-}
-
-/// An in-memory Redis stand-in that answers as the command says, after the delay it says,
-/// and counts the calls that reached it.
-#[derive(Clone, Default)]
-struct Leaf {
-    calls: Arc<AtomicUsize>,
-}
-
-impl Leaf {
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-}
-
-impl Service<Request> for Leaf {
-    type Response = Value;
-    type Error = Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Value, Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        let cmd = request.cmd().expect("tests send commands");
-        let mut args = cmd.args_iter().skip(1).map(|arg| match arg {
-            redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-            _ => String::new(),
-        });
-        let behaviour = match args.next().as_deref() {
-            Some("ok") => Behaviour::Ok,
-            Some("fail") => Behaviour::Fail,
-            Some("timeout") => Behaviour::Timeout,
-            Some("server") => Behaviour::Server,
-            Some("hang") => Behaviour::Hang,
-            other => panic!("unknown behaviour {other:?}"),
-        };
-        let delay = Duration::from_millis(args.next().map_or(0, |ms| ms.parse().unwrap()));
-        Box::pin(async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            answer(behaviour).await
-        })
-    }
-}
-
-async fn answer(behaviour: Behaviour) -> Result<Value, Error> {
-    match behaviour {
-        Behaviour::Ok => Ok(Value::Okay),
-        Behaviour::Fail => Err(Error::unavailable("connection lost")),
-        Behaviour::Timeout => Err(Error::timed_out(Duration::from_millis(250))),
-        Behaviour::Server => Err(crate::error::server(b"-WRONGTYPE x\r\n")),
-        Behaviour::Hang => std::future::pending().await,
-    }
-}
-
-fn get(behaviour: &str, millis: u64) -> Request {
-    Request::from(redis::cmd("GET").arg(behaviour).arg(millis).to_owned())
-}
-
-async fn send<S>(service: &mut S, behaviour: &str, millis: u64) -> Result<Value, Error>
-where
-    S: Service<Request, Response = Value, Error = Error>,
-{
-    service.ready().await?.call(get(behaviour, millis)).await
-}
+use crate::{
+    backoff::ExponentialBackoff,
+    reconnect::ConnectionState,
+    testing::{Leaf, get, send},
+};
 
 /// Lets spawned tasks (the breaker's timer) run after the clock moved.
 async fn settle() {

@@ -157,6 +157,28 @@ impl CommandInfo {
     }
 }
 
+/// The canonical name of a command given as text (`"get"`, `"config  set"`), as
+/// [`CommandInfo::name`] would give it, or `None` when no request can carry that name.
+pub(crate) fn canonical_name(text: &str) -> Option<&'static str> {
+    let mut words = text.split_whitespace();
+    let first = words.next()?;
+    let second = words.next();
+    if words.next().is_some() {
+        return None;
+    }
+    if second.is_none() {
+        for special in [PIPELINE, TRANSACTION, UNKNOWN_COMMAND] {
+            if first.eq_ignore_ascii_case(special) {
+                return Some(special);
+            }
+        }
+    }
+    let spec = spec::lookup(first.as_bytes(), second.map(str::as_bytes))?;
+    // A container with an unknown subcommand answers its own entry: not a match.
+    let exact = second.is_none_or(|second| spec.name.len() == first.len() + 1 + second.len());
+    exact.then_some(spec.name)
+}
+
 fn simple_args(cmd: &Cmd) -> impl Iterator<Item = &[u8]> + Clone {
     // The other kind of argument is a SCAN cursor placeholder, never a word we look for.
     cmd.args_iter().filter_map(|arg| match arg {
@@ -245,6 +267,19 @@ mod tests {
             c.arg(*arg);
         }
         CommandInfo::of_cmd(&c)
+    }
+
+    #[test]
+    fn names_given_as_text_are_canonicalised_or_refused() {
+        assert_eq!(canonical_name("get"), Some("GET"));
+        assert_eq!(canonical_name(" config   Set "), Some("CONFIG SET"));
+        assert_eq!(canonical_name("CONFIG"), Some("CONFIG"));
+        assert_eq!(canonical_name("pipeline"), Some(PIPELINE));
+        assert_eq!(canonical_name("MULTI"), Some(TRANSACTION));
+        assert_eq!(canonical_name("unknown"), Some(UNKNOWN_COMMAND));
+        for wrong in ["", "GETX", "CONFIG NOPE", "GET k", "CONFIG GET x"] {
+            assert_eq!(canonical_name(wrong), None, "{wrong:?}");
+        }
     }
 
     #[test]

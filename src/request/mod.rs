@@ -4,11 +4,13 @@ mod info;
 mod spec;
 mod table;
 
+pub(crate) use info::canonical_name;
 pub use info::{Blocking, CommandInfo, PIPELINE, TRANSACTION, UNKNOWN_COMMAND};
 
 use std::sync::Arc;
 
 use redis::{Cmd, Pipeline};
+use tokio::time::Instant;
 
 /// One request for Redis: a [`Cmd`] or a [`Pipeline`] (plain or `.atomic()`), with its
 /// [`CommandInfo`] computed once so no layer parses arguments again.
@@ -34,6 +36,9 @@ use redis::{Cmd, Pipeline};
 pub struct Request {
     body: Body,
     info: CommandInfo,
+    /// When the first layer that needed the time saw it, so a stack reads the clock once
+    /// per request for its start (deadline, latency, slowness) however many layers use it.
+    start: Option<Instant>,
 }
 
 /// Shared, so cloning a request for a possible retry costs a reference count, not a copy
@@ -66,6 +71,13 @@ impl Request {
         }
     }
 
+    /// When the request entered the stack: the first call to this reads the clock, later
+    /// ones (in inner layers, in retries) answer the same instant.
+    #[inline]
+    pub(crate) fn start(&mut self) -> Instant {
+        *self.start.get_or_insert_with(Instant::now)
+    }
+
     pub(crate) fn into_body(self) -> Body {
         self.body
     }
@@ -76,6 +88,7 @@ impl From<Cmd> for Request {
         Request {
             info: CommandInfo::of_cmd(&cmd),
             body: Body::Cmd(Arc::new(cmd)),
+            start: None,
         }
     }
 }
@@ -91,6 +104,7 @@ impl From<Pipeline> for Request {
         Request {
             info: CommandInfo::of_pipeline(&pipeline),
             body: Body::Pipeline(Arc::new(pipeline)),
+            start: None,
         }
     }
 }

@@ -1,0 +1,198 @@
+//! Deadlines under a paused clock, with the in-memory leaf.
+
+use std::time::Duration;
+
+use redis::Value;
+use tokio::time::{Instant, advance};
+use tower::{Layer, Service, ServiceExt};
+
+use super::*;
+use crate::testing::{Leaf, command};
+
+const MS: Duration = Duration::from_millis(1);
+
+fn timeouts(layer: TimeoutLayer) -> Timeout<Leaf> {
+    layer.layer(Leaf::default())
+}
+
+/// Sends the request and answers its result and how long it took on the paused clock.
+async fn timed(service: &mut Timeout<Leaf>, request: Request) -> (Result<Value, Error>, Duration) {
+    let start = Instant::now();
+    let result = service.ready().await.unwrap().call(request).await;
+    (result, start.elapsed())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_call_times_out_at_the_default_with_command_and_deadline() {
+    let mut service = timeouts(TimeoutLayer::new(250 * MS));
+    let (result, took) = timed(&mut service, command("GET", "hang", 0)).await;
+    let err = result.unwrap_err();
+    assert!(err.is_timeout());
+    assert_eq!(err.command(), Some("GET"));
+    assert_eq!(err.timeout(), Some(250 * MS));
+    assert_eq!(took, 250 * MS);
+    assert_eq!(err.to_string(), "GET: timed out after 250ms");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_within_the_deadline_passes_through() {
+    let mut service = timeouts(TimeoutLayer::new(250 * MS));
+    let (result, took) = timed(&mut service, command("GET", "ok", 249)).await;
+    assert_eq!(result.unwrap(), Value::Okay);
+    assert_eq!(took, 249 * MS);
+    // Errors from below are not turned into timeouts.
+    let (result, _) = timed(&mut service, command("GET", "fail", 10)).await;
+    assert!(result.unwrap_err().is_unavailable());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_arriving_with_the_deadline_wins() {
+    let mut service = timeouts(TimeoutLayer::new(250 * MS));
+    let (result, _) = timed(&mut service, command("GET", "ok", 250)).await;
+    assert_eq!(result.unwrap(), Value::Okay);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_runs_from_the_call_not_the_first_poll() {
+    let mut service = timeouts(TimeoutLayer::new(250 * MS));
+    let start = Instant::now();
+    let future = service
+        .ready()
+        .await
+        .unwrap()
+        .call(command("GET", "hang", 0));
+    advance(100 * MS).await;
+    assert!(future.await.unwrap_err().is_timeout());
+    assert_eq!(start.elapsed(), 250 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_command_overrides_replace_the_default() {
+    let layer = TimeoutLayer::new(250 * MS)
+        .command("keys", 2 * Duration::from_secs(1))
+        .unwrap();
+    let mut service = timeouts(layer);
+    let (result, took) = timed(&mut service, command("KEYS", "ok", 1500)).await;
+    assert_eq!(result.unwrap(), Value::Okay);
+    assert_eq!(took, 1500 * MS);
+    let (result, took) = timed(&mut service, command("KEYS", "hang", 0)).await;
+    assert_eq!(result.unwrap_err().timeout(), Some(2000 * MS));
+    assert_eq!(took, 2000 * MS);
+    let (_, took) = timed(&mut service, command("GET", "hang", 0)).await;
+    assert_eq!(took, 250 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_blocking_command_gets_its_block_time_plus_the_grace() {
+    let mut service = timeouts(TimeoutLayer::new(250 * MS));
+    // BLPOP hang 5: blocks 5 s (its last argument), never answers.
+    let (result, took) = timed(&mut service, command("BLPOP", "hang", 5)).await;
+    assert_eq!(took, 5250 * MS);
+    assert_eq!(result.unwrap_err().timeout(), Some(5250 * MS));
+    // An answer after 4 s is on time.
+    let (result, _) = timed(&mut service, command("BLPOP", "ok", 4000)).await;
+    assert_eq!(result.unwrap(), Value::Okay);
+
+    let mut service = timeouts(TimeoutLayer::new(250 * MS).blocking_grace(MS));
+    let (_, took) = timed(&mut service, command("BLPOP", "hang", 5)).await;
+    assert_eq!(took, 5001 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn blocking_forever_is_unbounded_unless_capped() {
+    let mut service = timeouts(TimeoutLayer::new(250 * MS));
+    let mut future = std::pin::pin!(
+        service
+            .ready()
+            .await
+            .unwrap()
+            .call(command("BLPOP", "hang", 0))
+    );
+    tokio::select! {
+        _ = &mut future => panic!("BLPOP k 0 must wait as long as Redis does"),
+        () = tokio::time::sleep(Duration::from_secs(24 * 3600)) => {}
+    }
+
+    let cap = Duration::from_secs(30);
+    let mut service = timeouts(TimeoutLayer::new(250 * MS).blocking_cap(cap));
+    let (result, took) = timed(&mut service, command("BLPOP", "hang", 0)).await;
+    assert_eq!((result.unwrap_err().timeout(), took), (Some(cap), cap));
+    // The cap bounds finite blocks too.
+    let (_, took) = timed(&mut service, command("BLPOP", "hang", 60)).await;
+    assert_eq!(took, cap);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pipeline_gets_one_deadline_for_the_whole_batch() {
+    let mut pipe = redis::pipe();
+    pipe.cmd("GET")
+        .arg("hang")
+        .arg(0)
+        .cmd("GET")
+        .arg("k")
+        .cmd("GET")
+        .arg("k");
+    let mut service = timeouts(TimeoutLayer::new(100 * MS).pipeline(400 * MS));
+    let (result, took) = timed(&mut service, Request::from(&pipe)).await;
+    let err = result.unwrap_err();
+    assert_eq!(
+        (err.command(), err.timeout()),
+        (Some("PIPELINE"), Some(400 * MS))
+    );
+    assert_eq!(took, 400 * MS);
+
+    // Without a pipeline deadline, the default covers the batch.
+    let mut service = timeouts(TimeoutLayer::new(100 * MS));
+    let (_, took) = timed(&mut service, Request::from(&pipe)).await;
+    assert_eq!(took, 100 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_too_long_to_represent_means_none() {
+    let mut service = timeouts(TimeoutLayer::new(Duration::MAX));
+    let mut future = std::pin::pin!(
+        service
+            .ready()
+            .await
+            .unwrap()
+            .call(command("GET", "hang", 0))
+    );
+    tokio::select! {
+        _ = &mut future => panic!("no deadline"),
+        () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+    }
+}
+
+#[test]
+fn an_override_for_a_command_that_does_not_exist_is_a_config_error() {
+    let err = TimeoutLayer::default()
+        .command("GETT", Duration::from_secs(1))
+        .unwrap_err();
+    assert!(err.is_config());
+    assert!(err.to_string().contains("`GETT`"), "{err}");
+}
+
+#[test]
+fn the_layer_reports_the_deadline_each_request_gets() {
+    let layer = TimeoutLayer::default()
+        .command("CONFIG GET", 3 * Duration::from_secs(1))
+        .unwrap();
+    let deadline = |cmd: &redis::Cmd| layer.deadline_for(&Request::from(cmd));
+    assert_eq!(deadline(redis::cmd("GET").arg("k")), Some(250 * MS));
+    assert_eq!(
+        deadline(redis::cmd("config").arg("get").arg("maxmemory")),
+        Some(3000 * MS)
+    );
+    assert_eq!(
+        deadline(
+            redis::cmd("XREAD")
+                .arg("BLOCK")
+                .arg(1500)
+                .arg("STREAMS")
+                .arg("s")
+                .arg("$")
+        ),
+        Some(1750 * MS)
+    );
+    assert_eq!(deadline(redis::cmd("WAIT").arg(1).arg(0)), None);
+}
