@@ -19,8 +19,10 @@ use tower::{Layer, Service, ServiceExt};
 use tower_redis_resilience::{
     Error, MakeConnection, Request,
     circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer},
+    metrics::MetricsLayer,
     reconnect::{Reconnect, ReconnectConfig},
     retry::RetryLayer,
+    timeout::TimeoutLayer,
 };
 
 /// A leaf that answers `OK` at once.
@@ -235,6 +237,24 @@ fn layers(c: &mut Criterion) {
         c,
         "healthy/CircuitBreaker time window",
         time_window.layer(Memory),
+    );
+
+    bench_one(c, "healthy/Timeout", TimeoutLayer::default().layer(Memory));
+    bench_one(
+        c,
+        "waiting leaf/Timeout",
+        TimeoutLayer::default().layer(Waiting),
+    );
+    bench_one(c, "healthy/Metrics", MetricsLayer::new().layer(Memory));
+    bench_one(
+        c,
+        "waiting leaf/Metrics",
+        MetricsLayer::new().layer(Waiting),
+    );
+    bench_one(
+        c,
+        "healthy/Metrics+Timeout",
+        MetricsLayer::new().layer(TimeoutLayer::default().layer(Memory)),
     );
 
     // The floor: a leaf that answers an error at once, for comparison.

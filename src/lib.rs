@@ -50,6 +50,8 @@ pub mod circuit_breaker;
 mod client;
 mod connect;
 mod error;
+pub mod fallback;
+pub mod metrics;
 pub mod reconnect;
 mod request;
 pub mod retry;

@@ -126,3 +126,115 @@ where
 {
     service.ready().await?.call(get(behaviour, millis)).await
 }
+
+/// A `tracing` subscriber that keeps every span's and event's fields, for tests that
+/// check what is logged (and what never is).
+#[derive(Clone, Default)]
+pub(crate) struct Capture {
+    inner: Arc<std::sync::Mutex<Captured>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Captured {
+    pub spans: Vec<CapturedSpan>,
+    pub events: Vec<CapturedEvent>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct CapturedSpan {
+    pub name: &'static str,
+    pub level: tracing::Level,
+    pub fields: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct CapturedEvent {
+    pub level: tracing::Level,
+    pub fields: std::collections::BTreeMap<String, String>,
+}
+
+struct Fields<'a>(&'a mut std::collections::BTreeMap<String, String>);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+}
+
+impl Capture {
+    /// Installs it for the current thread until the guard drops.
+    pub(crate) fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let guard = tracing::subscriber::set_default(self.clone());
+        // A callsite another test thread registered at the same moment may have cached
+        // "nobody is interested"; ask again now that this subscriber exists.
+        tracing::callsite::rebuild_interest_cache();
+        guard
+    }
+
+    pub(crate) fn spans(&self) -> Vec<CapturedSpan> {
+        self.inner.lock().unwrap().spans.clone()
+    }
+
+    pub(crate) fn events(&self) -> Vec<CapturedEvent> {
+        self.inner.lock().unwrap().events.clone()
+    }
+
+    /// Everything captured, as one text to search.
+    pub(crate) fn text(&self) -> String {
+        format!("{:?}{:?}", self.spans(), self.events())
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::always()
+    }
+
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+
+    fn new_span(&self, attrs: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let mut fields = std::collections::BTreeMap::new();
+        attrs.record(&mut Fields(&mut fields));
+        let mut captured = self.inner.lock().unwrap();
+        captured.spans.push(CapturedSpan {
+            name: attrs.metadata().name(),
+            level: *attrs.metadata().level(),
+            fields,
+        });
+        tracing::span::Id::from_u64(captured.spans.len() as u64)
+    }
+
+    fn record(&self, span: &tracing::span::Id, values: &tracing::span::Record<'_>) {
+        let mut captured = self.inner.lock().unwrap();
+        let index = span.into_u64() as usize - 1;
+        values.record(&mut Fields(&mut captured.spans[index].fields));
+    }
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = std::collections::BTreeMap::new();
+        event.record(&mut Fields(&mut fields));
+        self.inner.lock().unwrap().events.push(CapturedEvent {
+            level: *event.metadata().level(),
+            fields,
+        });
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
+}

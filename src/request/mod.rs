@@ -99,6 +99,13 @@ impl From<&Cmd> for Request {
     }
 }
 
+/// So `Request::from(redis::cmd("GET").arg("k"))` works as written.
+impl From<&mut Cmd> for Request {
+    fn from(cmd: &mut Cmd) -> Self {
+        Request::from(cmd.clone())
+    }
+}
+
 impl From<Pipeline> for Request {
     fn from(pipeline: Pipeline) -> Self {
         Request {
@@ -111,6 +118,12 @@ impl From<Pipeline> for Request {
 
 impl From<&Pipeline> for Request {
     fn from(pipeline: &Pipeline) -> Self {
+        Request::from(pipeline.clone())
+    }
+}
+
+impl From<&mut Pipeline> for Request {
+    fn from(pipeline: &mut Pipeline) -> Self {
         Request::from(pipeline.clone())
     }
 }

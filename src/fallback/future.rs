@@ -1,0 +1,155 @@
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use pin_project::pin_project;
+use redis::{Arg, Value};
+
+use super::layer::{FallbackPolicy, Shared};
+use crate::{Error, Request};
+
+/// The future of [`Fallback`](super::Fallback).
+#[pin_project]
+#[must_use = "futures do nothing unless polled"]
+pub struct ResponseFuture<F> {
+    #[pin]
+    inner: F,
+    /// `None` for calls the policy never answers for: they pass through untouched.
+    fallback: Option<(Arc<Shared>, Plan)>,
+}
+
+impl<F> ResponseFuture<F> {
+    pub(super) fn new(inner: F, fallback: Option<(Arc<Shared>, Plan)>) -> Self {
+        ResponseFuture { inner, fallback }
+    }
+}
+
+impl<F> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Value, Error>>,
+{
+    type Output = Result<Value, Error>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        let error = match result {
+            Err(error)
+                if error.is_unavailable() || error.is_timeout() || error.is_circuit_open() =>
+            {
+                error
+            }
+            other => return Poll::Ready(other),
+        };
+        let Some((shared, plan)) = this.fallback.take() else {
+            return Poll::Ready(Err(error));
+        };
+        match plan.answer(&shared.policy, &error) {
+            Some(value) => {
+                shared.fell_back(plan.command(), &error);
+                Poll::Ready(Ok(value))
+            }
+            None => Poll::Ready(Err(error)),
+        }
+    }
+}
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("may_fall_back", &self.fallback.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a call answers if it fails, decided when it is made (from what is cheap to know
+/// then) so a call that succeeds costs nothing more.
+pub(super) enum Plan {
+    /// A read: `Nil`, or one `Nil` per key or field asked for (`MGET`, `HMGET`, a
+    /// pipeline of reads).
+    Miss {
+        command: &'static str,
+        nils: Option<usize>,
+    },
+    /// A write under [`FallbackPolicy::ReadsAndWrites`]: its configured reply.
+    Write { command: &'static str },
+    /// A pipeline mixing reads and writes, or any request under a custom policy: decided
+    /// with the request in hand.
+    Request(Request),
+}
+
+impl Plan {
+    /// `None` when the policy never answers for this request.
+    #[inline]
+    pub(super) fn for_request(shared: &Shared, request: &Request) -> Option<Plan> {
+        let info = request.info();
+        let command = info.name();
+        match &shared.policy {
+            FallbackPolicy::Custom(_) => Some(Plan::Request(request.clone())),
+            _ if info.is_read_only() => Some(Plan::Miss {
+                command,
+                nils: nils_for(request),
+            }),
+            FallbackPolicy::ReadsAndWrites(_) if request.pipeline().is_some() => {
+                Some(Plan::Request(request.clone()))
+            }
+            FallbackPolicy::ReadsAndWrites(_) => Some(Plan::Write { command }),
+            FallbackPolicy::ReadsOnly => None,
+        }
+    }
+
+    fn command(&self) -> &'static str {
+        match self {
+            Plan::Miss { command, .. } | Plan::Write { command } => command,
+            Plan::Request(request) => request.info().name(),
+        }
+    }
+
+    fn answer(&self, policy: &FallbackPolicy, error: &Error) -> Option<Value> {
+        match (self, policy) {
+            (Plan::Miss { nils: None, .. }, _) => Some(Value::Nil),
+            (Plan::Miss { nils: Some(n), .. }, _) => Some(Value::Array(vec![Value::Nil; *n])),
+            (Plan::Write { .. }, FallbackPolicy::ReadsAndWrites(reply)) => Some(reply.clone()),
+            (Plan::Request(request), FallbackPolicy::Custom(answer)) => answer(request, error),
+            (Plan::Request(request), FallbackPolicy::ReadsAndWrites(reply)) => {
+                let pipeline = request.pipeline()?;
+                let replies = pipeline
+                    .cmd_iter()
+                    .map(|cmd| {
+                        let one = Request::from(cmd);
+                        match nils_for(&one) {
+                            _ if !one.info().is_read_only() => reply.clone(),
+                            Some(n) => Value::Array(vec![Value::Nil; n]),
+                            None => Value::Nil,
+                        }
+                    })
+                    .collect();
+                Some(Value::Array(replies))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// For a read whose reply has one slot per key or field asked for, how many: a miss
+/// then answers that many `Nil`s, so `Vec<Option<T>>` keeps its length.
+fn nils_for(request: &Request) -> Option<usize> {
+    if let Some(pipeline) = request.pipeline() {
+        return Some(pipeline.len());
+    }
+    let skip = match request.info().name() {
+        "MGET" => 1,
+        "HMGET" => 2,
+        _ => return None,
+    };
+    let args = request
+        .cmd()?
+        .args_iter()
+        .filter(|arg| matches!(arg, Arg::Simple(_)))
+        .count();
+    Some(args.saturating_sub(skip))
+}
