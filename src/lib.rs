@@ -59,6 +59,7 @@ mod service;
 #[cfg(test)]
 mod testing;
 pub mod timeout;
+pub mod trace;
 
 pub use client::Client;
 pub use connect::{Connector, DEFAULT_CONNECT_TIMEOUT, MakeConnection};
