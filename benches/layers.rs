@@ -19,10 +19,12 @@ use tower::{Layer, Service, ServiceExt};
 use tower_redis_resilience::{
     Error, MakeConnection, Request,
     circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer},
+    fallback::FallbackLayer,
     metrics::MetricsLayer,
     reconnect::{Reconnect, ReconnectConfig},
     retry::RetryLayer,
     timeout::TimeoutLayer,
+    trace::TraceLayer,
 };
 
 /// A leaf that answers `OK` at once.
@@ -250,6 +252,17 @@ fn layers(c: &mut Criterion) {
         c,
         "waiting leaf/Metrics",
         MetricsLayer::new().layer(Waiting),
+    );
+    bench_one(
+        c,
+        "healthy/Fallback",
+        FallbackLayer::default().layer(Memory),
+    );
+    // No subscriber listens: the span is disabled, as with `DEBUG` off.
+    bench_one(
+        c,
+        "healthy/Trace (span disabled)",
+        TraceLayer::new().layer(Memory),
     );
     bench_one(
         c,

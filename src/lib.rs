@@ -49,6 +49,7 @@ pub mod backoff;
 pub mod circuit_breaker;
 mod client;
 mod connect;
+mod directory;
 mod error;
 pub mod fallback;
 pub mod metrics;

@@ -1,7 +1,6 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -9,7 +8,10 @@ use pin_project::pin_project;
 use redis::{Arg, Value};
 
 use super::layer::{FallbackPolicy, Shared};
-use crate::{Error, Request};
+use crate::{
+    Error, Request,
+    directory::{self, Key},
+};
 
 /// The future of [`Fallback`](super::Fallback).
 #[pin_project]
@@ -17,12 +19,14 @@ use crate::{Error, Request};
 pub struct ResponseFuture<F> {
     #[pin]
     inner: F,
-    /// `None` for calls the policy never answers for: they pass through untouched.
-    fallback: Option<(Arc<Shared>, Plan)>,
+    /// `None` for calls the policy never answers for: they pass through untouched. The
+    /// layer's state is found by key when a call fails, so a call that succeeds touches
+    /// nothing shared.
+    fallback: Option<(Key, Plan)>,
 }
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn new(inner: F, fallback: Option<(Arc<Shared>, Plan)>) -> Self {
+    pub(super) fn new(inner: F, fallback: Option<(Key, Plan)>) -> Self {
         ResponseFuture { inner, fallback }
     }
 }
@@ -45,10 +49,16 @@ where
             }
             other => return Poll::Ready(other),
         };
-        let Some((shared, plan)) = this.fallback.take() else {
+        // Every service and the layer gone while the call ran (a shutdown): no policy to
+        // apply any more, the error stands.
+        let Some((plan, shared)) = this
+            .fallback
+            .take()
+            .and_then(|(key, plan)| Some((plan, directory::find::<Shared>(key)?)))
+        else {
             return Poll::Ready(Err(error));
         };
-        match plan.answer(&shared.policy, &error) {
+        match plan.answer(&shared.settings.policy, &error) {
             Some(value) => {
                 shared.fell_back(plan.command(), &error);
                 Poll::Ready(Ok(value))
@@ -78,24 +88,24 @@ pub(super) enum Plan {
     /// A write under [`FallbackPolicy::ReadsAndWrites`]: its configured reply.
     Write { command: &'static str },
     /// A pipeline mixing reads and writes, or any request under a custom policy: decided
-    /// with the request in hand.
-    Request(Request),
+    /// with the request in hand (boxed: the common plans keep the future small).
+    Request(Box<Request>),
 }
 
 impl Plan {
     /// `None` when the policy never answers for this request.
     #[inline]
-    pub(super) fn for_request(shared: &Shared, request: &Request) -> Option<Plan> {
+    pub(super) fn for_request(policy: &FallbackPolicy, request: &Request) -> Option<Plan> {
         let info = request.info();
         let command = info.name();
-        match &shared.policy {
-            FallbackPolicy::Custom(_) => Some(Plan::Request(request.clone())),
+        match policy {
+            FallbackPolicy::Custom(_) => Some(Plan::Request(Box::new(request.clone()))),
             _ if info.is_read_only() => Some(Plan::Miss {
                 command,
                 nils: nils_for(request),
             }),
             FallbackPolicy::ReadsAndWrites(_) if request.pipeline().is_some() => {
-                Some(Plan::Request(request.clone()))
+                Some(Plan::Request(Box::new(request.clone())))
             }
             FallbackPolicy::ReadsAndWrites(_) => Some(Plan::Write { command }),
             FallbackPolicy::ReadsOnly => None,

@@ -14,6 +14,7 @@ use tower::Layer;
 use super::Fallback;
 use crate::{
     Error, Request,
+    directory::{self, Key},
     metrics::{Outcome, Registry},
 };
 
@@ -98,17 +99,25 @@ impl fmt::Debug for FallbackPolicy {
 /// assert_eq!(fallback.fallbacks(), 1);
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone)]
 #[must_use]
 pub struct FallbackLayer {
     shared: Arc<Shared>,
 }
 
-pub(super) struct Shared {
+#[derive(Clone)]
+pub(super) struct Settings {
     pub(super) policy: FallbackPolicy,
     registry: Option<Registry>,
-    fallbacks: AtomicU64,
     warn_every: Duration,
+}
+
+/// What every service of one layer shares. Registered in the [directory](crate::directory)
+/// so a call's future holds its key, not a reference count.
+pub(super) struct Shared {
+    pub(super) settings: Settings,
+    pub(super) key: Key,
+    fallbacks: AtomicU64,
     origin: Instant,
     /// Nanoseconds after `origin` before which no warning is logged.
     quiet_until: AtomicU64,
@@ -116,52 +125,33 @@ pub(super) struct Shared {
     unreported: AtomicU64,
 }
 
-impl Default for Shared {
-    fn default() -> Self {
-        Shared {
-            policy: FallbackPolicy::ReadsOnly,
-            registry: None,
+impl Shared {
+    fn create(settings: Settings) -> Arc<Shared> {
+        directory::register(|key| Shared {
+            settings,
+            key,
             fallbacks: AtomicU64::new(0),
-            warn_every: Duration::from_secs(10),
             origin: Instant::now(),
             quiet_until: AtomicU64::new(0),
             unreported: AtomicU64::new(0),
-        }
+        })
     }
-}
 
-/// A copy keeps the settings and starts its counts afresh.
-impl Clone for Shared {
-    fn clone(&self) -> Self {
-        Shared {
-            policy: self.policy.clone(),
-            registry: self.registry.clone(),
-            warn_every: self.warn_every,
-            ..Shared::default()
-        }
-    }
-}
-
-impl Shared {
     /// Counts and reports one fallback.
     pub(super) fn fell_back(&self, command: &'static str, error: &Error) {
         self.fallbacks.fetch_add(1, Relaxed);
-        if let Some(registry) = &self.registry {
+        if let Some(registry) = &self.settings.registry {
             registry.record(command, Outcome::Fallback, Duration::ZERO);
         }
         tracing::debug!(command, %error, "redis call answered by its fallback");
         self.unreported.fetch_add(1, Relaxed);
         let now = nanos(self.origin.elapsed());
         let quiet_until = self.quiet_until.load(Relaxed);
+        let next = now.saturating_add(nanos(self.settings.warn_every));
         if now < quiet_until
             || self
                 .quiet_until
-                .compare_exchange(
-                    quiet_until,
-                    now.saturating_add(nanos(self.warn_every)),
-                    Relaxed,
-                    Relaxed,
-                )
+                .compare_exchange(quiet_until, next, Relaxed, Relaxed)
                 .is_err()
         {
             return;
@@ -177,6 +167,12 @@ impl Shared {
     }
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        directory::unregister(self.key);
+    }
+}
+
 fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -185,9 +181,10 @@ impl FallbackLayer {
     /// A layer with `policy`.
     pub fn new(policy: FallbackPolicy) -> Self {
         FallbackLayer {
-            shared: Arc::new(Shared {
+            shared: Shared::create(Settings {
                 policy,
-                ..Shared::default()
+                registry: None,
+                warn_every: Duration::from_secs(10),
             }),
         }
     }
@@ -195,15 +192,13 @@ impl FallbackLayer {
     /// Also records every fallback in `registry`, as the `fallback` outcome of its
     /// command (usually the registry of the [metrics layer](crate::metrics::MetricsLayer)
     /// below this one).
-    pub fn record_to(mut self, registry: Registry) -> Self {
-        self.shared_mut().registry = Some(registry);
-        self
+    pub fn record_to(self, registry: Registry) -> Self {
+        self.configure(|settings| settings.registry = Some(registry))
     }
 
     /// The shortest time between two `warn` lines summing up fallbacks. Default: 10 s.
-    pub fn warn_every(mut self, period: Duration) -> Self {
-        self.shared_mut().warn_every = period;
-        self
+    pub fn warn_every(self, period: Duration) -> Self {
+        self.configure(|settings| settings.warn_every = period)
     }
 
     /// How many failed calls the services of this layer answered with a fallback.
@@ -213,13 +208,24 @@ impl FallbackLayer {
 
     /// The policy.
     pub fn policy(&self) -> &FallbackPolicy {
-        &self.shared.policy
+        &self.shared.settings.policy
     }
 
-    /// Settings change before the layer is shared; once services exist, a changed
-    /// layer starts fresh rather than changing theirs.
-    fn shared_mut(&mut self) -> &mut Shared {
-        Arc::make_mut(&mut self.shared)
+    /// Settings are given before the layer makes services: a changed layer starts
+    /// afresh (count included) rather than changing the services it already made.
+    fn configure(self, change: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = self.shared.settings.clone();
+        change(&mut settings);
+        FallbackLayer {
+            shared: Shared::create(settings),
+        }
+    }
+}
+
+impl Default for FallbackLayer {
+    /// Reads answer misses, writes keep their errors.
+    fn default() -> Self {
+        FallbackLayer::new(FallbackPolicy::ReadsOnly)
     }
 }
 
@@ -237,7 +243,7 @@ impl<S> Layer<S> for FallbackLayer {
 impl fmt::Debug for FallbackLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FallbackLayer")
-            .field("policy", &self.shared.policy)
+            .field("policy", &self.shared.settings.policy)
             .field("fallbacks", &self.fallbacks())
             .finish_non_exhaustive()
     }

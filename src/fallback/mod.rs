@@ -39,8 +39,8 @@ where
 
     #[inline]
     fn call(&mut self, request: Request) -> Self::Future {
-        let plan = Plan::for_request(&self.shared, &request);
-        let fallback = plan.map(|plan| (self.shared.clone(), plan));
+        let plan = Plan::for_request(&self.shared.settings.policy, &request);
+        let fallback = plan.map(|plan| (self.shared.key, plan));
         ResponseFuture::new(self.inner.call(request), fallback)
     }
 }
@@ -49,7 +49,7 @@ impl<S: fmt::Debug> fmt::Debug for Fallback<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Fallback")
             .field("inner", &self.inner)
-            .field("policy", &self.shared.policy)
+            .field("policy", &self.shared.settings.policy)
             .finish()
     }
 }

@@ -19,6 +19,12 @@ use crate::{Error, metrics::Outcome};
 pub struct ResponseFuture<F> {
     #[pin]
     inner: F,
+    /// `None` when nobody listens and slow calls are not reported: the future stays one
+    /// pointer larger than the inner one, and the call costs next to nothing.
+    traced: Option<Box<Traced>>,
+}
+
+pub(super) struct Traced {
     span: Span,
     /// When the call started and how long is slow, if slow calls are reported.
     slow: Option<(Instant, Duration)>,
@@ -27,19 +33,28 @@ pub struct ResponseFuture<F> {
 }
 
 impl<F> ResponseFuture<F> {
+    pub(super) fn untraced(inner: F) -> Self {
+        ResponseFuture {
+            inner,
+            traced: None,
+        }
+    }
+
     pub(super) fn new(
         inner: F,
         span: Span,
         slow: Option<(Instant, Duration)>,
         command: &'static str,
     ) -> Self {
-        ResponseFuture {
-            inner,
-            span,
-            slow,
-            command,
-            done: false,
-        }
+        let traced = (!span.is_disabled() || slow.is_some()).then(|| {
+            Box::new(Traced {
+                span,
+                slow,
+                command,
+                done: false,
+            })
+        });
+        ResponseFuture { inner, traced }
     }
 }
 
@@ -52,21 +67,23 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let span: &Span = this.span;
+        let Some(traced) = this.traced else {
+            return this.inner.poll(cx);
+        };
         let result = {
-            let _entered = span.enter();
+            let _entered = traced.span.enter();
             std::task::ready!(this.inner.poll(cx))
         };
-        *this.done = true;
+        traced.done = true;
         if let Err(error) = &result {
-            record_error(span, Outcome::of(&result), error.server_code());
+            record_error(&traced.span, Outcome::of(&result), error.server_code());
         }
-        if let Some((start, after)) = *this.slow {
+        if let Some((start, after)) = traced.slow {
             let took = start.elapsed();
             if took >= after {
                 tracing::warn!(
-                    parent: span,
-                    command = *this.command,
+                    parent: &traced.span,
+                    command = traced.command,
                     took_ms = took.as_secs_f64() * 1e3,
                     slow_ms = after.as_secs_f64() * 1e3,
                     "slow redis call"
@@ -91,8 +108,10 @@ fn record_error(span: &Span, outcome: Outcome, code: Option<&str>) {
 #[pinned_drop]
 impl<F> PinnedDrop for ResponseFuture<F> {
     fn drop(self: Pin<&mut Self>) {
-        if !self.done {
-            record_error(&self.span, Outcome::Cancelled, None);
+        if let Some(traced) = &self.traced
+            && !traced.done
+        {
+            record_error(&traced.span, Outcome::Cancelled, None);
         }
     }
 }
@@ -100,7 +119,7 @@ impl<F> PinnedDrop for ResponseFuture<F> {
 impl<F> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("span", &self.span)
+            .field("span", &self.traced.as_ref().map(|traced| &traced.span))
             .finish_non_exhaustive()
     }
 }

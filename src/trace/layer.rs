@@ -100,6 +100,16 @@ macro_rules! span_at {
 }
 
 impl Settings {
+    /// Whether a call may need a span or a clock: a subscriber listens at our level
+    /// (one atomic load, as `tracing`'s own macros check first), or slow calls are
+    /// reported.
+    #[inline]
+    pub(super) fn may_trace(&self) -> bool {
+        self.slow_call.is_some()
+            || (self.level <= tracing::level_filters::STATIC_MAX_LEVEL
+                && self.level <= tracing::level_filters::LevelFilter::current())
+    }
+
     #[inline]
     pub(super) fn span(&self, request: &Request) -> Span {
         let name = request.info().name();

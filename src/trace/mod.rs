@@ -39,6 +39,11 @@ where
 
     #[inline]
     fn call(&mut self, mut request: Request) -> Self::Future {
+        // Nobody listens at this level and slow calls are not reported: not even an empty
+        // span is made (moving one around costs more than this whole check).
+        if !self.settings.may_trace() {
+            return ResponseFuture::untraced(self.inner.call(request));
+        }
         let span = self.settings.span(&request);
         let slow = self
             .settings
@@ -46,7 +51,9 @@ where
             .filter(|_| !request.info().is_blocking())
             .map(|after| (request.start(), after));
         let name = request.info().name();
-        let inner = {
+        let inner = if span.is_disabled() {
+            self.inner.call(request)
+        } else {
             let _entered = span.enter();
             self.inner.call(request)
         };
