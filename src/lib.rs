@@ -9,7 +9,15 @@
 //! resilience policy. [`reconnect::Reconnect`] keeps that connection through restarts and
 //! stalls, [`retry::RetryLayer`] resends what is safe to resend,
 //! [`circuit_breaker::CircuitBreakerLayer`] fails fast while Redis is down and probes for
-//! its return, and [`Client`] puts redis-rs's whole command API on top of any stack.
+//! its return, [`timeout::TimeoutLayer`] gives every request a deadline sized to its
+//! command, [`fallback::FallbackLayer`] turns failed reads into misses,
+//! [`metrics::MetricsLayer`] and [`trace::TraceLayer`] count, time and trace every call,
+//! and [`Client`] puts redis-rs's whole command API on top of any stack.
+//!
+//! The recommended order, outermost first: `Fallback → Metrics → Trace →
+//! CircuitBreaker → Timeout → Retry → Reconnect`. Fallback answers for every failure
+//! below it while the metrics still see each one; the breaker sees timeouts; the
+//! deadline covers retries.
 //!
 //! ```no_run
 //! use redis::AsyncCommands;
@@ -41,6 +49,7 @@
 //! | feature | what it adds |
 //! |---------|--------------|
 //! | `tls`   | `rediss://` URLs and [`redis::Client::build_with_tls`], through redis-rs's rustls support (crypto provider: `ring`) |
+//! | `metrics` | [`metrics::MetricsLayer`] also records through the [`metrics`](https://docs.rs/metrics) facade under OpenTelemetry names: `db.client.operation.duration` (seconds; labels `db.system.name`, `db.operation.name`, `error.type`) and `redis.client.fallbacks` |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]

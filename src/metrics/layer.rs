@@ -18,8 +18,12 @@ use super::{Metrics, Registry, Snapshot};
 /// Every service the layer makes shares its registry. Command names are a bounded set
 /// (commands unknown to the command table count as `UNKNOWN`), so the number of series
 /// is bounded too. With the `metrics` feature, each call is also recorded through the
-/// [`metrics`](https://docs.rs/metrics) facade under OpenTelemetry names (see
-/// [`Registry`]'s module docs below), so `metrics-exporter-prometheus` and friends see it.
+/// [`metrics`](https://docs.rs/metrics) facade under OpenTelemetry names
+/// (`db.client.operation.duration` in seconds, labels `db.system.name`,
+/// `db.operation.name` and, on failure, `error.type`; fallbacks as
+/// `redis.client.fallbacks`), so `metrics-exporter-prometheus` and friends see it. Install
+/// the recorder before the first call: series are registered with the recorder of the
+/// moment a command is first seen.
 ///
 /// Put it outside the breaker and the deadline (`Fallback → Metrics → CircuitBreaker →
 /// Timeout → ...`) to see what callers see, rejections and timeouts included.
