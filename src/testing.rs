@@ -119,6 +119,14 @@ pub(crate) fn get(behaviour: &str, millis: u64) -> Request {
     command("GET", behaviour, millis)
 }
 
+/// Sends `request` once the service is ready.
+pub(crate) async fn call<S>(service: &mut S, request: Request) -> Result<Value, Error>
+where
+    S: Service<Request, Response = Value, Error = Error>,
+{
+    service.ready().await?.call(request).await
+}
+
 /// Sends `GET behaviour millis` once the service is ready.
 pub(crate) async fn send<S>(service: &mut S, behaviour: &str, millis: u64) -> Result<Value, Error>
 where

@@ -2,20 +2,13 @@
 
 use std::time::Duration;
 
-use tower::{Layer, Service, ServiceExt};
+use tower::Layer;
 
 use super::*;
 use crate::{
     metrics::{MetricsLayer, Outcome},
-    testing::{Capture, Leaf, command},
+    testing::{Capture, Leaf, call, command},
 };
-
-async fn call<S>(service: &mut S, request: Request) -> Result<Value, Error>
-where
-    S: Service<Request, Response = Value, Error = Error>,
-{
-    service.ready().await?.call(request).await
-}
 
 #[tokio::test(start_paused = true)]
 async fn reads_answer_nil_when_redis_cannot_answer() {

@@ -6,18 +6,11 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use super::*;
 use crate::{
-    testing::{Leaf, command},
+    testing::{Leaf, call, command},
     timeout::TimeoutLayer,
 };
 
 const MS: Duration = Duration::from_millis(1);
-
-async fn call<S>(service: &mut S, request: Request) -> Result<Value, Error>
-where
-    S: Service<Request, Response = Value, Error = Error>,
-{
-    service.ready().await?.call(request).await
-}
 
 #[tokio::test(start_paused = true)]
 async fn every_outcome_is_counted_per_command_with_its_latency() {

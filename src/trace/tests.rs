@@ -7,15 +7,8 @@ use tower::{Layer, Service, ServiceExt};
 use super::*;
 use crate::{
     Connector,
-    testing::{Capture, Leaf, command},
+    testing::{Capture, Leaf, call, command},
 };
-
-async fn call<S>(service: &mut S, request: Request) -> Result<Value, Error>
-where
-    S: Service<Request, Response = Value, Error = Error>,
-{
-    service.ready().await?.call(request).await
-}
 
 fn connector() -> Connector {
     Connector::from_url("redis://:hunter2@127.0.0.1:6390/3").unwrap()
