@@ -132,7 +132,7 @@ pub(crate) async fn send<S>(service: &mut S, behaviour: &str, millis: u64) -> Re
 where
     S: Service<Request, Response = Value, Error = Error>,
 {
-    service.ready().await?.call(get(behaviour, millis)).await
+    call(service, get(behaviour, millis)).await
 }
 
 /// A `tracing` subscriber that keeps every span's and event's fields, for tests that

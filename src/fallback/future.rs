@@ -121,8 +121,7 @@ impl Plan {
 
     fn answer(&self, policy: &FallbackPolicy, error: &Error) -> Option<Value> {
         match (self, policy) {
-            (Plan::Miss { nils: None, .. }, _) => Some(Value::Nil),
-            (Plan::Miss { nils: Some(n), .. }, _) => Some(Value::Array(vec![Value::Nil; *n])),
+            (Plan::Miss { nils, .. }, _) => Some(miss(*nils)),
             (Plan::Write { .. }, FallbackPolicy::ReadsAndWrites(reply)) => Some(reply.clone()),
             (Plan::Request(request), FallbackPolicy::Custom(answer)) => answer(request, error),
             (Plan::Request(request), FallbackPolicy::ReadsAndWrites(reply)) => {
@@ -131,10 +130,10 @@ impl Plan {
                     .cmd_iter()
                     .map(|cmd| {
                         let one = Request::from(cmd);
-                        match nils_for(&one) {
-                            _ if !one.info().is_read_only() => reply.clone(),
-                            Some(n) => Value::Array(vec![Value::Nil; n]),
-                            None => Value::Nil,
+                        if one.info().is_read_only() {
+                            miss(nils_for(&one))
+                        } else {
+                            reply.clone()
                         }
                     })
                     .collect();
@@ -142,6 +141,14 @@ impl Plan {
             }
             _ => None,
         }
+    }
+}
+
+/// What a read that missed answers: `Nil`, or `n` of them.
+fn miss(nils: Option<usize>) -> Value {
+    match nils {
+        None => Value::Nil,
+        Some(n) => Value::Array(vec![Value::Nil; n]),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::{sync::OnceLock, time::Duration};
 
-use super::Outcome;
+use super::{Outcome, registry::TIMED};
 
 /// OpenTelemetry's database client operation duration, in seconds.
 pub(super) const DURATION: &str = "db.client.operation.duration";
@@ -13,7 +13,7 @@ pub(super) const FALLBACKS: &str = "redis.client.fallbacks";
 /// look its series up again.
 #[derive(Default)]
 pub(super) struct Handles {
-    timed: [OnceLock<metrics::Histogram>; 7],
+    timed: [OnceLock<metrics::Histogram>; TIMED],
     fallbacks: OnceLock<metrics::Counter>,
 }
 

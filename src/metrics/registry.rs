@@ -84,7 +84,7 @@ impl fmt::Display for Outcome {
 }
 
 /// Outcomes that are calls, each with a histogram; `Fallback` is only counted.
-const TIMED: usize = 7;
+pub(super) const TIMED: usize = 7;
 
 /// Sub-buckets per power of two: the width of a bucket is 1/8 of its lower bound, so a
 /// quantile is within 12.5 % above the true value.
@@ -143,12 +143,17 @@ impl Histogram {
         }
     }
 
-    fn add_to(&self, into: &mut Counts) {
+    /// Adds this histogram to `into`; answers how many samples it held.
+    fn add_to(&self, into: &mut Counts) -> u64 {
+        let mut samples = 0;
         for (total, bucket) in into.buckets.iter_mut().zip(&self.buckets) {
-            *total += bucket.load(Relaxed);
+            let n = bucket.load(Relaxed);
+            *total += n;
+            samples += n;
         }
         into.sum = into.sum.saturating_add(self.sum.load(Relaxed));
         into.max = into.max.max(self.max.load(Relaxed));
+        samples
     }
 }
 
@@ -166,6 +171,14 @@ impl Counts {
             sum: 0,
             max: 0,
         }
+    }
+
+    fn merge(&mut self, other: &Counts) {
+        for (total, n) in self.buckets.iter_mut().zip(other.buckets) {
+            *total += n;
+        }
+        self.sum = self.sum.saturating_add(other.sum);
+        self.max = self.max.max(other.max);
     }
 
     fn summary(&self) -> Latency {
@@ -286,11 +299,7 @@ impl Registry {
         let start = fnv1a(name.as_bytes()) as usize & mask;
         for probe in 0..SLOTS {
             let index = (start + probe) & mask;
-            let slot = &self.inner.slots[index];
-            let stats = match slot.get() {
-                Some(stats) => stats,
-                None => slot.get_or_init(|| Box::new(CommandStats::new(name))),
-            };
+            let stats = self.inner.slots[index].get_or_init(|| Box::new(CommandStats::new(name)));
             if stats.name == name {
                 return u16::try_from(index).ok();
             }
@@ -323,19 +332,14 @@ impl Registry {
         for stats in self.inner.slots.iter().filter_map(OnceLock::get) {
             let mut merged = Counts::new();
             let mut counts = [0u64; Outcome::ALL.len()];
-            for (index, histogram) in stats.timed.iter().enumerate() {
-                histogram.add_to(&mut merged);
-                counts[index] = histogram.buckets.iter().map(|b| b.load(Relaxed)).sum();
+            for (count, histogram) in counts.iter_mut().zip(&stats.timed) {
+                *count = histogram.add_to(&mut merged);
             }
             counts[Outcome::Fallback as usize] = stats.fallbacks.load(Relaxed);
             for (total, n) in overall_counts.iter_mut().zip(counts) {
                 *total += n;
             }
-            for (total, n) in overall.buckets.iter_mut().zip(merged.buckets) {
-                *total += n;
-            }
-            overall.sum = overall.sum.saturating_add(merged.sum);
-            overall.max = overall.max.max(merged.max);
+            overall.merge(&merged);
             commands.push(CommandMetrics {
                 name: stats.name,
                 counts,

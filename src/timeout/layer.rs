@@ -3,7 +3,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use tower::Layer;
 
 use super::Timeout;
-use crate::{Blocking, CommandInfo, Error, Request, request::canonical_name};
+use crate::{Blocking, Error, Request, request::canonical_name};
 
 /// Gives every request a deadline: a default, per-command overrides, a deadline for a
 /// whole pipeline, and for blocking commands their own block time plus a grace.
@@ -66,14 +66,17 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 impl Deadlines {
     /// The deadline of a request; `None` when it has none.
     #[inline]
-    pub(crate) fn for_request(&self, info: &CommandInfo, pipeline: bool) -> Option<Duration> {
+    pub(crate) fn for_request(&self, request: &Request) -> Option<Duration> {
+        let info = request.info();
         if !self.overrides.is_empty()
             && let Some((_, limit)) = self.overrides.iter().find(|(name, _)| *name == info.name())
         {
             return Some(*limit);
         }
         let limit = match info.blocking() {
-            Blocking::No if pipeline => return self.pipeline.or(Some(self.default)),
+            Blocking::No if request.pipeline().is_some() => {
+                return self.pipeline.or(Some(self.default));
+            }
             Blocking::No => return Some(self.default),
             Blocking::For(block) => {
                 Some(block.saturating_add(self.blocking_grace.unwrap_or(self.default)))
@@ -147,8 +150,7 @@ impl TimeoutLayer {
 
     /// The deadline this layer gives `request`; `None` when it has none.
     pub fn deadline_for(&self, request: &Request) -> Option<Duration> {
-        self.deadlines
-            .for_request(request.info(), request.pipeline().is_some())
+        self.deadlines.for_request(request)
     }
 }
 

@@ -44,9 +44,7 @@ where
 
     #[inline]
     fn call(&mut self, mut request: Request) -> Self::Future {
-        let limit = self
-            .deadlines
-            .for_request(request.info(), request.pipeline().is_some());
+        let limit = self.deadlines.for_request(&request);
         let deadline = limit.and_then(|limit| Some((request.start().checked_add(limit)?, limit)));
         let name = request.info().name();
         ResponseFuture::new(self.inner.call(request), deadline, name)

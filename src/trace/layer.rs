@@ -137,8 +137,7 @@ impl Settings {
 /// boundary, marked with `…`). Arguments that are not text show as `?`.
 fn query_text(request: &Request, limit: usize) -> String {
     let mut text = String::new();
-    let one = |cmd: &Cmd, text: &mut String| {
-        let name = crate::CommandInfo::of_cmd(cmd).name();
+    let one = |cmd: &Cmd, name: &str, text: &mut String| {
         let secret = SECRET_ARGUMENTS.contains(&name);
         for (index, arg) in cmd.args_iter().enumerate() {
             if index > 0 {
@@ -158,13 +157,13 @@ fn query_text(request: &Request, limit: usize) -> String {
         }
     };
     match (request.cmd(), request.pipeline()) {
-        (Some(cmd), _) => one(cmd, &mut text),
+        (Some(cmd), _) => one(cmd, request.info().name(), &mut text),
         (None, Some(pipeline)) => {
             for (index, cmd) in pipeline.cmd_iter().enumerate() {
                 if index > 0 {
                     text.push_str("; ");
                 }
-                one(cmd, &mut text);
+                one(cmd, crate::CommandInfo::of_cmd(cmd).name(), &mut text);
                 if text.len() > limit {
                     break;
                 }

@@ -51,9 +51,7 @@ where
             .filter(|_| !request.info().is_blocking())
             .map(|after| (request.start(), after));
         let name = request.info().name();
-        let inner = if span.is_disabled() {
-            self.inner.call(request)
-        } else {
+        let inner = {
             let _entered = span.enter();
             self.inner.call(request)
         };
