@@ -71,7 +71,10 @@ mod testing;
 pub mod timeout;
 pub mod trace;
 
-pub use client::Client;
+pub use client::{
+    CallSummary, Client, Health, HealthStatus, ResilientClient, ResilientClientBuilder,
+    ResilientStack,
+};
 pub use connect::{Connector, DEFAULT_CONNECT_TIMEOUT, MakeConnection};
 pub use error::Error;
 pub use request::{Blocking, CommandInfo, PIPELINE, Request, TRANSACTION, UNKNOWN_COMMAND};

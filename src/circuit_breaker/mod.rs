@@ -27,6 +27,8 @@ use crate::{Blocking, Error, Request};
 
 /// Where a circuit breaker stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 #[non_exhaustive]
 pub enum BreakerState {
     /// Calls go through and are recorded in the sliding window.
@@ -56,6 +58,7 @@ pub struct Transition {
 
 /// A snapshot of a breaker, for health endpoints and dashboards.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct BreakerMetrics {
     /// The state now.

@@ -430,19 +430,40 @@ impl CommandMetrics {
 /// Latency quantiles. Quantiles are bucket upper bounds (at most 12.5 % above the true
 /// value, never above `max`); `max` and `mean` are exact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Latency {
     /// Samples.
     pub count: u64,
     /// Mean.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "mean_ms", with = "crate::client::millis")
+    )]
     pub mean: Duration,
     /// Median.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "p50_ms", with = "crate::client::millis")
+    )]
     pub p50: Duration,
     /// 90th percentile.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "p90_ms", with = "crate::client::millis")
+    )]
     pub p90: Duration,
     /// 99th percentile.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "p99_ms", with = "crate::client::millis")
+    )]
     pub p99: Duration,
     /// Slowest.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "max_ms", with = "crate::client::millis")
+    )]
     pub max: Duration,
 }
 

@@ -23,6 +23,8 @@ use crate::{Connector, Error, MakeConnection, Request};
 
 /// Where the connection of a [`Reconnect`] stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 #[non_exhaustive]
 pub enum ConnectionState {
     /// Calls go to Redis.
@@ -40,6 +42,7 @@ pub enum ConnectionState {
 
 /// Counters of connection attempts since the `Reconnect` was created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct ReconnectStats {
     /// Connection attempts, the first one included.

@@ -1,4 +1,15 @@
-//! redis-rs's command API over any stack of this crate's services.
+//! redis-rs's command API over any stack of this crate's services, and the assembled
+//! resilient client.
+
+mod builder;
+mod health;
+mod resilient;
+
+pub use builder::ResilientClientBuilder;
+#[cfg(feature = "serde")]
+pub(crate) use health::millis;
+pub use health::{CallSummary, Health, HealthStatus};
+pub use resilient::{ResilientClient, ResilientStack};
 
 use std::{future::poll_fn, sync::Arc};
 

@@ -1,0 +1,136 @@
+use std::{collections::BTreeMap, time::Duration};
+
+use super::ResilientClient;
+use crate::{
+    Error,
+    circuit_breaker::{BreakerMetrics, BreakerState},
+    metrics::{Latency, Outcome},
+    reconnect::{ConnectionState, ReconnectStats},
+};
+
+/// How Redis looks from a [`ResilientClient`], for a health endpoint: the answer of
+/// [`ResilientClient::health`]. With feature `serde` it is `Serialize`, durations in
+/// milliseconds:
+///
+/// ```json
+/// {"status":"up","address":"127.0.0.1:6379","connection":"connected",
+///  "reconnects":{"attempts":1,"successes":1,"failures":0},
+///  "breaker":{"state":"closed","calls":40,"failed_calls":0,"slow_calls":0,
+///             "failure_rate":0.0,"slow_call_rate":0.0},
+///  "ping_ms":0.21,"ping_error":null,
+///  "calls":{"total":40,"outcomes":{"ok":40,"timeout":0,...},"fallbacks":0,
+///           "latency":{"count":40,"mean_ms":0.09,"p50_ms":0.08,...}}}
+/// ```
+///
+/// Whether a `down` Redis should fail the app's own readiness is the app's call: an app
+/// that uses Redis as a cache keeps serving (reads fall back), so it usually should not.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct Health {
+    /// The summary.
+    pub status: HealthStatus,
+    /// Where the client connects (no credentials).
+    pub address: String,
+    /// The connection state.
+    pub connection: ConnectionState,
+    /// Connection attempt counters.
+    pub reconnects: ReconnectStats,
+    /// The breaker's state and window, if the client has one.
+    pub breaker: Option<BreakerMetrics>,
+    /// How long a `PING` took, if it was answered in time.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "ping_ms", serialize_with = "millis::option")
+    )]
+    pub ping: Option<Duration>,
+    /// Why the `PING` failed, if it did.
+    pub ping_error: Option<String>,
+    /// What the metrics layer recorded, all commands together, if the client has one.
+    pub calls: Option<CallSummary>,
+}
+
+/// The summary of a [`Health`] report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum HealthStatus {
+    /// Connected, answering pings, and the breaker lets calls through.
+    Up,
+    /// Connected and answering pings, but the breaker is open, half-open or forced open:
+    /// some calls are being rejected.
+    Degraded,
+    /// Not connected, or the `PING` failed: reads fall back, writes fail.
+    Down,
+}
+
+/// CallSummary recorded by the metrics layer since the client was built.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct CallSummary {
+    /// CallSummary made.
+    pub total: u64,
+    /// CallSummary per outcome (`ok`, `timeout`...; `fallback` is counted apart).
+    pub outcomes: BTreeMap<&'static str, u64>,
+    /// Failed calls a fallback answered.
+    pub fallbacks: u64,
+    /// Latency of every call.
+    pub latency: Latency,
+}
+
+impl Health {
+    pub(super) fn new(client: &ResilientClient, ping: Result<Duration, Error>) -> Health {
+        let connection = client.connection_state();
+        let breaker = client.circuit_breaker().map(|breaker| breaker.metrics());
+        let status = match (&connection, &ping, breaker.map(|b| b.state)) {
+            (ConnectionState::Connected, Ok(_), None | Some(BreakerState::Closed))
+            | (ConnectionState::Connected, Ok(_), Some(BreakerState::Disabled)) => HealthStatus::Up,
+            (ConnectionState::Connected, Ok(_), Some(_)) => HealthStatus::Degraded,
+            _ => HealthStatus::Down,
+        };
+        let calls = client.metrics().map(|snapshot| {
+            let overall = snapshot.overall;
+            CallSummary {
+                total: overall.calls(),
+                outcomes: overall
+                    .counts()
+                    .filter(|(outcome, _)| *outcome != Outcome::Fallback)
+                    .map(|(outcome, count)| (outcome.as_str(), count))
+                    .collect(),
+                fallbacks: overall.count(Outcome::Fallback),
+                latency: overall.latency,
+            }
+        });
+        Health {
+            status,
+            address: client.address().to_owned(),
+            connection,
+            reconnects: client.reconnect_stats(),
+            breaker,
+            ping_error: ping.as_ref().err().map(ToString::to_string),
+            ping: ping.ok(),
+            calls,
+        }
+    }
+}
+
+/// Durations as fractional milliseconds, for reports people read.
+#[cfg(feature = "serde")]
+pub(crate) mod millis {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    pub(crate) fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(value.as_secs_f64() * 1e3)
+    }
+
+    pub(crate) fn option<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(value) => serialize(value, s),
+            None => s.serialize_none(),
+        }
+    }
+}

@@ -1,0 +1,206 @@
+use std::{
+    fmt,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use redis::{Cmd, Pipeline, RedisFuture, Value, aio::ConnectionLike};
+use tokio::sync::watch;
+use tower::{Service, ServiceExt, util::BoxCloneSyncService};
+
+use super::{Client, ResilientClientBuilder, health::Health};
+use crate::{
+    Connector, Error, Request,
+    circuit_breaker::CircuitBreakerLayer,
+    fallback::FallbackLayer,
+    metrics::{Registry, Snapshot},
+    reconnect::{ConnectionState, Reconnect, ReconnectStats},
+    retry::RetryLayer,
+    timeout::TimeoutLayer,
+};
+
+/// The assembled stack, type-erased so that a [`ResilientClient`] has one nameable type
+/// whatever layers it holds (one allocation per call).
+pub type ResilientStack = BoxCloneSyncService<Request, Value, Error>;
+
+/// The handles of the layers a client was built with, shared by its clones.
+pub(super) struct Parts {
+    pub(super) redis: Reconnect,
+    pub(super) breaker: Option<CircuitBreakerLayer>,
+    pub(super) registry: Option<Registry>,
+    pub(super) fallback: Option<FallbackLayer>,
+    pub(super) timeout: Option<TimeoutLayer>,
+    pub(super) retry: Option<RetryLayer>,
+    pub(super) health_timeout: Duration,
+}
+
+/// A Redis client with the whole resilient stack in it: `Fallback → Metrics → Trace →
+/// CircuitBreaker → Timeout → Retry → Reconnect`, assembled by
+/// [`ResilientClient::builder`].
+///
+/// - redis-rs's whole command API works on it (it is a [`ConnectionLike`]):
+///   `client.get::<_, Option<String>>(k)` answers `None` rather than an error while Redis
+///   is down, and returns within its deadline whatever Redis does.
+/// - It is a [`tower::Service`] too, so tower's own layers (`ConcurrencyLimit`,
+///   `LoadShed`, `Buffer`...) wrap it like any other service.
+/// - Cloning is cheap (one allocation and two reference counts) and every clone shares
+///   one connection, one breaker and one registry: clone it into each task or keep it in
+///   axum's `State`. It is `Send + Sync + 'static`.
+/// - [`health`](Self::health) reports connection, breaker, ping and call metrics for a
+///   health endpoint.
+///
+/// ```no_run
+/// use redis::AsyncCommands;
+/// use tower_redis_resilience::ResilientClient;
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut client = ResilientClient::builder("redis://127.0.0.1:6379").build()?;
+/// let () = client.set_ex("session:42", "alice", 3600).await?;
+/// // `None` when the key is missing, and also while Redis cannot answer.
+/// let user: Option<String> = client.get("session:42").await?;
+/// println!("{user:?}, redis is {:?}", client.health().await.status);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ResilientClient {
+    pub(super) client: Client<ResilientStack>,
+    pub(super) parts: Arc<Parts>,
+}
+
+impl ResilientClient {
+    /// A builder for the default stack on `url` (`redis://`, `rediss://` with feature
+    /// `tls`, `unix://`).
+    pub fn builder(url: &str) -> ResilientClientBuilder {
+        ResilientClientBuilder::new(url)
+    }
+
+    /// A builder for the default stack on `connector`.
+    pub fn builder_with_connector(connector: Connector) -> ResilientClientBuilder {
+        ResilientClientBuilder::with_connector(connector)
+    }
+
+    /// Sends a request through the stack.
+    pub async fn send(&mut self, request: impl Into<Request>) -> Result<Value, Error> {
+        self.client.send(request).await
+    }
+
+    /// Where it connects, safe to log (no credentials).
+    pub fn address(&self) -> &str {
+        self.parts.redis.address()
+    }
+
+    /// The connection state now.
+    pub fn connection_state(&self) -> ConnectionState {
+        *self.parts.redis.state().borrow()
+    }
+
+    /// The connection state, now and as it changes.
+    pub fn watch_connection(&self) -> watch::Receiver<ConnectionState> {
+        self.parts.redis.state()
+    }
+
+    /// Connection attempt counters.
+    pub fn reconnect_stats(&self) -> ReconnectStats {
+        self.parts.redis.stats()
+    }
+
+    /// The circuit breaker, for its state, metrics and manual controls.
+    pub fn circuit_breaker(&self) -> Option<&CircuitBreakerLayer> {
+        self.parts.breaker.as_ref()
+    }
+
+    /// The metrics registry.
+    pub fn registry(&self) -> Option<&Registry> {
+        self.parts.registry.as_ref()
+    }
+
+    /// Counts and latencies per command and outcome so far.
+    pub fn metrics(&self) -> Option<Snapshot> {
+        self.parts.registry.as_ref().map(Registry::snapshot)
+    }
+
+    /// The fallback layer, for its policy and count.
+    pub fn fallback(&self) -> Option<&FallbackLayer> {
+        self.parts.fallback.as_ref()
+    }
+
+    /// The deadlines, to ask what a request would get.
+    pub fn timeout(&self) -> Option<&TimeoutLayer> {
+        self.parts.timeout.as_ref()
+    }
+
+    /// The retry layer, for its remaining budget.
+    pub fn retry(&self) -> Option<&RetryLayer> {
+        self.parts.retry.as_ref()
+    }
+
+    /// The stack, to wrap in more layers or hand to code that takes a service.
+    pub fn stack(&self) -> ResilientStack {
+        self.client.get_ref().clone()
+    }
+
+    /// Pings Redis (on the connection, past the breaker, not counted in the metrics) and
+    /// reports how things stand; see [`Health`].
+    pub async fn health(&self) -> Health {
+        let ping = self.ping().await;
+        Health::new(self, ping)
+    }
+
+    async fn ping(&self) -> Result<Duration, Error> {
+        let started = tokio::time::Instant::now();
+        let request = Request::from(redis::cmd("PING"));
+        let limit = self.parts.health_timeout;
+        match tokio::time::timeout(limit, self.parts.redis.clone().oneshot(request)).await {
+            Ok(Ok(_)) => Ok(started.elapsed()),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(Error::timed_out(limit).with_command("PING")),
+        }
+    }
+}
+
+impl fmt::Debug for ResilientClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResilientClient")
+            .field("address", &self.address())
+            .field("connection", &self.connection_state())
+            .field(
+                "breaker",
+                &self.parts.breaker.as_ref().map(CircuitBreakerLayer::state),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service<Request> for ResilientClient {
+    type Response = Value;
+    type Error = Error;
+    type Future = <ResilientStack as Service<Request>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.client.get_mut().poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        self.client.get_mut().call(request)
+    }
+}
+
+impl ConnectionLike for ResilientClient {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        self.client.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        self.client.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.client.get_db()
+    }
+}

@@ -1,0 +1,274 @@
+//! The assembled client against real redis-server processes: built lazily or eagerly,
+//! through a kill and a restart, with layers removed, and wrapped in tower's own layers.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use redis::{AsyncCommands, Value};
+use support::RedisServer;
+use tower::{
+    BoxError, Service, ServiceBuilder, ServiceExt, load_shed::error::Overloaded,
+    util::BoxCloneService,
+};
+use tower_redis_resilience::{
+    Error, HealthStatus, Request, ResilientClient,
+    circuit_breaker::{BreakerState, CircuitBreakerConfig},
+    metrics::Outcome,
+    reconnect::ConnectionState,
+    timeout::TimeoutLayer,
+};
+
+fn assert_send_sync_static<T: Send + Sync + 'static>() {}
+
+#[test]
+fn the_client_can_live_in_shared_state() {
+    assert_send_sync_static::<ResilientClient>();
+}
+
+/// Polls `check` every 5 ms until it holds, for at most `limit`; answers how long it took.
+async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_stack_serves_redis_rs_commands_and_reports_health() {
+    let server = RedisServer::start();
+    let mut client = ResilientClient::builder(&server.url())
+        .connect()
+        .await
+        .unwrap();
+
+    let () = client.set("k", "v").await.unwrap();
+    let value: Option<String> = client.get("k").await.unwrap();
+    assert_eq!(value.as_deref(), Some("v"));
+    let (a, b): (Option<String>, i64) = redis::pipe()
+        .get("k")
+        .incr("n", 5)
+        .query_async(&mut client)
+        .await
+        .unwrap();
+    assert_eq!((a.as_deref(), b), (Some("v"), 5));
+    // WRONGTYPE is the app's problem: it passes through every layer.
+    let err = Error::from(client.incr::<_, _, i64>("k", 1).await.unwrap_err());
+    assert!(err.is_server(), "{err}");
+
+    let health = client.health().await;
+    assert_eq!(health.status, HealthStatus::Up);
+    assert_eq!(health.connection, ConnectionState::Connected);
+    assert_eq!(health.address, format!("127.0.0.1:{}/0", server.port()));
+    assert!(health.ping.is_some() && health.ping_error.is_none());
+    assert_eq!(health.breaker.unwrap().state, BreakerState::Closed);
+    let calls = health.calls.unwrap();
+    // SET, GET, the pipeline and INCR; the health PING is not a call of the app.
+    assert_eq!(calls.total, 4);
+    assert_eq!(
+        (calls.outcomes["ok"], calls.outcomes["server_error"]),
+        (3, 1)
+    );
+    assert_eq!(calls.latency.count, 4);
+    let snapshot = client.metrics().unwrap();
+    assert!(snapshot.command("PING").is_none());
+    assert_eq!(snapshot.command("PIPELINE").unwrap().count(Outcome::Ok), 1);
+}
+
+#[cfg(feature = "serde")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_report_serializes_with_durations_in_milliseconds() {
+    let server = RedisServer::start();
+    let mut client = ResilientClient::builder(&server.url())
+        .connect()
+        .await
+        .unwrap();
+    let _: Option<String> = client.get("k").await.unwrap();
+    let json = serde_json::to_value(client.health().await).unwrap();
+    assert_eq!(json["status"], "up");
+    assert_eq!(json["connection"], "connected");
+    assert_eq!(json["breaker"]["state"], "closed");
+    assert_eq!(json["reconnects"]["successes"], 1);
+    assert_eq!(json["calls"]["outcomes"]["ok"], 1);
+    assert_eq!(json["calls"]["total"], 1);
+    let ping = json["ping_ms"].as_f64().unwrap();
+    assert!(ping > 0.0 && ping < 250.0, "{ping}");
+    assert!(json["calls"]["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
+    assert!(json["ping_error"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_client_starts_without_redis_and_comes_up_by_itself() {
+    let mut server = RedisServer::start();
+    server.kill();
+    let mut client = ResilientClient::builder(&server.url()).build().unwrap();
+
+    // Reads are misses, writes fail fast, health says down.
+    let value: Option<String> = client.get("k").await.unwrap();
+    assert_eq!(value, None);
+    let err = Error::from(client.set::<_, _, ()>("k", "v").await.unwrap_err());
+    assert!(err.is_unavailable(), "{err}");
+    let health = client.health().await;
+    assert_eq!(health.status, HealthStatus::Down);
+    assert!(health.ping.is_none());
+    assert!(health.ping_error.unwrap().contains("PING"));
+
+    server.restart();
+    eventually(Duration::from_secs(2), async || {
+        client.health().await.status == HealthStatus::Up
+    })
+    .await;
+    let () = client.set("k", "v").await.unwrap();
+    let value: Option<String> = client.get("k").await.unwrap();
+    assert_eq!(value.as_deref(), Some("v"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_settings_are_errors_at_build_time() {
+    let err = ResilientClient::builder("redis://127.0.0.1:notaport")
+        .build()
+        .unwrap_err();
+    assert!(err.is_config(), "{err}");
+    let err = ResilientClient::builder("redis://127.0.0.1:6379")
+        .circuit_breaker(CircuitBreakerConfig::new().failure_rate_threshold(150.0))
+        .build()
+        .unwrap_err();
+    assert!(err.is_config(), "{err}");
+    let server = RedisServer::start();
+    let url = server.url().replace("redis://", "redis://:wrong@");
+    let err = ResilientClient::builder(&url).connect().await.unwrap_err();
+    assert!(err.is_config(), "{err}");
+    assert!(!format!("{err} {err:?}").contains("wrong"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_kill_reads_miss_within_the_deadline_the_breaker_opens_then_all_recovers() {
+    let mut server = RedisServer::start();
+    let mut client = ResilientClient::builder(&server.url())
+        .connect()
+        .await
+        .unwrap();
+    let () = client.set("k", "v").await.unwrap();
+    let breaker = client.circuit_breaker().unwrap().clone();
+
+    server.kill();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..40 {
+        let started = Instant::now();
+        let value: Option<String> = client.get("k").await.unwrap();
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(value, None);
+    }
+    assert!(slowest < Duration::from_millis(300), "{slowest:?}");
+    assert_eq!(breaker.state(), BreakerState::Open);
+    assert_eq!(client.health().await.status, HealthStatus::Down);
+    let err = Error::from(client.set::<_, _, ()>("k", "w").await.unwrap_err());
+    assert!(err.is_circuit_open(), "{err}");
+
+    // A clone sees the same breaker and connection.
+    let mut clone = client.clone();
+    server.restart();
+    let took = eventually(Duration::from_secs(2), async || {
+        clone.set::<_, _, ()>("k", "w").await.is_ok()
+    })
+    .await;
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    let value: Option<String> = client.get("k").await.unwrap();
+    assert_eq!(value.as_deref(), Some("w"));
+    eventually(Duration::from_secs(1), async || {
+        let _: Option<String> = client.get("k").await.unwrap();
+        breaker.state() == BreakerState::Closed
+    })
+    .await;
+    let snapshot = client.metrics().unwrap();
+    let get = snapshot.command("GET").unwrap();
+    assert!(get.count(Outcome::Unavailable) + get.count(Outcome::CircuitOpen) >= 40);
+    assert_eq!(get.count(Outcome::Fallback), 40);
+    assert_eq!(client.fallback().unwrap().fallbacks(), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_layers_are_gone() {
+    let mut server = RedisServer::start();
+    let mut client = ResilientClient::builder(&server.url())
+        .without_fallback()
+        .without_circuit_breaker()
+        .without_metrics()
+        .without_trace()
+        .without_retry()
+        .timeout(TimeoutLayer::new(Duration::from_millis(100)))
+        .connect()
+        .await
+        .unwrap();
+    assert!(client.circuit_breaker().is_none() && client.metrics().is_none());
+    assert!(client.fallback().is_none() && client.retry().is_none());
+    assert_eq!(
+        client
+            .timeout()
+            .unwrap()
+            .deadline_for(&Request::from(redis::cmd("GET"))),
+        Some(Duration::from_millis(100))
+    );
+    server.kill();
+    for _ in 0..30 {
+        let err = Error::from(client.get::<_, Option<String>>("k").await.unwrap_err());
+        assert!(err.is_unavailable(), "{err}");
+    }
+    let health = client.health().await;
+    assert_eq!(
+        (health.status, health.breaker, health.calls),
+        (HealthStatus::Down, None, None)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn towers_own_layers_wrap_the_client() {
+    let server = RedisServer::start();
+    let client = ResilientClient::builder(&server.url())
+        .connect()
+        .await
+        .unwrap();
+    let service: BoxCloneService<Request, Value, BoxError> = BoxCloneService::new(
+        ServiceBuilder::new()
+            .buffer(16)
+            .load_shed()
+            .concurrency_limit(1)
+            .service(client.clone()),
+    );
+
+    // One BLPOP holds the only slot, so the next call is shed at once.
+    let blocked = tokio::spawn(service.clone().oneshot(Request::from(
+        redis::cmd("BLPOP").arg("queue").arg(1).to_owned(),
+    )));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let shed = service
+        .clone()
+        .oneshot(Request::from(redis::cmd("GET").arg("k").to_owned()))
+        .await
+        .unwrap_err();
+    assert!(shed.is::<Overloaded>(), "{shed}");
+    assert_eq!(blocked.await.unwrap().unwrap(), Value::Nil);
+
+    // Once the slot is free, calls pass, and this crate's errors come through intact.
+    let mut service = service;
+    let set = Request::from(redis::cmd("SET").arg("k").arg("v").to_owned());
+    assert_eq!(
+        service.ready().await.unwrap().call(set).await.unwrap(),
+        Value::Okay
+    );
+    let incr = Request::from(redis::cmd("INCR").arg("k").to_owned());
+    let err = service.ready().await.unwrap().call(incr).await.unwrap_err();
+    let err = err.downcast::<Error>().unwrap();
+    assert_eq!(err.server_code(), Some("ERR"));
+    let calls = client.metrics().unwrap();
+    assert_eq!(calls.command("BLPOP").unwrap().count(Outcome::Ok), 1);
+    assert!(
+        calls.command("GET").is_none(),
+        "the shed GET never reached the stack"
+    );
+}
