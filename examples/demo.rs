@@ -1,0 +1,283 @@
+//! What the crate is for, made visible: steady traffic through the default stack while
+//! Redis is killed, restarted, paused (SIGSTOP) and resumed, with a line every half
+//! second and a summary proving that no call outlived its deadline.
+//!
+//! `cargo run --example demo` starts a throwaway `redis-server` on a free loopback port
+//! (it must be installed) and injects the faults itself. With `REDIS_URL` set it drives
+//! traffic at that server for a few seconds but injects no faults: it cannot kill a
+//! server it does not own.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use redis::AsyncCommands;
+use tower_redis_resilience::{
+    Error, ResilientClient,
+    metrics::{Outcome, Registry, Snapshot},
+};
+
+const WORKERS: usize = 16;
+const KEYS: u32 = 100;
+const INTERVAL: Duration = Duration::from_millis(500);
+/// How long a call may take beyond its deadline before the demo calls it a failure: the
+/// time a busy 2-core machine may take to wake the task up.
+const GRACE: Duration = Duration::from_millis(50);
+
+/// What the app saw in one interval.
+#[derive(Default)]
+struct Seen {
+    latencies: Vec<Duration>,
+    write_errors: u64,
+}
+
+/// One phase of the run, for the summary.
+struct Phase {
+    name: &'static str,
+    calls: u64,
+    outcomes: [u64; Outcome::ALL.len()],
+    write_errors: u64,
+    max: Duration,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (url, server) = match std::env::var("REDIS_URL") {
+        Ok(url) => (url, None),
+        Err(_) => {
+            let server = support::RedisServer::start();
+            (server.url(), Some(server))
+        }
+    };
+    let client = ResilientClient::builder(&url).connect().await?;
+    let deadline = client
+        .timeout()
+        .and_then(|t| t.deadline_for(&redis::cmd("GET").arg("k").into()))
+        .unwrap_or(Duration::MAX);
+    println!(
+        "redis at {}; default stack, deadline {deadline:?}; {WORKERS} workers, 90 % GET / 10 % SET",
+        client.address()
+    );
+    let mut seed = client.clone();
+    for key in 0..KEYS {
+        let () = seed.set(format!("demo:{key}"), "cached").await?;
+    }
+
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    for seed in 0..WORKERS as u64 {
+        tokio::spawn(worker(client.clone(), seen.clone(), seed));
+    }
+
+    // (when, what to do, the phase it starts)
+    let schedule: Vec<(Duration, Option<Fault>, &str)> = match server {
+        Some(_) => vec![
+            (Duration::ZERO, None, "steady"),
+            (Duration::from_secs(2), Some(Fault::Kill), "killed"),
+            (Duration::from_secs(4), Some(Fault::Restart), "restarted"),
+            (Duration::from_secs(6), Some(Fault::Pause), "paused"),
+            (Duration::from_secs(8), Some(Fault::Resume), "resumed"),
+            (Duration::from_secs(10), None, "end"),
+        ],
+        None => {
+            println!(
+                "REDIS_URL is set: no faults are injected into a server the demo does not own"
+            );
+            vec![
+                (Duration::ZERO, None, "steady"),
+                (Duration::from_secs(4), None, "end"),
+            ]
+        }
+    };
+    let server = Arc::new(Mutex::new(server));
+
+    println!(
+        "\n{:>5}  {:<9} {:>6} {:>8} {:>8} {:>7} {:>7} {:>10} {:>8} {:>8}  {:<9} connection",
+        "t",
+        "phase",
+        "ok",
+        "fallback",
+        "rejected",
+        "timeout",
+        "unavail",
+        "write-errs",
+        "p99",
+        "max",
+        "breaker"
+    );
+    let started = Instant::now();
+    let mut phases: Vec<Phase> = Vec::new();
+    let mut last = client.metrics().unwrap_or_else(empty);
+    let mut next = 0;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now(), INTERVAL);
+    'run: loop {
+        tick.tick().await;
+        let now = started.elapsed();
+        if let Some(phase) = phases.last_mut() {
+            let snapshot = client.metrics().unwrap_or_else(empty);
+            let interval = std::mem::take(&mut *seen.lock().unwrap());
+            let mut latencies = interval.latencies;
+            latencies.sort_unstable();
+            let p99 = latencies
+                .get(latencies.len().saturating_sub(1) * 99 / 100)
+                .copied()
+                .unwrap_or_default();
+            let max = latencies.last().copied().unwrap_or_default();
+            let delta = |outcome| snapshot.overall.count(outcome) - last.overall.count(outcome);
+            phase.calls += latencies.len() as u64;
+            for outcome in Outcome::ALL {
+                phase.outcomes[outcome as usize] += delta(outcome);
+            }
+            phase.write_errors += interval.write_errors;
+            phase.max = phase.max.max(max);
+            println!(
+                "{:>4.1}s  {:<9} {:>6} {:>8} {:>8} {:>7} {:>7} {:>10} {:>8} {:>8}  {:<9} {:?}",
+                now.as_secs_f64(),
+                phase.name,
+                delta(Outcome::Ok),
+                delta(Outcome::Fallback),
+                delta(Outcome::CircuitOpen),
+                delta(Outcome::Timeout),
+                delta(Outcome::Unavailable),
+                interval.write_errors,
+                format!("{p99:.1?}"),
+                format!("{max:.1?}"),
+                format!(
+                    "{:?}",
+                    client.circuit_breaker().map(|breaker| breaker.state())
+                )
+                .trim_start_matches("Some(")
+                .trim_end_matches(')'),
+                client.connection_state(),
+            );
+            last = snapshot;
+        }
+        // Start the phases that are due.
+        while next < schedule.len() && schedule[next].0 <= now + Duration::from_millis(1) {
+            let (_, fault, name) = &schedule[next];
+            if let Some(fault) = fault {
+                let server = server.clone();
+                let fault = *fault;
+                // The harness blocks while it waits for the server; keep it off the runtime.
+                tokio::task::spawn_blocking(move || fault.apply(&server)).await?;
+            }
+            if next == schedule.len() - 1 {
+                break 'run; // "end" is not a phase
+            }
+            phases.push(Phase {
+                name,
+                calls: 0,
+                outcomes: [0; Outcome::ALL.len()],
+                write_errors: 0,
+                max: Duration::ZERO,
+            });
+            next += 1;
+        }
+    }
+
+    println!(
+        "\n{:<9} {:>7} {:>7} {:>8} {:>8} {:>7} {:>7} {:>10} {:>9}  within deadline + {GRACE:?}?",
+        "phase",
+        "calls",
+        "ok",
+        "fallback",
+        "rejected",
+        "timeout",
+        "unavail",
+        "write-errs",
+        "slowest"
+    );
+    let mut all_within = true;
+    for phase in &phases {
+        let within = phase.max <= deadline + GRACE;
+        all_within &= within;
+        println!(
+            "{:<9} {:>7} {:>7} {:>8} {:>8} {:>7} {:>7} {:>10} {:>9}  {}",
+            phase.name,
+            phase.calls,
+            phase.outcomes[Outcome::Ok as usize],
+            phase.outcomes[Outcome::Fallback as usize],
+            phase.outcomes[Outcome::CircuitOpen as usize],
+            phase.outcomes[Outcome::Timeout as usize],
+            phase.outcomes[Outcome::Unavailable as usize],
+            phase.write_errors,
+            format!("{:.1?}", phase.max),
+            if within { "yes" } else { "NO" },
+        );
+    }
+    let health = client.health().await;
+    println!(
+        "\nhealth now: {:?}, {:?}, ping {:?}; {} reconnect attempts, {} fallbacks in all",
+        health.status,
+        health.connection,
+        health.ping,
+        health.reconnects.attempts,
+        client.fallback().map_or(0, |fallback| fallback.fallbacks()),
+    );
+    if !all_within {
+        return Err("a call outlived its deadline".into());
+    }
+    println!("no call outlived its deadline; reads kept answering (misses) through every fault");
+    Ok(())
+}
+
+/// Calls until the process ends: a GET of a random key, or one time in ten a SET.
+async fn worker(mut client: ResilientClient, seen: Arc<Mutex<Seen>>, seed: u64) {
+    // xorshift: the demo needs variety, not quality.
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut pause = tokio::time::interval(Duration::from_millis(2));
+    pause.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        pause.tick().await;
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let key = format!("demo:{}", state % u64::from(KEYS));
+        let write = (state >> 32) % 10 == 0;
+        let started = Instant::now();
+        let write_failed = if write {
+            client.set::<_, _, ()>(&key, "cached").await.is_err()
+        } else {
+            // A miss while Redis is away is what the fallback layer is for; only a bug
+            // would make a read fail here.
+            if let Err(err) = client.get::<_, Option<String>>(&key).await {
+                eprintln!("unexpected read error: {}", Error::from(err));
+            }
+            false
+        };
+        let took = started.elapsed();
+        let mut seen = seen.lock().unwrap();
+        seen.latencies.push(took);
+        seen.write_errors += u64::from(write_failed);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Kill,
+    Restart,
+    Pause,
+    Resume,
+}
+
+impl Fault {
+    fn apply(self, server: &Mutex<Option<support::RedisServer>>) {
+        let mut server = server.lock().unwrap();
+        let Some(server) = server.as_mut() else {
+            return;
+        };
+        match self {
+            Fault::Kill => server.kill(),
+            Fault::Restart => server.restart(),
+            Fault::Pause => server.pause(),
+            Fault::Resume => server.resume(),
+        }
+    }
+}
+
+fn empty() -> Snapshot {
+    Registry::new().snapshot()
+}
