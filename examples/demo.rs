@@ -236,7 +236,7 @@ async fn worker(mut client: ResilientClient, seen: Arc<Mutex<Seen>>, seed: u64) 
         state ^= state >> 7;
         state ^= state << 17;
         let key = format!("demo:{}", state % u64::from(KEYS));
-        let write = (state >> 32) % 10 == 0;
+        let write = (state >> 32).is_multiple_of(10);
         let started = Instant::now();
         let write_failed = if write {
             client.set::<_, _, ()>(&key, "cached").await.is_err()
