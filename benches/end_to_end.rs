@@ -1,10 +1,13 @@
-//! End-to-end GET throughput against a spawned redis-server, 64 requests in flight:
-//! raw redis-rs `MultiplexedConnection`, our leaf `RedisService`, `Client` over it
-//! (redis-rs's `AsyncCommands` through the tower stack), and our layers stacked one by
-//! one, in the same run.
+//! End-to-end GET against a spawned redis-server, in the same run: raw redis-rs
+//! `MultiplexedConnection` and `ConnectionManager`, our leaf `RedisService`, `Client`
+//! over it (redis-rs's `AsyncCommands` through the tower stack), layers stacked by hand,
+//! and the assembled `ResilientClient` with its default stack.
 //!
-//! `cargo bench --bench end_to_end` prints criterion's numbers for each variant on a
-//! current-thread and a 2-worker runtime, then an interleaved round with the ratios.
+//! `cargo bench --bench end_to_end` prints criterion's numbers for each variant with 64
+//! requests in flight on a current-thread and a 2-worker runtime, then interleaved rounds
+//! with the throughput ratios to raw redis-rs, then the latency of one request at a time
+//! (p50, p99 and the p50 overhead over raw redis-rs). `BENCH_CRITERION_ONLY=1` skips the
+//! rounds, e.g. to profile one variant with `--profile-time`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -13,13 +16,16 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::future::join_all;
-use redis::{AsyncCommands, AsyncConnectionConfig, aio::MultiplexedConnection};
+use redis::{
+    AsyncCommands, AsyncConnectionConfig,
+    aio::{ConnectionManager, MultiplexedConnection},
+};
 use support::RedisServer;
 use tokio::runtime::{Builder, Runtime};
 use tower::Layer;
 use tower::{Service, ServiceExt};
 use tower_redis_resilience::{
-    Client, Connector, RedisService, Request,
+    Client, Connector, RedisService, Request, ResilientClient,
     circuit_breaker::{CircuitBreaker, CircuitBreakerLayer},
     reconnect::{Reconnect, ReconnectConfig},
     retry::{Retry, RetryLayer},
@@ -32,38 +38,48 @@ const BATCH: usize = IN_FLIGHT * PER_WORKER;
 #[derive(Clone)]
 enum Variant {
     Raw(MultiplexedConnection),
+    Manager(ConnectionManager),
     Leaf(RedisService),
     Client(Client<RedisService>),
-    Reconnect(Reconnect),
     RetryReconnect(Retry<Reconnect>),
     BreakerRetryReconnect(CircuitBreaker<Retry<Reconnect>>),
+    Resilient(ResilientClient),
+    ResilientService(ResilientClient),
 }
 
 impl Variant {
     fn name(&self) -> &'static str {
         match self {
             Variant::Raw(_) => "raw redis-rs MultiplexedConnection",
+            Variant::Manager(_) => "redis-rs ConnectionManager",
             Variant::Leaf(_) => "RedisService",
             Variant::Client(_) => "Client<RedisService>",
-            Variant::Reconnect(_) => "Reconnect",
             Variant::RetryReconnect(_) => "Retry<Reconnect>",
             Variant::BreakerRetryReconnect(_) => "CircuitBreaker<Retry<Reconnect>>",
+            Variant::Resilient(_) => "ResilientClient (AsyncCommands)",
+            Variant::ResilientService(_) => "ResilientClient (tower Service)",
         }
     }
 
     /// One worker: `PER_WORKER` GETs, one after another.
     async fn worker(mut self) {
         for _ in 0..PER_WORKER {
-            let value: Option<Vec<u8>> = match &mut self {
-                Variant::Raw(conn) => conn.get("bench:key").await.unwrap(),
-                Variant::Leaf(service) => get_through(service).await,
-                Variant::Client(client) => client.get("bench:key").await.unwrap(),
-                Variant::Reconnect(service) => get_through(service).await,
-                Variant::RetryReconnect(service) => get_through(service).await,
-                Variant::BreakerRetryReconnect(service) => get_through(service).await,
-            };
-            assert!(value.is_some());
+            self.get().await;
         }
+    }
+
+    async fn get(&mut self) {
+        let value: Option<Vec<u8>> = match self {
+            Variant::Raw(conn) => conn.get("bench:key").await.unwrap(),
+            Variant::Manager(conn) => conn.get("bench:key").await.unwrap(),
+            Variant::Leaf(service) => get_through(service).await,
+            Variant::Client(client) => client.get("bench:key").await.unwrap(),
+            Variant::RetryReconnect(service) => get_through(service).await,
+            Variant::BreakerRetryReconnect(service) => get_through(service).await,
+            Variant::Resilient(client) => client.get("bench:key").await.unwrap(),
+            Variant::ResilientService(service) => get_through(service).await,
+        };
+        assert!(value.is_some());
     }
 
     /// `BATCH` GETs with `IN_FLIGHT` outstanding at any time.
@@ -104,15 +120,20 @@ async fn variants(url: &str) -> Vec<Variant> {
         .unwrap();
     let mut seed = raw.clone();
     let () = seed.set("bench:key", vec![b'v'; 64]).await.unwrap();
+    // As users get it: its default 500 ms response timeout included.
+    let manager = ConnectionManager::new(client).await.unwrap();
+    let resilient = || async { ResilientClient::builder(url).connect().await.unwrap() };
     vec![
         Variant::Raw(raw),
+        Variant::Manager(manager),
         Variant::Leaf(RedisService::connect(url).await.unwrap()),
         Variant::Client(Client::new(RedisService::connect(url).await.unwrap())),
-        Variant::Reconnect(reconnect(url).await),
         Variant::RetryReconnect(RetryLayer::default().layer(reconnect(url).await)),
         Variant::BreakerRetryReconnect(
             CircuitBreakerLayer::default().layer(RetryLayer::default().layer(reconnect(url).await)),
         ),
+        Variant::Resilient(resilient().await),
+        Variant::ResilientService(resilient().await),
     ]
 }
 
@@ -154,7 +175,42 @@ fn bench(c: &mut Criterion) {
             });
         }
         group.finish();
-        print_ratios(flavour, &rt, &variants);
+        if std::env::var_os("BENCH_CRITERION_ONLY").is_none() {
+            print_ratios(flavour, &rt, &variants);
+            print_latency(flavour, &rt, &variants);
+        }
+    }
+}
+
+/// One GET at a time, the variants taking turns call by call (so drift hits them alike);
+/// then p50 and p99 of each, and the p50 overhead over raw redis-rs.
+fn print_latency(flavour: &str, rt: &Runtime, variants: &[Variant]) {
+    const CALLS: usize = 10_000;
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(CALLS); variants.len()];
+    let mut variants = variants.to_vec();
+    rt.block_on(async {
+        for _ in 0..CALLS {
+            for (variant, samples) in variants.iter_mut().zip(&mut samples) {
+                let started = Instant::now();
+                variant.get().await;
+                samples.push(started.elapsed());
+            }
+        }
+    });
+    let quantile = |v: &[Duration], q: f64| v[((v.len() - 1) as f64 * q) as usize];
+    println!("\nGET, 1 in flight, {flavour}: {CALLS} calls each, taking turns");
+    let mut raw_p50 = None;
+    for (variant, samples) in variants.iter().zip(&mut samples) {
+        samples.sort_unstable();
+        let (p50, p99) = (quantile(samples, 0.5), quantile(samples, 0.99));
+        let raw = *raw_p50.get_or_insert(p50);
+        println!(
+            "  {:<36} p50 {:>7.1?}  p99 {:>7.1?}  p50 overhead {:>+6.2} µs",
+            variant.name(),
+            p50,
+            p99,
+            (p50.as_secs_f64() - raw.as_secs_f64()) * 1e6,
+        );
     }
 }
 

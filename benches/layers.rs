@@ -15,7 +15,7 @@ use std::{
 use criterion::{Criterion, criterion_group, criterion_main};
 use redis::Value;
 use tokio::runtime::{Builder, Runtime};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt, util::BoxCloneSyncService};
 use tower_redis_resilience::{
     Error, MakeConnection, Request,
     circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer},
@@ -126,6 +126,41 @@ impl MakeConnection for MemoryConnector {
     }
 }
 
+struct WaitingConnector;
+
+impl MakeConnection for WaitingConnector {
+    type Connection = Waiting;
+
+    async fn connect(&self) -> Result<Waiting, Error> {
+        Ok(Waiting)
+    }
+
+    fn address(&self) -> &str {
+        "memory"
+    }
+}
+
+/// The default stack `ResilientClient` assembles, over `redis`: `Fallback → Metrics →
+/// Trace → CircuitBreaker → Timeout → Retry → redis`.
+fn full_stack<S>(
+    redis: S,
+    breaker: CircuitBreakerLayer,
+) -> impl Service<Request, Response = Value, Error = Error, Future: Send> + Clone + Send + Sync + 'static
+where
+    S: Service<Request, Response = Value, Error = Error> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+{
+    let metrics = MetricsLayer::new();
+    tower::ServiceBuilder::new()
+        .layer(FallbackLayer::default().record_to(metrics.registry().clone()))
+        .layer(metrics)
+        .layer(TraceLayer::new())
+        .layer(breaker)
+        .layer(TimeoutLayer::default())
+        .layer(RetryLayer::default())
+        .service(redis)
+}
+
 fn runtime() -> Runtime {
     Builder::new_current_thread().enable_all().build().unwrap()
 }
@@ -221,7 +256,7 @@ fn layers(c: &mut Criterion) {
     bench_one(
         c,
         "healthy/Retry+Reconnect",
-        RetryLayer::default().layer(reconnect),
+        RetryLayer::default().layer(reconnect.clone()),
     );
 
     let breaker = CircuitBreakerLayer::default();
@@ -268,6 +303,47 @@ fn layers(c: &mut Criterion) {
         c,
         "healthy/Metrics+Timeout",
         MetricsLayer::new().layer(TimeoutLayer::default().layer(Memory)),
+    );
+
+    // The whole default stack, as the builder makes it: concrete, and boxed as
+    // `ResilientClient` holds it.
+    let waiting_reconnect = rt
+        .block_on(Reconnect::connect(
+            WaitingConnector,
+            ReconnectConfig::default(),
+        ))
+        .unwrap();
+    bench_one(
+        c,
+        "healthy/full stack",
+        full_stack(reconnect.clone(), CircuitBreakerLayer::default()),
+    );
+    bench_one(
+        c,
+        "healthy/full stack boxed",
+        BoxCloneSyncService::new(full_stack(
+            reconnect.clone(),
+            CircuitBreakerLayer::default(),
+        )),
+    );
+    bench_one(
+        c,
+        "waiting leaf/full stack",
+        full_stack(waiting_reconnect.clone(), CircuitBreakerLayer::default()),
+    );
+    bench_one(
+        c,
+        "waiting leaf/full stack boxed",
+        BoxCloneSyncService::new(full_stack(
+            waiting_reconnect,
+            CircuitBreakerLayer::default(),
+        )),
+    );
+    // Open: the breaker rejects, the metrics count it, the fallback answers a miss.
+    bench_one(
+        c,
+        "open/full stack (rejected, falls back)",
+        full_stack(reconnect.clone(), tripped()),
     );
 
     // The floor: a leaf that answers an error at once, for comparison.
