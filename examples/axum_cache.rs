@@ -1,0 +1,134 @@
+//! An axum app that uses Redis as a cache in front of a slow database, and keeps
+//! answering while Redis is down: reads become misses served from the database, cache
+//! writes fail fast instead of hanging, and the client reconnects by itself.
+//!
+//! - `GET /items/{id}`: cache-aside; the reply says whether it came from the cache or
+//!   the database.
+//! - `GET /health`: `ResilientClient::health()` as JSON (connection, breaker, ping,
+//!   call counts and latency).
+//! - `GET /metrics`: the Redis calls in Prometheus's text format, under OpenTelemetry's
+//!   names.
+//!
+//! `cargo run --example axum_cache --features serde,metrics` uses `REDIS_URL` if set, and
+//! otherwise starts a throwaway `redis-server` on a free loopback port (it must be
+//! installed); it serves on `127.0.0.1:3000` (or `$PORT`) until Ctrl-C. Try
+//! `curl 127.0.0.1:3000/items/7` twice, then stop Redis and try again.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::StatusCode,
+    routing::get,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+use tower_redis_resilience::{Health, ResilientClient};
+
+/// What the handlers share. Everything in it is cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub redis: ResilientClient,
+    pub db: Arc<Database>,
+    pub prometheus: PrometheusHandle,
+}
+
+/// The stand-in for a real database: every read takes 20 ms.
+pub struct Database {
+    items: HashMap<u32, String>,
+}
+
+impl Database {
+    pub fn new() -> Self {
+        let items = (1..=100)
+            .map(|id| (id, format!("item number {id}")))
+            .collect();
+        Database { items }
+    }
+
+    async fn load(&self, id: u32) -> Option<String> {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.items.get(&id).cloned()
+    }
+}
+
+/// The routes.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/items/{id}", get(item))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn item(
+    State(state): State<AppState>,
+    Path(id): Path<u32>,
+) -> Result<Json<Value>, StatusCode> {
+    let key = format!("item:{id}");
+    let mut redis = state.redis.clone();
+    // While Redis cannot answer, the client's fallback makes this `Ok(None)`: a miss.
+    match redis.get::<_, Option<String>>(&key).await {
+        Ok(Some(name)) => return Ok(Json(json!({ "id": id, "name": name, "source": "cache" }))),
+        Ok(None) => {}
+        // A server error (say, WRONGTYPE) is a bug to log, not a reason to fail the page.
+        Err(err) => tracing::warn!(%err, "cache read failed"),
+    }
+    let name = state.db.load(id).await.ok_or(StatusCode::NOT_FOUND)?;
+    // While Redis is down this fails within milliseconds (circuit open); the page is
+    // served all the same.
+    if let Err(err) = redis.set_ex::<_, _, ()>(&key, &name, 60).await {
+        tracing::debug!(%err, "cache write skipped");
+    }
+    Ok(Json(
+        json!({ "id": id, "name": name, "source": "database" }),
+    ))
+}
+
+/// Always 200: the app serves without Redis, so a Redis outage must not make a load
+/// balancer take it out of rotation. The body says how Redis is doing.
+async fn health(State(state): State<AppState>) -> Json<Health> {
+    Json(state.redis.health().await)
+}
+
+async fn metrics(State(state): State<AppState>) -> String {
+    state.prometheus.render()
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Before the first Redis call, so the metrics layer records through it.
+    let prometheus = PrometheusBuilder::new().install_recorder()?;
+    let (url, _server) = match std::env::var("REDIS_URL") {
+        Ok(url) => (url, None),
+        Err(_) => {
+            let server = support::RedisServer::start();
+            (server.url(), Some(server))
+        }
+    };
+    // `build`, not `connect`: the app starts even if Redis is down, and connects when it
+    // can.
+    let redis = ResilientClient::builder(&url).build()?;
+    let state = AppState {
+        redis,
+        db: Arc::new(Database::new()),
+        prometheus,
+    };
+    let port = std::env::var("PORT").unwrap_or_else(|_| "3000".into());
+    let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await?;
+    println!(
+        "serving http://{}/items/7 (and /health, /metrics)",
+        listener.local_addr()?
+    );
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
