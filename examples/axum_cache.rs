@@ -14,8 +14,9 @@
 //! installed); it serves on `127.0.0.1:3000` (or `$PORT`) until Ctrl-C. Try
 //! `curl 127.0.0.1:3000/items/7` twice, then stop Redis and try again.
 
+// `pub` so that the test that runs this example uses the same harness.
 #[path = "../tests/support/mod.rs"]
-mod support;
+pub mod support;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -39,12 +40,14 @@ pub struct AppState {
 }
 
 /// The stand-in for a real database: every read takes 20 ms.
+#[derive(Default)]
 pub struct Database {
     items: HashMap<u32, String>,
 }
 
 impl Database {
-    pub fn new() -> Self {
+    /// Items 1 to 100.
+    pub fn with_items() -> Self {
         let items = (1..=100)
             .map(|id| (id, format!("item number {id}")))
             .collect();
@@ -116,7 +119,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis = ResilientClient::builder(&url).build()?;
     let state = AppState {
         redis,
-        db: Arc::new(Database::new()),
+        db: Arc::new(Database::with_items()),
         prometheus,
     };
     let port = std::env::var("PORT").unwrap_or_else(|_| "3000".into());

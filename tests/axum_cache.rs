@@ -1,8 +1,6 @@
 //! The axum example over real HTTP on loopback, in front of a real redis-server that is
 //! killed and restarted: pages keep coming, from the database while Redis is away.
 
-mod support;
-
 #[allow(dead_code)] // its `main` is the example's, not ours
 #[path = "../examples/axum_cache.rs"]
 mod axum_cache;
@@ -13,10 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use axum_cache::support::RedisServer;
 use axum_cache::{AppState, Database};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use serde_json::Value;
-use support::RedisServer;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -50,7 +48,7 @@ async fn pages_keep_coming_while_redis_is_down_and_the_cache_returns_after() {
             .connect()
             .await
             .unwrap(),
-        db: Arc::new(Database::new()),
+        db: Arc::new(Database::with_items()),
         prometheus,
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -505,6 +505,7 @@ fn make_certificates(dir: &Path) {
 pub struct TempDir(PathBuf);
 
 impl TempDir {
+    #[allow(clippy::new_without_default)] // examples make it `pub`
     pub fn new() -> TempDir {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let path = std::env::temp_dir().join(format!(
