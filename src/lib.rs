@@ -14,10 +14,25 @@
 //! [`metrics::MetricsLayer`] and [`trace::TraceLayer`] count, time and trace every call,
 //! and [`Client`] puts redis-rs's whole command API on top of any stack.
 //!
-//! The recommended order, outermost first: `Fallback → Metrics → Trace →
-//! CircuitBreaker → Timeout → Retry → Reconnect`. Fallback answers for every failure
-//! below it while the metrics still see each one; the breaker sees timeouts; the
-//! deadline covers retries.
+//! [`ResilientClient`] assembles the recommended stack, outermost first: `Fallback →
+//! Metrics → Trace → CircuitBreaker → Timeout → Retry → Reconnect`. Fallback answers for
+//! every failure below it while the metrics still see each one; the breaker sees
+//! timeouts; the deadline covers retries.
+//!
+//! ```no_run
+//! use redis::AsyncCommands;
+//! use tower_redis_resilience::ResilientClient;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut client = ResilientClient::builder("redis://127.0.0.1:6379").build()?;
+//! // A cache miss while Redis is down, never a hang.
+//! let value: Option<String> = client.get("k").await?;
+//! println!("{value:?}, {:?}", client.health().await.status);
+//! # Ok(()) }
+//! ```
+//!
+//! The same stack by hand, from the public layers (the builder also wires the two
+//! signals shown here):
 //!
 //! ```no_run
 //! use redis::AsyncCommands;
@@ -25,21 +40,32 @@
 //! use tower_redis_resilience::{
 //!     Client, Connector,
 //!     circuit_breaker::CircuitBreakerLayer,
+//!     fallback::FallbackLayer,
+//!     metrics::MetricsLayer,
 //!     reconnect::{Reconnect, ReconnectConfig},
 //!     retry::RetryLayer,
+//!     timeout::TimeoutLayer,
+//!     trace::TraceLayer,
 //! };
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let redis = Reconnect::lazy(Connector::from_url("redis://127.0.0.1:6379")?, ReconnectConfig::new())?;
+//! let connector = Connector::from_url("redis://127.0.0.1:6379")?;
+//! let trace = TraceLayer::for_connector(&connector);
+//! let redis = Reconnect::lazy(connector, ReconnectConfig::new())?;
 //! let breaker = CircuitBreakerLayer::default();
 //! // A new connection after an outage lets the breaker probe at once.
 //! breaker.half_open_on_reconnect(redis.state())?;
+//! let metrics = MetricsLayer::new();
 //! let stack = ServiceBuilder::new()
-//!     .layer(breaker.clone())
+//!     // Fallbacks are counted in the metrics registry.
+//!     .layer(FallbackLayer::default().record_to(metrics.registry().clone()))
+//!     .layer(metrics)
+//!     .layer(trace)
+//!     .layer(breaker)
+//!     .layer(TimeoutLayer::default())
 //!     .layer(RetryLayer::default())
 //!     .service(redis);
 //! let mut client = Client::new(stack);
-//! let () = client.set("k", "v").await?;
 //! let value: Option<String> = client.get("k").await?;
 //! # let _ = value; Ok(()) }
 //! ```
@@ -49,6 +75,7 @@
 //! | feature | what it adds |
 //! |---------|--------------|
 //! | `tls`   | `rediss://` URLs and [`redis::Client::build_with_tls`], through redis-rs's rustls support (crypto provider: `ring`) |
+//! | `serde` | `Serialize` for [`Health`] (durations in milliseconds) and the states it holds |
 //! | `metrics` | [`metrics::MetricsLayer`] also records through the [`metrics`](https://docs.rs/metrics) facade under OpenTelemetry names: `db.client.operation.duration` (seconds; labels `db.system.name`, `db.operation.name`, `error.type`) and `redis.client.fallbacks` |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -13,13 +13,16 @@ use crate::{
 /// milliseconds:
 ///
 /// ```json
-/// {"status":"up","address":"127.0.0.1:6379","connection":"connected",
+/// {"status":"up","address":"127.0.0.1:6379/0","connection":"connected",
 ///  "reconnects":{"attempts":1,"successes":1,"failures":0},
-///  "breaker":{"state":"closed","calls":40,"failed_calls":0,"slow_calls":0,
-///             "failure_rate":0.0,"slow_call_rate":0.0},
-///  "ping_ms":0.21,"ping_error":null,
-///  "calls":{"total":40,"outcomes":{"ok":40,"timeout":0,...},"fallbacks":0,
-///           "latency":{"count":40,"mean_ms":0.09,"p50_ms":0.08,...}}}
+///  "breaker":{"state":"closed","calls":4,"failed_calls":0,"slow_calls":0,
+///             "failure_rate":null,"slow_call_rate":null},
+///  "ping_ms":0.71,"ping_error":null,
+///  "calls":{"total":4,"outcomes":{"cancelled":0,"circuit_open":0,"config_error":0,"ok":4,
+///                                 "server_error":0,"timeout":0,"unavailable":0},
+///           "fallbacks":0,
+///           "latency":{"count":4,"mean_ms":0.58,"p50_ms":0.49,"p90_ms":0.80,
+///                      "p99_ms":0.80,"max_ms":0.80}}}
 /// ```
 ///
 /// Whether a `down` Redis should fail the app's own readiness is the app's call: an app
