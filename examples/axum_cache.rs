@@ -107,13 +107,7 @@ async fn metrics(State(state): State<AppState>) -> String {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Before the first Redis call, so the metrics layer records through it.
     let prometheus = PrometheusBuilder::new().install_recorder()?;
-    let (url, _server) = match std::env::var("REDIS_URL") {
-        Ok(url) => (url, None),
-        Err(_) => {
-            let server = support::RedisServer::start();
-            (server.url(), Some(server))
-        }
-    };
+    let (url, _server) = support::redis_url_or_throwaway_server();
     // `build`, not `connect`: the app starts even if Redis is down, and connects when it
     // can.
     let redis = ResilientClient::builder(&url).build()?;

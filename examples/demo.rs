@@ -46,13 +46,7 @@ struct Phase {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (url, server) = match std::env::var("REDIS_URL") {
-        Ok(url) => (url, None),
-        Err(_) => {
-            let server = support::RedisServer::start();
-            (server.url(), Some(server))
-        }
-    };
+    let (url, server) = support::redis_url_or_throwaway_server();
     let client = ResilientClient::builder(&url).connect().await?;
     let deadline = client
         .timeout()

@@ -32,13 +32,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // with whatever recorder is installed when it first sees a command.
     let prometheus = PrometheusBuilder::new().install_recorder()?;
 
-    let (url, _server) = match std::env::var("REDIS_URL") {
-        Ok(url) => (url, None),
-        Err(_) => {
-            let server = support::RedisServer::start();
-            (server.url(), Some(server))
-        }
-    };
+    let (url, _server) = support::redis_url_or_throwaway_server();
     let redis = Reconnect::connect(Connector::from_url(&url)?, ReconnectConfig::new()).await?;
     let metrics = MetricsLayer::new();
     let stack = ServiceBuilder::new()

@@ -13,17 +13,11 @@ use tower_redis_resilience::{Client, Error, RedisService, Request};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (url, _server) = match std::env::var("REDIS_URL") {
-        Ok(url) => (url, None),
-        Err(_) => {
-            let server = support::RedisServer::start();
-            println!(
-                "started a throwaway redis-server on 127.0.0.1:{}",
-                server.port()
-            );
-            (server.url(), Some(server))
-        }
-    };
+    let (url, server) = support::redis_url_or_throwaway_server();
+    if let Some(server) = &server {
+        let port = server.port();
+        println!("started a throwaway redis-server on 127.0.0.1:{port}");
+    }
 
     // The leaf service: one multiplexed connection, cheap to clone.
     let redis = RedisService::connect(&url).await?;

@@ -25,13 +25,7 @@ use tower_redis_resilience::{
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (url, _server) = match std::env::var("REDIS_URL") {
-        Ok(url) => (url, None),
-        Err(_) => {
-            let server = support::RedisServer::start();
-            (server.url(), Some(server))
-        }
-    };
+    let (url, _server) = support::redis_url_or_throwaway_server();
 
     let connector = Connector::from_url(&url)?;
     let trace = TraceLayer::for_connector(&connector);

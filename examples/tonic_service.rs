@@ -182,13 +182,7 @@ pub async fn get_item(channel: Channel, id: u32) -> Result<Item, Status> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (url, _server) = match std::env::var("REDIS_URL") {
-        Ok(url) => (url, None),
-        Err(_) => {
-            let server = support::RedisServer::start();
-            (server.url(), Some(server))
-        }
-    };
+    let (url, _server) = support::redis_url_or_throwaway_server();
     let redis = ResilientClient::builder(&url).build()?;
     let address = serve(Catalog::new(redis)).await?;
     println!("catalog.Catalog on {address}");

@@ -356,6 +356,18 @@ impl Drop for RedisServer {
     }
 }
 
+/// For the examples: `REDIS_URL` if set, and otherwise a throwaway server on a free
+/// loopback port (kept alive by the returned handle).
+pub fn redis_url_or_throwaway_server() -> (String, Option<RedisServer>) {
+    match std::env::var("REDIS_URL") {
+        Ok(url) => (url, None),
+        Err(_) => {
+            let server = RedisServer::start();
+            (server.url(), Some(server))
+        }
+    }
+}
+
 /// `redis-server` from `REDIS_SERVER_BIN` or `PATH`, or a failing test with one clear line.
 pub fn redis_server_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("REDIS_SERVER_BIN") {
