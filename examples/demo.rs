@@ -139,12 +139,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 interval.write_errors,
                 format!("{p99:.1?}"),
                 format!("{max:.1?}"),
-                format!(
-                    "{:?}",
-                    client.circuit_breaker().map(|breaker| breaker.state())
-                )
-                .trim_start_matches("Some(")
-                .trim_end_matches(')'),
+                client
+                    .circuit_breaker()
+                    .map_or("none".to_owned(), |breaker| format!(
+                        "{:?}",
+                        breaker.state()
+                    )),
                 client.connection_state(),
             );
             last = snapshot;

@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use redis::{AsyncCommands, Value};
-use support::RedisServer;
+use support::{RedisServer, eventually};
 use tower::{
     BoxError, Service, ServiceBuilder, ServiceExt, load_shed::error::Overloaded,
     util::BoxCloneService,
@@ -24,19 +24,6 @@ fn assert_send_sync_static<T: Send + Sync + 'static>() {}
 #[test]
 fn the_client_can_live_in_shared_state() {
     assert_send_sync_static::<ResilientClient>();
-}
-
-/// Polls `check` every 5 ms until it holds, for at most `limit`; answers how long it took.
-async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < limit,
-            "condition not met within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    started.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ mod tonic_service;
 use std::time::{Duration, Instant};
 
 use tonic::{Code, transport::Channel};
-use tonic_service::support::RedisServer;
+use tonic_service::support::{RedisServer, eventually};
 use tonic_service::{Catalog, get_item};
 use tower_redis_resilience::ResilientClient;
 
@@ -51,16 +51,9 @@ async fn the_grpc_handler_serves_from_the_cache_and_degrades_to_the_database() {
     assert_eq!(redis.fallback().unwrap().fallbacks(), 3);
 
     server.restart();
-    let started = Instant::now();
-    loop {
+    eventually(Duration::from_secs(5), async || {
         get_item(channel.clone(), 9).await.unwrap();
-        if get_item(channel.clone(), 9).await.unwrap().from_cache {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the cache never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        get_item(channel.clone(), 9).await.unwrap().from_cache
+    })
+    .await;
 }

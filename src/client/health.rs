@@ -87,9 +87,12 @@ impl Health {
     pub(super) fn new(client: &ResilientClient, ping: Result<Duration, Error>) -> Health {
         let connection = client.connection_state();
         let breaker = client.circuit_breaker().map(|breaker| breaker.metrics());
-        let status = match (&connection, &ping, breaker.map(|b| b.state)) {
-            (ConnectionState::Connected, Ok(_), None | Some(BreakerState::Closed))
-            | (ConnectionState::Connected, Ok(_), Some(BreakerState::Disabled)) => HealthStatus::Up,
+        let status = match (connection, &ping, breaker.map(|b| b.state)) {
+            (
+                ConnectionState::Connected,
+                Ok(_),
+                None | Some(BreakerState::Closed | BreakerState::Disabled),
+            ) => HealthStatus::Up,
             (ConnectionState::Connected, Ok(_), Some(_)) => HealthStatus::Degraded,
             _ => HealthStatus::Down,
         };

@@ -356,6 +356,20 @@ impl Drop for RedisServer {
     }
 }
 
+/// Polls `check` every 5 ms until it holds, for at most `limit` (then panics); answers how
+/// long it took.
+pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    started.elapsed()
+}
+
 /// For the examples: `REDIS_URL` if set, and otherwise a throwaway server on a free
 /// loopback port (kept alive by the returned handle).
 pub fn redis_url_or_throwaway_server() -> (String, Option<RedisServer>) {
