@@ -400,5 +400,73 @@ fn two_threads(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, layers, two_threads);
+/// Calls made by a task on a running `current_thread` runtime, through a leaf that waits
+/// once: what a layer costs where apps run it, with the runtime's timer driver awake
+/// (outside a runtime, arming a timer also wakes the idle driver with a syscall).
+fn bench_in_runtime<S>(c: &mut Criterion, rt: &Runtime, name: &str, service: S)
+where
+    S: Service<Request, Response = Value, Error = Error, Future: Send> + Clone + Send + 'static,
+{
+    c.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut service = service.clone();
+            rt.block_on(async move {
+                tokio::spawn(async move {
+                    let request = get();
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let reply = service
+                            .ready()
+                            .await
+                            .unwrap()
+                            .call(black_box(request.clone()))
+                            .await;
+                        assert!(black_box(reply).is_ok());
+                    }
+                    start.elapsed()
+                })
+                .await
+                .unwrap()
+            })
+        })
+    });
+}
+
+fn in_runtime(c: &mut Criterion) {
+    let rt = runtime();
+    let _guard = rt.enter();
+    bench_in_runtime(c, &rt, "in runtime/leaf alone", Waiting);
+    bench_in_runtime(
+        c,
+        &rt,
+        "in runtime/Timeout",
+        TimeoutLayer::default().layer(Waiting),
+    );
+    bench_in_runtime(
+        c,
+        &rt,
+        "in runtime/Metrics",
+        MetricsLayer::new().layer(Waiting),
+    );
+    bench_in_runtime(
+        c,
+        &rt,
+        "in runtime/CircuitBreaker",
+        CircuitBreakerLayer::default().layer(Waiting),
+    );
+    let reconnect = rt
+        .block_on(Reconnect::connect(
+            WaitingConnector,
+            ReconnectConfig::default(),
+        ))
+        .unwrap();
+    bench_in_runtime(
+        c,
+        &rt,
+        "in runtime/full stack",
+        full_stack(reconnect, CircuitBreakerLayer::default()),
+    );
+}
+
+criterion_group!(benches, layers, two_threads, in_runtime);
 criterion_main!(benches);

@@ -84,6 +84,7 @@
 pub mod backoff;
 pub mod circuit_breaker;
 mod client;
+mod clock;
 mod connect;
 mod directory;
 mod error;

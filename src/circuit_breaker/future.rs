@@ -13,7 +13,7 @@ use super::{
     config::{CancelPolicy, Outcome},
     shared::{Shared, Ticket},
 };
-use crate::Error;
+use crate::{Error, clock};
 
 /// The future of [`CircuitBreaker`](super::CircuitBreaker).
 #[pin_project(project = Proj)]
@@ -59,7 +59,7 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Called { future, call } => match future.poll(cx) {
+            KindProj::Called { future, call } => clock::shared(|| match future.poll(cx) {
                 Poll::Ready(result) => {
                     if let Some(call) = call {
                         call.finish(&result);
@@ -72,7 +72,7 @@ where
                     }
                     Poll::Pending
                 }
-            },
+            }),
             KindProj::Rejected { error } => Poll::Ready(Err(error
                 .take()
                 .unwrap_or_else(|| Error::unavailable("response future polled after completion")))),
@@ -99,8 +99,11 @@ pub(super) struct Call {
     ticket: Ticket,
     /// Blocking commands wait by design: never slow, not recorded when cancelled.
     blocking: bool,
+    /// When the request entered the stack, if an outer layer read the clock for it.
+    start: Option<Instant>,
     /// Set when the inner future first waits, so a call answered at once costs no clock
-    /// reading and one that waits costs two.
+    /// reading, and one that waits costs at most two (none at the start when an outer
+    /// layer read it; the end reading is shared with the layers above).
     timing: Timing,
     finished: bool,
 }
@@ -116,11 +119,17 @@ enum Timing {
 }
 
 impl Call {
-    pub(super) fn new(shared: Arc<Shared>, ticket: Ticket, blocking: bool) -> Self {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        ticket: Ticket,
+        blocking: bool,
+        start: Option<Instant>,
+    ) -> Self {
         Call {
             shared,
             ticket,
             blocking,
+            start,
             timing: Timing::Untimed,
             finished: false,
         }
@@ -128,7 +137,8 @@ impl Call {
 
     fn started(&mut self) {
         if matches!(self.timing, Timing::Untimed) && !self.blocking {
-            self.timing = match Instant::now().checked_add(self.shared.config.slow_call_duration) {
+            let start = self.start.unwrap_or_else(clock::now);
+            self.timing = match start.checked_add(self.shared.config.slow_call_duration) {
                 Some(at) => Timing::SlowAt(at),
                 None => Timing::NeverSlow,
             };
@@ -140,10 +150,10 @@ impl Call {
         match self.timing {
             Timing::Untimed => (false, None),
             Timing::SlowAt(at) => {
-                let now = Instant::now();
+                let now = clock::now();
                 (now >= at, Some(now))
             }
-            Timing::NeverSlow => (false, Some(Instant::now())),
+            Timing::NeverSlow => (false, Some(clock::now())),
         }
     }
 

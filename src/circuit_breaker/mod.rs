@@ -105,7 +105,12 @@ where
         match self.shared.admit() {
             Admission::Record(ticket) => {
                 let blocking = request.info().blocking() != Blocking::No;
-                let call = Call::new(self.shared.clone(), ticket, blocking);
+                let call = Call::new(
+                    self.shared.clone(),
+                    ticket,
+                    blocking,
+                    request.start_if_read(),
+                );
                 ResponseFuture::called(self.inner.call(request), Some(call))
             }
             Admission::Pass => ResponseFuture::called(self.inner.call(request), None),

@@ -9,7 +9,7 @@ use redis::Value;
 use tokio::time::Instant;
 
 use super::{Outcome, Registry};
-use crate::Error;
+use crate::{Error, clock};
 
 /// The future of [`Metrics`](super::Metrics).
 #[pin_project]
@@ -35,11 +35,13 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = std::task::ready!(this.inner.poll(cx));
-        if let Some(recorder) = this.recorder.take() {
-            recorder.finish(Outcome::of(&result));
-        }
-        Poll::Ready(result)
+        clock::shared(|| {
+            let result = std::task::ready!(this.inner.poll(cx));
+            if let Some(recorder) = this.recorder.take() {
+                recorder.finish(Outcome::of(&result));
+            }
+            Poll::Ready(result)
+        })
     }
 }
 
@@ -78,7 +80,7 @@ impl Recorder {
     fn record(&mut self, outcome: Outcome) {
         self.done = true;
         if let Some(stats) = self.registry.stats(self.slot) {
-            let latency = Instant::now().saturating_duration_since(self.start);
+            let latency = clock::now().saturating_duration_since(self.start);
             stats.record(outcome, latency);
         }
     }

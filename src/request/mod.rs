@@ -78,6 +78,12 @@ impl Request {
         *self.start.get_or_insert_with(Instant::now)
     }
 
+    /// The start if a layer already read it, without reading the clock.
+    #[inline]
+    pub(crate) fn start_if_read(&self) -> Option<Instant> {
+        self.start
+    }
+
     pub(crate) fn into_body(self) -> Body {
         self.body
     }

@@ -10,7 +10,7 @@ use redis::Value;
 use tokio::time::Instant;
 use tracing::Span;
 
-use crate::{Error, metrics::Outcome};
+use crate::{Error, clock, metrics::Outcome};
 
 /// The future of [`Trace`](super::Trace): polls the inner future inside the call's span
 /// and records how the call ended on it.
@@ -79,7 +79,7 @@ where
             record_error(&traced.span, Outcome::of(&result), error.server_code());
         }
         if let Some((start, after)) = traced.slow {
-            let took = start.elapsed();
+            let took = clock::now().saturating_duration_since(start);
             if took >= after {
                 tracing::warn!(
                     parent: &traced.span,
