@@ -7,36 +7,53 @@ use std::{
 
 use pin_project::pin_project;
 use redis::Value;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
-use crate::Error;
+use super::timer::{NoRuntime, Registration, Timer};
+use crate::{Error, clock};
 
 /// The future of [`Timeout`](super::Timeout).
 ///
-/// The timer is armed only when the inner future first waits, so a call answered at
-/// once never touches the timer wheel.
+/// A call answered at once never touches the timer; one that waits takes a slot in the
+/// layer's shared [`Timer`] until it finishes.
 #[pin_project]
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture<F> {
     #[pin]
     inner: F,
-    #[pin]
-    sleep: Option<Sleep>,
-    /// When it times out, and the deadline that is (for the error); `None`: never.
-    deadline: Option<(Instant, Duration)>,
+    timing: Timing,
     command: &'static str,
+}
+
+enum Timing {
+    /// No deadline, or the call is over.
+    None,
+    /// Times out at `at`, the deadline `limit` after the start; not waiting yet.
+    Armed {
+        at: Instant,
+        limit: Duration,
+        timer: Timer,
+    },
+    Waiting {
+        at: Instant,
+        limit: Duration,
+        registration: Registration,
+    },
 }
 
 impl<F> ResponseFuture<F> {
     pub(super) fn new(
         inner: F,
-        deadline: Option<(Instant, Duration)>,
+        deadline: Option<(Instant, Duration, Timer)>,
         command: &'static str,
     ) -> Self {
+        let timing = match deadline {
+            Some((at, limit, timer)) => Timing::Armed { at, limit, timer },
+            None => Timing::None,
+        };
         ResponseFuture {
             inner,
-            sleep: None,
-            deadline,
+            timing,
             command,
         }
     }
@@ -50,22 +67,45 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         // The answer wins over a deadline that passed in the same instant.
         if let Poll::Ready(result) = this.inner.poll(cx) {
+            // Gives the slot back now, not when the future is dropped.
+            *this.timing = Timing::None;
             return Poll::Ready(result);
         }
-        let Some((at, limit)) = *this.deadline else {
-            return Poll::Pending;
-        };
-        if this.sleep.is_none() {
-            this.sleep.set(Some(tokio::time::sleep_until(at)));
-        }
-        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
-            Some(Poll::Ready(())) => {
-                Poll::Ready(Err(Error::timed_out(limit).with_command(this.command)))
+        match std::mem::replace(this.timing, Timing::None) {
+            Timing::None => Poll::Pending,
+            Timing::Armed { at, limit, timer } => match timer.register(at, cx.waker()) {
+                Ok(registration) => {
+                    *this.timing = Timing::Waiting {
+                        at,
+                        limit,
+                        registration,
+                    };
+                    Poll::Pending
+                }
+                Err(NoRuntime) => Poll::Ready(Err(Error::config(
+                    "the timeout layer needs a Tokio runtime to time a call",
+                )
+                .with_command(this.command))),
+            },
+            Timing::Waiting {
+                at,
+                limit,
+                registration,
+            } => {
+                if clock::now() >= at {
+                    return Poll::Ready(Err(Error::timed_out(limit).with_command(this.command)));
+                }
+                registration.update(cx.waker());
+                *this.timing = Timing::Waiting {
+                    at,
+                    limit,
+                    registration,
+                };
+                Poll::Pending
             }
-            _ => Poll::Pending,
         }
     }
 }
@@ -74,7 +114,13 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("command", &self.command)
-            .field("deadline", &self.deadline.map(|(_, limit)| limit))
+            .field(
+                "deadline",
+                &match &self.timing {
+                    Timing::Armed { limit, .. } | Timing::Waiting { limit, .. } => Some(limit),
+                    Timing::None => None,
+                },
+            )
             .finish_non_exhaustive()
     }
 }

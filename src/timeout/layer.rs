@@ -2,7 +2,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use tower::Layer;
 
-use super::Timeout;
+use super::{Timeout, timer::Timer};
 use crate::{Blocking, Error, Request, request::canonical_name};
 
 /// Gives every request a deadline: a default, per-command overrides, a deadline for a
@@ -47,6 +47,8 @@ use crate::{Blocking, Error, Request, request::canonical_name};
 #[must_use]
 pub struct TimeoutLayer {
     deadlines: Arc<Deadlines>,
+    /// Shared by every service made from this layer and its clones.
+    pub(super) timer: Timer,
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +110,7 @@ impl TimeoutLayer {
                 blocking_cap: None,
                 overrides: Vec::new(),
             }),
+            timer: Timer::default(),
         }
     }
 
@@ -161,6 +164,7 @@ impl<S> Layer<S> for TimeoutLayer {
         Timeout {
             inner,
             deadlines: self.deadlines.clone(),
+            timer: self.timer.clone(),
         }
     }
 }

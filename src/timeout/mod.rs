@@ -2,6 +2,7 @@
 
 mod future;
 mod layer;
+mod timer;
 
 pub use future::ResponseFuture;
 pub use layer::TimeoutLayer;
@@ -15,7 +16,7 @@ use std::{
 use redis::Value;
 use tower::Service;
 
-use self::layer::Deadlines;
+use self::{layer::Deadlines, timer::Timer};
 use crate::{Error, Request};
 
 /// The service [`TimeoutLayer`] makes: each call answers within its deadline, with a
@@ -28,6 +29,7 @@ use crate::{Error, Request};
 pub struct Timeout<S> {
     inner: S,
     deadlines: Arc<Deadlines>,
+    timer: Timer,
 }
 
 impl<S> Service<Request> for Timeout<S>
@@ -45,7 +47,13 @@ where
     #[inline]
     fn call(&mut self, mut request: Request) -> Self::Future {
         let limit = self.deadlines.for_request(&request);
-        let deadline = limit.and_then(|limit| Some((request.start().checked_add(limit)?, limit)));
+        let deadline = limit.and_then(|limit| {
+            Some((
+                request.start().checked_add(limit)?,
+                limit,
+                self.timer.clone(),
+            ))
+        });
         let name = request.info().name();
         ResponseFuture::new(self.inner.call(request), deadline, name)
     }

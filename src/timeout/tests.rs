@@ -196,3 +196,124 @@ fn the_layer_reports_the_deadline_each_request_gets() {
     );
     assert_eq!(deadline(redis::cmd("WAIT").arg(1).arg(0)), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_calls_each_time_out_at_their_own_deadline() {
+    let layer = TimeoutLayer::new(300 * MS)
+        .command("HGET", 50 * MS)
+        .unwrap();
+    let start = Instant::now();
+    let call = |request: Request| {
+        let mut service = timeouts(layer.clone());
+        async move {
+            let result = service.ready().await.unwrap().call(request).await;
+            (result, start.elapsed())
+        }
+    };
+    // The long deadline first: the driver then sleeps until 300 ms, and must be told
+    // of the earlier one.
+    let long = tokio::spawn(call(command("GET", "hang", 0)));
+    tokio::task::yield_now().await;
+    let short = tokio::spawn(call(command("HGET", "hang", 0)));
+    let answered = tokio::spawn(call(command("GET", "ok", 100)));
+    let (short, answered, long) = (
+        short.await.unwrap(),
+        answered.await.unwrap(),
+        long.await.unwrap(),
+    );
+    assert!(short.0.unwrap_err().is_timeout());
+    assert_eq!(short.1, 50 * MS);
+    assert_eq!(answered.0.unwrap(), Value::Okay);
+    assert_eq!(answered.1, 100 * MS);
+    assert!(long.0.unwrap_err().is_timeout());
+    assert_eq!(long.1, 300 * MS);
+    assert_eq!(layer.timer.waiting(), 0, "every call gave its slot back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn answered_and_abandoned_calls_give_their_slot_back_at_once() {
+    let layer = TimeoutLayer::new(250 * MS);
+    let mut service = timeouts(layer.clone());
+    let (result, _) = timed(&mut service, command("GET", "ok", 10)).await;
+    assert_eq!(result.unwrap(), Value::Okay);
+    assert_eq!(layer.timer.waiting(), 0);
+
+    let abandoned = tokio::time::timeout(
+        20 * MS,
+        service
+            .ready()
+            .await
+            .unwrap()
+            .call(command("GET", "hang", 0)),
+    )
+    .await;
+    assert!(abandoned.is_err());
+    assert_eq!(
+        layer.timer.waiting(),
+        0,
+        "a dropped call leaves no slot behind"
+    );
+}
+
+/// A layer kept across runtimes, as a client shared by tests each with its own runtime:
+/// the runtime that started the timer's driver is gone, or idle, and calls from another
+/// runtime must still time out.
+#[test]
+fn calls_time_out_on_any_runtime_the_layer_is_used_from() {
+    let layer = TimeoutLayer::new(30 * MS);
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    };
+    let times_out = |rt: &tokio::runtime::Runtime| {
+        let mut service = timeouts(layer.clone());
+        let started = std::time::Instant::now();
+        let result = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                service
+                    .ready()
+                    .await
+                    .unwrap()
+                    .call(command("GET", "hang", 0)),
+            )
+            .await
+        });
+        assert!(
+            result
+                .expect("the layer's deadline, not the guard's")
+                .unwrap_err()
+                .is_timeout()
+        );
+        // A guard that fires polls the call once more, which then sees its deadline
+        // passed: tell the layer's own timing from that.
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "timed out by the guard"
+        );
+    };
+    let first = runtime();
+    times_out(&first);
+    // `first` is alive but idle: its driver cannot run.
+    let second = runtime();
+    times_out(&second);
+    drop(first);
+    drop(second);
+    times_out(&runtime());
+    assert_eq!(layer.timer.waiting(), 0);
+}
+
+#[test]
+fn a_call_that_waits_outside_a_runtime_is_a_config_error_not_a_panic() {
+    let mut service = timeouts(TimeoutLayer::new(30 * MS));
+    let future = service.call(command("GET", "hang", 0));
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let std::task::Poll::Ready(Err(error)) = future.as_mut().poll(&mut cx) else {
+        panic!("expected an error at once");
+    };
+    assert!(error.is_config(), "{error}");
+    assert_eq!(error.command(), Some("GET"));
+}

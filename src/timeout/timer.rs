@@ -1,0 +1,341 @@
+//! The deadlines of every call through one [`TimeoutLayer`](super::TimeoutLayer), kept by
+//! one task instead of one runtime timer per call.
+//!
+//! A tokio `Sleep` per call costs a timer-wheel insert and remove under the driver's lock,
+//! and makes every future above it ~130 bytes larger (each layer moves it once more).
+//! Here a call that has to wait puts its deadline and waker in a slot of a small table
+//! (one uncontended lock) and takes it out when it finishes; a single driver task sleeps
+//! until the earliest deadline it knows, wakes the calls whose deadline has passed and
+//! sleeps again. Calls finish long before their deadline, so the driver mostly wakes to
+//! find their slots already empty: about once per deadline period under steady traffic,
+//! never while the table is empty.
+//!
+//! A driver runs on each runtime whose calls wait here, spawned by the first such call,
+//! so a call is never left to a driver on a runtime that is idle or gone (as a client
+//! shared by two runtimes, or by tests each with its own, would otherwise risk). It reads
+//! tokio's clock, so `tokio::time::pause` governs it.
+
+use std::{
+    hash::{Hash, Hasher},
+    sync::{
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    task::Waker,
+};
+
+use tokio::{sync::Notify, time::Instant};
+
+/// Tables, so threads of a multi-threaded runtime rarely share a lock.
+const SHARDS: usize = 8;
+
+/// One layer's deadlines; clones share them.
+#[derive(Clone, Default)]
+pub(crate) struct Timer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    shards: [Shard; SHARDS],
+    /// Wakes a driver early: a deadline before `next_wake`, or the timer dropped.
+    wake: Arc<Notify>,
+    /// The runtime the last call came from, which has a driver: most calls check only
+    /// this.
+    last_runtime: AtomicU64,
+    /// The runtimes with a driver running.
+    drivers: Mutex<Vec<u64>>,
+}
+
+/// Its own cache line, so two threads' tables do not share one.
+#[repr(align(64))]
+#[derive(Default)]
+struct Shard(Mutex<Slots>);
+
+#[derive(Default)]
+struct Slots {
+    slots: Vec<Slot>,
+    vacant: Vec<u32>,
+    next_id: u64,
+    /// When the drivers will next look, as they last told this shard; `None` while they
+    /// look or know of no deadline: then every new deadline must tell them.
+    next_wake: Option<Instant>,
+}
+
+enum Slot {
+    Vacant,
+    Waiting {
+        /// Tells a registration from an earlier one that held this slot.
+        id: u64,
+        deadline: Instant,
+        waker: Waker,
+    },
+}
+
+/// A call's place in the timer, removed when dropped.
+pub(crate) struct Registration {
+    timer: Timer,
+    shard: u32,
+    index: u32,
+    id: u64,
+}
+
+/// No runtime to run the driver on: the call cannot be timed.
+#[derive(Debug)]
+pub(crate) struct NoRuntime;
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            shards: Default::default(),
+            wake: Arc::new(Notify::new()),
+            last_runtime: AtomicU64::new(0),
+            drivers: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's shard: threads take them in turn.
+    static SHARD: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS
+    };
+}
+
+impl Timer {
+    /// Wakes `waker` once `deadline` has passed, until the registration is dropped.
+    pub(crate) fn register(
+        self,
+        deadline: Instant,
+        waker: &Waker,
+    ) -> Result<Registration, NoRuntime> {
+        let shared = &self.shared;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| NoRuntime)?;
+        let id = runtime_id(&runtime);
+        if shared.last_runtime.load(Ordering::Acquire) != id {
+            shared.ensure_driver(&runtime, id);
+        }
+        let shard = SHARD.with(|shard| *shard);
+        let (index, id, tell) = {
+            let mut slots = shared.lock(shard);
+            let id = slots.next_id;
+            slots.next_id += 1;
+            let slot = Slot::Waiting {
+                id,
+                deadline,
+                waker: waker.clone(),
+            };
+            let index = match slots.vacant.pop() {
+                Some(index) => {
+                    slots.slots[index as usize] = slot;
+                    index
+                }
+                None => {
+                    slots.slots.push(slot);
+                    u32::try_from(slots.slots.len() - 1).unwrap_or(u32::MAX)
+                }
+            };
+            let tell = slots.next_wake.is_none_or(|next| deadline < next);
+            (index, id, tell)
+        };
+        if tell {
+            shared.wake.notify_one();
+        }
+        Ok(Registration {
+            timer: self,
+            shard: shard as u32,
+            index,
+            id,
+        })
+    }
+
+    /// Calls waiting in the timer now (for tests).
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        (0..SHARDS)
+            .map(|shard| {
+                let slots = self.shared.lock(shard);
+                slots.slots.len() - slots.vacant.len()
+            })
+            .sum()
+    }
+}
+
+impl Registration {
+    /// Wakes `waker` instead, if the call is now polled with another one.
+    pub(crate) fn update(&self, waker: &Waker) {
+        let mut slots = self.timer.shared.lock(self.shard as usize);
+        if let Some(Slot::Waiting { id, waker: old, .. }) = slots.slots.get_mut(self.index as usize)
+            && *id == self.id
+            && !old.will_wake(waker)
+        {
+            *old = waker.clone();
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let waker = {
+            let mut slots = self.timer.shared.lock(self.shard as usize);
+            let index = self.index as usize;
+            match slots.slots.get(index) {
+                Some(Slot::Waiting { id, .. }) if *id == self.id => {
+                    let slot = std::mem::replace(&mut slots.slots[index], Slot::Vacant);
+                    slots.vacant.push(self.index);
+                    slot
+                }
+                // Already woken and removed by the driver.
+                _ => return,
+            }
+        };
+        // The waker is dropped outside the lock.
+        drop(waker);
+    }
+}
+
+impl Shared {
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Slots> {
+        // A panic while holding it cannot leave the table inconsistent: every update
+        // is a single assignment or push.
+        self.shards[shard % SHARDS]
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Spawns a driver on `runtime` unless one runs there.
+    fn ensure_driver(self: &Arc<Self>, runtime: &tokio::runtime::Handle, id: u64) {
+        let mut drivers = self
+            .drivers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !drivers.contains(&id) {
+            drivers.push(id);
+            runtime.spawn(drive(Arc::downgrade(self), self.wake.clone(), id));
+        }
+        self.last_runtime.store(id, Ordering::Release);
+    }
+
+    /// Wakes and removes the calls whose deadline is `now` or earlier; answers the
+    /// earliest deadline left, which it then tells every shard.
+    fn sweep(&self, now: Instant, expired: &mut Vec<Waker>) -> Option<Instant> {
+        let mut earliest: Option<Instant> = None;
+        for shard in 0..SHARDS {
+            let mut slots = self.lock(shard);
+            // Deadlines registered from now until it tells the result must wake it, as
+            // it may have swept their shard already.
+            slots.next_wake = None;
+            let Slots { slots, vacant, .. } = &mut *slots;
+            for (index, slot) in slots.iter_mut().enumerate() {
+                let Slot::Waiting { deadline, .. } = slot else {
+                    continue;
+                };
+                if *deadline <= now {
+                    if let Slot::Waiting { waker, .. } = std::mem::replace(slot, Slot::Vacant) {
+                        expired.push(waker);
+                    }
+                    vacant.push(index as u32);
+                } else if earliest.is_none_or(|earliest| *deadline < earliest) {
+                    earliest = Some(*deadline);
+                }
+            }
+            // A burst of calls grew the table; give the memory back once it has drained.
+            if vacant.len() == slots.len() && slots.capacity() > 1024 {
+                *slots = Vec::new();
+                *vacant = Vec::new();
+            }
+        }
+        if earliest.is_some() {
+            for shard in 0..SHARDS {
+                self.lock(shard).next_wake = earliest;
+            }
+        }
+        earliest
+    }
+}
+
+/// The runtime's id as a number (tokio's `Id` only hashes to one).
+fn runtime_id(runtime: &tokio::runtime::Handle) -> u64 {
+    /// Keeps the one integer an `Id` hashes.
+    #[derive(Default)]
+    struct Integer(u64);
+    impl Hasher for Integer {
+        fn write(&mut self, bytes: &[u8]) {
+            for byte in bytes {
+                self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+            }
+        }
+        fn write_u64(&mut self, n: u64) {
+            self.0 = n;
+        }
+        fn finish(&self) -> u64 {
+            self.0
+        }
+    }
+    let mut integer = Integer::default();
+    runtime.id().hash(&mut integer);
+    // 0 means "none" in `last_runtime`; tokio's ids are never 0.
+    integer.finish().max(1)
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The driver holds only a weak reference: let it see that the timer is gone.
+        self.wake.notify_one();
+    }
+}
+
+/// The driver: sleeps until the earliest deadline it knows of, or until told of an
+/// earlier one, then wakes the calls that are due.
+async fn drive(shared: Weak<Shared>, wake: Arc<Notify>, runtime: u64) {
+    /// Lets the next call from this runtime start a new driver if this one is dropped
+    /// with its runtime.
+    struct Driving(Weak<Shared>, u64);
+    impl Drop for Driving {
+        fn drop(&mut self) {
+            if let Some(shared) = self.0.upgrade() {
+                let mut drivers = shared
+                    .drivers
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                drivers.retain(|id| *id != self.1);
+                // A compare-exchange, not a store: another runtime may be the last now.
+                let _ = shared.last_runtime.compare_exchange(
+                    self.1,
+                    0,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                drop(drivers);
+                // Deadlines it was to wake for: another driver takes them over.
+                for shard in 0..SHARDS {
+                    shared.lock(shard).next_wake = None;
+                }
+                shared.wake.notify_one();
+            }
+        }
+    }
+    let _driving = Driving(shared.clone(), runtime);
+    let mut expired = Vec::new();
+    loop {
+        let next = {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            shared.sweep(Instant::now(), &mut expired)
+        };
+        for waker in expired.drain(..) {
+            waker.wake();
+        }
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
