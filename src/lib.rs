@@ -101,7 +101,7 @@ pub mod trace;
 
 pub use client::{
     CallSummary, Client, Health, HealthStatus, ResilientClient, ResilientClientBuilder,
-    ResilientStack,
+    ResilientFuture, ResilientStack,
 };
 pub use connect::{Connector, DEFAULT_CONNECT_TIMEOUT, MakeConnection};
 pub use error::Error;

@@ -1,6 +1,6 @@
 use std::{sync::Arc, time::Duration};
 
-use tower::ServiceBuilder;
+use tower::{ServiceBuilder, util::BoxCloneSyncService};
 
 use super::{ResilientClient, ResilientStack, resilient::Parts};
 use crate::{
@@ -226,16 +226,37 @@ impl ResilientClientBuilder {
         let retry = self.retry.resolve(RetryLayer::default);
         let db = connector.connection_info().redis_settings().db();
 
-        let stack = ServiceBuilder::new()
-            .option_layer(fallback.clone())
-            .option_layer(registry.clone().map(MetricsLayer::with_registry))
-            .option_layer(trace)
-            .option_layer(breaker.clone())
-            .option_layer(timeout.clone())
-            .option_layer(retry.clone())
-            .service(redis.clone());
+        let stack = match (&fallback, &registry, &trace, &breaker, &timeout, &retry) {
+            (
+                Some(fallback),
+                Some(registry),
+                Some(trace),
+                Some(breaker),
+                Some(timeout),
+                Some(retry),
+            ) => ResilientStack::full(
+                ServiceBuilder::new()
+                    .layer(fallback.clone())
+                    .layer(MetricsLayer::with_registry(registry.clone()))
+                    .layer(trace.clone())
+                    .layer(breaker.clone())
+                    .layer(timeout.clone())
+                    .layer(retry.clone())
+                    .service(redis.clone()),
+            ),
+            _ => ResilientStack::custom(BoxCloneSyncService::new(
+                ServiceBuilder::new()
+                    .option_layer(fallback.clone())
+                    .option_layer(registry.clone().map(MetricsLayer::with_registry))
+                    .option_layer(trace)
+                    .option_layer(breaker.clone())
+                    .option_layer(timeout.clone())
+                    .option_layer(retry.clone())
+                    .service(redis.clone()),
+            )),
+        };
         Ok(ResilientClient {
-            client: Client::new(ResilientStack::new(stack)).with_db(db),
+            client: Client::new(stack).with_db(db),
             parts: Arc::new(Parts {
                 redis,
                 breaker,

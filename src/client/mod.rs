@@ -4,12 +4,14 @@
 mod builder;
 mod health;
 mod resilient;
+mod stack;
 
 pub use builder::ResilientClientBuilder;
 #[cfg(feature = "serde")]
 pub(crate) use health::millis;
 pub use health::{CallSummary, Health, HealthStatus};
-pub use resilient::{ResilientClient, ResilientStack};
+pub use resilient::ResilientClient;
+pub use stack::{ResilientFuture, ResilientStack};
 
 use std::{future::poll_fn, sync::Arc};
 

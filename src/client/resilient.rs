@@ -7,9 +7,9 @@ use std::{
 
 use redis::{Cmd, Pipeline, RedisFuture, Value, aio::ConnectionLike};
 use tokio::sync::watch;
-use tower::{Service, ServiceExt, util::BoxCloneSyncService};
+use tower::{Service, ServiceExt};
 
-use super::{Client, ResilientClientBuilder, health::Health};
+use super::{Client, ResilientClientBuilder, ResilientFuture, ResilientStack, health::Health};
 use crate::{
     Connector, Error, Request,
     circuit_breaker::CircuitBreakerLayer,
@@ -19,10 +19,6 @@ use crate::{
     retry::RetryLayer,
     timeout::TimeoutLayer,
 };
-
-/// The assembled stack, type-erased so that a [`ResilientClient`] has one nameable type
-/// whatever layers it holds (one allocation per call).
-pub type ResilientStack = BoxCloneSyncService<Request, Value, Error>;
 
 /// The handles of the layers a client was built with, shared by its clones.
 pub(super) struct Parts {
@@ -175,7 +171,7 @@ impl fmt::Debug for ResilientClient {
 impl Service<Request> for ResilientClient {
     type Response = Value;
     type Error = Error;
-    type Future = <ResilientStack as Service<Request>>::Future;
+    type Future = ResilientFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.client.get_mut().poll_ready(cx)
