@@ -92,6 +92,9 @@ pub struct ResilientFuture {
     kind: FutureKind,
 }
 
+/// The large variant is the common one, kept inline on purpose: boxing it is the
+/// allocation per call this type exists to avoid.
+#[allow(clippy::large_enum_variant)]
 #[pin_project(project = FutureProj)]
 enum FutureKind {
     Full(#[pin] <Full as Service<Request>>::Future),
