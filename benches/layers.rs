@@ -416,6 +416,18 @@ fn two_threads(c: &mut Criterion) {
     bench_two_threads(c, "2 threads/CircuitBreaker", breaker.layer(Memory), true);
     bench_two_threads(
         c,
+        "2 threads/Metrics",
+        MetricsLayer::new().layer(Memory),
+        true,
+    );
+    bench_two_threads(
+        c,
+        "2 threads/full stack",
+        full_stack(Memory, CircuitBreakerLayer::default()),
+        true,
+    );
+    bench_two_threads(
+        c,
         "2 threads/CircuitBreaker rejection",
         tripped().layer(Memory),
         false,

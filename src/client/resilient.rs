@@ -40,7 +40,7 @@ pub(super) struct Parts {
 ///   is down, and returns within its deadline whatever Redis does.
 /// - It is a [`tower::Service`] too, so tower's own layers (`ConcurrencyLimit`,
 ///   `LoadShed`, `Buffer`...) wrap it like any other service.
-/// - Cloning is cheap (one allocation and two reference counts) and every clone shares
+/// - Cloning is cheap (a reference count per layer) and every clone shares
 ///   one connection, one breaker and one registry: clone it into each task or keep it in
 ///   axum's `State`. It is `Send + Sync + 'static`.
 /// - [`health`](Self::health) reports connection, breaker, ping and call metrics for a

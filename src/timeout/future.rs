@@ -15,7 +15,7 @@ use crate::{Error, clock};
 /// The future of [`Timeout`](super::Timeout).
 ///
 /// A call answered at once never touches the timer; one that waits takes a slot in the
-/// layer's shared [`Timer`] until it finishes.
+/// layer's shared timer until it finishes.
 #[pin_project]
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture<F> {
