@@ -226,7 +226,15 @@ impl ResilientClientBuilder {
         let retry = self.retry.resolve(RetryLayer::default);
         let db = connector.connection_info().redis_settings().db();
 
-        let stack = match (&fallback, &registry, &trace, &breaker, &timeout, &retry) {
+        let layers = (
+            fallback.clone(),
+            registry.clone(),
+            trace,
+            breaker.clone(),
+            timeout.clone(),
+            retry.clone(),
+        );
+        let stack = match layers {
             (
                 Some(fallback),
                 Some(registry),
@@ -236,24 +244,26 @@ impl ResilientClientBuilder {
                 Some(retry),
             ) => ResilientStack::full(
                 ServiceBuilder::new()
-                    .layer(fallback.clone())
-                    .layer(MetricsLayer::with_registry(registry.clone()))
-                    .layer(trace.clone())
-                    .layer(breaker.clone())
-                    .layer(timeout.clone())
-                    .layer(retry.clone())
+                    .layer(fallback)
+                    .layer(MetricsLayer::with_registry(registry))
+                    .layer(trace)
+                    .layer(breaker)
+                    .layer(timeout)
+                    .layer(retry)
                     .service(redis.clone()),
             ),
-            _ => ResilientStack::custom(BoxCloneSyncService::new(
-                ServiceBuilder::new()
-                    .option_layer(fallback.clone())
-                    .option_layer(registry.clone().map(MetricsLayer::with_registry))
-                    .option_layer(trace)
-                    .option_layer(breaker.clone())
-                    .option_layer(timeout.clone())
-                    .option_layer(retry.clone())
-                    .service(redis.clone()),
-            )),
+            (fallback, registry, trace, breaker, timeout, retry) => {
+                ResilientStack::custom(BoxCloneSyncService::new(
+                    ServiceBuilder::new()
+                        .option_layer(fallback)
+                        .option_layer(registry.map(MetricsLayer::with_registry))
+                        .option_layer(trace)
+                        .option_layer(breaker)
+                        .option_layer(timeout)
+                        .option_layer(retry)
+                        .service(redis.clone()),
+                ))
+            }
         };
         Ok(ResilientClient {
             client: Client::new(stack).with_db(db),

@@ -74,8 +74,21 @@ where
             *this.timing = Timing::None;
             return Poll::Ready(result);
         }
+        if let Timing::Waiting {
+            at,
+            limit,
+            registration,
+        } = this.timing
+        {
+            if clock::now() < *at {
+                registration.update(cx.waker());
+                return Poll::Pending;
+            }
+            let error = Error::timed_out(*limit).with_command(this.command);
+            *this.timing = Timing::None;
+            return Poll::Ready(Err(error));
+        }
         match std::mem::replace(this.timing, Timing::None) {
-            Timing::None => Poll::Pending,
             Timing::Armed { at, limit, timer } => match timer.register(at, cx.waker()) {
                 Ok(registration) => {
                     *this.timing = Timing::Waiting {
@@ -90,22 +103,7 @@ where
                 )
                 .with_command(this.command))),
             },
-            Timing::Waiting {
-                at,
-                limit,
-                registration,
-            } => {
-                if clock::now() >= at {
-                    return Poll::Ready(Err(Error::timed_out(limit).with_command(this.command)));
-                }
-                registration.update(cx.waker());
-                *this.timing = Timing::Waiting {
-                    at,
-                    limit,
-                    registration,
-                };
-                Poll::Pending
-            }
+            Timing::None | Timing::Waiting { .. } => Poll::Pending,
         }
     }
 }

@@ -37,7 +37,8 @@ pub(crate) struct Timer {
 
 struct Shared {
     shards: [Shard; SHARDS],
-    /// Wakes a driver early: a deadline before `next_wake`, or the timer dropped.
+    /// Wakes a driver early: a deadline before a shard's `next_wake`, a driver gone, or
+    /// the timer dropped.
     wake: Arc<Notify>,
     /// The runtime the last call came from, which has a driver: most calls check only
     /// this.
