@@ -102,24 +102,23 @@ where
 
     #[inline]
     fn call(&mut self, request: Request) -> Self::Future {
-        match self.shared.admit() {
-            Admission::Record(ticket) => {
-                let blocking = request.info().blocking() != Blocking::No;
-                let call = Call::new(
-                    self.shared.clone(),
-                    ticket,
-                    blocking,
-                    request.start_if_read(),
+        let call = match self.shared.admit() {
+            Admission::Record(ticket) => Some(Call::new(
+                self.shared.clone(),
+                ticket,
+                request.info().blocking() != Blocking::No,
+                request.start_if_read(),
+            )),
+            Admission::Pass => None,
+            Admission::Reject(word) => {
+                return ResponseFuture::rejected(
+                    self.shared
+                        .rejection(word)
+                        .with_command(request.info().name()),
                 );
-                ResponseFuture::called(self.inner.call(request), Some(call))
             }
-            Admission::Pass => ResponseFuture::called(self.inner.call(request), None),
-            Admission::Reject(word) => ResponseFuture::rejected(
-                self.shared
-                    .rejection(word)
-                    .with_command(request.info().name()),
-            ),
-        }
+        };
+        ResponseFuture::called(self.inner.call(request), call)
     }
 }
 

@@ -25,7 +25,7 @@ pub struct ResponseFuture<F> {
 }
 
 pub(super) struct Traced {
-    span: Span,
+    pub(super) span: Span,
     /// When the call started and how long is slow, if slow calls are reported.
     slow: Option<(Instant, Duration)>,
     command: &'static str,
@@ -33,28 +33,27 @@ pub(super) struct Traced {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn untraced(inner: F) -> Self {
-        ResponseFuture {
-            inner,
-            traced: None,
-        }
+    pub(super) fn new(inner: F, traced: Option<Box<Traced>>) -> Self {
+        ResponseFuture { inner, traced }
     }
+}
 
+impl Traced {
+    /// What a traced call keeps, or `None` when the span is disabled and slow calls are
+    /// not reported.
     pub(super) fn new(
-        inner: F,
         span: Span,
         slow: Option<(Instant, Duration)>,
         command: &'static str,
-    ) -> Self {
-        let traced = (!span.is_disabled() || slow.is_some()).then(|| {
+    ) -> Option<Box<Traced>> {
+        (!span.is_disabled() || slow.is_some()).then(|| {
             Box::new(Traced {
                 span,
                 slow,
                 command,
                 done: false,
             })
-        });
-        ResponseFuture { inner, traced }
+        })
     }
 }
 

@@ -15,7 +15,7 @@ use std::{
 use redis::Value;
 use tower::Service;
 
-use self::layer::Settings;
+use self::{future::Traced, layer::Settings};
 use crate::{Error, Request};
 
 /// The service [`TraceLayer`] makes.
@@ -41,21 +41,23 @@ where
     fn call(&mut self, mut request: Request) -> Self::Future {
         // Nobody listens at this level and slow calls are not reported: not even an empty
         // span is made (moving one around costs more than this whole check).
-        if !self.settings.may_trace() {
-            return ResponseFuture::untraced(self.inner.call(request));
-        }
-        let span = self.settings.span(&request);
-        let slow = self
-            .settings
-            .slow_call
-            .filter(|_| !request.info().is_blocking())
-            .map(|after| (request.start(), after));
-        let name = request.info().name();
+        let traced = if self.settings.may_trace() {
+            let span = self.settings.span(&request);
+            let slow = self
+                .settings
+                .slow_call
+                .filter(|_| !request.info().is_blocking())
+                .map(|after| (request.start(), after));
+            Traced::new(span, slow, request.info().name())
+        } else {
+            None
+        };
+        // One call site, so the inner future is built where the outer one keeps it.
         let inner = {
-            let _entered = span.enter();
+            let _entered = traced.as_ref().map(|traced| traced.span.enter());
             self.inner.call(request)
         };
-        ResponseFuture::new(inner, span, slow, name)
+        ResponseFuture::new(inner, traced)
     }
 }
 
