@@ -300,7 +300,8 @@ impl Registry {
         for probe in 0..SLOTS {
             let index = (start + probe) & mask;
             let stats = self.inner.slots[index].get_or_init(|| Box::new(CommandStats::new(name)));
-            if stats.name == name {
+            // Names from the command table are the same static: their address says it.
+            if std::ptr::eq(stats.name, name) || stats.name == name {
                 return u16::try_from(index).ok();
             }
         }
