@@ -3,8 +3,10 @@
 //!
 //! `cargo bench --bench layers`
 
+mod stacks;
+
 use std::{
-    future::{Future, Ready, ready},
+    future::{Future, ready},
     hint::black_box,
     pin::{Pin, pin},
     sync::Barrier,
@@ -14,10 +16,11 @@ use std::{
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use redis::Value;
+use stacks::{Memory, MemoryConnector, Waiting, WaitingConnector, built_stack, full_stack, get};
 use tokio::runtime::{Builder, Runtime};
 use tower::{Layer, Service, ServiceExt, util::BoxCloneSyncService};
 use tower_redis_resilience::{
-    Error, MakeConnection, Request,
+    Error, Request,
     circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer},
     fallback::FallbackLayer,
     metrics::MetricsLayer,
@@ -26,58 +29,6 @@ use tower_redis_resilience::{
     timeout::TimeoutLayer,
     trace::TraceLayer,
 };
-
-/// A leaf that answers `OK` at once.
-#[derive(Clone)]
-struct Memory;
-
-impl Service<Request> for Memory {
-    type Response = Value;
-    type Error = Error;
-    type Future = Ready<Result<Value, Error>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Request) -> Self::Future {
-        ready(Ok(Value::Okay))
-    }
-}
-
-/// A leaf whose answer is not ready at the first poll, as a network call's never is: the
-/// layers' full cost, clock readings included.
-#[derive(Clone)]
-struct Waiting;
-
-struct WaitOnce(bool);
-
-impl Future for WaitOnce {
-    type Output = Result<Value, Error>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.0 {
-            return Poll::Ready(Ok(Value::Okay));
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
-
-impl Service<Request> for Waiting {
-    type Response = Value;
-    type Error = Error;
-    type Future = WaitOnce;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Request) -> WaitOnce {
-        WaitOnce(false)
-    }
-}
 
 /// The least a layer with shared state can do: keep a reference count on it in each
 /// call's future, as the breaker (and tower's `ConcurrencyLimit`) must.
@@ -112,77 +63,6 @@ impl<F: Future> Future for Holding<F> {
     }
 }
 
-struct MemoryConnector;
-
-impl MakeConnection for MemoryConnector {
-    type Connection = Memory;
-
-    async fn connect(&self) -> Result<Memory, Error> {
-        Ok(Memory)
-    }
-
-    fn address(&self) -> &str {
-        "memory"
-    }
-}
-
-struct WaitingConnector;
-
-impl MakeConnection for WaitingConnector {
-    type Connection = Waiting;
-
-    async fn connect(&self) -> Result<Waiting, Error> {
-        Ok(Waiting)
-    }
-
-    fn address(&self) -> &str {
-        "memory"
-    }
-}
-
-/// The default stack `ResilientClient` assembles, over `redis`: `Fallback → Metrics →
-/// Trace → CircuitBreaker → Timeout → Retry → redis`.
-fn full_stack<S>(
-    redis: S,
-    breaker: CircuitBreakerLayer,
-) -> impl Service<Request, Response = Value, Error = Error, Future: Send> + Clone + Send + Sync + 'static
-where
-    S: Service<Request, Response = Value, Error = Error> + Clone + Send + Sync + 'static,
-    S::Future: Send,
-{
-    let metrics = MetricsLayer::new();
-    tower::ServiceBuilder::new()
-        .layer(FallbackLayer::default().record_to(metrics.registry().clone()))
-        .layer(metrics)
-        .layer(TraceLayer::new())
-        .layer(breaker)
-        .layer(TimeoutLayer::default())
-        .layer(RetryLayer::default())
-        .service(redis)
-}
-
-/// [`full_stack`] as `ResilientClient` holds it when a layer was removed: every layer
-/// optional (`Either`), boxed. (With every layer present it holds [`full_stack`].)
-fn built_stack<S>(redis: S) -> BoxCloneSyncService<Request, Value, Error>
-where
-    S: Service<Request, Response = Value, Error = Error> + Clone + Send + Sync + 'static,
-    S::Future: Send,
-{
-    let metrics = MetricsLayer::new();
-    BoxCloneSyncService::new(
-        tower::ServiceBuilder::new()
-            .option_layer(Some(
-                FallbackLayer::default().record_to(metrics.registry().clone()),
-            ))
-            .option_layer(Some(metrics))
-            .option_layer(Some(TraceLayer::new()))
-            .option_layer(Some(CircuitBreakerLayer::default()))
-            .option_layer(Some(TimeoutLayer::default()))
-            .option_layer(Some(RetryLayer::default()))
-            .service(redis),
-    )
-}
-
 fn runtime() -> Runtime {
     Builder::new_current_thread().enable_all().build().unwrap()
 }
@@ -196,10 +76,6 @@ fn now<F: Future>(future: F) -> F::Output {
             return output;
         }
     }
-}
-
-fn get() -> Request {
-    Request::from(redis::cmd("GET").arg("k").to_owned())
 }
 
 /// One call through `service`; `Ok` or the error's class, checked.

@@ -1,0 +1,145 @@
+//! What the layer benches share: in-memory leaves (one that answers at once, one that
+//! waits once as a network call does) and the default stack built over them.
+
+#![allow(dead_code)] // each bench uses its own part of this
+
+use std::{
+    future::{Future, Ready, ready},
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use redis::Value;
+use tower::{Service, util::BoxCloneSyncService};
+use tower_redis_resilience::{
+    Error, MakeConnection, Request, circuit_breaker::CircuitBreakerLayer, fallback::FallbackLayer,
+    metrics::MetricsLayer, retry::RetryLayer, timeout::TimeoutLayer, trace::TraceLayer,
+};
+
+/// A leaf that answers `OK` at once.
+#[derive(Clone)]
+pub struct Memory;
+
+impl Service<Request> for Memory {
+    type Response = Value;
+    type Error = Error;
+    type Future = Ready<Result<Value, Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request) -> Self::Future {
+        ready(Ok(Value::Okay))
+    }
+}
+
+/// A leaf whose answer is not ready at the first poll, as a network call's never is: the
+/// layers' full cost, clock readings included.
+#[derive(Clone)]
+pub struct Waiting;
+
+pub struct WaitOnce(bool);
+
+impl Future for WaitOnce {
+    type Output = Result<Value, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.0 {
+            return Poll::Ready(Ok(Value::Okay));
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl Service<Request> for Waiting {
+    type Response = Value;
+    type Error = Error;
+    type Future = WaitOnce;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request) -> WaitOnce {
+        WaitOnce(false)
+    }
+}
+
+pub struct MemoryConnector;
+
+impl MakeConnection for MemoryConnector {
+    type Connection = Memory;
+
+    async fn connect(&self) -> Result<Memory, Error> {
+        Ok(Memory)
+    }
+
+    fn address(&self) -> &str {
+        "memory"
+    }
+}
+
+pub struct WaitingConnector;
+
+impl MakeConnection for WaitingConnector {
+    type Connection = Waiting;
+
+    async fn connect(&self) -> Result<Waiting, Error> {
+        Ok(Waiting)
+    }
+
+    fn address(&self) -> &str {
+        "memory"
+    }
+}
+
+/// The default stack `ResilientClient` assembles, over `redis`: `Fallback → Metrics →
+/// Trace → CircuitBreaker → Timeout → Retry → redis`.
+pub fn full_stack<S>(
+    redis: S,
+    breaker: CircuitBreakerLayer,
+) -> impl Service<Request, Response = Value, Error = Error, Future: Send> + Clone + Send + Sync + 'static
+where
+    S: Service<Request, Response = Value, Error = Error> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+{
+    let metrics = MetricsLayer::new();
+    tower::ServiceBuilder::new()
+        .layer(FallbackLayer::default().record_to(metrics.registry().clone()))
+        .layer(metrics)
+        .layer(TraceLayer::new())
+        .layer(breaker)
+        .layer(TimeoutLayer::default())
+        .layer(RetryLayer::default())
+        .service(redis)
+}
+
+/// [`full_stack`] as `ResilientClient` holds it when a layer was removed: every layer
+/// optional (`Either`), boxed. (With every layer present it holds [`full_stack`].)
+pub fn built_stack<S>(redis: S) -> BoxCloneSyncService<Request, Value, Error>
+where
+    S: Service<Request, Response = Value, Error = Error> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+{
+    let metrics = MetricsLayer::new();
+    BoxCloneSyncService::new(
+        tower::ServiceBuilder::new()
+            .option_layer(Some(
+                FallbackLayer::default().record_to(metrics.registry().clone()),
+            ))
+            .option_layer(Some(metrics))
+            .option_layer(Some(TraceLayer::new()))
+            .option_layer(Some(CircuitBreakerLayer::default()))
+            .option_layer(Some(TimeoutLayer::default()))
+            .option_layer(Some(RetryLayer::default()))
+            .service(redis),
+    )
+}
+
+/// `GET k`.
+pub fn get() -> Request {
+    Request::from(redis::cmd("GET").arg("k").to_owned())
+}
