@@ -5,7 +5,8 @@
 //!
 //! `cargo bench --bench end_to_end` prints criterion's numbers for each variant with 64
 //! requests in flight on a current-thread and a 2-worker runtime, then interleaved rounds
-//! with the throughput ratios to raw redis-rs, then the latency of one request at a time
+//! with the throughput ratios to raw redis-rs (raw redis-rs runs again last in each round:
+//! its ratio shows the noise the others carry), then the latency of one request at a time
 //! (p50, p99 and the p50 overhead over raw redis-rs). `BENCH_CRITERION_ONLY=1` skips the
 //! rounds, e.g. to profile one variant with `--profile-time`.
 
@@ -45,6 +46,9 @@ enum Variant {
     BreakerRetryReconnect(CircuitBreaker<Retry<Reconnect>>),
     Resilient(ResilientClient),
     ResilientService(ResilientClient),
+    /// Raw redis-rs again, last in each round: how far apart two runs of the same code
+    /// land, the noise the other ratios carry.
+    RawAgain(MultiplexedConnection),
 }
 
 impl Variant {
@@ -58,6 +62,7 @@ impl Variant {
             Variant::BreakerRetryReconnect(_) => "CircuitBreaker<Retry<Reconnect>>",
             Variant::Resilient(_) => "ResilientClient (AsyncCommands)",
             Variant::ResilientService(_) => "ResilientClient (tower Service)",
+            Variant::RawAgain(_) => "raw redis-rs again (noise control)",
         }
     }
 
@@ -70,7 +75,7 @@ impl Variant {
 
     async fn get(&mut self) {
         let value: Option<Vec<u8>> = match self {
-            Variant::Raw(conn) => conn.get("bench:key").await.unwrap(),
+            Variant::Raw(conn) | Variant::RawAgain(conn) => conn.get("bench:key").await.unwrap(),
             Variant::Manager(conn) => conn.get("bench:key").await.unwrap(),
             Variant::Leaf(service) => get_through(service).await,
             Variant::Client(client) => client.get("bench:key").await.unwrap(),
@@ -124,7 +129,7 @@ async fn variants(url: &str) -> Vec<Variant> {
     let manager = ConnectionManager::new(client).await.unwrap();
     let resilient = || async { ResilientClient::builder(url).connect().await.unwrap() };
     vec![
-        Variant::Raw(raw),
+        Variant::Raw(raw.clone()),
         Variant::Manager(manager),
         Variant::Leaf(RedisService::connect(url).await.unwrap()),
         Variant::Client(Client::new(RedisService::connect(url).await.unwrap())),
@@ -134,6 +139,7 @@ async fn variants(url: &str) -> Vec<Variant> {
         ),
         Variant::Resilient(resilient().await),
         Variant::ResilientService(resilient().await),
+        Variant::RawAgain(raw),
     ]
 }
 
