@@ -14,11 +14,11 @@
 
 mod stacks;
 
-use std::{hint::black_box, process::Command};
+use std::process::Command;
 
 use redis::Value;
-use stacks::{Waiting, WaitingConnector, built_stack, full_stack, get};
-use tower::{Layer, Service, ServiceExt};
+use stacks::{Waiting, WaitingConnector, built_stack, call_n, full_stack};
+use tower::{Layer, Service};
 use tower_redis_resilience::{
     Error, Request,
     circuit_breaker::CircuitBreakerLayer,
@@ -141,14 +141,5 @@ async fn run<S>(mut service: S, calls: u64)
 where
     S: Service<Request, Response = Value, Error = Error>,
 {
-    let request = get();
-    for _ in 0..calls {
-        let reply = service
-            .ready()
-            .await
-            .unwrap()
-            .call(black_box(request.clone()))
-            .await;
-        assert!(black_box(reply).is_ok());
-    }
+    call_n(&mut service, calls).await;
 }

@@ -16,7 +16,9 @@ use std::{
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use redis::Value;
-use stacks::{Memory, MemoryConnector, Waiting, WaitingConnector, built_stack, full_stack, get};
+use stacks::{
+    Memory, MemoryConnector, Waiting, WaitingConnector, built_stack, call_n, full_stack, get,
+};
 use tokio::runtime::{Builder, Runtime};
 use tower::{Layer, Service, ServiceExt, util::BoxCloneSyncService};
 use tower_redis_resilience::{
@@ -322,17 +324,8 @@ where
             let mut service = service.clone();
             rt.block_on(async move {
                 tokio::spawn(async move {
-                    let request = get();
                     let start = Instant::now();
-                    for _ in 0..iters {
-                        let reply = service
-                            .ready()
-                            .await
-                            .unwrap()
-                            .call(black_box(request.clone()))
-                            .await;
-                        assert!(black_box(reply).is_ok());
-                    }
+                    call_n(&mut service, iters).await;
                     start.elapsed()
                 })
                 .await

@@ -10,7 +10,7 @@ use std::{
 };
 
 use redis::Value;
-use tower::{Service, util::BoxCloneSyncService};
+use tower::{Service, ServiceExt, util::BoxCloneSyncService};
 use tower_redis_resilience::{
     Error, MakeConnection, Request, circuit_breaker::CircuitBreakerLayer, fallback::FallbackLayer,
     metrics::MetricsLayer, retry::RetryLayer, timeout::TimeoutLayer, trace::TraceLayer,
@@ -142,4 +142,21 @@ where
 /// `GET k`.
 pub fn get() -> Request {
     Request::from(redis::cmd("GET").arg("k").to_owned())
+}
+
+/// `calls` GETs through `service`, one after another, each checked `Ok`.
+pub async fn call_n<S>(service: &mut S, calls: u64)
+where
+    S: Service<Request, Response = Value, Error = Error>,
+{
+    let request = get();
+    for _ in 0..calls {
+        let reply = service
+            .ready()
+            .await
+            .unwrap()
+            .call(std::hint::black_box(request.clone()))
+            .await;
+        assert!(std::hint::black_box(reply).is_ok());
+    }
 }
