@@ -17,17 +17,11 @@ mod stacks;
 use std::process::Command;
 
 use redis::Value;
-use stacks::{Waiting, WaitingConnector, built_stack, call_n, full_stack};
+use stacks::{Waiting, WaitingConnector, built_stack, call_n, full_stack, reconnect_over};
 use tower::{Layer, Service};
 use tower_redis_resilience::{
-    Error, Request,
-    circuit_breaker::CircuitBreakerLayer,
-    fallback::FallbackLayer,
-    metrics::MetricsLayer,
-    reconnect::{Reconnect, ReconnectConfig},
-    retry::RetryLayer,
-    timeout::TimeoutLayer,
-    trace::TraceLayer,
+    Error, Request, circuit_breaker::CircuitBreakerLayer, fallback::FallbackLayer,
+    metrics::MetricsLayer, retry::RetryLayer, timeout::TimeoutLayer, trace::TraceLayer,
 };
 
 const VARIANTS: &[&str] = &[
@@ -113,9 +107,7 @@ fn child(variant: &str, calls: u64) {
     let variant = variant.to_owned();
     rt.block_on(async move {
         tokio::spawn(async move {
-            let reconnect = Reconnect::connect(WaitingConnector, ReconnectConfig::default())
-                .await
-                .unwrap();
+            let reconnect = reconnect_over(WaitingConnector).await;
             match variant.as_str() {
                 "leaf alone" => run(Waiting, calls).await,
                 "Reconnect" => run(reconnect, calls).await,

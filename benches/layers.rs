@@ -18,6 +18,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use redis::Value;
 use stacks::{
     Memory, MemoryConnector, Waiting, WaitingConnector, built_stack, call_n, full_stack, get,
+    reconnect_over,
 };
 use tokio::runtime::{Builder, Runtime};
 use tower::{Layer, Service, ServiceExt, util::BoxCloneSyncService};
@@ -26,7 +27,6 @@ use tower_redis_resilience::{
     circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer},
     fallback::FallbackLayer,
     metrics::MetricsLayer,
-    reconnect::{Reconnect, ReconnectConfig},
     retry::RetryLayer,
     timeout::TimeoutLayer,
     trace::TraceLayer,
@@ -141,12 +141,7 @@ where
 
 fn layers(c: &mut Criterion) {
     let rt = runtime();
-    let reconnect = rt
-        .block_on(Reconnect::connect(
-            MemoryConnector,
-            ReconnectConfig::default(),
-        ))
-        .unwrap();
+    let reconnect = rt.block_on(reconnect_over(MemoryConnector));
 
     // Entered so layers that need a runtime find one; the measured calls never use it.
     let _guard = rt.enter();
@@ -207,12 +202,7 @@ fn layers(c: &mut Criterion) {
 
     // The whole default stack, as the builder makes it: concrete, and boxed as
     // `ResilientClient` holds it.
-    let waiting_reconnect = rt
-        .block_on(Reconnect::connect(
-            WaitingConnector,
-            ReconnectConfig::default(),
-        ))
-        .unwrap();
+    let waiting_reconnect = rt.block_on(reconnect_over(WaitingConnector));
     bench_one(
         c,
         "healthy/full stack",
@@ -357,12 +347,7 @@ fn in_runtime(c: &mut Criterion) {
         "in runtime/CircuitBreaker",
         CircuitBreakerLayer::default().layer(Waiting),
     );
-    let reconnect = rt
-        .block_on(Reconnect::connect(
-            WaitingConnector,
-            ReconnectConfig::default(),
-        ))
-        .unwrap();
+    let reconnect = rt.block_on(reconnect_over(WaitingConnector));
     bench_in_runtime(
         c,
         &rt,

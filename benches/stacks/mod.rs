@@ -12,8 +12,14 @@ use std::{
 use redis::Value;
 use tower::{Service, ServiceExt, util::BoxCloneSyncService};
 use tower_redis_resilience::{
-    Error, MakeConnection, Request, circuit_breaker::CircuitBreakerLayer, fallback::FallbackLayer,
-    metrics::MetricsLayer, retry::RetryLayer, timeout::TimeoutLayer, trace::TraceLayer,
+    Error, MakeConnection, Request,
+    circuit_breaker::CircuitBreakerLayer,
+    fallback::FallbackLayer,
+    metrics::MetricsLayer,
+    reconnect::{Reconnect, ReconnectConfig},
+    retry::RetryLayer,
+    timeout::TimeoutLayer,
+    trace::TraceLayer,
 };
 
 /// A leaf that answers `OK` at once.
@@ -142,6 +148,13 @@ where
 /// `GET k`.
 pub fn get() -> Request {
     Request::from(redis::cmd("GET").arg("k").to_owned())
+}
+
+/// A `Reconnect` over `connector`, connected, with the default settings.
+pub async fn reconnect_over<M: MakeConnection>(connector: M) -> Reconnect<M> {
+    Reconnect::connect(connector, ReconnectConfig::default())
+        .await
+        .unwrap()
 }
 
 /// `calls` GETs through `service`, one after another, each checked `Ok`.
