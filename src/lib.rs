@@ -94,6 +94,7 @@ pub mod reconnect;
 mod request;
 pub mod retry;
 mod service;
+mod sync;
 #[cfg(test)]
 mod testing;
 pub mod timeout;

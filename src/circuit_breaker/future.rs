@@ -1,7 +1,6 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -13,7 +12,7 @@ use super::{
     config::{CancelPolicy, Outcome},
     shared::{Shared, Ticket},
 };
-use crate::{Error, clock};
+use crate::{Error, clock, sync::Lease};
 
 /// The future of [`CircuitBreaker`](super::CircuitBreaker).
 #[pin_project(project = Proj)]
@@ -95,7 +94,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 /// A call the breaker let through, until its outcome is recorded: when it finishes, or
 /// when it is dropped unfinished (cancelled).
 pub(super) struct Call {
-    shared: Arc<Shared>,
+    shared: Lease<Shared>,
     ticket: Ticket,
     /// Blocking commands wait by design: never slow, not recorded when cancelled.
     blocking: bool,
@@ -120,7 +119,7 @@ enum Timing {
 
 impl Call {
     pub(super) fn new(
-        shared: Arc<Shared>,
+        shared: Lease<Shared>,
         ticket: Ticket,
         blocking: bool,
         start: Option<Instant>,

@@ -7,7 +7,7 @@ use super::{
     BreakerMetrics, BreakerState, CircuitBreaker, CircuitBreakerConfig,
     shared::{self, Shared},
 };
-use crate::{Error, reconnect::ConnectionState};
+use crate::{Error, reconnect::ConnectionState, sync::Leased};
 
 /// A circuit breaker for Redis calls: after enough evidence of an outage it rejects calls
 /// at once instead of letting each one wait for a timeout, then lets a few probes through
@@ -90,7 +90,7 @@ use crate::{Error, reconnect::ConnectionState};
 #[derive(Clone)]
 #[must_use]
 pub struct CircuitBreakerLayer {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<Leased<Shared>>,
 }
 
 impl CircuitBreakerLayer {
@@ -99,7 +99,7 @@ impl CircuitBreakerLayer {
     pub fn new(config: CircuitBreakerConfig) -> Result<Self, Error> {
         config.validate()?;
         Ok(CircuitBreakerLayer {
-            shared: Arc::new(Shared::new(config)),
+            shared: Shared::new(config),
         })
     }
 
@@ -161,7 +161,7 @@ impl Default for CircuitBreakerLayer {
     /// The [default settings](CircuitBreakerConfig), which are always valid.
     fn default() -> Self {
         CircuitBreakerLayer {
-            shared: Arc::new(Shared::new(CircuitBreakerConfig::default())),
+            shared: Shared::new(CircuitBreakerConfig::default()),
         }
     }
 }

@@ -23,7 +23,7 @@ use self::{
     future::Call,
     shared::{Admission, Shared},
 };
-use crate::{Blocking, Error, Request};
+use crate::{Blocking, Error, Request, sync::Leased};
 
 /// Where a circuit breaker stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,7 +85,7 @@ pub struct BreakerMetrics {
 #[derive(Clone)]
 pub struct CircuitBreaker<S> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: Arc<Leased<Shared>>,
 }
 
 impl<S> Service<Request> for CircuitBreaker<S>
@@ -104,7 +104,7 @@ where
     fn call(&mut self, request: Request) -> Self::Future {
         let call = match self.shared.admit() {
             Admission::Record(ticket) => Some(Call::new(
-                self.shared.clone(),
+                self.shared.lease(),
                 ticket,
                 request.info().blocking() != Blocking::No,
                 request.start_if_read(),

@@ -14,9 +14,14 @@ use tokio::{sync::watch, task::JoinHandle, time::Instant};
 use super::{
     BreakerMetrics, BreakerState, Transition,
     config::{CircuitBreakerConfig, Outcome},
-    window::{Counts, FAILED, PackedCounts, Padded, RECORDED, SLOW, Sample, Window},
+    window::{Counts, FAILED, PackedCounts, RECORDED, SLOW, Sample, Window},
 };
-use crate::{Error, backoff::Delays, reconnect::ConnectionState};
+use crate::{
+    Error,
+    backoff::Delays,
+    reconnect::ConnectionState,
+    sync::{Leased, Padded},
+};
 
 // The state word: `epoch << 8 | code`. The epoch grows with every change, so a call admitted
 // under one state is not counted in the next.
@@ -85,6 +90,9 @@ pub(super) struct Shared {
     origin: Instant,
     control: Mutex<Control>,
     states: watch::Sender<BreakerState>,
+    /// The owner the services hold, for the task that ends an open wait: it stops when
+    /// the services are gone.
+    this: Weak<Leased<Shared>>,
 }
 
 /// What only state changes touch.
@@ -96,7 +104,12 @@ struct Control {
 }
 
 impl Shared {
-    pub(super) fn new(config: CircuitBreakerConfig) -> Shared {
+    /// A breaker in its owner, shared by the services: calls lease it.
+    pub(super) fn new(config: CircuitBreakerConfig) -> Arc<Leased<Shared>> {
+        Arc::new_cyclic(|this| Leased::new(Shared::with_owner(config, this.clone())))
+    }
+
+    fn with_owner(config: CircuitBreakerConfig, this: Weak<Leased<Shared>>) -> Shared {
         let origin = Instant::now();
         let window = Window::new(config.window, origin);
         let minimum_calls =
@@ -115,13 +128,14 @@ impl Shared {
             origin,
             control: Mutex::new(Control::default()),
             states: watch::channel(BreakerState::Closed).0,
+            this,
             config,
         }
     }
 
     /// Decides whether a call may go through. The closed path is one atomic load.
     #[inline]
-    pub(super) fn admit(self: &Arc<Self>) -> Admission {
+    pub(super) fn admit(&self) -> Admission {
         let word = self.state.load(Acquire);
         match code(word) {
             CLOSED => Admission::Record(Ticket { word }),
@@ -132,7 +146,7 @@ impl Shared {
     }
 
     #[cold]
-    fn admit_slow(self: &Arc<Self>, word: u64) -> Admission {
+    fn admit_slow(&self, word: u64) -> Admission {
         if code(word) == OPEN_UNDRIVEN && self.end_wait_if_due(word) {
             return self.admit();
         }
@@ -175,7 +189,7 @@ impl Shared {
     }
 
     /// Moves an open breaker whose wait is over to half-open. True if it did.
-    fn end_wait_if_due(self: &Arc<Self>, word: u64) -> bool {
+    fn end_wait_if_due(&self, word: u64) -> bool {
         Instant::now() >= self.open_until()
             && self.change(Some(word), HALF_OPEN, "wait in open elapsed")
     }
@@ -183,7 +197,7 @@ impl Shared {
     /// Records what a finished call said. `now` is a clock reading the caller already
     /// has, if any.
     pub(super) fn record(
-        self: &Arc<Self>,
+        &self,
         ticket: Ticket,
         outcome: Outcome,
         slow: bool,
@@ -230,7 +244,7 @@ impl Shared {
 
     /// Half-open decides as soon as the permitted probes' rates are sure to reach a
     /// threshold (re-open) or sure not to (close).
-    fn record_probe(self: &Arc<Self>, word: u64, sample: Sample) {
+    fn record_probe(&self, word: u64, sample: Sample) {
         let Some(probes) = self.probes.replace(0, sample) else {
             return;
         };
@@ -247,7 +261,7 @@ impl Shared {
     }
 
     /// A new connection after an outage: an open breaker probes at once.
-    pub(super) fn on_reconnected(self: &Arc<Self>) {
+    pub(super) fn on_reconnected(&self) {
         let word = self.state.load(Acquire);
         if matches!(code(word), OPEN | OPEN_UNDRIVEN) {
             self.change(Some(word), HALF_OPEN, "redis reconnected");
@@ -256,12 +270,7 @@ impl Shared {
 
     /// Changes state if it is still `expected` (any state for `None`, the manual
     /// controls). True if it changed.
-    pub(super) fn change(
-        self: &Arc<Self>,
-        expected: Option<u64>,
-        to: u64,
-        reason: &'static str,
-    ) -> bool {
+    pub(super) fn change(&self, expected: Option<u64>, to: u64, reason: &'static str) -> bool {
         let mut control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
         let word = self.state.load(Acquire);
         if expected.is_some_and(|expected| expected != word) {
@@ -316,7 +325,7 @@ impl Shared {
     }
 
     /// Makes sure a task will end the open wait; false if there is no runtime to run it.
-    fn ensure_driver(self: &Arc<Self>, control: &mut Control) -> bool {
+    fn ensure_driver(&self, control: &mut Control) -> bool {
         if control
             .driver
             .as_ref()
@@ -328,7 +337,7 @@ impl Shared {
             return false;
         };
         control.driver = Some(runtime.spawn(drive(
-            DriverGone(Arc::downgrade(self)),
+            DriverGone(self.this.clone()),
             self.states.subscribe(),
         )));
         true
@@ -390,15 +399,15 @@ impl Shared {
         }
     }
 
-    pub(super) fn force_open(self: &Arc<Self>) {
+    pub(super) fn force_open(&self) {
         self.change(None, FORCED_OPEN, "forced open");
     }
 
-    pub(super) fn disable(self: &Arc<Self>) {
+    pub(super) fn disable(&self) {
         self.change(None, DISABLED, "disabled");
     }
 
-    pub(super) fn reset(self: &Arc<Self>) {
+    pub(super) fn reset(&self) {
         self.change(None, CLOSED, "reset by hand");
     }
 }
@@ -440,7 +449,7 @@ async fn drive(gone: DriverGone, mut states: watch::Receiver<BreakerState>) {
 
 /// Dropped with the driver's future: if its runtime shuts down while the breaker is open,
 /// callers take over ending the wait.
-struct DriverGone(Weak<Shared>);
+struct DriverGone(Weak<Leased<Shared>>);
 
 impl Drop for DriverGone {
     fn drop(&mut self) {
@@ -459,7 +468,7 @@ impl Drop for DriverGone {
 /// Moves the breaker to half-open whenever the connection comes back. Ends when either
 /// side is dropped.
 pub(super) async fn follow_connection(
-    breaker: Weak<Shared>,
+    breaker: Weak<Leased<Shared>>,
     mut states: watch::Receiver<BreakerState>,
     mut connection: watch::Receiver<ConnectionState>,
 ) {

@@ -8,6 +8,7 @@ use std::{
 use tokio::time::Instant;
 
 use super::config::SlidingWindow;
+use crate::sync::Padded;
 
 /// One recorded call: bit 0 set (recorded), bit 1 failed, bit 2 slow. Zero is an empty
 /// slot.
@@ -16,21 +17,6 @@ pub(super) type Sample = u8;
 pub(super) const RECORDED: Sample = 1;
 pub(super) const FAILED: Sample = 2;
 pub(super) const SLOW: Sample = 4;
-
-/// Keeps a value on cache lines of its own (128 bytes: adjacent-line prefetch pairs
-/// lines), so a counter written on every call does not slow down readers of its
-/// neighbours on other cores.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub(super) struct Padded<T>(pub(super) T);
-
-impl<T> std::ops::Deref for Padded<T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
 
 /// The calls, failures and slow calls of a window (or of the half-open probes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
