@@ -8,8 +8,8 @@ use pin_project::pin_project;
 use redis::Value;
 use tokio::time::Instant;
 
-use super::{Outcome, Registry};
-use crate::{Error, clock};
+use super::{Outcome, registry::Inner};
+use crate::{Error, clock, sync::Lease};
 
 /// The future of [`Metrics`](super::Metrics).
 #[pin_project]
@@ -55,14 +55,14 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 
 /// Records a call once: when it finishes, or as `Cancelled` when it is dropped before.
 pub(super) struct Recorder {
-    registry: Registry,
+    registry: Lease<Inner>,
     slot: u16,
     start: Instant,
     done: bool,
 }
 
 impl Recorder {
-    pub(super) fn new(registry: Registry, slot: u16, start: Instant) -> Self {
+    pub(super) fn new(registry: Lease<Inner>, slot: u16, start: Instant) -> Self {
         Recorder {
             registry,
             slot,

@@ -46,7 +46,7 @@ where
         let recorder = self
             .registry
             .slot(request.info().name())
-            .map(|slot| Recorder::new(self.registry.clone(), slot, request.start()));
+            .map(|slot| Recorder::new(self.registry.lease(), slot, request.start()));
         ResponseFuture::new(self.inner.call(request), recorder)
     }
 }

@@ -10,7 +10,10 @@ use std::{
     time::Duration,
 };
 
-use crate::Error;
+use crate::{
+    Error,
+    sync::{Lease, Leased},
+};
 
 /// How a call through the [metrics layer](super::MetricsLayer) ended. Each is a label
 /// value in the snapshot and, with the `metrics` feature, in the `error.type` label.
@@ -269,11 +272,19 @@ const SLOTS: usize = 1024;
 /// ```
 #[derive(Clone)]
 pub struct Registry {
-    inner: Arc<Inner>,
+    inner: Arc<Leased<Inner>>,
 }
 
-struct Inner {
+/// The stats, which each call's recorder leases.
+pub(super) struct Inner {
     slots: Box<[OnceLock<Box<CommandStats>>]>,
+}
+
+impl Inner {
+    #[inline]
+    pub(super) fn stats(&self, slot: u16) -> Option<&CommandStats> {
+        self.slots.get(usize::from(slot))?.get().map(|b| &**b)
+    }
 }
 
 impl Default for Registry {
@@ -286,9 +297,9 @@ impl Registry {
     /// An empty store.
     pub fn new() -> Self {
         Registry {
-            inner: Arc::new(Inner {
+            inner: Arc::new(Leased::new(Inner {
                 slots: (0..SLOTS).map(|_| OnceLock::new()).collect(),
-            }),
+            })),
         }
     }
 
@@ -310,7 +321,13 @@ impl Registry {
 
     #[inline]
     pub(super) fn stats(&self, slot: u16) -> Option<&CommandStats> {
-        self.inner.slots.get(usize::from(slot))?.get().map(|b| &**b)
+        self.inner.stats(slot)
+    }
+
+    /// The stats, for one call to record into when it ends.
+    #[inline]
+    pub(super) fn lease(&self) -> Lease<Inner> {
+        self.inner.lease()
     }
 
     /// Records one call of `command` (a canonical name such as

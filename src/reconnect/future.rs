@@ -1,7 +1,6 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll, ready},
 };
 
@@ -9,7 +8,7 @@ use pin_project::pin_project;
 use redis::Value;
 
 use super::shared::Shared;
-use crate::{Error, MakeConnection};
+use crate::{Error, MakeConnection, sync::Lease};
 
 /// The future of [`Reconnect`](super::Reconnect): the connection's future `F`, watched.
 #[pin_project]
@@ -88,7 +87,7 @@ impl<F, M: MakeConnection> std::fmt::Debug for ResponseFuture<F, M> {
 /// broken connection starts the reconnect loop, and a call dropped before its reply (an
 /// outer timeout gave up on it) is evidence the connection may be stuck.
 pub(super) struct Tracker<M: MakeConnection> {
-    shared: Arc<Shared<M>>,
+    shared: Lease<Shared<M>>,
     generation: u64,
     /// Blocking commands are expected to go quiet; their cancellation proves nothing.
     counts_cancellation: bool,
@@ -96,7 +95,7 @@ pub(super) struct Tracker<M: MakeConnection> {
 }
 
 impl<M: MakeConnection> Tracker<M> {
-    pub fn new(shared: Arc<Shared<M>>, generation: u64, counts_cancellation: bool) -> Self {
+    pub fn new(shared: Lease<Shared<M>>, generation: u64, counts_cancellation: bool) -> Self {
         Tracker {
             shared,
             generation,

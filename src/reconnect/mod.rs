@@ -19,7 +19,10 @@ use tokio::sync::watch;
 use tower::Service;
 
 use self::{future::Tracker, shared::Shared};
-use crate::{Connector, Error, MakeConnection, Request};
+use crate::{
+    Connector, Error, MakeConnection, Request,
+    sync::{Lease, Leased},
+};
 
 /// Where the connection of a [`Reconnect`] stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +96,7 @@ pub struct ReconnectStats {
 /// `M` says how to open a connection: a [`Connector`] unless you bring your own
 /// [`MakeConnection`].
 pub struct Reconnect<M: MakeConnection = Connector> {
-    shared: Arc<Shared<M>>,
+    shared: Arc<Leased<Shared<M>>>,
     cached_generation: u64,
     cached: Option<M::Connection>,
 }
@@ -133,7 +136,7 @@ impl<M: MakeConnection> Reconnect<M> {
         Ok(Reconnect::start(shared))
     }
 
-    fn start(shared: Arc<Shared<M>>) -> Self {
+    fn start(shared: Arc<Leased<Shared<M>>>) -> Self {
         if let Some((interval, timeout)) = shared.config.health_check {
             tokio::spawn(shared::health_check(
                 Arc::downgrade(&shared),
@@ -194,7 +197,7 @@ impl<M: MakeConnection> Service<Request> for Reconnect<M> {
         match &mut self.cached {
             Some(connection) => {
                 let tracker = Tracker::new(
-                    self.shared.clone(),
+                    self.shared.lease(),
                     self.cached_generation,
                     counts_cancellation,
                 );
@@ -203,14 +206,14 @@ impl<M: MakeConnection> Service<Request> for Reconnect<M> {
             None if self.shared.config.max_wait.is_zero() => ResponseFuture::rejected(
                 self.shared.rejection().with_command(request.info().name()),
             ),
-            None => ResponseFuture::wait(wait_then_call(self.shared.clone(), request)),
+            None => ResponseFuture::wait(wait_then_call(self.shared.lease(), request)),
         }
     }
 }
 
 /// Waits up to `max_wait` for a connection, then calls on it.
 async fn wait_then_call<M: MakeConnection>(
-    shared: Arc<Shared<M>>,
+    shared: Lease<Shared<M>>,
     request: Request,
 ) -> Result<Value, Error> {
     let name = request.info().name();

@@ -12,7 +12,7 @@ use tokio::{sync::watch, time::Instant};
 use tower::Service;
 
 use super::{ConnectionState, ReconnectConfig, ReconnectStats};
-use crate::{Error, MakeConnection, Request};
+use crate::{Error, MakeConnection, Request, sync::Leased};
 
 type Connection<M> = <M as MakeConnection>::Connection;
 
@@ -29,6 +29,9 @@ pub(super) struct Shared<M: MakeConnection> {
     attempts: AtomicU64,
     successes: AtomicU64,
     failures: AtomicU64,
+    /// The owner the handles hold, for the reconnect loop: none is started once they are
+    /// gone.
+    this: Weak<Leased<Shared<M>>>,
 }
 
 struct Slot<C> {
@@ -47,28 +50,31 @@ impl<M: MakeConnection> Shared<M> {
         connector: M,
         config: ReconnectConfig<Connection<M>>,
         connection: Option<Connection<M>>,
-    ) -> Arc<Self> {
+    ) -> Arc<Leased<Self>> {
         let state = match connection {
             Some(_) => ConnectionState::Connected,
             None => ConnectionState::Reconnecting { attempt: 0 },
         };
-        Arc::new(Shared {
-            connector,
-            config,
-            generation: AtomicU64::new(1),
-            stuck: AtomicU32::new(0),
-            slot: Mutex::new(Slot {
-                connection,
-                looping: false,
-                failed: false,
-                attempt: 0,
-                next_try_at: None,
-                config_error: None,
-            }),
-            state: watch::Sender::new(state),
-            attempts: AtomicU64::new(0),
-            successes: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
+        Arc::new_cyclic(|this| {
+            Leased::new(Shared {
+                connector,
+                config,
+                generation: AtomicU64::new(1),
+                stuck: AtomicU32::new(0),
+                slot: Mutex::new(Slot {
+                    connection,
+                    looping: false,
+                    failed: false,
+                    attempt: 0,
+                    next_try_at: None,
+                    config_error: None,
+                }),
+                state: watch::Sender::new(state),
+                attempts: AtomicU64::new(0),
+                successes: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                this: this.clone(),
+            })
         })
     }
 
@@ -127,7 +133,7 @@ impl<M: MakeConnection> Shared<M> {
     }
 
     /// A call was dropped before its reply came.
-    pub fn cancelled(self: &Arc<Self>, generation: u64) {
+    pub fn cancelled(&self, generation: u64) {
         let threshold = self.config.stuck_after;
         let count = self.stuck.fetch_add(1, Ordering::Relaxed) + 1;
         if threshold > 0 && count >= threshold {
@@ -137,7 +143,7 @@ impl<M: MakeConnection> Shared<M> {
 
     /// The connection of `generation` is unusable: drop it and start the reconnect loop,
     /// unless that connection was already replaced.
-    pub fn connection_lost(self: &Arc<Self>, generation: u64, why: &'static str) {
+    pub fn connection_lost(&self, generation: u64, why: &'static str) {
         let mut slot = self.slot();
         if self.generation.load(Ordering::Acquire) != generation || slot.connection.is_none() {
             return;
@@ -154,7 +160,7 @@ impl<M: MakeConnection> Shared<M> {
     }
 
     /// Drops the connection if there is one and starts the loop if it is not running.
-    pub fn reconnect_now(self: &Arc<Self>) {
+    pub fn reconnect_now(&self) {
         let mut slot = self.slot();
         if slot.connection.take().is_some() {
             self.generation.fetch_add(1, Ordering::AcqRel);
@@ -162,16 +168,20 @@ impl<M: MakeConnection> Shared<M> {
         self.start_loop(&mut slot);
     }
 
-    fn start_loop(self: &Arc<Self>, slot: &mut Slot<Connection<M>>) {
+    fn start_loop(&self, slot: &mut Slot<Connection<M>>) {
         if slot.looping {
             return;
         }
+        // Only calls in flight are left: no one will call again.
+        let Some(shared) = self.this.upgrade() else {
+            return;
+        };
         slot.looping = true;
         slot.failed = false;
         slot.attempt = 0;
         slot.next_try_at = None;
         self.set_state(ConnectionState::Reconnecting { attempt: 0 });
-        tokio::spawn(reconnect_loop(self.clone()));
+        tokio::spawn(reconnect_loop(shared));
     }
 
     fn set_state(&self, state: ConnectionState) {
@@ -198,7 +208,7 @@ pub(super) async fn open<M: MakeConnection>(
 /// The one loop that re-establishes the connection: an attempt at once, then one per
 /// backoff step. Configuration errors wait the longest delay, so a wrong password never
 /// turns into a hot loop.
-async fn reconnect_loop<M: MakeConnection>(shared: Arc<Shared<M>>) {
+async fn reconnect_loop<M: MakeConnection>(shared: Arc<Leased<Shared<M>>>) {
     let mut delays = shared.config.backoff.iter();
     let mut attempt = 0u32;
     loop {
@@ -269,7 +279,7 @@ async fn reconnect_loop<M: MakeConnection>(shared: Arc<Shared<M>>) {
 /// Pings on an interval and reports a connection that does not answer in time. Holds only
 /// a weak reference, so it ends when the last handle is dropped.
 pub(super) async fn health_check<M: MakeConnection>(
-    shared: Weak<Shared<M>>,
+    shared: Weak<Leased<Shared<M>>>,
     interval: Duration,
     timeout: Duration,
 ) {

@@ -1,7 +1,7 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{Mutex, PoisonError},
     task::{Context, Poll, ready},
 };
 
@@ -11,7 +11,7 @@ use tokio::time::Sleep;
 use tower::Service;
 
 use super::Settings;
-use crate::{Error, Request, backoff::Delays};
+use crate::{Error, Request, backoff::Delays, sync::Lease};
 
 /// The future of [`Retry`](super::Retry).
 #[pin_project]
@@ -20,8 +20,11 @@ pub struct ResponseFuture<S: Service<Request>> {
     #[pin]
     state: State<S::Future>,
     request: Request,
-    service: S,
-    settings: Arc<Settings>,
+    spare: Lease<Mutex<S>>,
+    /// Cloned from `spare` on the first retry (boxed: most calls never retry, and every
+    /// layer above moves this future).
+    service: Option<Box<S>>,
+    settings: Lease<Settings>,
     retries: u32,
     /// Made on the first retry; most calls never need one.
     delays: Option<Box<Delays>>,
@@ -43,13 +46,14 @@ impl<S: Service<Request>> ResponseFuture<S> {
     pub(super) fn new(
         future: S::Future,
         request: Request,
-        service: S,
-        settings: Arc<Settings>,
+        spare: Lease<Mutex<S>>,
+        settings: Lease<Settings>,
     ) -> Self {
         ResponseFuture {
             state: State::Called { future },
             request,
-            service,
+            spare,
+            service: None,
             settings,
             retries: 0,
             delays: None,
@@ -59,7 +63,7 @@ impl<S: Service<Request>> ResponseFuture<S> {
 
 impl<S> Future for ResponseFuture<S>
 where
-    S: Service<Request, Response = Value, Error = Error>,
+    S: Service<Request, Response = Value, Error = Error> + Clone,
 {
     type Output = Result<Value, Error>;
 
@@ -101,8 +105,12 @@ where
                     self.as_mut().project().state.set(State::Readying);
                 }
                 StateProj::Readying => {
-                    ready!(this.service.poll_ready(cx))?;
-                    let future = this.service.call(this.request.clone());
+                    let spare = &*this.spare;
+                    let service = this.service.get_or_insert_with(|| {
+                        Box::new(spare.lock().unwrap_or_else(PoisonError::into_inner).clone())
+                    });
+                    ready!(service.poll_ready(cx))?;
+                    let future = service.call(this.request.clone());
                     self.as_mut().project().state.set(State::Called { future });
                 }
             }

@@ -8,7 +8,7 @@ pub use future::ResponseFuture;
 
 use std::{
     fmt,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -16,7 +16,7 @@ use std::{
 use redis::Value;
 use tower::{Layer, Service};
 
-use crate::{Error, Request, backoff::ExponentialBackoff};
+use crate::{Error, Request, backoff::ExponentialBackoff, sync::Leased};
 
 /// Retries calls that failed as [unavailable](Error::is_unavailable) when sending them
 /// again is safe: the command is idempotent (`GET`, `SET`, `DEL`...), or the error proves
@@ -43,7 +43,7 @@ use crate::{Error, Request, backoff::ExponentialBackoff};
 #[derive(Clone)]
 #[must_use]
 pub struct RetryLayer {
-    settings: Arc<Settings>,
+    settings: Arc<Leased<Settings>>,
 }
 
 pub(crate) struct Settings {
@@ -76,11 +76,11 @@ impl RetryLayer {
     /// At most `max_retries` retries per call, `backoff` between them, within `budget`.
     pub fn new(max_retries: u32, backoff: ExponentialBackoff, budget: RetryBudget) -> Self {
         RetryLayer {
-            settings: Arc::new(Settings {
+            settings: Arc::new(Leased::new(Settings {
                 max_retries,
                 backoff,
                 budget,
-            }),
+            })),
         }
     }
 
@@ -90,11 +90,12 @@ impl RetryLayer {
     }
 }
 
-impl<S> Layer<S> for RetryLayer {
+impl<S: Clone> Layer<S> for RetryLayer {
     type Service = Retry<S>;
 
     fn layer(&self, inner: S) -> Retry<S> {
         Retry {
+            spare: Arc::new(Leased::new(Mutex::new(inner.clone()))),
             inner,
             settings: self.settings.clone(),
         }
@@ -113,13 +114,17 @@ impl fmt::Debug for RetryLayer {
 
 /// The service [`RetryLayer`] makes.
 ///
-/// Unlike tower's generic `Retry`, the healthy path costs two reference counts (the
-/// request and the inner service, kept in case a retry is needed) and no timer: the
-/// backoff sleep and schedule are allocated only when a retry happens.
+/// Unlike tower's generic `Retry`, the healthy path clones no service and arms no
+/// timer: a call keeps the request (one reference count) and leases the settings and a
+/// spare clone of the inner service, which it clones only if it retries; the backoff
+/// sleep and schedule are allocated only when a retry happens.
 #[derive(Clone)]
 pub struct Retry<S> {
     inner: S,
-    settings: Arc<Settings>,
+    /// Cloned by calls that retry. In a mutex only so that a service that is `Send` but
+    /// not `Sync` still makes `Send` futures; it is locked only to retry.
+    spare: Arc<Leased<Mutex<S>>>,
+    settings: Arc<Leased<Settings>>,
 }
 
 impl<S> Service<Request> for Retry<S>
@@ -137,7 +142,7 @@ where
     fn call(&mut self, request: Request) -> ResponseFuture<S> {
         self.settings.budget.deposit();
         let future = self.inner.call(request.clone());
-        ResponseFuture::new(future, request, self.inner.clone(), self.settings.clone())
+        ResponseFuture::new(future, request, self.spare.lease(), self.settings.lease())
     }
 }
 

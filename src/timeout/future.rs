@@ -9,7 +9,7 @@ use pin_project::pin_project;
 use redis::Value;
 use tokio::time::Instant;
 
-use super::timer::{NoRuntime, Registration, Timer};
+use super::timer::{CallTimer, NoRuntime, Registration};
 use crate::{Error, clock};
 
 /// The future of [`Timeout`](super::Timeout).
@@ -32,7 +32,7 @@ enum Timing {
     Armed {
         at: Instant,
         limit: Duration,
-        timer: Timer,
+        timer: CallTimer,
     },
     Waiting {
         at: Instant,
@@ -44,7 +44,7 @@ enum Timing {
 impl<F> ResponseFuture<F> {
     pub(super) fn new(
         inner: F,
-        deadline: Option<(Instant, Duration, Timer)>,
+        deadline: Option<(Instant, Duration, CallTimer)>,
         command: &'static str,
     ) -> Self {
         let timing = match deadline {

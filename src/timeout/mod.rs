@@ -51,7 +51,7 @@ where
             Some((
                 request.start().checked_add(limit)?,
                 limit,
-                self.timer.clone(),
+                self.timer.lease(),
             ))
         });
         let name = request.info().name();

@@ -317,3 +317,37 @@ fn a_call_that_waits_outside_a_runtime_is_a_config_error_not_a_panic() {
     assert!(error.is_config(), "{error}");
     assert_eq!(error.command(), Some("GET"));
 }
+
+/// Spawned requests may outlive the client that made them: with the layer gone, they
+/// keep their deadline, and the timer's driver stops once they are over.
+#[tokio::test(start_paused = true)]
+async fn calls_keep_their_deadline_after_the_layer_is_dropped_and_the_driver_then_stops() {
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let layer = TimeoutLayer::new(250 * MS);
+    let mut service = timeouts(layer.clone());
+    let start = Instant::now();
+    // Waiting in the timer when the layer goes.
+    let waiting = service.call(command("GET", "hang", 0));
+    let waiting = tokio::spawn(async move { (waiting.await, start.elapsed()) });
+    tokio::task::yield_now().await;
+    assert_eq!(alive(), 2, "the call's task and the timer's driver");
+    // Not polled yet when the layer goes: it takes its slot afterwards.
+    let later = service.call(command("GET", "hang", 0));
+    drop(service);
+    drop(layer);
+    advance(100 * MS).await;
+    let later = tokio::spawn(async move { (later.await, start.elapsed()) });
+    let (waiting, later) = (waiting.await.unwrap(), later.await.unwrap());
+    assert!(waiting.0.unwrap_err().is_timeout());
+    assert_eq!(waiting.1, 250 * MS);
+    assert!(later.0.unwrap_err().is_timeout());
+    assert_eq!(later.1, 250 * MS);
+    for _ in 0..3 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(alive(), 0, "the driver stopped");
+}

@@ -18,13 +18,15 @@
 use std::{
     hash::{Hash, Hasher},
     sync::{
-        Arc, Mutex, MutexGuard, Weak,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::Waker,
 };
 
 use tokio::{sync::Notify, time::Instant};
+
+use crate::sync::{Lease, Leased};
 
 /// Tables, so threads of a multi-threaded runtime rarely share a lock.
 const SHARDS: usize = 8;
@@ -32,14 +34,24 @@ const SHARDS: usize = 8;
 /// One layer's deadlines; clones share them.
 #[derive(Clone, Default)]
 pub(crate) struct Timer {
-    shared: Arc<Shared>,
+    owner: Arc<Owner>,
 }
+
+/// What the layer's services hold: when the last goes, the driver may stop once no call
+/// waits.
+struct Owner(Leased<Shared>);
+
+/// A call's hold on the timer, leased when the call starts, before it knows whether it
+/// will wait: taking it writes nothing other threads write.
+pub(crate) struct CallTimer(Lease<Shared>);
 
 struct Shared {
     shards: [Shard; SHARDS],
     /// Wakes a driver early: a deadline before a shard's `next_wake`, a driver gone, or
-    /// the timer dropped.
-    wake: Arc<Notify>,
+    /// the services gone.
+    wake: Notify,
+    /// Set when the services are gone: the drivers stop once no call waits.
+    closed: AtomicBool,
     /// The runtime the last call came from, which has a driver: most calls check only
     /// this.
     last_runtime: AtomicU64,
@@ -74,7 +86,7 @@ enum Slot {
 
 /// A call's place in the timer, removed when dropped.
 pub(crate) struct Registration {
-    timer: Timer,
+    timer: Lease<Shared>,
     shard: u32,
     index: u32,
     id: u64,
@@ -84,11 +96,25 @@ pub(crate) struct Registration {
 #[derive(Debug)]
 pub(crate) struct NoRuntime;
 
+impl Default for Owner {
+    fn default() -> Self {
+        Owner(Leased::new(Shared::default()))
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.wake.notify_one();
+    }
+}
+
 impl Default for Shared {
     fn default() -> Self {
         Shared {
             shards: Default::default(),
-            wake: Arc::new(Notify::new()),
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
             last_runtime: AtomicU64::new(0),
             drivers: Mutex::new(Vec::new()),
         }
@@ -104,18 +130,33 @@ thread_local! {
 }
 
 impl Timer {
+    /// The timer, for one call that may wait.
+    #[inline]
+    pub(crate) fn lease(&self) -> CallTimer {
+        CallTimer(self.owner.0.lease())
+    }
+
+    /// Calls waiting in the timer now (for tests).
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        (0..SHARDS)
+            .map(|shard| {
+                let slots = self.owner.0.lock(shard);
+                slots.slots.len() - slots.vacant.len()
+            })
+            .sum()
+    }
+}
+
+impl CallTimer {
     /// Wakes `waker` once `deadline` has passed, until the registration is dropped.
     pub(crate) fn register(
         self,
         deadline: Instant,
         waker: &Waker,
     ) -> Result<Registration, NoRuntime> {
-        let shared = &self.shared;
+        let shared = &self.0;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| NoRuntime)?;
-        let id = runtime_id(&runtime);
-        if shared.last_runtime.load(Ordering::Acquire) != id {
-            shared.ensure_driver(&runtime, id);
-        }
         let shard = SHARD.with(|shard| *shard);
         let (index, id, tell) = {
             let mut slots = shared.lock(shard);
@@ -139,33 +180,29 @@ impl Timer {
             let tell = slots.next_wake.is_none_or(|next| deadline < next);
             (index, id, tell)
         };
+        // After the slot is taken: a driver that stops (see `drive`) first says so here,
+        // then looks at the table once more, so it sees this slot, or this call sees it
+        // gone and starts another.
+        let runtime_id = runtime_id(&runtime);
+        if shared.last_runtime.load(Ordering::Acquire) != runtime_id {
+            shared.ensure_driver(&self.0, &runtime, runtime_id);
+        }
         if tell {
             shared.wake.notify_one();
         }
         Ok(Registration {
-            timer: self,
+            timer: self.0,
             shard: shard as u32,
             index,
             id,
         })
-    }
-
-    /// Calls waiting in the timer now (for tests).
-    #[cfg(test)]
-    pub(crate) fn waiting(&self) -> usize {
-        (0..SHARDS)
-            .map(|shard| {
-                let slots = self.shared.lock(shard);
-                slots.slots.len() - slots.vacant.len()
-            })
-            .sum()
     }
 }
 
 impl Registration {
     /// Wakes `waker` instead, if the call is now polled with another one.
     pub(crate) fn update(&self, waker: &Waker) {
-        let mut slots = self.timer.shared.lock(self.shard as usize);
+        let mut slots = self.timer.lock(self.shard as usize);
         if let Some(Slot::Waiting { id, waker: old, .. }) = slots.slots.get_mut(self.index as usize)
             && *id == self.id
             && !old.will_wake(waker)
@@ -178,7 +215,7 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let waker = {
-            let mut slots = self.timer.shared.lock(self.shard as usize);
+            let mut slots = self.timer.lock(self.shard as usize);
             let index = self.index as usize;
             match slots.slots.get(index) {
                 Some(Slot::Waiting { id, .. }) if *id == self.id => {
@@ -206,16 +243,37 @@ impl Shared {
     }
 
     /// Spawns a driver on `runtime` unless one runs there.
-    fn ensure_driver(self: &Arc<Self>, runtime: &tokio::runtime::Handle, id: u64) {
-        let mut drivers = self
-            .drivers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !drivers.contains(&id) {
+    fn ensure_driver(&self, lease: &Lease<Shared>, runtime: &tokio::runtime::Handle, id: u64) {
+        if self.add_driver(id) {
+            runtime.spawn(drive(lease.clone(), id));
+        }
+    }
+
+    /// Lists a driver for runtime `id`; false if one was listed already.
+    fn add_driver(&self, id: u64) -> bool {
+        let mut drivers = self.drivers();
+        let added = !drivers.contains(&id);
+        if added {
             drivers.push(id);
-            runtime.spawn(drive(Arc::downgrade(self), self.wake.clone(), id));
         }
         self.last_runtime.store(id, Ordering::Release);
+        added
+    }
+
+    /// Unlists the driver for runtime `id`: the next call from there starts another.
+    fn remove_driver(&self, id: u64) {
+        let mut drivers = self.drivers();
+        drivers.retain(|driver| *driver != id);
+        // A compare-exchange, not a store: another runtime may be the last now.
+        let _ = self
+            .last_runtime
+            .compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    fn drivers(&self) -> MutexGuard<'_, Vec<u64>> {
+        self.drivers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Wakes and removes the calls whose deadline is `now` or earlier; answers the
@@ -280,63 +338,53 @@ fn runtime_id(runtime: &tokio::runtime::Handle) -> u64 {
     integer.finish().max(1)
 }
 
-impl Drop for Shared {
-    fn drop(&mut self) {
-        // The driver holds only a weak reference: let it see that the timer is gone.
-        self.wake.notify_one();
-    }
-}
-
 /// The driver: sleeps until the earliest deadline it knows of, or until told of an
-/// earlier one, then wakes the calls that are due.
-async fn drive(shared: Weak<Shared>, wake: Arc<Notify>, runtime: u64) {
+/// earlier one, then wakes the calls that are due. It stops when the services are gone
+/// and no call waits.
+async fn drive(shared: Lease<Shared>, runtime: u64) {
     /// Lets the next call from this runtime start a new driver if this one is dropped
     /// with its runtime.
-    struct Driving(Weak<Shared>, u64);
-    impl Drop for Driving {
+    struct Driving<'a>(&'a Shared, u64);
+    impl Drop for Driving<'_> {
         fn drop(&mut self) {
-            if let Some(shared) = self.0.upgrade() {
-                let mut drivers = shared
-                    .drivers
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                drivers.retain(|id| *id != self.1);
-                // A compare-exchange, not a store: another runtime may be the last now.
-                let _ = shared.last_runtime.compare_exchange(
-                    self.1,
-                    0,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
-                drop(drivers);
-                // Deadlines it was to wake for: another driver takes them over.
-                for shard in 0..SHARDS {
-                    shared.lock(shard).next_wake = None;
-                }
-                shared.wake.notify_one();
+            let shared = self.0;
+            shared.remove_driver(self.1);
+            // Deadlines it was to wake for: another driver takes them over.
+            for shard in 0..SHARDS {
+                shared.lock(shard).next_wake = None;
             }
+            shared.wake.notify_one();
         }
     }
-    let _driving = Driving(shared.clone(), runtime);
+    let driving = Driving(&shared, runtime);
     let mut expired = Vec::new();
     loop {
-        let next = {
-            let Some(shared) = shared.upgrade() else {
-                return;
-            };
-            shared.sweep(Instant::now(), &mut expired)
-        };
+        let mut next = shared.sweep(Instant::now(), &mut expired);
         for waker in expired.drain(..) {
             waker.wake();
+        }
+        if next.is_none() && shared.closed.load(Ordering::Acquire) {
+            // A call still in flight may take a slot now (see `register`): unlist, then
+            // look once more; go on if it did and no other driver was started for it.
+            shared.remove_driver(runtime);
+            next = shared.sweep(Instant::now(), &mut expired);
+            for waker in expired.drain(..) {
+                waker.wake();
+            }
+            if next.is_none() || !shared.add_driver(runtime) {
+                // Unlisted already, and another driver may be listed for this runtime.
+                std::mem::forget(driving);
+                return;
+            }
         }
         match next {
             Some(at) => {
                 tokio::select! {
                     () = tokio::time::sleep_until(at) => {}
-                    () = wake.notified() => {}
+                    () = shared.wake.notified() => {}
                 }
             }
-            None => wake.notified().await,
+            None => shared.wake.notified().await,
         }
     }
 }
