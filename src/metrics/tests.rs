@@ -138,3 +138,32 @@ async fn pipelines_and_unknown_commands_are_counted_under_bounded_names() {
     assert_eq!(names, ["MULTI", "PIPELINE", "UNKNOWN"]);
     assert_eq!(snapshot.command("UNKNOWN").unwrap().calls(), 50);
 }
+
+/// Successes recorded from many threads land in per-thread histograms; a snapshot adds
+/// them all up.
+#[test]
+fn successes_recorded_from_many_threads_are_all_counted() {
+    let registry = Registry::new();
+    let threads = 20;
+    std::thread::scope(|scope| {
+        for thread in 0..threads {
+            let registry = &registry;
+            scope.spawn(move || {
+                for _ in 0..100 {
+                    registry.record("GET", Outcome::Ok, Duration::from_micros(10 + thread));
+                }
+                registry.record("GET", Outcome::Timeout, MS);
+            });
+        }
+    });
+    let snapshot = registry.snapshot();
+    let get = snapshot.command("GET").unwrap();
+    assert_eq!(get.count(Outcome::Ok), 100 * threads);
+    assert_eq!(get.count(Outcome::Timeout), threads);
+    assert_eq!(get.latency.count, 101 * threads);
+    assert_eq!(get.latency.max, MS);
+    let mean_ok = (10..10 + threads).sum::<u64>() * 1_000 / threads;
+    let mean = (mean_ok * 100 + 1_000_000) / 101;
+    assert_eq!(get.latency.mean, Duration::from_nanos(mean));
+    assert_eq!(snapshot.overall.count(Outcome::Ok), 100 * threads);
+}

@@ -29,7 +29,7 @@ use super::Padded;
 
 /// Shards: more than the threads that call at once on the machines this runs on, so two
 /// threads rarely share one; 16 × 128 bytes per leased value.
-const SHARDS: usize = 16;
+pub(crate) const SHARDS: usize = 16;
 
 /// Set in a shard's count when the owner has gone: its leases count down `remaining`.
 const SEALED: usize = 1 << (usize::BITS - 1);
@@ -222,10 +222,10 @@ impl<T: fmt::Debug> fmt::Debug for Lease<T> {
     }
 }
 
-/// This thread's shard: given out in turn to threads as they first lease, so the few
-/// threads of a runtime each get one of their own.
+/// This thread's shard, below [`SHARDS`]: given out in turn to threads as they first ask,
+/// so the few threads of a runtime each get one of their own.
 #[inline]
-fn shard() -> usize {
+pub(crate) fn shard() -> usize {
     thread_local! {
         static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
     }

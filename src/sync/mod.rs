@@ -2,7 +2,7 @@
 
 mod lease;
 
-pub(crate) use lease::{Lease, Leased};
+pub(crate) use lease::{Lease, Leased, SHARDS, shard};
 
 /// Keeps a value on cache lines of its own (128 bytes: adjacent-line prefetch pairs
 /// lines), so a counter written on every call does not slow down readers of its
