@@ -19,14 +19,14 @@ use std::{
     hash::{Hash, Hasher},
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::Waker,
 };
 
 use tokio::{sync::Notify, time::Instant};
 
-use crate::sync::{Lease, Leased};
+use crate::sync::{self, Lease, Leased};
 
 /// Tables, so threads of a multi-threaded runtime rarely share a lock.
 const SHARDS: usize = 8;
@@ -121,14 +121,6 @@ impl Default for Shared {
     }
 }
 
-thread_local! {
-    /// This thread's shard: threads take them in turn.
-    static SHARD: usize = {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS
-    };
-}
-
 impl Timer {
     /// The timer, for one call that may wait.
     #[inline]
@@ -157,7 +149,8 @@ impl CallTimer {
     ) -> Result<Registration, NoRuntime> {
         let shared = &self.0;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| NoRuntime)?;
-        let shard = SHARD.with(|shard| *shard);
+        // This thread's table: threads take them in turn.
+        let shard = sync::shard() % SHARDS;
         let (index, id, tell) = {
             let mut slots = shared.lock(shard);
             let id = slots.next_id;
