@@ -17,7 +17,7 @@ mod stacks;
 use std::process::Command;
 
 use redis::Value;
-use stacks::{Waiting, WaitingConnector, built_stack, call_n, full_stack, reconnect_over};
+use stacks::{LeafConnector, Waiting, built_stack, call_n, full_stack, reconnect_over};
 use tower::{Layer, Service};
 use tower_redis_resilience::{
     Error, Request, circuit_breaker::CircuitBreakerLayer, fallback::FallbackLayer,
@@ -107,7 +107,7 @@ fn child(variant: &str, calls: u64) {
     let variant = variant.to_owned();
     rt.block_on(async move {
         tokio::spawn(async move {
-            let reconnect = reconnect_over(WaitingConnector).await;
+            let reconnect = reconnect_over(LeafConnector(Waiting)).await;
             match variant.as_str() {
                 "leaf alone" => run(Waiting, calls).await,
                 "Reconnect" => run(reconnect, calls).await,

@@ -17,8 +17,7 @@ use std::{
 use criterion::{Criterion, criterion_group, criterion_main};
 use redis::Value;
 use stacks::{
-    Memory, MemoryConnector, Waiting, WaitingConnector, built_stack, call_n, full_stack, get,
-    reconnect_over,
+    LeafConnector, Memory, Waiting, built_stack, call_n, full_stack, get, reconnect_over,
 };
 use tokio::runtime::{Builder, Runtime};
 use tower::{Layer, Service, ServiceExt, util::BoxCloneSyncService};
@@ -141,7 +140,7 @@ where
 
 fn layers(c: &mut Criterion) {
     let rt = runtime();
-    let reconnect = rt.block_on(reconnect_over(MemoryConnector));
+    let reconnect = rt.block_on(reconnect_over(LeafConnector(Memory)));
 
     // Entered so layers that need a runtime find one; the measured calls never use it.
     let _guard = rt.enter();
@@ -202,7 +201,7 @@ fn layers(c: &mut Criterion) {
 
     // The whole default stack, as the builder makes it: concrete, and boxed as
     // `ResilientClient` holds it.
-    let waiting_reconnect = rt.block_on(reconnect_over(WaitingConnector));
+    let waiting_reconnect = rt.block_on(reconnect_over(LeafConnector(Waiting)));
     bench_one(
         c,
         "healthy/full stack",
@@ -347,7 +346,7 @@ fn in_runtime(c: &mut Criterion) {
         "in runtime/CircuitBreaker",
         CircuitBreakerLayer::default().layer(Waiting),
     );
-    let reconnect = rt.block_on(reconnect_over(WaitingConnector));
+    let reconnect = rt.block_on(reconnect_over(LeafConnector(Waiting)));
     bench_in_runtime(
         c,
         &rt,
