@@ -176,6 +176,13 @@ impl tracing::field::Visit for Fields<'_> {
 impl Capture {
     /// Installs it for the current thread until the guard drops.
     pub(crate) fn install(&self) -> tracing::subscriber::DefaultGuard {
+        // With a single dispatcher registered in the process, tracing-core decides a new
+        // callsite's interest from the default of whichever thread hits it first: a test
+        // thread without a subscriber would cache "never" for this one too (as when only
+        // one test that captures runs). A second dispatcher, kept for the whole run,
+        // makes it ask every registered dispatcher instead.
+        static SECOND: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+        SECOND.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::new()));
         let guard = tracing::subscriber::set_default(self.clone());
         // A callsite another test thread registered at the same moment may have cached
         // "nobody is interested"; ask again now that this subscriber exists.
