@@ -17,7 +17,7 @@ use std::{
 use criterion::{Criterion, criterion_group, criterion_main};
 use redis::Value;
 use stacks::{
-    LeafConnector, Memory, Waiting, built_stack, call_n, full_stack, get, reconnect_over,
+    LeafConnector, Memory, Refusing, Waiting, built_stack, call_n, full_stack, get, reconnect_over,
 };
 use tokio::runtime::{Builder, Runtime};
 use tower::{Layer, Service, ServiceExt, util::BoxCloneSyncService};
@@ -236,10 +236,8 @@ fn layers(c: &mut Criterion) {
     );
 
     // The floor: a leaf that answers an error at once, for comparison.
-    let mut refusing = tower::service_fn(|_: Request| {
-        ready(Err::<Value, _>(Error::circuit_open(Duration::from_secs(1))))
-    });
     let request = get();
+    let mut refusing = Refusing;
     c.bench_function("open/erroring leaf alone", |b| {
         b.iter(|| call_once(&mut refusing, &request, false))
     });
@@ -293,6 +291,7 @@ fn two_threads(c: &mut Criterion) {
         full_stack(Memory, CircuitBreakerLayer::default()),
         true,
     );
+    bench_two_threads(c, "2 threads/erroring leaf alone", Refusing, false);
     bench_two_threads(
         c,
         "2 threads/CircuitBreaker rejection",

@@ -40,6 +40,25 @@ impl Service<Request> for Memory {
     }
 }
 
+/// A leaf that refuses at once, as an open breaker does: the floor a rejection is
+/// measured against (the harness and the error's own cost, with no layer).
+#[derive(Clone)]
+pub struct Refusing;
+
+impl Service<Request> for Refusing {
+    type Response = Value;
+    type Error = Error;
+    type Future = Ready<Result<Value, Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request) -> Self::Future {
+        ready(Err(Error::circuit_open(std::time::Duration::from_secs(1))))
+    }
+}
+
 /// A leaf whose answer is not ready at the first poll, as a network call's never is: the
 /// layers' full cost, clock readings included.
 #[derive(Clone)]
