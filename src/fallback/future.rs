@@ -94,7 +94,7 @@ pub(super) enum Plan {
 
 impl Plan {
     /// `None` when the policy never answers for this request.
-    #[inline]
+    #[inline(always)]
     pub(super) fn for_request(policy: &FallbackPolicy, request: &Request) -> Option<Plan> {
         let info = request.info();
         let command = info.name();
@@ -154,6 +154,7 @@ fn miss(nils: Option<usize>) -> Value {
 
 /// For a read whose reply has one slot per key or field asked for, how many: a miss
 /// then answers that many `Nil`s, so `Vec<Option<T>>` keeps its length.
+#[inline(always)]
 fn nils_for(request: &Request) -> Option<usize> {
     if let Some(pipeline) = request.pipeline() {
         return Some(pipeline.len());
