@@ -1,7 +1,7 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Mutex, PoisonError},
+    sync::PoisonError,
     task::{Context, Poll, ready},
 };
 
@@ -10,7 +10,7 @@ use redis::Value;
 use tokio::time::Sleep;
 use tower::Service;
 
-use super::Settings;
+use super::Shared;
 use crate::{Error, Request, backoff::Delays, sync::Lease};
 
 /// The future of [`Retry`](super::Retry).
@@ -20,11 +20,10 @@ pub struct ResponseFuture<S: Service<Request>> {
     #[pin]
     state: State<S::Future>,
     request: Request,
-    spare: Lease<Mutex<S>>,
-    /// Cloned from `spare` on the first retry (boxed: most calls never retry, and every
-    /// layer above moves this future).
+    shared: Lease<Shared<S>>,
+    /// Cloned from the shared spare on the first retry (boxed: most calls never retry,
+    /// and every layer above moves this future).
     service: Option<Box<S>>,
-    settings: Lease<Settings>,
     retries: u32,
     /// Made on the first retry; most calls never need one.
     delays: Option<Box<Delays>>,
@@ -43,18 +42,12 @@ enum State<F> {
 }
 
 impl<S: Service<Request>> ResponseFuture<S> {
-    pub(super) fn new(
-        future: S::Future,
-        request: Request,
-        spare: Lease<Mutex<S>>,
-        settings: Lease<Settings>,
-    ) -> Self {
+    pub(super) fn new(future: S::Future, request: Request, shared: Lease<Shared<S>>) -> Self {
         ResponseFuture {
             state: State::Called { future },
             request,
-            spare,
+            shared,
             service: None,
-            settings,
             retries: 0,
             delays: None,
         }
@@ -77,12 +70,13 @@ where
                         return Poll::Ready(result);
                     };
                     if !this
+                        .shared
                         .settings
                         .allows_retry(this.request, error, *this.retries)
                     {
                         return Poll::Ready(result);
                     }
-                    let settings = &**this.settings;
+                    let settings = &this.shared.settings;
                     let delays = this
                         .delays
                         .get_or_insert_with(|| Box::new(settings.backoff.iter()));
@@ -105,7 +99,7 @@ where
                     self.as_mut().project().state.set(State::Readying);
                 }
                 StateProj::Readying => {
-                    let spare = &*this.spare;
+                    let spare = &this.shared.spare;
                     let service = this.service.get_or_insert_with(|| {
                         Box::new(spare.lock().unwrap_or_else(PoisonError::into_inner).clone())
                     });

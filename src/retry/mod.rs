@@ -18,6 +18,15 @@ use tower::{Layer, Service};
 
 use crate::{Error, Request, backoff::ExponentialBackoff, sync::Leased};
 
+/// What the services of one `layer` call share, leased by each call's future: one lease
+/// gives it both the settings and the spare inner service it clones to retry.
+pub(crate) struct Shared<S> {
+    /// Cloned by calls that retry. In a mutex only so that a service that is `Send` but
+    /// not `Sync` still makes `Send` futures; it is locked only to retry.
+    pub(crate) spare: Mutex<S>,
+    pub(crate) settings: Arc<Settings>,
+}
+
 /// Retries calls that failed as [unavailable](Error::is_unavailable) when sending them
 /// again is safe: the command is idempotent (`GET`, `SET`, `DEL`...), or the error proves
 /// Redis did not run it ([`may_have_run`](Error::may_have_run) is false: reconnecting,
@@ -43,7 +52,7 @@ use crate::{Error, Request, backoff::ExponentialBackoff, sync::Leased};
 #[derive(Clone)]
 #[must_use]
 pub struct RetryLayer {
-    settings: Arc<Leased<Settings>>,
+    settings: Arc<Settings>,
 }
 
 pub(crate) struct Settings {
@@ -76,11 +85,11 @@ impl RetryLayer {
     /// At most `max_retries` retries per call, `backoff` between them, within `budget`.
     pub fn new(max_retries: u32, backoff: ExponentialBackoff, budget: RetryBudget) -> Self {
         RetryLayer {
-            settings: Arc::new(Leased::new(Settings {
+            settings: Arc::new(Settings {
                 max_retries,
                 backoff,
                 budget,
-            })),
+            }),
         }
     }
 
@@ -95,9 +104,11 @@ impl<S: Clone> Layer<S> for RetryLayer {
 
     fn layer(&self, inner: S) -> Retry<S> {
         Retry {
-            spare: Arc::new(Leased::new(Mutex::new(inner.clone()))),
+            shared: Arc::new(Leased::new(Shared {
+                spare: Mutex::new(inner.clone()),
+                settings: self.settings.clone(),
+            })),
             inner,
-            settings: self.settings.clone(),
         }
     }
 }
@@ -121,10 +132,7 @@ impl fmt::Debug for RetryLayer {
 #[derive(Clone)]
 pub struct Retry<S> {
     inner: S,
-    /// Cloned by calls that retry. In a mutex only so that a service that is `Send` but
-    /// not `Sync` still makes `Send` futures; it is locked only to retry.
-    spare: Arc<Leased<Mutex<S>>>,
-    settings: Arc<Leased<Settings>>,
+    shared: Arc<Leased<Shared<S>>>,
 }
 
 impl<S> Service<Request> for Retry<S>
@@ -140,9 +148,9 @@ where
     }
 
     fn call(&mut self, request: Request) -> ResponseFuture<S> {
-        self.settings.budget.deposit();
+        self.shared.settings.budget.deposit();
         let future = self.inner.call(request.clone());
-        ResponseFuture::new(future, request, self.spare.lease(), self.settings.lease())
+        ResponseFuture::new(future, request, self.shared.lease())
     }
 }
 
