@@ -25,8 +25,10 @@ enum Kind<F, M: MakeConnection> {
         inner: F,
         tracker: Tracker<M>,
     },
+    /// No connection: the error is made when polled (from the layer's state then), so
+    /// this variant stays small and the calls that do go out carry no room for an error.
     Rejected {
-        error: Option<Error>,
+        rejection: Option<(Lease<Shared<M>>, &'static str)>,
     },
     Wait {
         inner: Pin<Box<dyn Future<Output = Result<Value, Error>> + Send>>,
@@ -40,9 +42,11 @@ impl<F, M: MakeConnection> ResponseFuture<F, M> {
         }
     }
 
-    pub(super) fn rejected(error: Error) -> Self {
+    pub(super) fn rejected(shared: Lease<Shared<M>>, command: &'static str) -> Self {
         ResponseFuture {
-            kind: Kind::Rejected { error: Some(error) },
+            kind: Kind::Rejected {
+                rejection: Some((shared, command)),
+            },
         }
     }
 
@@ -69,9 +73,10 @@ where
                 tracker.finish(&result);
                 Poll::Ready(result)
             }
-            KindProj::Rejected { error } => Poll::Ready(Err(error
-                .take()
-                .unwrap_or_else(|| Error::unavailable("response future polled after completion")))),
+            KindProj::Rejected { rejection } => Poll::Ready(Err(match rejection.take() {
+                Some((shared, command)) => shared.rejection().with_command(command),
+                None => Error::unavailable("response future polled after completion"),
+            })),
             KindProj::Wait { inner } => inner.as_mut().poll(cx),
         }
     }

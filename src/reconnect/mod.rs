@@ -203,9 +203,9 @@ impl<M: MakeConnection> Service<Request> for Reconnect<M> {
                 );
                 ResponseFuture::call(connection.call(request), tracker)
             }
-            None if self.shared.config.max_wait.is_zero() => ResponseFuture::rejected(
-                self.shared.rejection().with_command(request.info().name()),
-            ),
+            None if self.shared.config.max_wait.is_zero() => {
+                ResponseFuture::rejected(self.shared.lease(), request.info().name())
+            }
             None => ResponseFuture::wait(wait_then_call(self.shared.lease(), request)),
         }
     }
