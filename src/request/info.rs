@@ -1,4 +1,4 @@
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
 use redis::{Arg, Cmd, Pipeline};
 
@@ -56,14 +56,64 @@ impl Blocking {
 /// let blpop = Request::from(redis::cmd("BLPOP").arg("q").arg(2.5).to_owned());
 /// assert_eq!(blpop.info().blocking(), Blocking::For(Duration::from_millis(2500)));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct CommandInfo {
-    name: &'static str,
+    /// One word (the `name` field of the command's static entry): every layer moves the
+    /// request, so its size counts.
+    name: &'static &'static str,
+    /// [`Blocking`] in one word: see [`BlockTime`].
+    block: BlockTime,
     read_only: bool,
     idempotent: bool,
     pubsub: bool,
-    blocking: Blocking,
 }
+
+impl fmt::Debug for CommandInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandInfo")
+            .field("name", &self.name())
+            .field("read_only", &self.read_only)
+            .field("idempotent", &self.idempotent)
+            .field("pubsub", &self.pubsub)
+            .field("blocking", &self.blocking())
+            .finish()
+    }
+}
+
+/// A [`Blocking`] packed in a `u64`: 0 is `No`, `u64::MAX` is `Forever`, anything else
+/// is `For` that many nanoseconds minus one. (A block of 584 years or more is `Forever`.)
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct BlockTime(u64);
+
+impl BlockTime {
+    const NO: BlockTime = BlockTime(0);
+
+    fn of(blocking: Blocking) -> BlockTime {
+        match blocking {
+            Blocking::No => BlockTime::NO,
+            Blocking::Forever => BlockTime(u64::MAX),
+            Blocking::For(duration) => u64::try_from(duration.as_nanos())
+                .ok()
+                .and_then(|nanos| nanos.checked_add(1))
+                .filter(|packed| *packed != u64::MAX)
+                .map_or(BlockTime(u64::MAX), BlockTime),
+        }
+    }
+
+    fn get(self) -> Blocking {
+        match self.0 {
+            0 => Blocking::No,
+            u64::MAX => Blocking::Forever,
+            packed => Blocking::For(Duration::from_nanos(packed - 1)),
+        }
+    }
+}
+
+/// The names of requests that are not one command from the table, as `CommandInfo`
+/// points at them.
+static PIPELINE_NAME: &str = PIPELINE;
+static TRANSACTION_NAME: &str = TRANSACTION;
+static UNKNOWN_NAME: &str = UNKNOWN_COMMAND;
 
 impl CommandInfo {
     /// The canonical upper-case name: `"GET"`, `"CONFIG GET"`, [`PIPELINE`],
@@ -92,12 +142,12 @@ impl CommandInfo {
 
     /// How long Redis may hold the reply on purpose.
     pub fn blocking(&self) -> Blocking {
-        self.blocking
+        self.block.get()
     }
 
     /// Shorthand for `blocking() != Blocking::No`.
     pub fn is_blocking(&self) -> bool {
-        self.blocking != Blocking::No
+        self.block != BlockTime::NO
     }
 
     /// Describes one command.
@@ -114,11 +164,11 @@ impl CommandInfo {
             idempotent = !has_conditional_option(spec, cmd);
         }
         CommandInfo {
-            name: spec.name,
+            name: &spec.name,
             read_only: spec.has(flags::READ_ONLY),
             idempotent,
             pubsub: spec.has(flags::PUBSUB),
-            blocking: block_time(spec.block, cmd),
+            block: BlockTime::of(block_time(spec.block, cmd)),
         }
     }
 
@@ -127,32 +177,34 @@ impl CommandInfo {
     pub fn of_pipeline(pipeline: &Pipeline) -> CommandInfo {
         let mut info = CommandInfo {
             name: if pipeline.is_transaction() {
-                TRANSACTION
+                &TRANSACTION_NAME
             } else {
-                PIPELINE
+                &PIPELINE_NAME
             },
             read_only: true,
             idempotent: true,
             pubsub: false,
-            blocking: Blocking::No,
+            block: BlockTime::NO,
         };
+        let mut blocking = Blocking::No;
         for cmd in pipeline.cmd_iter() {
             let one = CommandInfo::of_cmd(cmd);
             info.read_only &= one.read_only;
             info.idempotent &= one.idempotent;
             info.pubsub |= one.pubsub;
-            info.blocking = info.blocking.max(one.blocking);
+            blocking = blocking.max(one.blocking());
         }
+        info.block = BlockTime::of(blocking);
         info
     }
 
     fn unknown() -> CommandInfo {
         CommandInfo {
-            name: UNKNOWN_COMMAND,
+            name: &UNKNOWN_NAME,
             read_only: false,
             idempotent: false,
             pubsub: false,
-            blocking: Blocking::No,
+            block: BlockTime::NO,
         }
     }
 }
@@ -267,6 +319,27 @@ mod tests {
             c.arg(*arg);
         }
         CommandInfo::of_cmd(&c)
+    }
+
+    #[test]
+    fn block_times_survive_packing() {
+        for blocking in [
+            Blocking::No,
+            Blocking::Forever,
+            Blocking::For(Duration::ZERO),
+            Blocking::For(Duration::from_nanos(1)),
+            Blocking::For(Duration::from_millis(2500)),
+            Blocking::For(Duration::from_nanos(u64::MAX - 2)),
+        ] {
+            assert_eq!(BlockTime::of(blocking).get(), blocking);
+        }
+        // Past what a u64 of nanoseconds holds (584 years): as good as forever.
+        for beyond in [Duration::from_nanos(u64::MAX - 1), Duration::MAX] {
+            assert_eq!(
+                BlockTime::of(Blocking::For(beyond)).get(),
+                Blocking::Forever
+            );
+        }
     }
 
     #[test]
