@@ -5,10 +5,14 @@
 //!
 //! `cargo bench --bench end_to_end` prints criterion's numbers for each variant with 64
 //! requests in flight on a current-thread and a 2-worker runtime, then interleaved rounds
-//! with the throughput ratios to raw redis-rs (raw redis-rs runs again last in each round:
-//! its ratio shows the noise the others carry), then the latency of one request at a time
-//! (p50, p99 and the p50 overhead over raw redis-rs). `BENCH_CRITERION_ONLY=1` skips the
-//! rounds, e.g. to profile one variant with `--profile-time`.
+//! with the throughput ratios to raw redis-rs, then the latency of one request at a time
+//! (p50, p99 and the overhead over raw redis-rs). The variants take turns in an order that
+//! rotates every round; a ratio or an overhead is the median of a variant's same-round
+//! ratios to (or differences from) raw redis-rs, with a distribution-free 95% interval.
+//! Raw redis-rs runs a second time on a connection of its own: how far it lands from the
+//! first is the offset two identical clients on two connections show, which the interval
+//! does not include. `BENCH_CRITERION_ONLY=1` skips the rounds, e.g. to profile one
+//! variant with `--profile-time`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -126,10 +130,10 @@ async fn variants(url: &str) -> Vec<Variant> {
     let mut seed = raw.clone();
     let () = seed.set("bench:key", vec![b'v'; 64]).await.unwrap();
     // As users get it: its default 500 ms response timeout included.
-    let manager = ConnectionManager::new(client).await.unwrap();
+    let manager = ConnectionManager::new(client.clone()).await.unwrap();
     let resilient = || async { ResilientClient::builder(url).connect().await.unwrap() };
     vec![
-        Variant::Raw(raw.clone()),
+        Variant::Raw(raw),
         Variant::Manager(manager),
         Variant::Leaf(RedisService::connect(url).await.unwrap()),
         Variant::Client(Client::new(RedisService::connect(url).await.unwrap())),
@@ -139,7 +143,15 @@ async fn variants(url: &str) -> Vec<Variant> {
         ),
         Variant::Resilient(resilient().await),
         Variant::ResilientService(resilient().await),
-        Variant::RawAgain(raw),
+        // Its own connection, as every other variant has: one sharing raw redis-rs's
+        // would run right after it on a warm connection in every round, and be told
+        // apart from it by that alone.
+        Variant::RawAgain(
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .unwrap(),
+        ),
     ]
 }
 
@@ -188,62 +200,76 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-/// One GET at a time, the variants taking turns call by call (so drift hits them alike);
-/// then p50 and p99 of each, and the p50 overhead over raw redis-rs.
+/// One GET at a time, the variants taking turns call by call (so drift hits them alike;
+/// the order rotates every round, so none always follows the same neighbour); then p50
+/// and p99 of each, and its overhead over raw redis-rs: the median of the differences
+/// between its call and raw redis-rs's call of the same round, with a 95% interval.
 fn print_latency(flavour: &str, rt: &Runtime, variants: &[Variant]) {
     const CALLS: usize = 10_000;
     let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(CALLS); variants.len()];
     let mut variants = variants.to_vec();
+    let n = variants.len();
     rt.block_on(async {
-        for _ in 0..CALLS {
-            for (variant, samples) in variants.iter_mut().zip(&mut samples) {
+        for round in 0..CALLS {
+            for turn in 0..n {
+                let i = (round + turn) % n;
                 let started = Instant::now();
-                variant.get().await;
-                samples.push(started.elapsed());
+                variants[i].get().await;
+                samples[i].push(started.elapsed());
             }
         }
     });
     let quantile = |v: &[Duration], q: f64| v[((v.len() - 1) as f64 * q) as usize];
-    println!("\nGET, 1 in flight, {flavour}: {CALLS} calls each, taking turns");
-    let mut raw_p50 = None;
-    for (variant, samples) in variants.iter().zip(&mut samples) {
-        samples.sort_unstable();
-        let (p50, p99) = (quantile(samples, 0.5), quantile(samples, 0.99));
-        let raw = *raw_p50.get_or_insert(p50);
+    println!(
+        "\nGET, 1 in flight, {flavour}: {CALLS} calls each, taking turns \
+         (overhead: median of same-round differences to raw redis-rs, 95% interval)"
+    );
+    for (variant, own) in variants.iter().zip(&samples) {
+        let mut differences: Vec<f64> = own
+            .iter()
+            .zip(&samples[0])
+            .map(|(ours, raw)| (ours.as_secs_f64() - raw.as_secs_f64()) * 1e6)
+            .collect();
+        let (overhead, low, high) = median_with_interval(&mut differences);
+        let mut sorted = own.clone();
+        sorted.sort_unstable();
         println!(
-            "  {:<36} p50 {:>7.1?}  p99 {:>7.1?}  p50 overhead {:>+6.2} µs",
+            "  {:<36} p50 {:>7.1?}  p99 {:>7.1?}  overhead {:>+6.2} µs [{:+.2}, {:+.2}]",
             variant.name(),
-            p50,
-            p99,
-            (p50.as_secs_f64() - raw.as_secs_f64()) * 1e6,
+            quantile(&sorted, 0.5),
+            quantile(&sorted, 0.99),
+            overhead,
+            low,
+            high,
         );
     }
 }
 
-/// Interleaves the variants round by round (so drift hits them alike) and prints the
-/// median throughput of each and its ratio to raw redis-rs.
+/// Interleaves the variants round by round (so drift hits them alike; the order rotates
+/// every round) and prints the median throughput of each, and its ratio to raw redis-rs:
+/// the median of its ratios to raw redis-rs in the same round, with a 95% interval.
 fn print_ratios(flavour: &str, rt: &Runtime, variants: &[Variant]) {
     const ROUNDS: usize = 31;
     let steal_before = cpu_steal();
     const BATCHES_PER_ROUND: usize = 10;
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
-    for _ in 0..ROUNDS {
-        for (i, variant) in variants.iter().enumerate() {
+    let n = variants.len();
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); n];
+    for round in 0..ROUNDS {
+        for turn in 0..n {
+            let i = (round + turn) % n;
             let started = Instant::now();
             rt.block_on(async {
                 for _ in 0..BATCHES_PER_ROUND {
-                    variant.batch().await;
+                    variants[i].batch().await;
                 }
             });
             rates[i].push((BATCH * BATCHES_PER_ROUND) as f64 / started.elapsed().as_secs_f64());
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let medians: Vec<f64> = rates.iter_mut().map(median).collect();
-    println!("\nGET, {IN_FLIGHT} in flight, {flavour}: median of {ROUNDS} interleaved rounds");
+    println!(
+        "\nGET, {IN_FLIGHT} in flight, {flavour}: {ROUNDS} interleaved rounds \
+         (ratio: median of same-round ratios to raw redis-rs, 95% interval)"
+    );
     if let (Some((s0, t0)), Some((s1, t1))) = (steal_before, cpu_steal()) {
         // Time the hypervisor gave to others: above a few percent the ratios are noise.
         println!(
@@ -251,14 +277,27 @@ fn print_ratios(flavour: &str, rt: &Runtime, variants: &[Variant]) {
             100.0 * (s1 - s0) as f64 / (t1 - t0).max(1) as f64
         );
     }
-    for (variant, rate) in variants.iter().zip(&medians) {
+    for (variant, own) in variants.iter().zip(&rates) {
+        let mut ratios: Vec<f64> = own.iter().zip(&rates[0]).map(|(o, r)| o / r).collect();
+        let (ratio, low, high) = median_with_interval(&mut ratios);
+        let (rate, _, _) = median_with_interval(&mut own.clone());
         println!(
-            "  {:<36} {:>9.0} GET/s   ratio to raw {:.3}",
+            "  {:<36} {:>9.0} GET/s   ratio to raw {ratio:.3} [{low:.3}, {high:.3}]",
             variant.name(),
             rate,
-            rate / medians[0]
         );
     }
+}
+
+/// The median of `values` and a 95% confidence interval for it, from the order
+/// statistics (distribution-free: no assumption about the shape of the noise).
+fn median_with_interval(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let half_width = 0.98 * (n as f64).sqrt();
+    let low = ((n as f64 / 2.0 - half_width).floor().max(0.0)) as usize;
+    let high = ((n as f64 / 2.0 + half_width).ceil() as usize).min(n - 1);
+    (values[n / 2], values[low], values[high])
 }
 
 /// (steal, total) jiffies from /proc/stat, where there is one.
