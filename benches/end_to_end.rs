@@ -5,14 +5,13 @@
 //!
 //! `cargo bench --bench end_to_end` prints criterion's numbers for each variant with 64
 //! requests in flight on a current-thread and a 2-worker runtime, then interleaved rounds
-//! with the throughput ratios to raw redis-rs, then the latency of one request at a time
-//! (p50, p99 and the overhead over raw redis-rs). The variants take turns in an order that
-//! rotates every round; a ratio or an overhead is the median of a variant's same-round
-//! ratios to (or differences from) raw redis-rs, with a distribution-free 95% interval.
-//! Raw redis-rs runs a second time on a connection of its own: how far it lands from the
-//! first is the offset two identical clients on two connections show, which the interval
-//! does not include. `BENCH_CRITERION_ONLY=1` skips the rounds, e.g. to profile one
-//! variant with `--profile-time`.
+//! with the throughput ratios to raw redis-rs (the order rotates every round; a ratio is
+//! the median of a variant's same-round ratios, with a distribution-free 95% interval),
+//! then the latency of one request at a time: p50, p99 and the overhead over raw
+//! redis-rs, from sessions on new connections with the variants taking turns in blocks
+//! (see `print_latency` for why). Raw redis-rs runs a second time on a connection of its
+//! own, as a noise control. `BENCH_CRITERION_ONLY=1` skips the rounds, e.g. to profile
+//! one variant with `--profile-time`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -119,40 +118,49 @@ fn get_request() -> Request {
     Request::from(cmd)
 }
 
-async fn variants(url: &str) -> Vec<Variant> {
+/// How many variants there are.
+const VARIANTS: usize = 9;
+
+/// Every variant, each on a connection of its own, in their order; the connections are
+/// opened starting from the `rotate`-th variant, so which variant has the first socket
+/// (which shows in latency) changes with `rotate`.
+async fn variants(url: &str, rotate: usize) -> Vec<Variant> {
     let client = redis::Client::open(url).unwrap();
+    let mut seed = client.get_multiplexed_async_connection().await.unwrap();
+    let () = seed.set("bench:key", vec![b'v'; 64]).await.unwrap();
+    let mut made: Vec<Option<Variant>> = vec![None; VARIANTS];
+    for turn in 0..VARIANTS {
+        let k = (rotate + turn) % VARIANTS;
+        made[k] = Some(variant(k, url, &client).await);
+    }
+    made.into_iter().map(Option::unwrap).collect()
+}
+
+/// The `k`-th variant, on a new connection.
+async fn variant(k: usize, url: &str, client: &redis::Client) -> Variant {
     // Same work as our leaf: no per-request response timer.
     let config = AsyncConnectionConfig::new().set_response_timeout(None);
-    let raw = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .unwrap();
-    let mut seed = raw.clone();
-    let () = seed.set("bench:key", vec![b'v'; 64]).await.unwrap();
-    // As users get it: its default 500 ms response timeout included.
-    let manager = ConnectionManager::new(client.clone()).await.unwrap();
+    let raw = || async {
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .unwrap()
+    };
     let resilient = || async { ResilientClient::builder(url).connect().await.unwrap() };
-    vec![
-        Variant::Raw(raw),
-        Variant::Manager(manager),
-        Variant::Leaf(RedisService::connect(url).await.unwrap()),
-        Variant::Client(Client::new(RedisService::connect(url).await.unwrap())),
-        Variant::RetryReconnect(RetryLayer::default().layer(reconnect(url).await)),
-        Variant::BreakerRetryReconnect(
+    match k {
+        0 => Variant::Raw(raw().await),
+        // As users get it: its default 500 ms response timeout included.
+        1 => Variant::Manager(ConnectionManager::new(client.clone()).await.unwrap()),
+        2 => Variant::Leaf(RedisService::connect(url).await.unwrap()),
+        3 => Variant::Client(Client::new(RedisService::connect(url).await.unwrap())),
+        4 => Variant::RetryReconnect(RetryLayer::default().layer(reconnect(url).await)),
+        5 => Variant::BreakerRetryReconnect(
             CircuitBreakerLayer::default().layer(RetryLayer::default().layer(reconnect(url).await)),
         ),
-        Variant::Resilient(resilient().await),
-        Variant::ResilientService(resilient().await),
-        // Its own connection, as every other variant has: one sharing raw redis-rs's
-        // would run right after it on a warm connection in every round, and be told
-        // apart from it by that alone.
-        Variant::RawAgain(
-            client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-                .unwrap(),
-        ),
-    ]
+        6 => Variant::Resilient(resilient().await),
+        7 => Variant::ResilientService(resilient().await),
+        _ => Variant::RawAgain(raw().await),
+    }
 }
 
 async fn reconnect(url: &str) -> Reconnect {
@@ -181,7 +189,7 @@ fn runtimes() -> Vec<(&'static str, Runtime)> {
 fn bench(c: &mut Criterion) {
     let server = RedisServer::start();
     for (flavour, rt) in runtimes() {
-        let variants = rt.block_on(variants(&server.url()));
+        let variants = rt.block_on(variants(&server.url(), 0));
         let mut group = c.benchmark_group(format!("get_64_in_flight/{flavour}"));
         group.throughput(Throughput::Elements(BATCH as u64));
         group
@@ -195,52 +203,75 @@ fn bench(c: &mut Criterion) {
         group.finish();
         if std::env::var_os("BENCH_CRITERION_ONLY").is_none() {
             print_ratios(flavour, &rt, &variants);
-            print_latency(flavour, &rt, &variants);
+            print_latency(flavour, &rt, &server.url());
         }
     }
 }
 
-/// One GET at a time, the variants taking turns call by call (so drift hits them alike;
-/// the order rotates every round, so none always follows the same neighbour); then p50
-/// and p99 of each, and its overhead over raw redis-rs: the median of the differences
-/// between its call and raw redis-rs's call of the same round, with a 95% interval.
-fn print_latency(flavour: &str, rt: &Runtime, variants: &[Variant]) {
-    const CALLS: usize = 10_000;
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(CALLS); variants.len()];
-    let mut variants = variants.to_vec();
-    let n = variants.len();
-    rt.block_on(async {
-        for round in 0..CALLS {
-            for turn in 0..n {
-                let i = (round + turn) % n;
-                let started = Instant::now();
-                variants[i].get().await;
-                samples[i].push(started.elapsed());
+/// One GET at a time: p50 and p99 of each variant, and its overhead over raw redis-rs.
+///
+/// The variants take turns in blocks of `BLOCK` calls (so drift hits them alike), and
+/// work a call leaves behind for the runtime (a timer to cancel, a task to wake) lands
+/// in its own variant's block, not in the next variant's first call. The calls are made
+/// in sessions, each on new connections opened in a rotated order, since two identical
+/// clients on two connections can land a microsecond apart for as long as the
+/// connections live. A variant's overhead is the median over sessions of its p50 minus
+/// raw redis-rs's p50 in the same session, with the smallest and largest session's.
+fn print_latency(flavour: &str, rt: &Runtime, url: &str) {
+    const SESSIONS: usize = 7;
+    const BLOCK: usize = 20;
+    const ROUNDS: usize = 100;
+    let mut all: Vec<Vec<Duration>> = vec![Vec::new(); VARIANTS];
+    let mut session_overheads: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS];
+    let mut names = Vec::new();
+    for session in 0..SESSIONS {
+        let mut variants = rt.block_on(variants(url, session));
+        names = variants.iter().map(Variant::name).collect();
+        let mut samples: Vec<Vec<Duration>> = (0..VARIANTS)
+            .map(|_| Vec::with_capacity(BLOCK * ROUNDS))
+            .collect();
+        rt.block_on(async {
+            for round in 0..ROUNDS {
+                for turn in 0..VARIANTS {
+                    let i = (round + turn) % VARIANTS;
+                    for _ in 0..BLOCK {
+                        let started = Instant::now();
+                        variants[i].get().await;
+                        samples[i].push(started.elapsed());
+                    }
+                }
             }
+        });
+        let p50s: Vec<f64> = samples
+            .iter_mut()
+            .map(|own| {
+                own.sort_unstable();
+                own[own.len() / 2].as_secs_f64() * 1e6
+            })
+            .collect();
+        for (i, own) in samples.iter().enumerate() {
+            session_overheads[i].push(p50s[i] - p50s[0]);
+            all[i].extend_from_slice(own);
         }
-    });
+    }
     let quantile = |v: &[Duration], q: f64| v[((v.len() - 1) as f64 * q) as usize];
     println!(
-        "\nGET, 1 in flight, {flavour}: {CALLS} calls each, taking turns \
-         (overhead: median of same-round differences to raw redis-rs, 95% interval)"
+        "\nGET, 1 in flight, {flavour}: {SESSIONS} sessions on new connections, {} calls \
+         each per session, in blocks of {BLOCK} taking turns (overhead: median over \
+         sessions of p50 - raw redis-rs's p50 [smallest, largest session])",
+        BLOCK * ROUNDS
     );
-    for (variant, own) in variants.iter().zip(&samples) {
-        let mut differences: Vec<f64> = own
-            .iter()
-            .zip(&samples[0])
-            .map(|(ours, raw)| (ours.as_secs_f64() - raw.as_secs_f64()) * 1e6)
-            .collect();
-        let (overhead, low, high) = median_with_interval(&mut differences);
-        let mut sorted = own.clone();
-        sorted.sort_unstable();
+    for ((name, own), overheads) in names.iter().zip(&mut all).zip(&mut session_overheads) {
+        own.sort_unstable();
+        overheads.sort_by(f64::total_cmp);
         println!(
             "  {:<36} p50 {:>7.1?}  p99 {:>7.1?}  overhead {:>+6.2} µs [{:+.2}, {:+.2}]",
-            variant.name(),
-            quantile(&sorted, 0.5),
-            quantile(&sorted, 0.99),
-            overhead,
-            low,
-            high,
+            name,
+            quantile(own, 0.5),
+            quantile(own, 0.99),
+            overheads[overheads.len() / 2],
+            overheads[0],
+            overheads[overheads.len() - 1],
         );
     }
 }
