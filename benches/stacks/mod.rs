@@ -22,41 +22,38 @@ use tower_redis_resilience::{
     trace::TraceLayer,
 };
 
-/// A leaf that answers `OK` at once.
-#[derive(Clone)]
-pub struct Memory;
+/// A leaf that answers at once with `$reply`.
+macro_rules! answering_at_once {
+    ($(#[$doc:meta])* $name:ident => $reply:expr) => {
+        $(#[$doc])*
+        #[derive(Clone)]
+        pub struct $name;
 
-impl Service<Request> for Memory {
-    type Response = Value;
-    type Error = Error;
-    type Future = Ready<Result<Value, Error>>;
+        impl Service<Request> for $name {
+            type Response = Value;
+            type Error = Error;
+            type Future = Ready<Result<Value, Error>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+                Poll::Ready(Ok(()))
+            }
 
-    fn call(&mut self, _: Request) -> Self::Future {
-        ready(Ok(Value::Okay))
-    }
+            fn call(&mut self, _: Request) -> Self::Future {
+                ready($reply)
+            }
+        }
+    };
 }
 
-/// A leaf that refuses at once, as an open breaker does: the floor a rejection is
-/// measured against (the harness and the error's own cost, with no layer).
-#[derive(Clone)]
-pub struct Refusing;
+answering_at_once! {
+    /// A leaf that answers `OK` at once.
+    Memory => Ok(Value::Okay)
+}
 
-impl Service<Request> for Refusing {
-    type Response = Value;
-    type Error = Error;
-    type Future = Ready<Result<Value, Error>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Request) -> Self::Future {
-        ready(Err(Error::circuit_open(std::time::Duration::from_secs(1))))
-    }
+answering_at_once! {
+    /// A leaf that refuses at once, as an open breaker does: the floor a rejection is
+    /// measured against (the harness and the error's own cost, with no layer).
+    Refusing => Err(Error::circuit_open(std::time::Duration::from_secs(1)))
 }
 
 /// A leaf whose answer is not ready at the first poll, as a network call's never is: the
