@@ -20,11 +20,11 @@ use crate::{Error, Request, backoff::ExponentialBackoff, sync::Leased};
 
 /// What the services of one `layer` call share, leased by each call's future: one lease
 /// gives it both the settings and the spare inner service it clones to retry.
-pub(crate) struct Shared<S> {
+struct Shared<S> {
     /// Cloned by calls that retry. In a mutex only so that a service that is `Send` but
     /// not `Sync` still makes `Send` futures; it is locked only to retry.
-    pub(crate) spare: Mutex<S>,
-    pub(crate) settings: Arc<Settings>,
+    spare: Mutex<S>,
+    settings: Arc<Settings>,
 }
 
 /// Retries calls that failed as [unavailable](Error::is_unavailable) when sending them
