@@ -49,6 +49,9 @@ enum Variant {
     BreakerRetryReconnect(CircuitBreaker<Retry<Reconnect>>),
     Resilient(ResilientClient),
     ResilientService(ResilientClient),
+    /// The builder's stack with two layers removed (switched off in place), as a tower
+    /// `Service`: removing layers should cost nothing.
+    Trimmed(ResilientClient),
     /// Raw redis-rs again, last in each round: how far apart two runs of the same code
     /// land, the noise the other ratios carry.
     RawAgain(MultiplexedConnection),
@@ -65,6 +68,7 @@ impl Variant {
             Variant::BreakerRetryReconnect(_) => "CircuitBreaker<Retry<Reconnect>>",
             Variant::Resilient(_) => "ResilientClient (AsyncCommands)",
             Variant::ResilientService(_) => "ResilientClient (tower Service)",
+            Variant::Trimmed(_) => "ResilientClient w/o fallback, trace",
             Variant::RawAgain(_) => "raw redis-rs again (noise control)",
         }
     }
@@ -85,7 +89,9 @@ impl Variant {
             Variant::RetryReconnect(service) => get_through(service).await,
             Variant::BreakerRetryReconnect(service) => get_through(service).await,
             Variant::Resilient(client) => client.get("bench:key").await.unwrap(),
-            Variant::ResilientService(service) => get_through(service).await,
+            Variant::ResilientService(service) | Variant::Trimmed(service) => {
+                get_through(service).await
+            }
         };
         assert!(value.is_some());
     }
@@ -119,7 +125,7 @@ fn get_request() -> Request {
 }
 
 /// How many variants there are.
-const VARIANTS: usize = 9;
+const VARIANTS: usize = 10;
 
 /// Every variant, each on a connection of its own, in their order; the connections are
 /// opened starting from the `rotate`-th variant, so which variant has the first socket
@@ -159,6 +165,14 @@ async fn variant(k: usize, url: &str, client: &redis::Client) -> Variant {
         ),
         6 => Variant::Resilient(resilient().await),
         7 => Variant::ResilientService(resilient().await),
+        8 => Variant::Trimmed(
+            ResilientClient::builder(url)
+                .without_fallback()
+                .without_trace()
+                .connect()
+                .await
+                .unwrap(),
+        ),
         _ => Variant::RawAgain(raw().await),
     }
 }

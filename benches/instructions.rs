@@ -34,7 +34,7 @@ const VARIANTS: &[&str] = &[
     "Fallback",
     "Trace (span disabled)",
     "full stack",
-    "full stack, optional layers, boxed",
+    "full stack, option_layer, boxed",
 ];
 
 const FEW: u64 = 2_000;
@@ -120,7 +120,7 @@ fn child(variant: &str, calls: u64) {
                 "full stack" => {
                     run(full_stack(reconnect, CircuitBreakerLayer::default()), calls).await
                 }
-                "full stack, optional layers, boxed" => run(built_stack(reconnect), calls).await,
+                "full stack, option_layer, boxed" => run(built_stack(reconnect), calls).await,
                 other => panic!("no variant {other:?}"),
             }
         })

@@ -199,8 +199,8 @@ fn layers(c: &mut Criterion) {
         MetricsLayer::new().layer(TimeoutLayer::default().layer(Memory)),
     );
 
-    // The whole default stack, as the builder makes it: concrete, and boxed as
-    // `ResilientClient` holds it.
+    // The whole default stack, as the builder makes it (concrete), and boxed (as a
+    // `BoxCloneSyncService` user holds it).
     let waiting_reconnect = rt.block_on(reconnect_over(LeafConnector(Waiting)));
     bench_one(
         c,
@@ -355,7 +355,7 @@ fn in_runtime(c: &mut Criterion) {
     bench_in_runtime(
         c,
         &rt,
-        "in runtime/full stack, optional layers, boxed",
+        "in runtime/full stack, option_layer, boxed",
         built_stack(reconnect),
     );
 }

@@ -133,8 +133,10 @@ where
         .service(redis)
 }
 
-/// [`full_stack`] as `ResilientClient` holds it when a layer was removed: every layer
-/// optional (`Either`), boxed. (With every layer present it holds [`full_stack`].)
+/// [`full_stack`] as a hand-built stack whose layers are chosen at run time gets it with
+/// `ServiceBuilder::option_layer`: every layer an `Either`, boxed to one type.
+/// (`ResilientClient` always holds [`full_stack`]: a layer removed there is switched off
+/// in place.)
 pub fn built_stack<S>(redis: S) -> BoxCloneSyncService<Request, Value, Error>
 where
     S: Service<Request, Response = Value, Error = Error> + Clone + Send + Sync + 'static,

@@ -157,6 +157,17 @@ impl CircuitBreakerLayer {
     }
 }
 
+impl CircuitBreakerLayer {
+    /// A breaker that is disabled from the start: it lets every call through and records
+    /// nothing. What the builder puts in place of a removed breaker, so the stack keeps
+    /// one type.
+    pub(crate) fn off() -> Self {
+        CircuitBreakerLayer {
+            shared: Shared::disabled(CircuitBreakerConfig::default()),
+        }
+    }
+}
+
 impl Default for CircuitBreakerLayer {
     /// The [default settings](CircuitBreakerConfig), which are always valid.
     fn default() -> Self {

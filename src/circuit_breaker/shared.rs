@@ -106,10 +106,19 @@ struct Control {
 impl Shared {
     /// A breaker in its owner, shared by the services: calls lease it.
     pub(super) fn new(config: CircuitBreakerConfig) -> Arc<Leased<Shared>> {
-        Arc::new_cyclic(|this| Leased::new(Shared::with_owner(config, this.clone())))
+        Shared::starting(config, CLOSED)
     }
 
-    fn with_owner(config: CircuitBreakerConfig, this: Weak<Leased<Shared>>) -> Shared {
+    /// A breaker disabled from the start (no transition logged or published).
+    pub(super) fn disabled(config: CircuitBreakerConfig) -> Arc<Leased<Shared>> {
+        Shared::starting(config, DISABLED)
+    }
+
+    fn starting(config: CircuitBreakerConfig, state: u64) -> Arc<Leased<Shared>> {
+        Arc::new_cyclic(|this| Leased::new(Shared::with_owner(config, this.clone(), state)))
+    }
+
+    fn with_owner(config: CircuitBreakerConfig, this: Weak<Leased<Shared>>, state: u64) -> Shared {
         let origin = Instant::now();
         let window = Window::new(config.window, origin);
         let minimum_calls =
@@ -119,7 +128,7 @@ impl Shared {
         Shared {
             probe_failures_to_open: needed(config.failure_rate_threshold),
             probe_slow_to_open: needed(config.slow_call_rate_threshold),
-            state: Padded(AtomicU64::new(CLOSED)),
+            state: Padded(AtomicU64::new(state)),
             window,
             minimum_calls,
             probes_taken: AtomicU32::new(0),
@@ -127,7 +136,7 @@ impl Shared {
             open_until: AtomicU64::new(0),
             origin,
             control: Mutex::new(Control::default()),
-            states: watch::channel(BreakerState::Closed).0,
+            states: watch::channel(public(state)).0,
             this,
             config,
         }

@@ -802,3 +802,17 @@ async fn agrees_with_a_reference_model_on_random_histories() {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_switched_off_lets_every_call_through_and_never_opens() {
+    let layer = CircuitBreakerLayer::off();
+    assert_eq!(*layer.subscribe().borrow(), BreakerState::Disabled);
+    let leaf = Leaf::default();
+    let mut service = layer.layer(leaf.clone());
+    for _ in 0..100 {
+        let error = send(&mut service, "fail", 0).await.unwrap_err();
+        assert!(error.is_unavailable());
+    }
+    assert_eq!(leaf.calls(), 100);
+    assert_eq!(layer.state(), BreakerState::Disabled);
+}

@@ -1,6 +1,6 @@
 use std::{sync::Arc, time::Duration};
 
-use tower::{ServiceBuilder, util::BoxCloneSyncService};
+use tower::ServiceBuilder;
 
 use super::{ResilientClient, ResilientStack, resilient::Parts};
 use crate::{
@@ -226,47 +226,23 @@ impl ResilientClientBuilder {
         let retry = self.retry.resolve(RetryLayer::default);
         let db = connector.connection_info().redis_settings().db();
 
-        let layers = (
-            fallback.clone(),
-            registry.clone(),
-            trace,
-            breaker.clone(),
-            timeout.clone(),
-            retry.clone(),
-        );
-        let stack = match layers {
-            (
-                Some(fallback),
-                Some(registry),
-                Some(trace),
-                Some(breaker),
-                Some(timeout),
-                Some(retry),
-            ) => ResilientStack::full(
-                ServiceBuilder::new()
-                    .layer(fallback)
-                    .layer(MetricsLayer::with_registry(registry))
-                    .layer(trace)
-                    .layer(breaker)
-                    .layer(timeout)
-                    .layer(retry)
-                    .service(redis.clone()),
-            ),
-            (fallback, registry, trace, breaker, timeout, retry) => {
-                ResilientStack::custom(BoxCloneSyncService::new(
-                    ServiceBuilder::new()
-                        .option_layer(fallback)
-                        .option_layer(registry.map(MetricsLayer::with_registry))
-                        .option_layer(trace)
-                        .option_layer(breaker)
-                        .option_layer(timeout)
-                        .option_layer(retry)
-                        .service(redis.clone()),
-                ))
-            }
-        };
+        // A removed layer is replaced by the same layer switched off (it passes calls
+        // through), so every client holds the one concrete stack: no allocation or
+        // dynamic dispatch per call, and removing a layer never costs more than keeping it.
+        let stack = ServiceBuilder::new()
+            .layer(fallback.clone().unwrap_or_else(FallbackLayer::off))
+            .layer(
+                registry
+                    .clone()
+                    .map_or_else(MetricsLayer::off, MetricsLayer::with_registry),
+            )
+            .layer(trace.unwrap_or_else(TraceLayer::off))
+            .layer(breaker.clone().unwrap_or_else(CircuitBreakerLayer::off))
+            .layer(timeout.clone().unwrap_or_else(TimeoutLayer::off))
+            .layer(retry.clone().unwrap_or_else(RetryLayer::off))
+            .service(redis.clone());
         Ok(ResilientClient {
-            client: Client::new(stack).with_db(db),
+            client: Client::new(ResilientStack::new(stack)).with_db(db),
             parts: Arc::new(Parts {
                 redis,
                 breaker,

@@ -108,6 +108,8 @@ pub struct FallbackLayer {
 #[derive(Clone)]
 pub(super) struct Settings {
     pub(super) policy: FallbackPolicy,
+    /// False for a layer that stands in for a removed one: it answers for nothing.
+    pub(super) on: bool,
     registry: Option<Registry>,
     warn_every: Duration,
 }
@@ -183,6 +185,7 @@ impl FallbackLayer {
         FallbackLayer {
             shared: Shared::create(Settings {
                 policy,
+                on: true,
                 registry: None,
                 warn_every: Duration::from_secs(10),
             }),
@@ -219,6 +222,14 @@ impl FallbackLayer {
         FallbackLayer {
             shared: Shared::create(settings),
         }
+    }
+}
+
+impl FallbackLayer {
+    /// A layer that answers for no call: every result passes through untouched. What the
+    /// builder puts in place of a removed fallback, so the stack keeps one type.
+    pub(crate) fn off() -> Self {
+        FallbackLayer::default().configure(|settings| settings.on = false)
     }
 }
 

@@ -39,7 +39,12 @@ where
 
     #[inline]
     fn call(&mut self, request: Request) -> Self::Future {
-        let plan = Plan::for_request(&self.shared.settings.policy, &request);
+        let settings = &self.shared.settings;
+        let plan = if settings.on {
+            Plan::for_request(&settings.policy, &request)
+        } else {
+            None
+        };
         let fallback = plan.map(|plan| (self.shared.key, plan));
         ResponseFuture::new(self.inner.call(request), fallback)
     }

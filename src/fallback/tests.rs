@@ -188,3 +188,14 @@ async fn an_outage_warns_once_per_period_with_the_count_not_once_per_call() {
     assert_eq!(warnings[0].fields["last_command"], "GET");
     assert_eq!(fallback.fallbacks(), 1000);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_layer_switched_off_answers_for_nothing() {
+    let fallback = FallbackLayer::off();
+    let mut service = fallback.layer(Leaf::default());
+    let error = call(&mut service, command("GET", "fail", 0))
+        .await
+        .unwrap_err();
+    assert!(error.is_unavailable());
+    assert_eq!(fallback.fallbacks(), 0);
+}

@@ -44,10 +44,18 @@ use super::{Metrics, Registry, Snapshot};
 /// assert_eq!(snapshot.overall.calls(), 1);
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone)]
 #[must_use]
 pub struct MetricsLayer {
     registry: Registry,
+    /// False for a layer that stands in for a removed one: it records nothing.
+    on: bool,
+}
+
+impl Default for MetricsLayer {
+    fn default() -> Self {
+        MetricsLayer::with_registry(Registry::default())
+    }
 }
 
 impl MetricsLayer {
@@ -59,7 +67,16 @@ impl MetricsLayer {
     /// A layer recording into `registry`, shared with whoever else holds it (a
     /// [fallback layer](crate::fallback::FallbackLayer), a second stack).
     pub fn with_registry(registry: Registry) -> Self {
-        MetricsLayer { registry }
+        MetricsLayer { registry, on: true }
+    }
+
+    /// A layer that records nothing. What the builder puts in place of removed metrics,
+    /// so the stack keeps one type.
+    pub(crate) fn off() -> Self {
+        MetricsLayer {
+            on: false,
+            ..MetricsLayer::default()
+        }
     }
 
     /// The registry this layer records into.
@@ -80,6 +97,7 @@ impl<S> Layer<S> for MetricsLayer {
         Metrics {
             inner,
             registry: self.registry.clone(),
+            on: self.on,
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::{Error, Request};
 pub struct Metrics<S> {
     inner: S,
     registry: Registry,
+    on: bool,
 }
 
 impl<S> Service<Request> for Metrics<S>
@@ -43,10 +44,13 @@ where
 
     #[inline]
     fn call(&mut self, mut request: Request) -> Self::Future {
-        let recorder = self
-            .registry
-            .slot(request.info().name())
-            .map(|slot| Recorder::new(self.registry.lease(), slot, request.start()));
+        let recorder = if self.on {
+            self.registry
+                .slot(request.info().name())
+                .map(|slot| Recorder::new(self.registry.lease(), slot, request.start()))
+        } else {
+            None
+        };
         ResponseFuture::new(self.inner.call(request), recorder)
     }
 }

@@ -167,3 +167,15 @@ fn successes_recorded_from_many_threads_are_all_counted() {
     assert_eq!(get.latency.mean, Duration::from_nanos(mean));
     assert_eq!(snapshot.overall.count(Outcome::Ok), 100 * threads);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_layer_switched_off_records_nothing() {
+    let metrics = MetricsLayer::off();
+    let mut service = metrics.layer(Leaf::default());
+    call(&mut service, command("GET", "ok", 5)).await.unwrap();
+    call(&mut service, command("GET", "fail", 5))
+        .await
+        .unwrap_err();
+    assert_eq!(metrics.snapshot().overall.calls(), 0);
+    assert!(metrics.snapshot().command("GET").is_none());
+}

@@ -19,14 +19,20 @@ use crate::{Error, Request, backoff::Delays, sync::Lease};
 pub struct ResponseFuture<S: Service<Request>> {
     #[pin]
     state: State<S::Future>,
-    request: Request,
-    shared: Lease<Shared<S>>,
+    /// What a retry needs; `None` when the layer never retries (it stands in for a
+    /// removed one).
+    retry: Option<Retrying<S>>,
     /// Cloned from the shared spare on the first retry (boxed: most calls never retry,
     /// and every layer above moves this future).
     service: Option<Box<S>>,
     retries: u32,
     /// Made on the first retry; most calls never need one.
     delays: Option<Box<Delays>>,
+}
+
+struct Retrying<S> {
+    request: Request,
+    shared: Lease<Shared<S>>,
 }
 
 #[pin_project(project = StateProj)]
@@ -42,11 +48,10 @@ enum State<F> {
 }
 
 impl<S: Service<Request>> ResponseFuture<S> {
-    pub(super) fn new(future: S::Future, request: Request, shared: Lease<Shared<S>>) -> Self {
+    pub(super) fn new(future: S::Future, retry: Option<(Request, Lease<Shared<S>>)>) -> Self {
         ResponseFuture {
             state: State::Called { future },
-            request,
-            shared,
+            retry: retry.map(|(request, shared)| Retrying { request, shared }),
             service: None,
             retries: 0,
             delays: None,
@@ -66,17 +71,14 @@ where
             match this.state.project() {
                 StateProj::Called { future } => {
                     let result = ready!(future.poll(cx));
-                    let Err(error) = &result else {
+                    let (Err(error), Some(Retrying { request, shared })) = (&result, &this.retry)
+                    else {
                         return Poll::Ready(result);
                     };
-                    if !this
-                        .shared
-                        .settings
-                        .allows_retry(this.request, error, *this.retries)
-                    {
+                    if !shared.settings.allows_retry(request, error, *this.retries) {
                         return Poll::Ready(result);
                     }
-                    let settings = &this.shared.settings;
+                    let settings = &shared.settings;
                     let delays = this
                         .delays
                         .get_or_insert_with(|| Box::new(settings.backoff.iter()));
@@ -85,7 +87,7 @@ where
                     };
                     *this.retries += 1;
                     tracing::debug!(
-                        command = this.request.info().name(),
+                        command = request.info().name(),
                         retry = *this.retries,
                         ?delay,
                         %error,
@@ -99,12 +101,16 @@ where
                     self.as_mut().project().state.set(State::Readying);
                 }
                 StateProj::Readying => {
-                    let spare = &this.shared.spare;
+                    // Only a call that can retry gets here.
+                    let Some(Retrying { request, shared }) = &this.retry else {
+                        return Poll::Ready(Err(Error::unavailable("retry without a request")));
+                    };
+                    let spare = &shared.spare;
                     let service = this.service.get_or_insert_with(|| {
                         Box::new(spare.lock().unwrap_or_else(PoisonError::into_inner).clone())
                     });
                     ready!(service.poll_ready(cx))?;
-                    let future = service.call(this.request.clone());
+                    let future = service.call(request.clone());
                     self.as_mut().project().state.set(State::Called { future });
                 }
             }

@@ -59,6 +59,9 @@ pub(crate) struct Settings {
     max_retries: u32,
     backoff: ExponentialBackoff,
     budget: RetryBudget,
+    /// False for a layer that stands in for a removed one: calls pass through, with
+    /// nothing kept to retry them and nothing paid into the budget.
+    on: bool,
 }
 
 impl Settings {
@@ -73,11 +76,20 @@ impl Settings {
 
 impl Default for RetryLayer {
     fn default() -> Self {
-        RetryLayer::new(
-            2,
-            ExponentialBackoff::new(Duration::from_millis(10), Duration::from_millis(100)),
-            RetryBudget::new(0.2, 10),
-        )
+        RetryLayer {
+            settings: Arc::new(Settings::default()),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_retries: 2,
+            backoff: ExponentialBackoff::new(Duration::from_millis(10), Duration::from_millis(100)),
+            budget: RetryBudget::new(0.2, 10),
+            on: true,
+        }
     }
 }
 
@@ -89,6 +101,18 @@ impl RetryLayer {
                 max_retries,
                 backoff,
                 budget,
+                on: true,
+            }),
+        }
+    }
+
+    /// A layer that never retries: calls pass through. What the builder puts in place
+    /// of a removed retry layer, so the stack keeps one type.
+    pub(crate) fn off() -> Self {
+        RetryLayer {
+            settings: Arc::new(Settings {
+                on: false,
+                ..Settings::default()
             }),
         }
     }
@@ -148,9 +172,13 @@ where
     }
 
     fn call(&mut self, request: Request) -> ResponseFuture<S> {
-        self.shared.settings.budget.deposit();
+        let settings = &self.shared.settings;
+        if !settings.on {
+            return ResponseFuture::new(self.inner.call(request), None);
+        }
+        settings.budget.deposit();
         let future = self.inner.call(request.clone());
-        ResponseFuture::new(future, request, self.shared.lease())
+        ResponseFuture::new(future, Some((request, self.shared.lease())))
     }
 }
 

@@ -196,3 +196,19 @@ async fn every_call_through_one_service_earns_the_budget_a_deposit() {
         "ten calls at 0.5 refill the one-retry reserve"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_layer_switched_off_never_retries_and_keeps_the_budget_as_it_was() {
+    let script = Script::new(vec![Err(not_sent()), Ok(Value::Int(7))]);
+    let layer = RetryLayer::off();
+    let budget = layer.budget_available();
+    let mut service = layer.layer(script.clone());
+    let err = send(&mut service, &["GET", "k"]).await.unwrap_err();
+    assert!(err.is_unavailable());
+    assert_eq!(
+        script.calls(),
+        1,
+        "the same call is retried by a layer that is on"
+    );
+    assert_eq!(layer.budget_available(), budget);
+}

@@ -59,6 +59,8 @@ pub(crate) struct Deadlines {
     blocking_cap: Option<Duration>,
     /// Few, so a scan beats a map; names are canonical.
     overrides: Vec<(&'static str, Duration)>,
+    /// False for a layer that stands in for a removed one: no call has a deadline.
+    on: bool,
 }
 
 /// The default deadline: for a cache, an answer later than this is worse than a miss,
@@ -69,6 +71,9 @@ impl Deadlines {
     /// The deadline of a request; `None` when it has none.
     #[inline]
     pub(crate) fn for_request(&self, request: &Request) -> Option<Duration> {
+        if !self.on {
+            return None;
+        }
         let info = request.info();
         if !self.overrides.is_empty()
             && let Some((_, limit)) = self.overrides.iter().find(|(name, _)| *name == info.name())
@@ -109,9 +114,18 @@ impl TimeoutLayer {
                 blocking_grace: None,
                 blocking_cap: None,
                 overrides: Vec::new(),
+                on: true,
             }),
             timer: Timer::default(),
         }
+    }
+
+    /// A layer that gives no call a deadline. What the builder puts in place of a
+    /// removed timeout, so the stack keeps one type.
+    pub(crate) fn off() -> Self {
+        let mut layer = TimeoutLayer::default();
+        Arc::make_mut(&mut layer.deadlines).on = false;
+        layer
     }
 
     /// The deadline for every request named `command` (`"KEYS"`, `"config get"`,

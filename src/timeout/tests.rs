@@ -351,3 +351,11 @@ async fn calls_keep_their_deadline_after_the_layer_is_dropped_and_the_driver_the
     }
     assert_eq!(alive(), 0, "the driver stopped");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_layer_switched_off_gives_no_call_a_deadline() {
+    let mut service = timeouts(TimeoutLayer::off());
+    let (result, took) = timed(&mut service, command("GET", "ok", 5_000)).await;
+    assert_eq!(result.unwrap(), Value::Okay);
+    assert_eq!(took, 5_000 * MS);
+}

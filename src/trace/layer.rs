@@ -60,6 +60,8 @@ pub(crate) struct Settings {
     /// `Some(n)`: record at most n bytes of arguments.
     arguments: Option<usize>,
     pub(super) slow_call: Option<Duration>,
+    /// False for a layer that stands in for a removed one: it makes no span.
+    on: bool,
 }
 
 impl Default for Settings {
@@ -71,6 +73,7 @@ impl Default for Settings {
             db: None,
             arguments: None,
             slow_call: None,
+            on: true,
         }
     }
 }
@@ -105,9 +108,10 @@ impl Settings {
     /// reported.
     #[inline]
     pub(super) fn may_trace(&self) -> bool {
-        self.slow_call.is_some()
-            || (self.level <= tracing::level_filters::STATIC_MAX_LEVEL
-                && self.level <= tracing::level_filters::LevelFilter::current())
+        self.on
+            && (self.slow_call.is_some()
+                || (self.level <= tracing::level_filters::STATIC_MAX_LEVEL
+                    && self.level <= tracing::level_filters::LevelFilter::current()))
     }
 
     #[inline]
@@ -186,6 +190,17 @@ impl TraceLayer {
     /// Spans at `DEBUG` with no server attributes; see [`for_connector`](Self::for_connector).
     pub fn new() -> Self {
         TraceLayer::default()
+    }
+
+    /// A layer that makes no span and reports no slow call. What the builder puts in
+    /// place of a removed trace layer, so the stack keeps one type.
+    pub(crate) fn off() -> Self {
+        TraceLayer {
+            settings: Arc::new(Settings {
+                on: false,
+                ..Settings::default()
+            }),
+        }
     }
 
     /// Spans carrying `server.address`, `server.port` and `db.namespace` from the

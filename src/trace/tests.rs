@@ -156,3 +156,19 @@ async fn the_level_is_configurable() {
     call(&mut service, command("GET", "ok", 0)).await.unwrap();
     assert_eq!(capture.spans()[0].level, tracing::Level::INFO);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_layer_switched_off_makes_no_span() {
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let mut on = TraceLayer::new().layer(Leaf::default());
+    call(&mut on, command("GET", "ok", 5)).await.unwrap();
+    assert_eq!(capture.spans().len(), 1, "the same call, traced");
+    let mut off = TraceLayer::off().layer(Leaf::default());
+    call(&mut off, command("GET", "ok", 5)).await.unwrap();
+    assert_eq!(
+        capture.spans().len(),
+        1,
+        "no span from the layer switched off"
+    );
+}
