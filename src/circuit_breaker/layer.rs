@@ -155,9 +155,7 @@ impl CircuitBreakerLayer {
         ));
         Ok(())
     }
-}
 
-impl CircuitBreakerLayer {
     /// A breaker that is disabled from the start: it lets every call through and records
     /// nothing. What the builder puts in place of a removed breaker, so the stack keeps
     /// one type.

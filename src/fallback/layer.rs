@@ -223,9 +223,7 @@ impl FallbackLayer {
             shared: Shared::create(settings),
         }
     }
-}
 
-impl FallbackLayer {
     /// A layer that answers for no call: every result passes through untouched. What the
     /// builder puts in place of a removed fallback, so the stack keeps one type.
     pub(crate) fn off() -> Self {
