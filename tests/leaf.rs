@@ -461,3 +461,28 @@ async fn debug_of_services_never_shows_the_password() {
         assert!(shown.contains(&server.port().to_string()), "{shown}");
     }
 }
+
+#[tokio::test]
+async fn a_dropped_service_closes_its_connection_though_its_calls_boxes_are_kept() {
+    let server = RedisServer::start();
+    let clients = || {
+        server
+            .info_field("connected_clients")
+            .parse::<u32>()
+            .unwrap()
+    };
+    // The INFO connection counts itself.
+    assert_eq!(clients(), 1);
+    let mut redis = RedisService::connect(&server.url()).await.unwrap();
+    for _ in 0..5 {
+        call(&mut redis, cmd(&["GET", "k"])).await.unwrap();
+    }
+    // A call dropped while it waits holds the connection in its box until then.
+    let mut waiting = Box::pin(redis.call(cmd(&["BLPOP", "empty", "5"])));
+    assert!(futures::poll!(waiting.as_mut()).is_pending());
+    assert_eq!(clients(), 2);
+
+    drop(waiting);
+    drop(redis);
+    support::eventually(Duration::from_secs(5), async || clients() == 1).await;
+}

@@ -6,19 +6,22 @@ use std::{
 
 use redis::Value;
 
+use super::{Job, slots};
 use crate::Error;
 
 /// The future of [`RedisService`](super::RedisService): redis-rs's future for the request,
-/// boxed once because it borrows the command it sends.
+/// on the heap because it borrows the command it sends (in a box reused from an earlier
+/// call on the same thread when there is one).
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture {
-    inner: Pin<Box<dyn Future<Output = Result<Value, Error>> + Send>>,
+    /// `None` only while dropping.
+    slot: Option<slots::Slot>,
 }
 
 impl ResponseFuture {
-    pub(super) fn new(inner: impl Future<Output = Result<Value, Error>> + Send + 'static) -> Self {
+    pub(super) fn new(job: Job) -> Self {
         ResponseFuture {
-            inner: Box::pin(inner),
+            slot: Some(slots::take(job)),
         }
     }
 }
@@ -27,7 +30,20 @@ impl Future for ResponseFuture {
     type Output = Result<Value, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
+        match &mut self.slot {
+            Some(slot) => slot.as_mut().poll_job(cx),
+            None => Poll::Ready(Err(Error::unavailable(
+                "response future polled after completion",
+            ))),
+        }
+    }
+}
+
+impl Drop for ResponseFuture {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            slots::give_back(slot);
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The leaf service: one redis-rs multiplexed connection as a `tower::Service`.
 
 mod future;
+mod slots;
 
 pub use future::ResponseFuture;
 
@@ -102,24 +103,38 @@ impl Service<Request> for RedisService {
     }
 
     fn call(&mut self, request: Request) -> ResponseFuture {
-        let mut connection = self.inner.connection.clone();
-        let name = request.info().name();
-        match request.into_body() {
-            Body::Cmd(cmd) => ResponseFuture::new(async move {
-                match connection.send_packed_command(&cmd).await {
-                    Ok(Value::ServerError(err)) => Err(Error::from_server_error(err)),
-                    Ok(value) => Ok(value),
-                    Err(err) => Err(Error::from_request(err)),
-                }
-                .map_err(|err| err.with_command(name))
-            }),
-            Body::Pipeline(pipeline) => ResponseFuture::new(async move {
-                send_pipeline(&mut connection, &pipeline)
-                    .await
-                    .map_err(|err| err.with_command(name))
-            }),
-        }
+        ResponseFuture::new(Job {
+            connection: self.inner.connection.clone(),
+            name: request.info().name(),
+            body: request.into_body(),
+        })
     }
+}
+
+/// What one call sends, on which connection.
+struct Job {
+    connection: MultiplexedConnection,
+    body: Body,
+    name: &'static str,
+}
+
+/// One call's work: a plain function, so its future has one type and a finished call's
+/// box can hold the next call's future (see `slots`).
+async fn send(job: Job) -> Result<Value, Error> {
+    let Job {
+        mut connection,
+        body,
+        name,
+    } = job;
+    match body {
+        Body::Cmd(cmd) => match connection.send_packed_command(&cmd).await {
+            Ok(Value::ServerError(err)) => Err(Error::from_server_error(err)),
+            Ok(value) => Ok(value),
+            Err(err) => Err(Error::from_request(err)),
+        },
+        Body::Pipeline(pipeline) => send_pipeline(&mut connection, &pipeline).await,
+    }
+    .map_err(|err| err.with_command(name))
 }
 
 async fn send_pipeline(
