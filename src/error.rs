@@ -279,6 +279,11 @@ impl Error {
         )
     }
 
+    /// What a response future answers if polled again after it answered.
+    pub(crate) fn polled_after_completion() -> Self {
+        Error::unavailable("response future polled after completion")
+    }
+
     /// A rejection by a breaker forced open by hand.
     pub(crate) fn circuit_forced_open() -> Self {
         Error::new(

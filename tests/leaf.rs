@@ -486,3 +486,16 @@ async fn a_dropped_service_closes_its_connection_though_its_calls_boxes_are_kept
     drop(redis);
     support::eventually(Duration::from_secs(5), async || clients() == 1).await;
 }
+
+#[tokio::test]
+async fn a_call_polled_again_after_it_answered_gets_an_error_not_a_panic() {
+    let server = RedisServer::start();
+    let mut redis = RedisService::connect(&server.url()).await.unwrap();
+    let mut get = Box::pin(redis.call(cmd(&["GET", "k"])));
+    assert_eq!(get.as_mut().await.unwrap(), Value::Nil);
+
+    let std::task::Poll::Ready(again) = futures::poll!(get.as_mut()) else {
+        panic!("answers at once");
+    };
+    assert!(again.unwrap_err().is_unavailable());
+}

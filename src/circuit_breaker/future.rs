@@ -74,7 +74,7 @@ where
             }),
             KindProj::Rejected { error } => Poll::Ready(Err(error
                 .take()
-                .unwrap_or_else(|| Error::unavailable("response future polled after completion")))),
+                .unwrap_or_else(Error::polled_after_completion))),
         }
     }
 }

@@ -75,7 +75,7 @@ where
             }
             KindProj::Rejected { rejection } => Poll::Ready(Err(match rejection.take() {
                 Some((shared, command)) => shared.rejection().with_command(command),
-                None => Error::unavailable("response future polled after completion"),
+                None => Error::polled_after_completion(),
             })),
             KindProj::Wait { inner } => inner.as_mut().poll(cx),
         }

@@ -32,9 +32,7 @@ impl Future for ResponseFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.slot {
             Some(slot) => slot.as_mut().poll_job(cx),
-            None => Poll::Ready(Err(Error::unavailable(
-                "response future polled after completion",
-            ))),
+            None => Poll::Ready(Err(Error::polled_after_completion())),
         }
     }
 }

@@ -85,12 +85,14 @@ where
     }
 
     fn poll_job(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Value, Error>> {
-        match self.project().future.as_pin_mut() {
-            Some(future) => future.poll(cx),
-            None => Poll::Ready(Err(Error::unavailable(
-                "response future polled after completion",
-            ))),
-        }
+        let mut future = self.project().future;
+        let Some(running) = future.as_mut().as_pin_mut() else {
+            return Poll::Ready(Err(Error::polled_after_completion()));
+        };
+        let answer = std::task::ready!(running.poll(cx));
+        // A finished `async fn` must not be polled again; an empty slot answers an error.
+        future.set(None);
+        Poll::Ready(answer)
     }
 
     fn clear(self: Pin<&mut Self>) {
