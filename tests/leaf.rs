@@ -499,3 +499,33 @@ async fn a_call_polled_again_after_it_answered_gets_an_error_not_a_panic() {
     };
     assert!(again.unwrap_err().is_unavailable());
 }
+
+/// Calls finish on one thread and start on another, so each thread's spare boxes go
+/// round: every reply must still be its own call's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_on_many_threads_each_get_their_own_reply() {
+    let server = RedisServer::start();
+    let redis = RedisService::connect(&server.url()).await.unwrap();
+    let tasks: Vec<_> = (0..32)
+        .map(|task| {
+            let mut redis = redis.clone();
+            tokio::spawn(async move {
+                for round in 0..50 {
+                    let key = format!("k{task}");
+                    let value = format!("{task}:{round}");
+                    let set = call(&mut redis, cmd(&["SET", &key, &value]));
+                    assert_eq!(set.await.unwrap(), Value::Okay);
+                    // Dropped before it answers, now and then: its box must come back empty.
+                    if round % 7 == 0 {
+                        drop(redis.call(cmd(&["GET", &key])));
+                    }
+                    let got = call(&mut redis, cmd(&["GET", &key])).await.unwrap();
+                    assert_eq!(got, bulk(&value));
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
