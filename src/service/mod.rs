@@ -26,6 +26,10 @@ use crate::{Connector, Error, Request, request::Body};
 /// `Err`, classified: `WRONGTYPE` is a [server](Error::is_server) error, `LOADING` is
 /// unavailable. A pipeline answers `Value::Array`; see [`Request`].
 ///
+/// A call's future lives in a heap box (redis-rs's request future, ~1.3 KiB). A finished
+/// call's box is kept, emptied, for the next call on the same thread: each thread keeps
+/// at most 64 (~85 KiB), so calls do not allocate it once a thread has some.
+///
 /// ```no_run
 /// use tower::{Service, ServiceExt};
 /// use tower_redis_resilience::{RedisService, Request};
