@@ -68,15 +68,19 @@ pub(super) trait Reusable: Send {
     fn clear(self: Pin<&mut Self>);
 }
 
+/// `make` is the function itself (a type of no size), not a pointer to it, so that
+/// `start` can inline it and write the new future's few initial fields in place rather
+/// than build all ~1.3 KiB aside and copy them in.
 #[pin_project]
-struct Holder<F> {
+struct Holder<M, F> {
     #[pin]
     future: Option<F>,
-    make: fn(Job) -> F,
+    make: M,
 }
 
-impl<F> Reusable for Holder<F>
+impl<M, F> Reusable for Holder<M, F>
 where
+    M: Fn(Job) -> F + Send,
     F: Future<Output = Result<Value, Error>> + Send,
 {
     fn start(self: Pin<&mut Self>, job: Job) {
