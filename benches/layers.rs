@@ -22,7 +22,7 @@ use stacks::{
 use tokio::runtime::{Builder, Runtime};
 use tower::{Layer, Service, ServiceExt, util::BoxCloneSyncService};
 use tower_redis_resilience::{
-    Error, Request,
+    CommandInfo, Error, Request,
     circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer},
     fallback::FallbackLayer,
     metrics::MetricsLayer,
@@ -360,5 +360,40 @@ fn in_runtime(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, layers, two_threads, in_runtime);
+/// What describing a request costs (`Request::from` a `Cmd` does it, for every call):
+/// finding its command in the table, and its flags. One command over and over (the
+/// branch predictor learns it), and a mix of eight in a shuffled order (it cannot).
+fn describe(c: &mut Criterion) {
+    let cmd = |words: &[&str]| {
+        let mut cmd = redis::cmd(words[0]);
+        for word in &words[1..] {
+            cmd.arg(*word);
+        }
+        cmd
+    };
+    let get = cmd(&["GET", "k"]);
+    c.bench_function("describe/GET", |b| {
+        b.iter(|| CommandInfo::of_cmd(black_box(&get)))
+    });
+    let kinds = [
+        cmd(&["GET", "k"]),
+        cmd(&["set", "k", "v", "EX", "10"]),
+        cmd(&["HGETALL", "h"]),
+        cmd(&["ZRANGEBYSCORE", "z", "0", "1"]),
+        cmd(&["EXPIRE", "k", "10"]),
+        cmd(&["CLIENT", "SETNAME", "n"]),
+        cmd(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"]),
+        cmd(&["MGET", "a", "b"]),
+    ];
+    // A fixed pseudo-random order, the same in every run.
+    let order: Vec<&redis::Cmd> = (0u64..1024)
+        .map(|i| &kinds[(i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as usize])
+        .collect();
+    let mut next = order.iter().cycle();
+    c.bench_function("describe/mix of 8 commands", |b| {
+        b.iter(|| CommandInfo::of_cmd(black_box(next.next().unwrap())))
+    });
+}
+
+criterion_group!(benches, layers, two_threads, in_runtime, describe);
 criterion_main!(benches);
