@@ -29,6 +29,8 @@ pub(crate) enum Behaviour {
     Timeout,
     /// `WRONGTYPE`.
     Server,
+    /// `READONLY`: a write that reached a replica.
+    ReadOnly,
     /// Never answers.
     Hang,
 }
@@ -92,6 +94,7 @@ fn script(cmd: &redis::Cmd) -> (Behaviour, Duration) {
         Some("fail") => Behaviour::Fail,
         Some("timeout") => Behaviour::Timeout,
         Some("server") => Behaviour::Server,
+        Some("readonly") => Behaviour::ReadOnly,
         Some("hang") => Behaviour::Hang,
         other => panic!("unknown behaviour {other:?}"),
     };
@@ -105,6 +108,9 @@ async fn answer(behaviour: Behaviour) -> Result<Value, Error> {
         Behaviour::Fail => Err(Error::unavailable("connection lost")),
         Behaviour::Timeout => Err(Error::timed_out(Duration::from_millis(250))),
         Behaviour::Server => Err(crate::error::server(b"-WRONGTYPE x\r\n")),
+        Behaviour::ReadOnly => Err(crate::error::server(
+            b"-READONLY You can't write against a read only replica.\r\n",
+        )),
         Behaviour::Hang => std::future::pending().await,
     }
 }

@@ -432,3 +432,133 @@ async fn exhausted_schedule_fails_until_reconnect_is_asked_for() {
     .await;
     call(&mut redis, get("k")).await.unwrap();
 }
+
+fn set(key: &str, value: &str) -> Request {
+    Request::from(redis::cmd("SET").arg(key).arg(value).to_owned())
+}
+
+/// Makes `old` a replica of `new`, as a failover leaves the master it demoted, and points
+/// the proxy (the address clients know) at `new`.
+async fn fail_over(
+    old: RedisServer,
+    new: RedisServer,
+    proxy: &FaultProxy,
+) -> (RedisServer, RedisServer) {
+    let (old, new) = blocking(move || {
+        let port = new.port().to_string();
+        assert_eq!(old.raw_command(&["REPLICAOF", "127.0.0.1", &port]), "OK");
+        (old, new)
+    })
+    .await;
+    proxy.retarget(new.port());
+    (old, new)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_is_followed_once_a_write_reaches_the_demoted_master() {
+    let (old, new) = (RedisServer::start(), RedisServer::start());
+    let proxy = FaultProxy::start(old.port()).await;
+    let mut redis = Reconnect::connect(connector(&proxy.url()), ReconnectConfig::new())
+        .await
+        .unwrap();
+    call(&mut redis, set("k", "before")).await.unwrap();
+    let (old, new) = fail_over(old, new, &proxy).await;
+
+    // Reads still work on the old connection; the first write finds the replica.
+    call(&mut redis, get("k")).await.unwrap();
+    let err = call(&mut redis, set("k", "after")).await.unwrap_err();
+    assert_eq!(err.server_code(), Some("READONLY"), "{err:?}");
+    assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+
+    // The next writes reach the new master, through one new connection.
+    let started = Instant::now();
+    loop {
+        match call(&mut redis, set("k", "after")).await {
+            Ok(_) => break,
+            Err(err) => assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "never reached the new master"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(proxy.connections(), 2, "one new connection");
+    assert_eq!(redis.stats().successes, 2, "{:?}", redis.stats());
+    let value = blocking(move || new.raw_command(&["GET", "k"])).await;
+    assert_eq!(value, "after");
+    drop(old);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_pipeline_with_a_refused_write_also_follows_the_failover() {
+    let (old, new) = (RedisServer::start(), RedisServer::start());
+    let proxy = FaultProxy::start(old.port()).await;
+    let mut redis = Reconnect::connect(connector(&proxy.url()), ReconnectConfig::new())
+        .await
+        .unwrap();
+    let (_old, _new) = fail_over(old, new, &proxy).await;
+
+    let mut pipeline = redis::pipe();
+    pipeline.get("k").set("k", "v");
+    // Redis could not serve the write: the pipeline fails as a whole, its read may have
+    // run.
+    let err = call(&mut redis, Request::from(pipeline)).await.unwrap_err();
+    assert_eq!(err.server_code(), Some("READONLY"), "{err:?}");
+    assert!(err.is_unavailable() && err.may_have_run(), "{err:?}");
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while proxy.connections() < 2 || *redis.state().borrow() != ConnectionState::Connected {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("reconnected to the new master");
+    call(&mut redis, set("k", "v")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stays_a_replica_costs_one_new_connection_per_interval_not_per_write() {
+    let (replica, master) = (RedisServer::start(), RedisServer::start());
+    let port = master.port().to_string();
+    let replica = blocking(move || {
+        assert_eq!(
+            replica.raw_command(&["REPLICAOF", "127.0.0.1", &port]),
+            "OK"
+        );
+        replica
+    })
+    .await;
+    let proxy = FaultProxy::start(replica.port()).await;
+    // An interval far longer than the test: every write after the first reconnect is
+    // within it.
+    let config = ReconnectConfig::new().reconnect_on_readonly(Some(Duration::from_secs(600)));
+    let mut redis = Reconnect::connect(connector(&proxy.url()), config)
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        let err = call(&mut redis, set("k", "v")).await.unwrap_err();
+        assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        proxy.connections(),
+        2,
+        "one reconnect for 200 refused writes"
+    );
+    call(&mut redis, get("k"))
+        .await
+        .expect("reads from the replica still work");
+
+    // Turned off, as for reads from a replica on purpose: the connection stays.
+    let config = ReconnectConfig::new().reconnect_on_readonly(None);
+    let proxy = FaultProxy::start(replica.port()).await;
+    let mut redis = Reconnect::connect(connector(&proxy.url()), config)
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        let err = call(&mut redis, set("k", "v")).await.unwrap_err();
+        assert_eq!(err.server_code(), Some("READONLY"), "{err:?}");
+    }
+    assert_eq!(proxy.connections(), 1);
+    drop(master);
+}

@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use redis::{AsyncCommands, Value};
-use support::{RedisServer, eventually};
+use support::{FaultProxy, RedisServer, eventually};
 use tower::{
     BoxError, Service, ServiceBuilder, ServiceExt, load_shed::error::Overloaded,
     util::BoxCloneService,
@@ -176,6 +176,57 @@ async fn through_a_kill_reads_miss_within_the_deadline_the_breaker_opens_then_al
     assert!(get.count(Outcome::Unavailable) + get.count(Outcome::CircuitOpen) >= 40);
     assert_eq!(get.count(Outcome::Fallback), 40);
     assert_eq!(client.fallback().unwrap().fallbacks(), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_follow_a_failover_and_every_acknowledged_incr_counts_once() {
+    let (old, new) = (RedisServer::start(), RedisServer::start());
+    // The address the app knows, as a DNS name or a virtual IP: it moves to the new
+    // master, the open connection stays on the old one.
+    let proxy = FaultProxy::start(old.port()).await;
+    let mut client = ResilientClient::builder(&proxy.url())
+        .connect()
+        .await
+        .unwrap();
+    let () = client.set("k", "v").await.unwrap();
+
+    let port = new.port().to_string();
+    let old = tokio::task::spawn_blocking(move || {
+        assert_eq!(old.raw_command(&["REPLICAOF", "127.0.0.1", &port]), "OK");
+        old
+    })
+    .await
+    .unwrap();
+    proxy.retarget(new.port());
+
+    // The first INCR finds the demoted master: READONLY, so it did not run; the retry
+    // resends it once the connection is replaced. Whatever a call reports, the count on
+    // the new master must match the INCRs acknowledged.
+    let mut acknowledged = 0u64;
+    let started = Instant::now();
+    for _ in 0..50 {
+        match client.incr::<_, _, u64>("counter", 1).await {
+            Ok(value) => {
+                acknowledged += 1;
+                assert_eq!(value, acknowledged, "each acknowledged INCR ran once");
+            }
+            Err(err) => {
+                let err = Error::from(err);
+                assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+            }
+        }
+    }
+    assert!(
+        acknowledged >= 45,
+        "only {acknowledged} of 50 INCRs went through"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let on_new = tokio::task::spawn_blocking(move || new.raw_command(&["GET", "counter"]))
+        .await
+        .unwrap();
+    assert_eq!(on_new, acknowledged.to_string());
+    assert_eq!(proxy.connections(), 2, "one new connection");
+    drop(old);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,6 +38,7 @@ pub struct ReconnectConfig<S = RedisService> {
     pub(super) max_wait: Duration,
     pub(super) health_check: Option<(Duration, Duration)>,
     pub(super) on_connect: Option<OnConnect<S>>,
+    pub(super) readonly_reconnect: Option<Duration>,
 }
 
 impl<S> Clone for ReconnectConfig<S> {
@@ -48,6 +49,7 @@ impl<S> Clone for ReconnectConfig<S> {
             max_wait: self.max_wait,
             health_check: self.health_check,
             on_connect: self.on_connect.clone(),
+            readonly_reconnect: self.readonly_reconnect,
         }
     }
 }
@@ -61,6 +63,7 @@ impl<S> Default for ReconnectConfig<S> {
             max_wait: Duration::ZERO,
             health_check: None,
             on_connect: None,
+            readonly_reconnect: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -117,6 +120,37 @@ impl<S> ReconnectConfig<S> {
         self.on_connect = Some(Arc::new(move |redis| Box::pin(hook(redis))));
         self
     }
+
+    /// Replace the connection when Redis answers `READONLY` ("You can't write against a
+    /// read only replica"), at most once per `interval`; `None` never does.
+    ///
+    /// That reply is how a failover shows: the master this connection reached was
+    /// demoted, and the address it was opened with (a DNS name, a proxy, a cloud
+    /// endpoint) now leads to the new master, but an open connection stays where it is,
+    /// so every write would keep failing until something broke it. A new connection
+    /// looks the address up again. The call that got the reply keeps its error (Redis did
+    /// not run it, so [`Retry`](crate::retry::Retry) may send it again); calls on the
+    /// connection meanwhile finish there. While the address still leads to a replica
+    /// (DNS not updated yet), each `interval` tries once more, so writes during that time
+    /// cost at most one new connection per `interval`, not one each.
+    ///
+    /// Default `Some(1 s)`. Set `None` for a connection to a replica on purpose (reads
+    /// from a replica), where a stray write should just fail.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_redis_resilience::reconnect::ReconnectConfig;
+    ///
+    /// // Follow a failover within 250 ms of the first write that finds the old master.
+    /// let primary = ReconnectConfig::new().reconnect_on_readonly(Some(Duration::from_millis(250)));
+    /// // Reads from a replica: a write is a mistake to report, not a failover.
+    /// let replica = ReconnectConfig::new().reconnect_on_readonly(None);
+    /// # let _ = (primary, replica);
+    /// ```
+    pub fn reconnect_on_readonly(mut self, interval: Option<Duration>) -> Self {
+        self.readonly_reconnect = interval;
+        self
+    }
 }
 
 impl<S> fmt::Debug for ReconnectConfig<S> {
@@ -127,6 +161,7 @@ impl<S> fmt::Debug for ReconnectConfig<S> {
             .field("max_wait", &self.max_wait)
             .field("health_check", &self.health_check)
             .field("on_connect", &self.on_connect.as_ref().map(|_| "<hook>"))
+            .field("reconnect_on_readonly", &self.readonly_reconnect)
             .finish()
     }
 }

@@ -115,6 +115,12 @@ impl<M: MakeConnection> Tracker<M> {
             Err(error) if error.breaks_connection() => self
                 .shared
                 .connection_lost(self.generation, "the connection broke"),
+            // A replica answered (a pipeline's write slot, too: the leaf fails the
+            // pipeline with it).
+            Err(error) if error.server_code() == Some("READONLY") => {
+                self.shared.alive();
+                self.shared.read_only_reply(self.generation);
+            }
             _ => self.shared.alive(),
         }
     }

@@ -251,3 +251,6 @@ impl<M: MakeConnection> fmt::Debug for Reconnect<M> {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -16,6 +16,9 @@ use crate::{Error, MakeConnection, Request, sync::Leased};
 
 type Connection<M> = <M as MakeConnection>::Connection;
 
+/// `readonly_reconnected_at` before a `READONLY` reply ever replaced the connection.
+const NEVER: u64 = u64::MAX;
+
 pub(super) struct Shared<M: MakeConnection> {
     pub connector: M,
     pub config: ReconnectConfig<Connection<M>>,
@@ -24,6 +27,10 @@ pub(super) struct Shared<M: MakeConnection> {
     pub generation: AtomicU64,
     /// Calls cancelled in a row with no reply in between.
     stuck: AtomicU32,
+    /// When a `READONLY` reply last replaced the connection: nanoseconds after `origin`,
+    /// [`NEVER`] before the first time.
+    readonly_reconnected_at: AtomicU64,
+    origin: Instant,
     slot: Mutex<Slot<Connection<M>>>,
     state: watch::Sender<ConnectionState>,
     attempts: AtomicU64,
@@ -61,6 +68,8 @@ impl<M: MakeConnection> Shared<M> {
                 config,
                 generation: AtomicU64::new(1),
                 stuck: AtomicU32::new(0),
+                readonly_reconnected_at: AtomicU64::new(NEVER),
+                origin: Instant::now(),
                 slot: Mutex::new(Slot {
                     connection,
                     looping: false,
@@ -138,6 +147,35 @@ impl<M: MakeConnection> Shared<M> {
         let count = self.stuck.fetch_add(1, Ordering::Relaxed) + 1;
         if threshold > 0 && count >= threshold {
             self.connection_lost(generation, "calls keep timing out with no reply");
+        }
+    }
+
+    /// Redis answered `READONLY` on the connection of `generation`: it reached a replica,
+    /// the old master after a failover. Replaces the connection, so its address is looked
+    /// up again, unless one was replaced for this reason within the configured interval.
+    pub fn read_only_reply(&self, generation: u64) {
+        let Some(interval) = self.config.readonly_reconnect else {
+            return;
+        };
+        if self.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(NEVER - 1);
+        let now = nanos(self.origin.elapsed());
+        let last = self.readonly_reconnected_at.load(Ordering::Relaxed);
+        if last != NEVER && now.saturating_sub(last) < nanos(interval) {
+            return;
+        }
+        // One caller per interval goes on.
+        if self
+            .readonly_reconnected_at
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.connection_lost(
+                generation,
+                "redis answered READONLY: the connection reached a replica (a failover?)",
+            );
         }
     }
 

@@ -4,7 +4,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU16, AtomicU64, Ordering},
     },
 };
 
@@ -23,6 +23,7 @@ pub struct FaultProxy {
     addr: SocketAddr,
     budget: Arc<AtomicU64>,
     accepted: Arc<AtomicU64>,
+    upstream: Arc<AtomicU16>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -35,12 +36,15 @@ impl FaultProxy {
         let addr = listener.local_addr().expect("proxy addr");
         let budget = Arc::new(AtomicU64::new(UNLIMITED));
         let accepted = Arc::new(AtomicU64::new(0));
+        let upstream = Arc::new(AtomicU16::new(upstream_port));
         let shared = budget.clone();
         let counter = accepted.clone();
+        let target = upstream.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
                 let budget = shared.clone();
+                let upstream_port = target.load(Ordering::SeqCst);
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await {
                         forward(client, server, budget).await;
@@ -52,6 +56,7 @@ impl FaultProxy {
             addr,
             budget,
             accepted,
+            upstream,
             task,
         }
     }
@@ -68,6 +73,12 @@ impl FaultProxy {
     /// those it could not forward because the server was down.
     pub fn connections(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Forward connections accepted from now on to `port`; open ones stay where they
+    /// are, as with a DNS name or a virtual IP moved to another server.
+    pub fn retarget(&self, port: u16) {
+        self.upstream.store(port, Ordering::SeqCst);
     }
 
     /// From now on, let only `bytes` more bytes through from the server, then close.
