@@ -1,11 +1,13 @@
 //! What the crate is for, made visible: steady traffic through the default stack while
-//! Redis is killed, restarted, paused (SIGSTOP) and resumed, with a line every half
-//! second and a summary proving that no call outlived its deadline.
+//! Redis is killed, restarted, paused (SIGSTOP), resumed and failed over, with a line
+//! every half second and a summary proving that no call outlived its deadline.
 //!
-//! `cargo run --example demo` starts a throwaway `redis-server` on a free loopback port
-//! (it must be installed) and injects the faults itself. With `REDIS_URL` set it drives
-//! traffic at that server for a few seconds but injects no faults: it cannot kill a
-//! server it does not own.
+//! `cargo run --example demo` starts throwaway `redis-server`s on free loopback ports (it
+//! must be installed) and injects the faults itself. The client knows one address, a
+//! forwarding proxy standing in for a DNS name: the failover makes the first server a
+//! replica of a standby and points the address at the standby, as a cloud failover does.
+//! With `REDIS_URL` set it drives traffic at that server for a few seconds but injects no
+//! faults: it cannot kill a server it does not own.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -47,6 +49,19 @@ struct Phase {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (url, server) = support::redis_url_or_throwaway_server();
+    // With servers of its own: a standby to fail over to, and the address clients know.
+    let (url, lab) = match server {
+        Some(server) => {
+            let proxy = support::FaultProxy::start(server.port()).await;
+            let lab = Lab {
+                server: Mutex::new(server),
+                standby: tokio::task::spawn_blocking(support::RedisServer::start).await?,
+                proxy,
+            };
+            (lab.proxy.url(), Some(Arc::new(lab)))
+        }
+        None => (url, None),
+    };
     let client = ResilientClient::builder(&url).connect().await?;
     let deadline = client
         .timeout()
@@ -67,14 +82,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // (when, what to do, the phase it starts)
-    let schedule: Vec<(Duration, Option<Fault>, &str)> = match server {
+    let schedule: Vec<(Duration, Option<Fault>, &str)> = match lab {
         Some(_) => vec![
             (Duration::ZERO, None, "steady"),
             (Duration::from_secs(2), Some(Fault::Kill), "killed"),
             (Duration::from_secs(4), Some(Fault::Restart), "restarted"),
             (Duration::from_secs(6), Some(Fault::Pause), "paused"),
             (Duration::from_secs(8), Some(Fault::Resume), "resumed"),
-            (Duration::from_secs(10), None, "end"),
+            (Duration::from_secs(10), Some(Fault::FailOver), "failover"),
+            (Duration::from_secs(12), None, "end"),
         ],
         None => {
             println!(
@@ -86,7 +102,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ]
         }
     };
-    let server = Arc::new(Mutex::new(server));
 
     println!(
         "\n{:>5}  {:<9} {:>6} {:>8} {:>8} {:>7} {:>7} {:>10} {:>8} {:>8}  {:<9} connection",
@@ -152,11 +167,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Start the phases that are due.
         while next < schedule.len() && schedule[next].0 <= now + Duration::from_millis(1) {
             let (_, fault, name) = &schedule[next];
-            if let Some(fault) = fault {
-                let server = server.clone();
+            if let (Some(fault), Some(lab)) = (fault, &lab) {
+                let lab = lab.clone();
                 let fault = *fault;
                 // The harness blocks while it waits for the server; keep it off the runtime.
-                tokio::task::spawn_blocking(move || fault.apply(&server)).await?;
+                tokio::task::spawn_blocking(move || fault.apply(&lab)).await?;
             }
             if next == schedule.len() - 1 {
                 break 'run; // "end" is not a phase
@@ -255,19 +270,31 @@ enum Fault {
     Restart,
     Pause,
     Resume,
+    FailOver,
+}
+
+/// The servers the demo owns, and the address its client knows.
+struct Lab {
+    server: Mutex<support::RedisServer>,
+    standby: support::RedisServer,
+    proxy: support::FaultProxy,
 }
 
 impl Fault {
-    fn apply(self, server: &Mutex<Option<support::RedisServer>>) {
-        let mut server = server.lock().unwrap();
-        let Some(server) = server.as_mut() else {
-            return;
-        };
+    fn apply(self, lab: &Lab) {
+        let mut server = lab.server.lock().unwrap();
         match self {
             Fault::Kill => server.kill(),
             Fault::Restart => server.restart(),
             Fault::Pause => server.pause(),
             Fault::Resume => server.resume(),
+            Fault::FailOver => {
+                // The standby is the master now, the old master its replica (it answers
+                // writes with READONLY), and the address leads to the standby.
+                let port = lab.standby.port().to_string();
+                server.raw_command(&["REPLICAOF", "127.0.0.1", &port]);
+                lab.proxy.retarget(lab.standby.port());
+            }
         }
     }
 }
