@@ -454,13 +454,20 @@ async fn fail_over(
     (old, new)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failover_is_followed_once_a_write_reaches_the_demoted_master() {
-    let (old, new) = (RedisServer::start(), RedisServer::start());
-    let proxy = FaultProxy::start(old.port()).await;
-    let mut redis = Reconnect::connect(connector(&proxy.url()), ReconnectConfig::new())
+/// A master, a standby, the address clients know (a proxy to the master, as a DNS name
+/// would be), and a `Reconnect` with the default settings through that address.
+async fn behind_an_address() -> (RedisServer, RedisServer, FaultProxy, Reconnect) {
+    let (master, standby) = (RedisServer::start(), RedisServer::start());
+    let proxy = FaultProxy::start(master.port()).await;
+    let redis = Reconnect::connect(connector(&proxy.url()), ReconnectConfig::new())
         .await
         .unwrap();
+    (master, standby, proxy, redis)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_is_followed_once_a_write_reaches_the_demoted_master() {
+    let (old, new, proxy, mut redis) = behind_an_address().await;
     call(&mut redis, set("k", "before")).await.unwrap();
     let (old, new) = fail_over(old, new, &proxy).await;
 
@@ -492,11 +499,7 @@ async fn a_failover_is_followed_once_a_write_reaches_the_demoted_master() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_pipeline_with_a_refused_write_also_follows_the_failover() {
-    let (old, new) = (RedisServer::start(), RedisServer::start());
-    let proxy = FaultProxy::start(old.port()).await;
-    let mut redis = Reconnect::connect(connector(&proxy.url()), ReconnectConfig::new())
-        .await
-        .unwrap();
+    let (old, new, proxy, mut redis) = behind_an_address().await;
     let (_old, _new) = fail_over(old, new, &proxy).await;
 
     let mut pipeline = redis::pipe();
