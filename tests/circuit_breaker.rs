@@ -39,12 +39,18 @@ async fn stack(
     server: &RedisServer,
     config: CircuitBreakerConfig,
 ) -> (Stack, CircuitBreakerLayer, Arc<AtomicU64>) {
+    stack_with(server, config, ReconnectConfig::new()).await
+}
+
+async fn stack_with(
+    server: &RedisServer,
+    config: CircuitBreakerConfig,
+    reconnect: ReconnectConfig,
+) -> (Stack, CircuitBreakerLayer, Arc<AtomicU64>) {
     let connector = Connector::from_url(&server.url())
         .unwrap()
         .connect_timeout(Duration::from_millis(200));
-    let redis = Reconnect::connect(connector, ReconnectConfig::new())
-        .await
-        .unwrap();
+    let redis = Reconnect::connect(connector, reconnect).await.unwrap();
     let breaker = CircuitBreakerLayer::new(config).unwrap();
     breaker.half_open_on_reconnect(redis.state()).unwrap();
     let passed = Arc::new(AtomicU64::new(0));
@@ -185,6 +191,35 @@ async fn a_wrongtype_storm_never_opens_it() {
     assert_eq!(metrics.state, BreakerState::Closed);
     assert_eq!((metrics.calls, metrics.failed_calls), (20, 0));
     assert_eq!(passed.load(Ordering::SeqCst), 501);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_refused_by_a_replica_never_open_it_and_reads_go_on() {
+    let (replica, master) = (RedisServer::start(), RedisServer::start());
+    let port = master.port().to_string();
+    let replica = blocking(move || {
+        assert_eq!(
+            replica.raw_command(&["REPLICAOF", "127.0.0.1", &port]),
+            "OK"
+        );
+        replica
+    })
+    .await;
+    // Connected to the replica on purpose: the connection stays (the breaker alone is
+    // under test; following a failover is `Reconnect`'s, tested there).
+    let reconnect = ReconnectConfig::new().reconnect_on_readonly(None);
+    let (mut stack, breaker, _) = stack_with(&replica, config(), reconnect).await;
+    for _ in 0..100 {
+        let err = call(&mut stack, &["SET", "k", "v"]).await.unwrap_err();
+        assert!(err.is_unavailable(), "{err:?}");
+        call(&mut stack, &["GET", "k"])
+            .await
+            .expect("the replica serves reads");
+    }
+    let metrics = breaker.metrics();
+    assert_eq!(metrics.state, BreakerState::Closed);
+    assert_eq!(metrics.failed_calls, 0);
+    drop(master);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,6 +95,14 @@ async fn timeouts_count_as_failures_and_server_errors_do_not() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_replica_refusing_writes_is_not_an_outage() {
+    let (layer, mut service, _) = breaker(count_window(10, 10));
+    repeat(&mut service, 200, "readonly", 0).await;
+    assert_eq!(layer.state(), BreakerState::Closed);
+    assert_eq!(layer.metrics().failed_calls, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn slow_calls_open_it_at_their_own_threshold() {
     let (layer, mut service, _) = breaker(
         count_window(10, 4)
