@@ -128,11 +128,13 @@ impl<S> ReconnectConfig<S> {
     /// demoted, and the address it was opened with (a DNS name, a proxy, a cloud
     /// endpoint) now leads to the new master, but an open connection stays where it is,
     /// so every write would keep failing until something broke it. A new connection
-    /// looks the address up again. The call that got the reply keeps its error (Redis did
-    /// not run it, so [`Retry`](crate::retry::Retry) may send it again); calls on the
-    /// connection meanwhile finish there. While the address still leads to a replica
-    /// (DNS not updated yet), each `interval` tries once more, so writes during that time
-    /// cost at most one new connection per `interval`, not one each.
+    /// looks the address up again. It is opened in the background: the old one serves
+    /// calls until it is up (reads succeed there, writes get `READONLY`), and stays if it
+    /// cannot be opened; the connection state does not change. The call that got the
+    /// reply keeps its error (Redis did not run it, so [`Retry`](crate::retry::Retry) may
+    /// send it again). While the address still leads to a replica (DNS not updated yet),
+    /// each `interval` tries once more, so writes during that time cost at most one new
+    /// connection per `interval`, not one each.
     ///
     /// Default `Some(1 s)`. Set `None` for a connection to a replica on purpose (reads
     /// from a replica), where a stray write should just fail.

@@ -153,6 +153,8 @@ impl<M: MakeConnection> Shared<M> {
     /// Redis answered `READONLY` on the connection of `generation`: it reached a replica,
     /// the old master after a failover. Replaces the connection, so its address is looked
     /// up again, unless one was replaced for this reason within the configured interval.
+    /// The connection works (it only leads to the wrong server), so it serves calls until
+    /// the new one is up; if the new one cannot be opened, it stays.
     pub fn read_only_reply(&self, generation: u64) {
         let Some(interval) = self.config.readonly_reconnect else {
             return;
@@ -172,11 +174,58 @@ impl<M: MakeConnection> Shared<M> {
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
         {
-            self.connection_lost(
-                generation,
-                "redis answered READONLY: the connection reached a replica (a failover?)",
-            );
+            self.replace(generation);
         }
+    }
+
+    /// Opens a connection in the background and puts it in place of the one of
+    /// `generation`, if that one is still the current connection by then.
+    fn replace(&self, generation: u64) {
+        let (Some(shared), Ok(runtime)) =
+            (self.this.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        tracing::warn!(
+            address = self.connector.address(),
+            "redis answered READONLY: the connection reached a replica (a failover?); \
+             opening a new one"
+        );
+        runtime.spawn(async move {
+            shared.attempts.fetch_add(1, Ordering::Relaxed);
+            let connection = match open(&shared.connector, &shared.config).await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    shared.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        address = shared.connector.address(),
+                        %error,
+                        "could not open a connection to replace the one that reached a replica; keeping it"
+                    );
+                    return;
+                }
+            };
+            // Unless the connection was lost or replaced meanwhile: then this one goes.
+            let replaced = {
+                let mut slot = shared.slot();
+                // Counted before calls can see the new connection.
+                shared.successes.fetch_add(1, Ordering::Relaxed);
+                let current = shared.generation.load(Ordering::Acquire) == generation
+                    && slot.connection.is_some();
+                if current {
+                    slot.connection = Some(connection);
+                    shared.generation.fetch_add(1, Ordering::AcqRel);
+                }
+                current
+            };
+            if replaced {
+                shared.stuck.store(0, Ordering::Relaxed);
+                tracing::info!(
+                    address = shared.connector.address(),
+                    "redis connection replaced"
+                );
+            }
+        });
     }
 
     /// The connection of `generation` is unusable: drop it and start the reconnect loop,

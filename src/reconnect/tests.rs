@@ -43,15 +43,17 @@ async fn connected(interval: Option<Duration>) -> (Reconnect<Counting>, Counting
     (redis, connector)
 }
 
-/// Writes that a replica refuses, one after another; each gets its `READONLY` or, while
-/// the new connection is being made, an unavailable error.
+/// Writes that a replica refuses, each followed by a read, which never fails: the
+/// connection keeps serving while its replacement is made.
 async fn refused_writes(redis: &mut Reconnect<Counting>, n: usize) {
     for _ in 0..n {
         let error = testing::call(redis, testing::command("SET", "readonly", 0))
             .await
             .unwrap_err();
+        assert_eq!(error.server_code(), Some("READONLY"), "{error}");
         assert!(error.is_unavailable() && !error.may_have_run(), "{error}");
-        // Let the reconnect loop run.
+        testing::call(redis, testing::get("ok", 0)).await.unwrap();
+        // Let the replacement run.
         tokio::task::yield_now().await;
     }
 }
