@@ -303,6 +303,53 @@ async fn health_check_finds_a_stalled_server_without_user_traffic() {
     call(&mut redis, get("k")).await.unwrap();
 }
 
+fn incr(key: &str) -> Request {
+    Request::from(redis::cmd("INCR").arg(key).to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_while_idle_fails_the_next_incr_unless_a_health_check_found_it() {
+    let server = RedisServer::start();
+    let close_idle_connections = || {
+        let killed: u32 = server
+            .raw_command(&["CLIENT", "KILL", "TYPE", "normal"])
+            .parse()
+            .unwrap();
+        assert!(killed >= 1);
+    };
+
+    // Without a health check the next call finds the closed connection. redis-rs reports
+    // a request it could not send on it as it reports one lost in flight, so the INCR
+    // says it may have run (it did not) and nothing resends it.
+    let mut redis = Reconnect::connect(connector(&server.url()), ReconnectConfig::new())
+        .await
+        .unwrap();
+    assert_eq!(call(&mut redis, incr("n")).await.unwrap(), Value::Int(1));
+    close_idle_connections();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = call(&mut redis, incr("n")).await.unwrap_err();
+    assert!(err.is_unavailable() && err.may_have_run(), "{err:?}");
+    until_ok(&mut redis, Duration::from_secs(2)).await;
+    assert_eq!(call(&mut redis, incr("n")).await.unwrap(), Value::Int(2));
+    drop(redis);
+
+    // With one, the idle connection is replaced before the next call needs it.
+    let config =
+        ReconnectConfig::new().health_check(Duration::from_millis(50), Duration::from_millis(50));
+    let mut redis = Reconnect::connect(connector(&server.url()), config)
+        .await
+        .unwrap();
+    close_idle_connections();
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while redis.stats().successes < 2 || *redis.state().borrow() != ConnectionState::Connected {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the health check found the closed connection and replaced it");
+    assert_eq!(call(&mut redis, incr("n")).await.unwrap(), Value::Int(3));
+}
+
 #[tokio::test]
 async fn on_connect_hook_runs_on_every_new_connection() {
     let server = RedisServer::start();
