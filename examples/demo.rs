@@ -291,8 +291,7 @@ impl Fault {
             Fault::FailOver => {
                 // The standby is the master now, the old master its replica (it answers
                 // writes with READONLY), and the address leads to the standby.
-                let port = lab.standby.port().to_string();
-                server.raw_command(&["REPLICAOF", "127.0.0.1", &port]);
+                server.replicate(&lab.standby);
                 lab.proxy.retarget(lab.standby.port());
             }
         }

@@ -196,15 +196,7 @@ async fn a_wrongtype_storm_never_opens_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_refused_by_a_replica_never_open_it_and_reads_go_on() {
     let (replica, master) = (RedisServer::start(), RedisServer::start());
-    let port = master.port().to_string();
-    let replica = blocking(move || {
-        assert_eq!(
-            replica.raw_command(&["REPLICAOF", "127.0.0.1", &port]),
-            "OK"
-        );
-        replica
-    })
-    .await;
+    replica.replicate(&master);
     // Connected to the replica on purpose: the connection stays (the breaker alone is
     // under test; following a failover is `Reconnect`'s, tested there).
     let reconnect = ReconnectConfig::new().reconnect_on_readonly(None);

@@ -486,19 +486,9 @@ fn set(key: &str, value: &str) -> Request {
 
 /// Makes `old` a replica of `new`, as a failover leaves the master it demoted, and points
 /// the proxy (the address clients know) at `new`.
-async fn fail_over(
-    old: RedisServer,
-    new: RedisServer,
-    proxy: &FaultProxy,
-) -> (RedisServer, RedisServer) {
-    let (old, new) = blocking(move || {
-        let port = new.port().to_string();
-        assert_eq!(old.raw_command(&["REPLICAOF", "127.0.0.1", &port]), "OK");
-        (old, new)
-    })
-    .await;
+fn fail_over(old: &RedisServer, new: &RedisServer, proxy: &FaultProxy) {
+    old.replicate(new);
     proxy.retarget(new.port());
-    (old, new)
 }
 
 /// A master, a standby, the address clients know (a proxy to the master, as a DNS name
@@ -516,7 +506,7 @@ async fn behind_an_address() -> (RedisServer, RedisServer, FaultProxy, Reconnect
 async fn a_failover_is_followed_once_a_write_reaches_the_demoted_master() {
     let (old, new, proxy, mut redis) = behind_an_address().await;
     call(&mut redis, set("k", "before")).await.unwrap();
-    let (old, new) = fail_over(old, new, &proxy).await;
+    fail_over(&old, &new, &proxy);
 
     // Reads still work on the old connection; the first write finds the replica.
     call(&mut redis, get("k")).await.unwrap();
@@ -549,7 +539,7 @@ async fn a_failover_is_followed_once_a_write_reaches_the_demoted_master() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_pipeline_with_a_refused_write_also_follows_the_failover() {
     let (old, new, proxy, mut redis) = behind_an_address().await;
-    let (_old, _new) = fail_over(old, new, &proxy).await;
+    fail_over(&old, &new, &proxy);
 
     let mut pipeline = redis::pipe();
     pipeline.get("k").set("k", "v");
@@ -572,15 +562,7 @@ async fn a_plain_pipeline_with_a_refused_write_also_follows_the_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_stays_a_replica_costs_one_new_connection_per_interval_not_per_write() {
     let (replica, master) = (RedisServer::start(), RedisServer::start());
-    let port = master.port().to_string();
-    let replica = blocking(move || {
-        assert_eq!(
-            replica.raw_command(&["REPLICAOF", "127.0.0.1", &port]),
-            "OK"
-        );
-        replica
-    })
-    .await;
+    replica.replicate(&master);
     let proxy = FaultProxy::start(replica.port()).await;
     // An interval far longer than the test: every write after the first reconnect is
     // within it.

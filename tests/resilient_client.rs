@@ -190,13 +190,7 @@ async fn writes_follow_a_failover_and_every_acknowledged_incr_counts_once() {
         .unwrap();
     let () = client.set("k", "v").await.unwrap();
 
-    let port = new.port().to_string();
-    let old = tokio::task::spawn_blocking(move || {
-        assert_eq!(old.raw_command(&["REPLICAOF", "127.0.0.1", &port]), "OK");
-        old
-    })
-    .await
-    .unwrap();
+    old.replicate(&new);
     proxy.retarget(new.port());
 
     // The first INCR finds the demoted master: READONLY, so it did not run; the retry

@@ -200,6 +200,13 @@ impl RedisServer {
             .to_owned()
     }
 
+    /// Makes this server a replica of `master`, as a failover leaves the master it
+    /// demoted: from now on it answers writes with `READONLY`. Blocks for one round trip.
+    pub fn replicate(&self, master: &RedisServer) {
+        let port = master.port().to_string();
+        assert_eq!(self.raw_command(&["REPLICAOF", "127.0.0.1", &port]), "OK");
+    }
+
     /// Sends one command over a plain socket (RESP) and returns the reply's text. For
     /// arranging state from outside the code under test. Not for TLS servers.
     pub fn raw_command(&self, args: &[&str]) -> String {
