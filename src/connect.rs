@@ -3,13 +3,17 @@
 use std::{fmt, future::Future, sync::Arc, time::Duration};
 
 use redis::{
-    AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, aio::MultiplexedConnection,
+    AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
+    aio::MultiplexedConnection, io::tcp::TcpSettings,
 };
 
 use redis::Value;
 use tower::Service;
 
-use crate::{Error, Request, service::RedisService};
+use crate::{
+    Error, Request,
+    service::{Driver, RedisService},
+};
 
 /// Opens connections for [`Reconnect`](crate::reconnect::Reconnect): [`Connector`] opens
 /// [`RedisService`]s; implement it to find Redis another way (ask Sentinel for the
@@ -124,31 +128,77 @@ impl Connector {
     /// (refused, timed out, `LOADING`), [config](Error::is_config) when it rejects the
     /// handshake (`WRONGPASS`, a database index out of range, TLS mismatch).
     pub async fn connect(&self) -> Result<RedisService, Error> {
-        let connection = self.connect_multiplexed().await?;
+        // redis-rs's connection timeout may not cover every step of the handshake; this
+        // one does.
+        let (connection, driver) =
+            match tokio::time::timeout(self.connect_timeout, self.connect_multiplexed()).await {
+                Ok(result) => result?,
+                Err(_) => return Err(Error::unavailable("connect timed out")),
+            };
         Ok(RedisService::from_parts(
             connection,
+            driver,
             self.connection_info().redis_settings().db(),
             self.display.clone(),
         ))
     }
 
-    async fn connect_multiplexed(&self) -> Result<MultiplexedConnection, Error> {
+    /// Opens the socket and runs the connection's task itself where it can (plain TCP with
+    /// redis-rs's default socket options, or a Unix socket), so the leaf knows when that
+    /// task has ended: a request made after that was certainly not sent. Otherwise (TLS,
+    /// custom socket options) redis-rs opens it and runs the task.
+    async fn connect_multiplexed(
+        &self,
+    ) -> Result<(MultiplexedConnection, Option<Arc<Driver>>), Error> {
         // No response timeout: deadlines belong to the Timeout layer, and a redis-rs
         // timeout would fire under it with a different error.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(None);
-        let attempt = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config);
-        // redis-rs's connection timeout may not cover every step of the handshake; this
-        // one does.
-        match tokio::time::timeout(self.connect_timeout, attempt).await {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(err)) => Err(Error::from_connect(err)),
-            Err(_) => Err(Error::unavailable("connect timed out")),
-        }
+        let info = self.connection_info();
+        let redis = info.redis_settings();
+        let (connection, driver) = match info.addr() {
+            ConnectionAddr::Tcp(host, port) if default_socket_options(info.tcp_settings()) => {
+                let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(|err| Error::from_connect(err.into()))?;
+                stream
+                    .set_nodelay(info.tcp_settings().nodelay())
+                    .map_err(|err| Error::from_connect(err.into()))?;
+                let (connection, driver) =
+                    MultiplexedConnection::new_with_config(redis, stream, config)
+                        .await
+                        .map_err(Error::from_connect)?;
+                (connection, Some(Driver::spawn(driver)))
+            }
+            #[cfg(unix)]
+            ConnectionAddr::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|err| Error::from_connect(err.into()))?;
+                let (connection, driver) =
+                    MultiplexedConnection::new_with_config(redis, stream, config)
+                        .await
+                        .map_err(Error::from_connect)?;
+                (connection, Some(Driver::spawn(driver)))
+            }
+            _ => (
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(Error::from_connect)?,
+                None,
+            ),
+        };
+        Ok((connection, driver))
     }
+}
+
+/// No socket option but `TCP_NODELAY` set (keepalive, linger, user timeout): redis-rs
+/// applies those when it opens the socket, so a connection with any of them is left to it.
+/// (`TcpSettings` has no getter for every option; its `Debug` shows them all.)
+fn default_socket_options(settings: &TcpSettings) -> bool {
+    format!("{:?}", settings.clone().set_nodelay(false)) == format!("{:?}", TcpSettings::default())
 }
 
 impl fmt::Debug for Connector {

@@ -280,6 +280,18 @@ impl Error {
     }
 
     /// What a response future answers if polled again after it answered.
+    /// A request not sent, as its connection had closed before: Redis never saw it, and
+    /// the connection is broken.
+    pub(crate) fn not_sent() -> Self {
+        Error::classify(
+            RedisError::from(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the connection had closed before the request was sent",
+            )),
+            false,
+        )
+    }
+
     pub(crate) fn polled_after_completion() -> Self {
         Error::unavailable("response future polled after completion")
     }

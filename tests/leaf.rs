@@ -372,6 +372,42 @@ async fn connection_closed_during_a_request_is_unavailable_and_may_have_run() {
 }
 
 #[tokio::test]
+async fn a_call_after_the_connection_closed_says_it_was_not_sent() {
+    let server = RedisServer::start();
+    let mut redis = RedisService::connect(&server.url()).await.unwrap();
+    call(&mut redis, cmd(&["INCR", "n"])).await.unwrap();
+    server.raw_command(&["CLIENT", "KILL", "TYPE", "normal"]);
+    // The connection's task sees the close within microseconds; this is ample.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = call(&mut redis, cmd(&["INCR", "n"])).await.unwrap_err();
+    assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+    assert_eq!(err.command(), Some("INCR"));
+    assert_eq!(server.raw_command(&["GET", "n"]), "1");
+}
+
+#[tokio::test]
+async fn a_unix_socket_serves_calls_and_tells_a_closed_connection() {
+    let dir = support::TempDir::new();
+    let socket = dir.path().join("redis.sock");
+    let server = RedisServer::config()
+        .arg("unixsocket", socket.to_str().unwrap())
+        .arg("unixsocketperm", "700")
+        .start();
+    let mut redis = RedisService::connect(&format!("unix://{}", socket.display()))
+        .await
+        .unwrap();
+    call(&mut redis, cmd(&["SET", "k", "v"])).await.unwrap();
+    assert_eq!(
+        call(&mut redis, cmd(&["GET", "k"])).await.unwrap(),
+        Value::BulkString(b"v".to_vec())
+    );
+    server.raw_command(&["CLIENT", "KILL", "TYPE", "normal"]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = call(&mut redis, cmd(&["GET", "k"])).await.unwrap_err();
+    assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+}
+
+#[tokio::test]
 async fn server_killed_mid_request_is_unavailable() {
     let mut server = RedisServer::start();
     let redis = RedisService::connect(&server.url()).await.unwrap();

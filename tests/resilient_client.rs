@@ -224,6 +224,24 @@ async fn writes_follow_a_failover_and_every_acknowledged_incr_counts_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incr_after_redis_closed_the_idle_connection_goes_through_once() {
+    let server = RedisServer::start();
+    let mut client = ResilientClient::builder(&server.url())
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(client.incr::<_, _, u64>("n", 1).await.unwrap(), 1);
+    // A restart, the server's `timeout` or a load balancer would close it the same way.
+    let killed = server.raw_command(&["CLIENT", "KILL", "TYPE", "normal"]);
+    assert_eq!(killed, "1");
+    // The connection's task sees the close within microseconds; this is ample.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(client.incr::<_, _, u64>("n", 1).await.unwrap(), 2);
+    assert_eq!(server.raw_command(&["GET", "n"]), "2");
+    assert_eq!(client.reconnect_stats().successes, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_layers_are_gone() {
     let mut server = RedisServer::start();
     let mut client = ResilientClient::builder(&server.url())

@@ -7,7 +7,11 @@ pub use future::ResponseFuture;
 
 use std::{
     fmt,
-    sync::Arc,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -22,7 +26,11 @@ use crate::{Connector, Error, Request, request::Body};
 ///
 /// It has no deadline of its own (the Timeout layer owns deadlines) and does not
 /// reconnect (the Reconnect layer does): once its connection breaks, every call answers
-/// [unavailable](Error::is_unavailable). Server replies that are errors come back as
+/// [unavailable](Error::is_unavailable). A call made after the connection was known to
+/// have closed (Redis closed it while it sat idle, say) says it did not run
+/// ([`may_have_run`](Error::may_have_run) false, so it may be sent again) when this crate
+/// opened the connection (plain TCP, Unix socket); over TLS redis-rs opens it, and such a
+/// call may have run as far as its error can tell. Server replies that are errors come back as
 /// `Err`, classified: `WRONGTYPE` is a [server](Error::is_server) error, `LOADING` is
 /// unavailable. A pipeline answers `Value::Array`; see [`Request`].
 ///
@@ -53,6 +61,8 @@ pub struct RedisService {
 
 struct Inner {
     connection: MultiplexedConnection,
+    /// The connection's task, when this crate runs it.
+    driver: Option<Arc<Driver>>,
     db: i64,
     address: Arc<str>,
 }
@@ -73,17 +83,24 @@ impl RedisService {
     /// 500 ms response timeout by default; [`Connector`] turns it off.
     pub fn from_connection(connection: MultiplexedConnection, db: i64) -> Self {
         // The connection does not say where it goes; `Connector` knows and shows it.
-        RedisService::from_parts(connection, db, Arc::from("(connection opened by caller)"))
+        RedisService::from_parts(
+            connection,
+            None,
+            db,
+            Arc::from("(connection opened by caller)"),
+        )
     }
 
     pub(crate) fn from_parts(
         connection: MultiplexedConnection,
+        driver: Option<Arc<Driver>>,
         db: i64,
         address: Arc<str>,
     ) -> Self {
         RedisService {
             inner: Arc::new(Inner {
                 connection,
+                driver,
                 db,
                 address,
             }),
@@ -109,15 +126,52 @@ impl Service<Request> for RedisService {
     fn call(&mut self, request: Request) -> ResponseFuture {
         ResponseFuture::new(Job {
             connection: self.inner.connection.clone(),
+            driver: self.inner.driver.clone(),
             name: request.info().name(),
             body: request.into_body(),
         })
     }
 }
 
+/// The task that runs a connection this crate opened, and whether it has ended. While a
+/// service or a call holds it the task runs; when the last one lets go, it is stopped, so
+/// the socket closes even under a blocking command nobody waits for any more.
+pub(crate) struct Driver {
+    ended: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Driver {
+    /// Runs redis-rs's connection task. Needs a tokio runtime.
+    pub(crate) fn spawn(driver: impl Future<Output = ()> + Send + 'static) -> Arc<Driver> {
+        let ended = Arc::new(AtomicBool::new(false));
+        let flag = ended.clone();
+        let task = tokio::spawn(async move {
+            // Its end drops the task's receiving side before the flag is set: a request
+            // sent once the flag is set cannot have been written.
+            driver.await;
+            flag.store(true, Ordering::Release);
+        });
+        Arc::new(Driver { ended, task })
+    }
+
+    /// The connection's task has ended: nothing sent from now on reaches Redis.
+    fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// What one call sends, on which connection.
 struct Job {
     connection: MultiplexedConnection,
+    /// Held while the call waits: the connection's task must run until the reply comes.
+    driver: Option<Arc<Driver>>,
     body: Body,
     name: &'static str,
 }
@@ -127,9 +181,13 @@ struct Job {
 async fn send(job: Job) -> Result<Value, Error> {
     let Job {
         mut connection,
+        driver,
         body,
         name,
     } = job;
+    if driver.as_deref().is_some_and(Driver::has_ended) {
+        return Err(Error::not_sent().with_command(name));
+    }
     match body {
         Body::Cmd(cmd) => match connection.send_packed_command(&cmd).await {
             Ok(Value::ServerError(err)) => Err(Error::from_server_error(err)),
