@@ -9,7 +9,7 @@ use std::{
     fmt,
     future::Future,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
@@ -137,22 +137,29 @@ impl Service<Request> for RedisService {
 /// service or a call holds it the task runs; when the last one lets go, it is stopped, so
 /// the socket closes even under a blocking command nobody waits for any more.
 pub(crate) struct Driver {
-    ended: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
+    /// Beside the reference count each call takes: checking it touches no other line.
+    ended: AtomicBool,
+    task: OnceLock<tokio::task::JoinHandle<()>>,
 }
 
 impl Driver {
     /// Runs redis-rs's connection task. Needs a tokio runtime.
     pub(crate) fn spawn(driver: impl Future<Output = ()> + Send + 'static) -> Arc<Driver> {
-        let ended = Arc::new(AtomicBool::new(false));
-        let flag = ended.clone();
+        let this = Arc::new(Driver {
+            ended: AtomicBool::new(false),
+            task: OnceLock::new(),
+        });
+        let watcher = Arc::downgrade(&this);
         let task = tokio::spawn(async move {
             // Its end drops the task's receiving side before the flag is set: a request
             // sent once the flag is set cannot have been written.
             driver.await;
-            flag.store(true, Ordering::Release);
+            if let Some(this) = watcher.upgrade() {
+                this.ended.store(true, Ordering::Release);
+            }
         });
-        Arc::new(Driver { ended, task })
+        let _ = this.task.set(task);
+        this
     }
 
     /// The connection's task has ended: nothing sent from now on reaches Redis.
@@ -163,7 +170,9 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
     }
 }
 
