@@ -1,10 +1,11 @@
 //! How to reach Redis: where, with which credentials, within which connect timeout.
 
-use std::{fmt, future::Future, sync::Arc, time::Duration};
+use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use redis::{
     AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
-    aio::MultiplexedConnection, io::tcp::TcpSettings,
+    aio::{AsyncStream, MultiplexedConnection},
+    io::tcp::TcpSettings,
 };
 
 use redis::Value;
@@ -166,7 +167,7 @@ impl Connector {
                     .set_nodelay(info.tcp_settings().nodelay())
                     .map_err(|err| Error::from_connect(err.into()))?;
                 let (connection, driver) =
-                    MultiplexedConnection::new_with_config(redis, stream, config)
+                    MultiplexedConnection::new_with_config(redis, boxed(stream), config)
                         .await
                         .map_err(Error::from_connect)?;
                 (connection, Some(Driver::spawn(driver)))
@@ -177,7 +178,7 @@ impl Connector {
                     .await
                     .map_err(|err| Error::from_connect(err.into()))?;
                 let (connection, driver) =
-                    MultiplexedConnection::new_with_config(redis, stream, config)
+                    MultiplexedConnection::new_with_config(redis, boxed(stream), config)
                         .await
                         .map_err(Error::from_connect)?;
                 (connection, Some(Driver::spawn(driver)))
@@ -192,6 +193,15 @@ impl Connector {
         };
         Ok((connection, driver))
     }
+}
+
+/// The stream as redis-rs's own connect hands it over, so the connection's code is the
+/// one instance redis-rs uses for every kind of stream (TLS included).
+fn boxed<S>(stream: S) -> Pin<Box<dyn AsyncStream + Send + Sync>>
+where
+    S: AsyncStream + Send + Sync + 'static,
+{
+    Box::pin(stream)
 }
 
 /// No socket option but `TCP_NODELAY` set (keepalive, linger, user timeout): redis-rs

@@ -8,10 +8,7 @@ pub use future::ResponseFuture;
 use std::{
     fmt,
     future::Future,
-    sync::{
-        Arc, OnceLock,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -133,46 +130,32 @@ impl Service<Request> for RedisService {
     }
 }
 
-/// The task that runs a connection this crate opened, and whether it has ended. While a
-/// service or a call holds it the task runs; when the last one lets go, it is stopped, so
-/// the socket closes even under a blocking command nobody waits for any more.
+/// The task that runs a connection this crate opened. While a service or a call holds it
+/// the task runs; when the last one lets go, it is stopped, so the socket closes even
+/// under a blocking command nobody waits for any more.
 pub(crate) struct Driver {
-    /// Beside the reference count each call takes: checking it touches no other line.
-    ended: AtomicBool,
-    task: OnceLock<tokio::task::JoinHandle<()>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Driver {
     /// Runs redis-rs's connection task. Needs a tokio runtime.
     pub(crate) fn spawn(driver: impl Future<Output = ()> + Send + 'static) -> Arc<Driver> {
-        let this = Arc::new(Driver {
-            ended: AtomicBool::new(false),
-            task: OnceLock::new(),
-        });
-        let watcher = Arc::downgrade(&this);
-        let task = tokio::spawn(async move {
-            // Its end drops the task's receiving side before the flag is set: a request
-            // sent once the flag is set cannot have been written.
-            driver.await;
-            if let Some(this) = watcher.upgrade() {
-                this.ended.store(true, Ordering::Release);
-            }
-        });
-        let _ = this.task.set(task);
-        this
+        Arc::new(Driver {
+            task: tokio::spawn(driver),
+        })
     }
 
-    /// The connection's task has ended: nothing sent from now on reaches Redis.
+    /// The connection's task has ended: nothing sent from now on reaches Redis. (tokio
+    /// drops a task's future, here with the connection's receiving side, before it marks
+    /// the task finished.)
     fn has_ended(&self) -> bool {
-        self.ended.load(Ordering::Acquire)
+        self.task.is_finished()
     }
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        if let Some(task) = self.task.get() {
-            task.abort();
-        }
+        self.task.abort();
     }
 }
 
