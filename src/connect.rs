@@ -157,41 +157,35 @@ impl Connector {
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(None);
         let info = self.connection_info();
-        let redis = info.redis_settings();
-        let (connection, driver) = match info.addr() {
+        let io = |err: std::io::Error| Error::from_connect(err.into());
+        let stream = match info.addr() {
             ConnectionAddr::Tcp(host, port) if default_socket_options(info.tcp_settings()) => {
                 let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
                     .await
-                    .map_err(|err| Error::from_connect(err.into()))?;
+                    .map_err(io)?;
                 stream
                     .set_nodelay(info.tcp_settings().nodelay())
-                    .map_err(|err| Error::from_connect(err.into()))?;
-                let (connection, driver) =
-                    MultiplexedConnection::new_with_config(redis, boxed(stream), config)
-                        .await
-                        .map_err(Error::from_connect)?;
-                (connection, Some(Driver::spawn(driver)))
+                    .map_err(io)?;
+                boxed(stream)
             }
             #[cfg(unix)]
             ConnectionAddr::Unix(path) => {
-                let stream = tokio::net::UnixStream::connect(path)
-                    .await
-                    .map_err(|err| Error::from_connect(err.into()))?;
-                let (connection, driver) =
-                    MultiplexedConnection::new_with_config(redis, boxed(stream), config)
-                        .await
-                        .map_err(Error::from_connect)?;
-                (connection, Some(Driver::spawn(driver)))
+                boxed(tokio::net::UnixStream::connect(path).await.map_err(io)?)
             }
-            _ => (
-                self.client
+            _ => {
+                let connection = self
+                    .client
                     .get_multiplexed_async_connection_with_config(&config)
                     .await
-                    .map_err(Error::from_connect)?,
-                None,
-            ),
+                    .map_err(Error::from_connect)?;
+                return Ok((connection, None));
+            }
         };
-        Ok((connection, driver))
+        let (connection, driver) =
+            MultiplexedConnection::new_with_config(info.redis_settings(), stream, config)
+                .await
+                .map_err(Error::from_connect)?;
+        Ok((connection, Some(Driver::spawn(driver))))
     }
 }
 
