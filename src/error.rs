@@ -279,7 +279,6 @@ impl Error {
         )
     }
 
-    /// What a response future answers if polled again after it answered.
     /// A request not sent, as its connection had closed before: Redis never saw it, and
     /// the connection is broken.
     pub(crate) fn not_sent() -> Self {
@@ -292,6 +291,7 @@ impl Error {
         )
     }
 
+    /// What a response future answers if polled again after it answered.
     pub(crate) fn polled_after_completion() -> Self {
         Error::unavailable("response future polled after completion")
     }
