@@ -236,6 +236,12 @@ impl Error {
                 .is_some_and(|err| matches!(err.kind(), ErrorKind::Io | ErrorKind::Parse))
     }
 
+    /// A replica refused a write (`READONLY`): the server is up and serves reads, but
+    /// this connection does not lead to the master (after a failover, say).
+    pub(crate) fn is_replica_refusal(&self) -> bool {
+        self.server_code() == Some("READONLY")
+    }
+
     /// A configuration problem described in words (which must not contain secrets).
     pub(crate) fn config(message: impl Into<Arc<str>>) -> Self {
         Error::new(Kind::Config, Detail::Text(message.into()))

@@ -283,7 +283,7 @@ impl CircuitBreakerConfig {
             (None, Err(err)) if err.is_server() => Outcome::Success,
             // A replica refused a write: Redis is up, and reads through the breaker are
             // served; `Reconnect` looks for the master.
-            (None, Err(err)) if err.server_code() == Some("READONLY") => Outcome::Success,
+            (None, Err(err)) if err.is_replica_refusal() => Outcome::Success,
             (None, Err(_)) => Outcome::Failure,
         }
     }

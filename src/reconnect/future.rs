@@ -117,7 +117,7 @@ impl<M: MakeConnection> Tracker<M> {
                 .connection_lost(self.generation, "the connection broke"),
             // A replica answered (a pipeline's write slot, too: the leaf fails the
             // pipeline with it).
-            Err(error) if error.server_code() == Some("READONLY") => {
+            Err(error) if error.is_replica_refusal() => {
                 self.shared.alive();
                 self.shared.read_only_reply(self.generation);
             }
