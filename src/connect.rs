@@ -13,6 +13,7 @@ use tower::Service;
 
 use crate::{
     Error, Request,
+    sentinel::Sentinels,
     service::{Driver, RedisService},
 };
 
@@ -71,6 +72,8 @@ pub struct Connector {
     connect_timeout: Duration,
     /// The address as shown in `Debug` and logs, computed once.
     display: Arc<str>,
+    /// Set when Sentinel says where the master is; `client` then holds how to talk to it.
+    sentinel: Option<Arc<Sentinels>>,
 }
 
 impl Connector {
@@ -97,7 +100,69 @@ impl Connector {
             client,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             display,
+            sentinel: None,
         }
+    }
+
+    /// Asks Redis Sentinel where the master named `master_name` is, on every connect,
+    /// and follows it when it moves.
+    ///
+    /// Every Sentinel is asked at once and the first answer is taken, so one that is down
+    /// or stalled does not hold a connect up; the server it names must answer `ROLE` as a
+    /// master. While connections are open, Sentinel is asked again every second: after a
+    /// failover the connections to the old master are retired (requests already sent get
+    /// their replies; new ones are refused as not sent, so [`Reconnect`] connects to the
+    /// new master and [`Retry`] sends them there), rather than writing on into an old
+    /// master that Sentinel will turn into a replica. (Over TLS redis-rs runs the
+    /// connection and it cannot be retired: the client follows when the old master
+    /// answers `READONLY` or closes.)
+    ///
+    /// `master` says how to talk to the master once found: its credentials, database,
+    /// protocol and TLS (`rediss://`). Its host and port are not used; Sentinel's answer
+    /// replaces them. The connect timeout bounds the whole attempt, the questions to
+    /// Sentinel included.
+    ///
+    /// [`Reconnect`]: crate::reconnect::Reconnect
+    /// [`Retry`]: crate::retry::Retry
+    ///
+    /// ```no_run
+    /// use tower_redis_resilience::{Connector, ResilientClient};
+    ///
+    /// # async fn run() -> Result<(), tower_redis_resilience::Error> {
+    /// let connector = Connector::sentinel(
+    ///     ["redis://127.0.0.1:26379", "redis://127.0.0.1:26380", "redis://127.0.0.1:26381"],
+    ///     "mymaster",
+    ///     "redis://:secret@mymaster/0",
+    /// )?;
+    /// let client = ResilientClient::builder_with_connector(connector).build()?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    pub fn sentinel<T: IntoConnectionInfo>(
+        sentinels: impl IntoIterator<Item = T>,
+        master_name: &str,
+        master: impl IntoConnectionInfo,
+    ) -> Result<Self, Error> {
+        let nodes = sentinels
+            .into_iter()
+            .map(|node| {
+                node.into_connection_info()
+                    .map_err(|err| Error::config(format!("invalid Sentinel address: {err}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let sentinels = Sentinels::new(nodes, master_name)?;
+        let mut connector = Connector::from_connection_info(master)?;
+        let user = match connector.connection_info().redis_settings().username() {
+            Some(user) => format!("{user}@"),
+            None => String::new(),
+        };
+        let db = connector.connection_info().redis_settings().db();
+        connector.display = format!(
+            "{user}{master_name}/{db} via Sentinel {}",
+            sentinels.addresses()
+        )
+        .into();
+        connector.sentinel = Some(Arc::new(sentinels));
+        Ok(connector)
     }
 
     /// Bounds each connection attempt, handshake included. Default:
@@ -113,7 +178,8 @@ impl Connector {
         self.connect_timeout
     }
 
-    /// The connection details.
+    /// The connection details. For a connector made by [`Connector::sentinel`], those of
+    /// the master as given there: its address is not the master's, which Sentinel says.
     pub fn connection_info(&self) -> &ConnectionInfo {
         self.client.get_connection_info()
     }
@@ -123,70 +189,111 @@ impl Connector {
         &self.display
     }
 
-    /// Opens a connection and returns the leaf service over it.
+    /// Opens a connection and returns the leaf service over it. A connector that asks
+    /// Sentinel asks it first, and checks that the server it names is a master.
     ///
     /// Errors: [unavailable](Error::is_unavailable) when Redis cannot be reached in time
-    /// (refused, timed out, `LOADING`), [config](Error::is_config) when it rejects the
-    /// handshake (`WRONGPASS`, a database index out of range, TLS mismatch).
+    /// (refused, timed out, `LOADING`, no Sentinel answered), [config](Error::is_config)
+    /// when it rejects the handshake (`WRONGPASS`, a database index out of range, TLS
+    /// mismatch) or no Sentinel knows the master's name.
     pub async fn connect(&self) -> Result<RedisService, Error> {
         // redis-rs's connection timeout may not cover every step of the handshake; this
         // one does.
-        let (connection, driver) =
-            match tokio::time::timeout(self.connect_timeout, self.connect_multiplexed()).await {
-                Ok(result) => result?,
-                Err(_) => return Err(Error::unavailable("connect timed out")),
-            };
-        Ok(RedisService::from_parts(
-            connection,
-            driver,
-            self.connection_info().redis_settings().db(),
-            self.display.clone(),
-        ))
-    }
-
-    /// Opens the socket and runs the connection's task itself where it can (plain TCP with
-    /// redis-rs's default socket options, or a Unix socket), so the leaf knows when that
-    /// task has ended: a request made after that was certainly not sent. Otherwise (TLS,
-    /// custom socket options) redis-rs opens it and runs the task.
-    async fn connect_multiplexed(
-        &self,
-    ) -> Result<(MultiplexedConnection, Option<Arc<Driver>>), Error> {
-        // No response timeout: deadlines belong to the Timeout layer, and a redis-rs
-        // timeout would fire under it with a different error.
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(None);
-        let info = self.connection_info();
-        let io = |err: std::io::Error| Error::from_connect(err.into());
-        let stream = match info.addr() {
-            ConnectionAddr::Tcp(host, port) if default_socket_options(info.tcp_settings()) => {
-                let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
+        let attempt = async {
+            match &self.sentinel {
+                None => {
+                    open(
+                        self.connection_info(),
+                        Some(&self.client),
+                        self.display.clone(),
+                    )
                     .await
-                    .map_err(io)?;
-                stream
-                    .set_nodelay(info.tcp_settings().nodelay())
-                    .map_err(io)?;
-                boxed(stream)
-            }
-            #[cfg(unix)]
-            ConnectionAddr::Unix(path) => {
-                boxed(tokio::net::UnixStream::connect(path).await.map_err(io)?)
-            }
-            _ => {
-                let connection = self
-                    .client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                    .map_err(Error::from_connect)?;
-                return Ok((connection, None));
+                }
+                Some(sentinel) => {
+                    sentinel
+                        .connect(self.connection_info(), self.connect_timeout)
+                        .await
+                }
             }
         };
-        let (connection, driver) =
-            MultiplexedConnection::new_with_config(info.redis_settings(), stream, config)
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::unavailable("connect timed out")),
+        }
+    }
+
+    /// The Sentinel lookup, for connectors made by [`Connector::sentinel`].
+    pub(crate) fn sentinel_master_name(&self) -> Option<&str> {
+        self.sentinel.as_deref().map(Sentinels::master_name)
+    }
+}
+
+/// Opens a connection to `info` and returns the leaf service over it. `client`, when
+/// given, is the one `info` came from (it may carry TLS certificates).
+///
+/// Opens the socket and runs the connection's task itself where it can (plain TCP with
+/// redis-rs's default socket options, or a Unix socket), so the leaf knows when that task
+/// has ended: a request made after that was certainly not sent. Otherwise (TLS, custom
+/// socket options) redis-rs opens it and runs the task.
+pub(crate) async fn open(
+    info: &ConnectionInfo,
+    client: Option<&redis::Client>,
+    display: Arc<str>,
+) -> Result<RedisService, Error> {
+    let (connection, driver) = open_multiplexed(info, client).await?;
+    Ok(RedisService::from_parts(
+        connection,
+        driver,
+        info.redis_settings().db(),
+        display,
+    ))
+}
+
+async fn open_multiplexed(
+    info: &ConnectionInfo,
+    client: Option<&redis::Client>,
+) -> Result<(MultiplexedConnection, Option<Arc<Driver>>), Error> {
+    // No response timeout: deadlines belong to the Timeout layer, and a redis-rs timeout
+    // would fire under it with a different error. The caller bounds the connect.
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(None)
+        .set_response_timeout(None);
+    let io = |err: std::io::Error| Error::from_connect(err.into());
+    let stream = match info.addr() {
+        ConnectionAddr::Tcp(host, port) if default_socket_options(info.tcp_settings()) => {
+            let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(io)?;
+            stream
+                .set_nodelay(info.tcp_settings().nodelay())
+                .map_err(io)?;
+            boxed(stream)
+        }
+        #[cfg(unix)]
+        ConnectionAddr::Unix(path) => {
+            boxed(tokio::net::UnixStream::connect(path).await.map_err(io)?)
+        }
+        _ => {
+            let opened;
+            let client = match client {
+                Some(client) => client,
+                None => {
+                    opened = redis::Client::open(info.clone()).map_err(Error::from_connect)?;
+                    &opened
+                }
+            };
+            let connection = client
+                .get_multiplexed_async_connection_with_config(&config)
                 .await
                 .map_err(Error::from_connect)?;
-        Ok((connection, Some(Driver::spawn(driver))))
-    }
+            return Ok((connection, None));
+        }
+    };
+    let (connection, driver) =
+        MultiplexedConnection::new_with_config(info.redis_settings(), stream, config)
+            .await
+            .map_err(Error::from_connect)?;
+    Ok((connection, Some(Driver::spawn(driver))))
 }
 
 /// The stream as redis-rs's own connect hands it over, so the connection's code is the
@@ -215,7 +322,7 @@ impl fmt::Debug for Connector {
 }
 
 /// `host:port/db` (or `unix:path/db`), with a `tls` marker; never credentials.
-fn describe(info: &ConnectionInfo) -> String {
+pub(crate) fn describe(info: &ConnectionInfo) -> String {
     let db = info.redis_settings().db();
     let user = match info.redis_settings().username() {
         Some(user) => format!("{user}@"),
@@ -303,6 +410,30 @@ mod tests {
         let shown = format!("{err} {err:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("redis://:***@127.0.0.1:notaport"), "{shown}");
+    }
+
+    #[test]
+    fn a_sentinel_connector_shows_the_master_name_and_the_sentinels_not_the_credentials() {
+        let connector = Connector::sentinel(
+            [
+                "redis://:sentinel-secret@127.0.0.1:26379",
+                "redis://127.0.0.1:26380",
+            ],
+            "cache",
+            "redis://app:hunter2@cache/2",
+        )
+        .unwrap();
+        let shown = format!("{connector:?}");
+        assert!(
+            shown.contains("app@cache/2 via Sentinel 127.0.0.1:26379/0, 127.0.0.1:26380/0"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("secret") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        assert_eq!(connector.sentinel_master_name(), Some("cache"));
+        assert_eq!(connector.connection_info().redis_settings().db(), 2);
     }
 
     #[test]

@@ -242,6 +242,17 @@ impl Error {
         self.server_code() == Some("READONLY")
     }
 
+    /// An [unavailable](Error::is_unavailable) error described in words (which must not
+    /// contain secrets), for a request that was not sent.
+    pub(crate) fn unavailable_because(message: impl Into<Arc<str>>) -> Self {
+        Error::new(
+            Kind::Unavailable {
+                may_have_run: false,
+            },
+            Detail::Text(message.into()),
+        )
+    }
+
     /// A configuration problem described in words (which must not contain secrets).
     pub(crate) fn config(message: impl Into<Arc<str>>) -> Self {
         Error::new(Kind::Config, Detail::Text(message.into()))
@@ -285,13 +296,13 @@ impl Error {
         )
     }
 
-    /// A request not sent, as its connection had closed before: Redis never saw it, and
-    /// the connection is broken.
+    /// A request not sent, as its connection had closed (or was retired, Sentinel having
+    /// named another master) before: Redis never saw it, and the connection is broken.
     pub(crate) fn not_sent() -> Self {
         Error::classify(
             RedisError::from(io::Error::new(
                 io::ErrorKind::NotConnected,
-                "the connection had closed before the request was sent",
+                "the connection had closed or was retired before the request was sent",
             )),
             false,
         )

@@ -93,6 +93,7 @@ pub mod metrics;
 pub mod reconnect;
 mod request;
 pub mod retry;
+mod sentinel;
 mod service;
 mod sync;
 #[cfg(test)]

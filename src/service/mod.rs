@@ -8,7 +8,10 @@ pub use future::ResponseFuture;
 use std::{
     fmt,
     future::Future,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
     task::{Context, Poll},
 };
 
@@ -104,6 +107,11 @@ impl RedisService {
         }
     }
 
+    /// The connection's task, when this crate runs it.
+    pub(crate) fn driver(&self) -> Option<&Arc<Driver>> {
+        self.inner.driver.as_ref()
+    }
+
     /// The database index the connection selected.
     pub fn db(&self) -> i64 {
         self.inner.db
@@ -135,6 +143,9 @@ impl Service<Request> for RedisService {
 /// under a blocking command nobody waits for any more.
 pub(crate) struct Driver {
     task: tokio::task::JoinHandle<()>,
+    /// Set when the connection must take no new request (Sentinel named another master):
+    /// requests already sent get their replies, new ones are refused as not sent.
+    retired: AtomicBool,
 }
 
 impl Driver {
@@ -142,14 +153,21 @@ impl Driver {
     pub(crate) fn spawn(driver: impl Future<Output = ()> + Send + 'static) -> Arc<Driver> {
         Arc::new(Driver {
             task: tokio::spawn(driver),
+            retired: AtomicBool::new(false),
         })
     }
 
-    /// The connection's task has ended: nothing sent from now on reaches Redis. (tokio
-    /// drops a task's future, here with the connection's receiving side, before it marks
-    /// the task finished.)
+    /// The connection takes no more requests: it was retired, or its task has ended, so
+    /// nothing sent from now on would reach Redis. (tokio drops a task's future, here with
+    /// the connection's receiving side, before it marks the task finished.)
     fn has_ended(&self) -> bool {
-        self.task.is_finished()
+        self.retired.load(Relaxed) || self.task.is_finished()
+    }
+
+    /// Takes no new request from now on: each is refused as not sent, which marks the
+    /// connection broken, so `Reconnect` opens another.
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Relaxed);
     }
 }
 

@@ -207,10 +207,14 @@ impl TraceLayer {
     /// connector's connection details (never its credentials).
     pub fn for_connector(connector: &Connector) -> Self {
         let info = connector.connection_info();
-        let (address, port) = match info.addr() {
-            ConnectionAddr::Tcp(host, port) => (host.as_str().into(), Some(*port)),
-            ConnectionAddr::TcpTls { host, port, .. } => (host.as_str().into(), Some(*port)),
-            ConnectionAddr::Unix(path) => (path.to_string_lossy().into(), None),
+        let (address, port) = match (connector.sentinel_master_name(), info.addr()) {
+            // The master moves; its name stands for it.
+            (Some(master), _) => (master.into(), None),
+            (None, ConnectionAddr::Tcp(host, port)) => (host.as_str().into(), Some(*port)),
+            (None, ConnectionAddr::TcpTls { host, port, .. }) => {
+                (host.as_str().into(), Some(*port))
+            }
+            (None, ConnectionAddr::Unix(path)) => (path.to_string_lossy().into(), None),
             _ => (connector.address().into(), None),
         };
         TraceLayer::new()

@@ -27,6 +27,8 @@ pub struct ServerConfig {
     user: Option<(String, String)>,
     tls: bool,
     args: Vec<(String, String)>,
+    /// A Sentinel watching the master of this name on this port.
+    sentinel: Option<(String, u16)>,
 }
 
 impl ServerConfig {
@@ -56,6 +58,34 @@ impl ServerConfig {
 
     pub fn start(self) -> RedisServer {
         RedisServer::start_with(self)
+    }
+}
+
+impl RedisServer {
+    /// A Sentinel (`redis-server --sentinel`) watching `master` under `name`, alone enough
+    /// to fail it over (quorum 1): it deems the master down after 300 ms without an answer.
+    pub fn sentinel_of(master: &RedisServer, name: &str) -> RedisServer {
+        ServerConfig {
+            sentinel: Some((name.to_owned(), master.port())),
+            ..ServerConfig::default()
+        }
+        .start()
+    }
+
+    /// Where this Sentinel says master `name` is: its port.
+    pub fn master_port(&self, name: &str) -> u16 {
+        let reply = self.raw_command(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", name]);
+        let port = reply
+            .lines()
+            .nth(1)
+            .unwrap_or_else(|| panic!("no master: {reply}"));
+        port.parse().expect("a port")
+    }
+
+    /// Makes this Sentinel fail master `name` over to a replica now, without asking other
+    /// Sentinels. It answers at once; the replica is promoted within about a second.
+    pub fn fail_over(&self, name: &str) {
+        assert_eq!(self.raw_command(&["SENTINEL", "FAILOVER", name]), "OK");
     }
 }
 
@@ -241,13 +271,32 @@ impl RedisServer {
     }
 
     fn spawn(&mut self, binary: &Path) -> Result<(), String> {
-        self.spawn_until(binary, Ready::Serving)
+        // A Sentinel logs no "Ready to accept connections".
+        let ready = match self.config.sentinel {
+            Some(_) => Ready::Listening,
+            None => Ready::Serving,
+        };
+        self.spawn_until(binary, ready)
     }
 
     fn spawn_until(&mut self, binary: &Path, ready: Ready) -> Result<(), String> {
         self.starts += 1;
         let log = self.dir.path().join(format!("redis-{}.log", self.starts));
-        let mut args: Vec<String> = vec![
+        let mut args: Vec<String> = Vec::new();
+        if let Some((name, master_port)) = &self.config.sentinel {
+            // Sentinel rewrites its file as it learns; a restart reads it back.
+            let file = self.dir.path().join("sentinel.conf");
+            if !file.exists() {
+                let conf = format!(
+                    "sentinel monitor {name} 127.0.0.1 {master_port} 1\n\
+                     sentinel down-after-milliseconds {name} 300\n\
+                     sentinel failover-timeout {name} 2000\n"
+                );
+                std::fs::write(&file, conf).expect("write sentinel.conf");
+            }
+            args.extend([file.display().to_string(), "--sentinel".into()]);
+        }
+        args.extend([
             "--bind".into(),
             "127.0.0.1".into(),
             "--dir".into(),
@@ -258,7 +307,7 @@ impl RedisServer {
             "".into(),
             "--daemonize".into(),
             "no".into(),
-        ];
+        ]);
         if self.config.tls {
             let d = self.dir.path();
             args.extend(

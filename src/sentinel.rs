@@ -1,0 +1,350 @@
+//! Finding the master through Redis Sentinel, and leaving it when Sentinel names another.
+//!
+//! Each connect asks every Sentinel at once where the master is and takes the first
+//! answer, so a Sentinel that is down or stalled costs nothing while another answers; then
+//! it connects there and checks with `ROLE` that the server is a master. While
+//! connections are out, a small task asks again every second: when Sentinel names another
+//! master (a failover), the connections to the old one are retired. Requests they already
+//! sent get their replies; new ones are refused as not sent, so `Reconnect` connects
+//! again (through Sentinel, to the new master) and `Retry` sends them there. Without this,
+//! a client would go on writing to an old master that is still up, until Sentinel turns
+//! it into a replica (about ten seconds later, in Redis 7), and those writes would be lost.
+
+use std::{
+    future::{Future, poll_fn},
+    sync::{Arc, Mutex, MutexGuard, Weak},
+    task::Poll,
+    time::Duration,
+};
+
+use redis::{ConnectionAddr, ConnectionInfo, Value};
+use tower::ServiceExt;
+
+use crate::{
+    Error, Request,
+    connect::{describe, open},
+    service::{Driver, RedisService},
+};
+
+/// How often, while connections are out, Sentinel is asked whether the master moved.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The Sentinels of one master, shared by the clones of a connector.
+pub(crate) struct Sentinels {
+    master_name: String,
+    nodes: Vec<Node>,
+    /// Connections opened to a master, to retire when Sentinel names another.
+    handed_out: Mutex<Vec<HandedOut>>,
+    /// The task that asks where the master is while connections are out.
+    watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+struct Node {
+    info: ConnectionInfo,
+    display: Arc<str>,
+    /// A connection kept between questions. Taken out while a question is asked and put
+    /// back only once answered, so a stalled Sentinel's connection is not asked again.
+    connection: Mutex<Option<RedisService>>,
+}
+
+struct HandedOut {
+    master: (String, u16),
+    driver: Weak<Driver>,
+}
+
+impl Sentinels {
+    pub(crate) fn new(nodes: Vec<ConnectionInfo>, master_name: &str) -> Result<Self, Error> {
+        if nodes.is_empty() {
+            return Err(Error::config(
+                "a Sentinel connector needs at least one Sentinel",
+            ));
+        }
+        Ok(Sentinels {
+            master_name: master_name.to_owned(),
+            nodes: nodes
+                .into_iter()
+                .map(|info| Node {
+                    display: describe(&info).into(),
+                    info,
+                    connection: Mutex::new(None),
+                })
+                .collect(),
+            handed_out: Mutex::new(Vec::new()),
+            watcher: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn master_name(&self) -> &str {
+        &self.master_name
+    }
+
+    /// The Sentinels' addresses, for `Debug` and logs: `127.0.0.1:26379/0, ...`.
+    pub(crate) fn addresses(&self) -> String {
+        let addresses: Vec<&str> = self.nodes.iter().map(|node| &*node.display).collect();
+        addresses.join(", ")
+    }
+
+    /// Connects to the master Sentinel names, speaking to it as `template` says
+    /// (credentials, database, TLS). The caller bounds the time it takes.
+    pub(crate) async fn connect(
+        self: &Arc<Self>,
+        template: &ConnectionInfo,
+        check_timeout: Duration,
+    ) -> Result<RedisService, Error> {
+        let master = self.master_address().await?;
+        let info = template.clone().set_addr(at(template.addr(), &master));
+        let display: Arc<str> = format!("{} at {}", self.master_name, describe(&info)).into();
+        let service = open(&info, None, display).await?;
+        let role = service
+            .clone()
+            .oneshot(Request::from(redis::cmd("ROLE")))
+            .await?;
+        if !is_master(&role) {
+            // Sentinel's answer is stale (a failover under way): ask again on the next try.
+            return Err(Error::unavailable_because(format!(
+                "Sentinel named {}:{} as master `{}`, but it is not a master",
+                master.0, master.1, self.master_name
+            )));
+        }
+        if let Some(driver) = service.driver() {
+            let mut handed_out = lock(&self.handed_out);
+            handed_out.retain(|out| out.driver.strong_count() > 0);
+            handed_out.push(HandedOut {
+                master,
+                driver: Arc::downgrade(driver),
+            });
+        }
+        self.watch(check_timeout);
+        Ok(service)
+    }
+
+    /// Asks every Sentinel at once; the first to name the master answers.
+    async fn master_address(&self) -> Result<(String, u16), Error> {
+        let mut questions: Vec<_> = self
+            .nodes
+            .iter()
+            .map(|node| Box::pin(node.ask(&self.master_name)))
+            .collect();
+        let mut unknown = 0;
+        let mut failure: Option<Error> = None;
+        poll_fn(|cx| {
+            let mut index = 0;
+            while index < questions.len() {
+                let Poll::Ready(answer) = questions[index].as_mut().poll(cx) else {
+                    index += 1;
+                    continue;
+                };
+                drop(questions.swap_remove(index));
+                match answer {
+                    Ok(Some(master)) => return Poll::Ready(Ok(master)),
+                    Ok(None) => unknown += 1,
+                    // An unavailable Sentinel says more than a misconfigured one: keep it.
+                    Err(err) if failure.as_ref().is_none_or(|kept| kept.is_config()) => {
+                        failure = Some(err);
+                    }
+                    Err(_) => {}
+                }
+            }
+            if !questions.is_empty() {
+                return Poll::Pending;
+            }
+            Poll::Ready(Err(match failure.take() {
+                Some(err) if err.is_config() => err,
+                Some(err) => Error::unavailable_because(format!(
+                    "no Sentinel answered where master `{}` is (asked {}; {} did not know it): {err}",
+                    self.master_name,
+                    self.addresses(),
+                    unknown
+                )),
+                None => Error::config(format!(
+                    "no Sentinel knows a master named `{}` (asked {})",
+                    self.master_name,
+                    self.addresses()
+                )),
+            }))
+        })
+        .await
+    }
+
+    /// Starts the task that follows the master while connections are out, unless it runs.
+    fn watch(self: &Arc<Self>, check_timeout: Duration) {
+        let mut watcher = lock(&self.watcher);
+        if watcher.as_ref().is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        let sentinels = Arc::downgrade(self);
+        *watcher = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CHECK_EVERY).await;
+                let Some(sentinels) = sentinels.upgrade() else {
+                    return;
+                };
+                {
+                    // Decided under the watcher's lock, which `watch` takes after a
+                    // connection is handed out: either this sees it, or `watch` sees this
+                    // task gone and starts another.
+                    let mut watcher = lock(&sentinels.watcher);
+                    if !sentinels.has_connections_out() {
+                        *watcher = None;
+                        return;
+                    }
+                }
+                if let Ok(Ok(master)) =
+                    tokio::time::timeout(check_timeout, sentinels.master_address()).await
+                {
+                    sentinels.retire_all_but(&master);
+                }
+            }
+        }));
+    }
+
+    fn has_connections_out(&self) -> bool {
+        let mut handed_out = lock(&self.handed_out);
+        handed_out.retain(|out| out.driver.strong_count() > 0);
+        !handed_out.is_empty()
+    }
+
+    /// Retires every connection to a server other than `master`.
+    fn retire_all_but(&self, master: &(String, u16)) {
+        let mut handed_out = lock(&self.handed_out);
+        handed_out.retain(|out| {
+            if out.master == *master {
+                return out.driver.strong_count() > 0;
+            }
+            if let Some(driver) = out.driver.upgrade() {
+                tracing::warn!(
+                    master = %self.master_name,
+                    old = %format_args!("{}:{}", out.master.0, out.master.1),
+                    new = %format_args!("{}:{}", master.0, master.1),
+                    "Sentinel names a new master; retiring the connection to the old one"
+                );
+                driver.retire();
+            }
+            false
+        });
+    }
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        if let Some(task) = lock(&self.watcher).take() {
+            task.abort();
+        }
+    }
+}
+
+impl Node {
+    /// `SENTINEL GET-MASTER-ADDR-BY-NAME`: the master's host and port, or `None` when this
+    /// Sentinel does not know the name.
+    async fn ask(&self, master_name: &str) -> Result<Option<(String, u16)>, Error> {
+        let kept = lock(&self.connection).take();
+        let service = match kept {
+            Some(service) => service,
+            None => open(&self.info, None, self.display.clone()).await?,
+        };
+        let mut question = redis::cmd("SENTINEL");
+        question.arg("GET-MASTER-ADDR-BY-NAME").arg(master_name);
+        let reply = service.clone().oneshot(Request::from(question)).await?;
+        *lock(&self.connection) = Some(service);
+        match reply {
+            Value::Nil => Ok(None),
+            Value::Array(items) => match items.as_slice() {
+                [host, port] => match (text(host), text(port).and_then(|p| p.parse().ok())) {
+                    (Some(host), Some(port)) => Ok(Some((host, port))),
+                    _ => Err(unexpected()),
+                },
+                _ => Err(unexpected()),
+            },
+            _ => Err(unexpected()),
+        }
+    }
+}
+
+fn unexpected() -> Error {
+    Error::unavailable("Sentinel answered GET-MASTER-ADDR-BY-NAME with an unexpected reply")
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    }
+}
+
+/// `ROLE` answers `master` first on a master.
+fn is_master(role: &Value) -> bool {
+    match role {
+        Value::Array(items) => items.first().and_then(text).as_deref() == Some("master"),
+        _ => false,
+    }
+}
+
+/// The master's address, over TLS if the template is.
+fn at(template: &ConnectionAddr, (host, port): &(String, u16)) -> ConnectionAddr {
+    match template {
+        ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => ConnectionAddr::TcpTls {
+            host: host.clone(),
+            port: *port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => ConnectionAddr::Tcp(host.clone(), *port),
+    }
+}
+
+/// A poisoned lock still guards consistent data here (every critical section is a few
+/// plain assignments): go on with it.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_master_is_reached_as_the_template_says_over_tls_or_not() {
+        let master = ("127.0.0.1".to_owned(), 6380);
+        let tls = ConnectionAddr::TcpTls {
+            host: "cache".into(),
+            port: 6379,
+            insecure: true,
+            tls_params: None,
+        };
+        match at(&tls, &master) {
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure,
+                ..
+            } => assert_eq!((host.as_str(), port, insecure), ("127.0.0.1", 6380, true)),
+            other => panic!("{other:?}"),
+        }
+        let plain = ConnectionAddr::Tcp("cache".into(), 6379);
+        assert_eq!(
+            at(&plain, &master),
+            ConnectionAddr::Tcp("127.0.0.1".into(), 6380)
+        );
+    }
+
+    #[test]
+    fn only_a_role_reply_that_says_master_is_a_master() {
+        let role = |first: &str| {
+            Value::Array(vec![
+                Value::BulkString(first.as_bytes().to_vec()),
+                Value::Int(0),
+            ])
+        };
+        assert!(is_master(&role("master")));
+        assert!(!is_master(&role("slave")));
+        assert!(!is_master(&role("sentinel")));
+        assert!(!is_master(&Value::Nil));
+    }
+}
