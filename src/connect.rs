@@ -47,6 +47,10 @@ impl MakeConnection for Connector {
     }
 }
 
+/// How often a [Sentinel connector](Connector::sentinel) asks whether the master moved,
+/// unless [`Connector::sentinel_check_interval`] says otherwise.
+pub const DEFAULT_SENTINEL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The connect timeout used unless [`Connector::connect_timeout`] sets another.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -74,6 +78,8 @@ pub struct Connector {
     display: Arc<str>,
     /// Set when Sentinel says where the master is; `client` then holds how to talk to it.
     sentinel: Option<Arc<Sentinels>>,
+    /// How often Sentinel is asked whether the master moved, while connections are out.
+    sentinel_check_interval: Duration,
 }
 
 impl Connector {
@@ -101,6 +107,7 @@ impl Connector {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             display,
             sentinel: None,
+            sentinel_check_interval: DEFAULT_SENTINEL_CHECK_INTERVAL,
         }
     }
 
@@ -109,13 +116,16 @@ impl Connector {
     ///
     /// Every Sentinel is asked at once and the first answer is taken, so one that is down
     /// or stalled does not hold a connect up; the server it names must answer `ROLE` as a
-    /// master. While connections are open, Sentinel is asked again every second: after a
-    /// failover the connections to the old master are retired (requests already sent get
-    /// their replies; new ones are refused as not sent, so [`Reconnect`] connects to the
-    /// new master and [`Retry`] sends them there), rather than writing on into an old
-    /// master that Sentinel will turn into a replica. (Over TLS redis-rs runs the
-    /// connection and it cannot be retired: the client follows when the old master
-    /// answers `READONLY` or closes.)
+    /// master. While connections are open, the connector listens for a Sentinel's
+    /// `+switch-master` announcement, and also asks every
+    /// [`sentinel_check_interval`](Self::sentinel_check_interval) (1 s) in case one went
+    /// unheard. After a failover it retires the connections to the old master: requests
+    /// already sent get their replies; new ones are refused as not sent, so [`Reconnect`]
+    /// connects to the new master and [`Retry`] sends them there. An old master that is
+    /// still up would otherwise take writes until Sentinel turns it into a replica (about
+    /// ten seconds later, in Redis 7), and those writes would be lost. (Over TLS redis-rs
+    /// runs the connection and it cannot be retired: the client follows when the old
+    /// master answers `READONLY` or closes the connection.)
     ///
     /// `master` says how to talk to the master once found: its credentials, database,
     /// protocol and TLS (`rediss://`). Its host and port are not used; Sentinel's answer
@@ -165,6 +175,15 @@ impl Connector {
         Ok(connector)
     }
 
+    /// How often a [Sentinel connector](Self::sentinel) asks Sentinel whether the master
+    /// moved, while it has connections open, besides listening for `+switch-master`.
+    /// Default: [`DEFAULT_SENTINEL_CHECK_INTERVAL`]. No effect on other connectors.
+    #[must_use]
+    pub fn sentinel_check_interval(mut self, interval: Duration) -> Self {
+        self.sentinel_check_interval = interval;
+        self
+    }
+
     /// Bounds each connection attempt, handshake included. Default:
     /// [`DEFAULT_CONNECT_TIMEOUT`].
     #[must_use]
@@ -210,8 +229,9 @@ impl Connector {
                     .await
                 }
                 Some(sentinel) => {
+                    let every = self.sentinel_check_interval;
                     sentinel
-                        .connect(self.connection_info(), self.connect_timeout)
+                        .connect(self.connection_info(), self.connect_timeout, every)
                         .await
                 }
             }

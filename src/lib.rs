@@ -105,7 +105,9 @@ pub use client::{
     CallSummary, Client, Health, HealthStatus, ResilientClient, ResilientClientBuilder,
     ResilientFuture, ResilientStack,
 };
-pub use connect::{Connector, DEFAULT_CONNECT_TIMEOUT, MakeConnection};
+pub use connect::{
+    Connector, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SENTINEL_CHECK_INTERVAL, MakeConnection,
+};
 pub use error::Error;
 pub use request::{Blocking, CommandInfo, PIPELINE, Request, TRANSACTION, UNKNOWN_COMMAND};
 pub use service::{RedisService, ResponseFuture};

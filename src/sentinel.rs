@@ -12,11 +12,13 @@
 
 use std::{
     future::{Future, poll_fn},
+    pin::Pin,
     sync::{Arc, Mutex, MutexGuard, Weak},
     task::Poll,
     time::Duration,
 };
 
+use futures_core::Stream;
 use redis::{ConnectionAddr, ConnectionInfo, Value};
 use tower::ServiceExt;
 
@@ -25,9 +27,6 @@ use crate::{
     connect::{describe, open},
     service::{Driver, RedisService},
 };
-
-/// How often, while connections are out, Sentinel is asked whether the master moved.
-const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The Sentinels of one master, shared by the clones of a connector.
 pub(crate) struct Sentinels {
@@ -90,6 +89,7 @@ impl Sentinels {
         self: &Arc<Self>,
         template: &ConnectionInfo,
         check_timeout: Duration,
+        check_every: Duration,
     ) -> Result<RedisService, Error> {
         let master = self.master_address().await?;
         let info = template.clone().set_addr(at(template.addr(), &master));
@@ -114,7 +114,7 @@ impl Sentinels {
                 driver: Arc::downgrade(driver),
             });
         }
-        self.watch(check_timeout);
+        self.watch(check_timeout, check_every);
         Ok(service)
     }
 
@@ -167,35 +167,31 @@ impl Sentinels {
     }
 
     /// Starts the task that follows the master while connections are out, unless it runs.
-    fn watch(self: &Arc<Self>, check_timeout: Duration) {
+    fn watch(self: &Arc<Self>, check_timeout: Duration, check_every: Duration) {
         let mut watcher = lock(&self.watcher);
         if watcher.as_ref().is_some_and(|task| !task.is_finished()) {
             return;
         }
-        let sentinels = Arc::downgrade(self);
-        *watcher = Some(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(CHECK_EVERY).await;
-                let Some(sentinels) = sentinels.upgrade() else {
-                    return;
-                };
-                {
-                    // Decided under the watcher's lock, which `watch` takes after a
-                    // connection is handed out: either this sees it, or `watch` sees this
-                    // task gone and starts another.
-                    let mut watcher = lock(&sentinels.watcher);
-                    if !sentinels.has_connections_out() {
-                        *watcher = None;
-                        return;
-                    }
-                }
-                if let Ok(Ok(master)) =
-                    tokio::time::timeout(check_timeout, sentinels.master_address()).await
-                {
-                    sentinels.retire_all_but(&master);
-                }
-            }
-        }));
+        *watcher = Some(tokio::spawn(follow(
+            Arc::downgrade(self),
+            check_timeout,
+            check_every,
+        )));
+    }
+
+    /// Until no connection is out: retires the connections to an old master as soon as a
+    /// Sentinel announces the switch (`+switch-master`), and also asks every
+    /// `check_every`, in case a switch went unheard (no subscription, or a silent one).
+    /// Holds the Sentinels only between waits, so dropping the connector ends it.
+    fn keep_following(&self) -> bool {
+        // Decided under the watcher's lock, which `watch` takes after a connection is
+        // handed out: either this sees it, or `watch` sees the task gone and starts another.
+        let mut watcher = lock(&self.watcher);
+        if self.has_connections_out() {
+            return true;
+        }
+        *watcher = None;
+        false
     }
 
     fn has_connections_out(&self) -> bool {
@@ -222,6 +218,109 @@ impl Sentinels {
             }
             false
         });
+    }
+}
+
+async fn follow(sentinels: Weak<Sentinels>, check_timeout: Duration, check_every: Duration) {
+    let mut announcements: Option<Announcements> = None;
+    let mut next_node = 0;
+    loop {
+        if announcements.is_none() {
+            let Some(sentinels) = sentinels.upgrade() else {
+                return;
+            };
+            let node = &sentinels.nodes[next_node % sentinels.nodes.len()];
+            next_node += 1;
+            let subscribing = Announcements::subscribe(&node.info);
+            announcements = tokio::time::timeout(check_timeout, subscribing)
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        let heard = match announcements.as_mut() {
+            Some(heard) => tokio::time::timeout(check_every, heard.next())
+                .await
+                .unwrap_or(Heard::Nothing),
+            None => {
+                tokio::time::sleep(check_every).await;
+                Heard::Nothing
+            }
+        };
+        let Some(sentinels) = sentinels.upgrade() else {
+            return;
+        };
+        if !sentinels.keep_following() {
+            return;
+        }
+        match heard {
+            Heard::Switch { name, to } if name == sentinels.master_name => {
+                sentinels.retire_all_but(&to);
+            }
+            Heard::Switch { .. } => {}
+            Heard::Ended | Heard::Nothing => {
+                if matches!(heard, Heard::Ended) {
+                    announcements = None;
+                }
+                if let Ok(Ok(master)) =
+                    tokio::time::timeout(check_timeout, sentinels.master_address()).await
+                {
+                    sentinels.retire_all_but(&master);
+                }
+            }
+        }
+    }
+}
+
+/// A subscription to a Sentinel's `+switch-master` announcements.
+struct Announcements {
+    /// Kept so the subscription stays open.
+    _sink: redis::aio::PubSubSink,
+    stream: redis::aio::PubSubStream,
+}
+
+enum Heard {
+    /// `+switch-master <name> <old ip> <old port> <new ip> <new port>`.
+    Switch { name: String, to: (String, u16) },
+    /// The subscription closed.
+    Ended,
+    /// Nothing within the wait.
+    Nothing,
+}
+
+impl Announcements {
+    async fn subscribe(sentinel: &ConnectionInfo) -> Result<Self, Error> {
+        let client = redis::Client::open(sentinel.clone()).map_err(Error::from_connect)?;
+        let mut pubsub = client
+            .get_async_pubsub()
+            .await
+            .map_err(Error::from_connect)?;
+        pubsub
+            .subscribe("+switch-master")
+            .await
+            .map_err(Error::from_connect)?;
+        let (sink, stream) = pubsub.split();
+        Ok(Announcements {
+            _sink: sink,
+            stream,
+        })
+    }
+
+    async fn next(&mut self) -> Heard {
+        let message = poll_fn(|cx| Pin::new(&mut self.stream).poll_next(cx)).await;
+        let Some(message) = message else {
+            return Heard::Ended;
+        };
+        let payload = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
+        match payload.split(' ').collect::<Vec<_>>()[..] {
+            [name, _, _, host, port] => match port.parse() {
+                Ok(port) => Heard::Switch {
+                    name: name.to_owned(),
+                    to: (host.to_owned(), port),
+                },
+                Err(_) => Heard::Nothing,
+            },
+            _ => Heard::Nothing,
+        }
     }
 }
 
