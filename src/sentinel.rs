@@ -200,8 +200,9 @@ impl Sentinels {
         !handed_out.is_empty()
     }
 
-    /// Retires every connection to a server other than `master`.
-    fn retire_all_but(&self, master: &(String, u16)) {
+    /// Retires every connection to a server other than `master`; answers how many.
+    fn retire_all_but(&self, master: &(String, u16)) -> usize {
+        let mut retired = 0;
         let mut handed_out = lock(&self.handed_out);
         handed_out.retain(|out| {
             if out.master == *master {
@@ -215,9 +216,11 @@ impl Sentinels {
                     "Sentinel names a new master; retiring the connection to the old one"
                 );
                 driver.retire();
+                retired += 1;
             }
             false
         });
+        retired
     }
 }
 
@@ -258,13 +261,15 @@ async fn follow(sentinels: Weak<Sentinels>, check_timeout: Duration, check_every
             }
             Heard::Switch { .. } => {}
             Heard::Ended | Heard::Nothing => {
-                if matches!(heard, Heard::Ended) {
+                let asked = tokio::time::timeout(check_timeout, sentinels.master_address()).await;
+                let missed = match asked {
+                    Ok(Ok(master)) => sentinels.retire_all_but(&master) > 0,
+                    _ => false,
+                };
+                // A switch found by asking went unannounced: the Sentinel listened to is
+                // gone quiet. Listen to the next one.
+                if missed || matches!(heard, Heard::Ended) {
                     announcements = None;
-                }
-                if let Ok(Ok(master)) =
-                    tokio::time::timeout(check_timeout, sentinels.master_address()).await
-                {
-                    sentinels.retire_all_but(&master);
                 }
             }
         }
