@@ -242,6 +242,17 @@ impl Error {
         self.server_code() == Some("READONLY")
     }
 
+    /// An up server refused a write and would serve reads: a replica (`READONLY`), a
+    /// master short of the replicas `min-replicas-to-write` asks for (`NOREPLICAS`, as
+    /// an old master is once a failover took its replica), or one that cannot persist
+    /// (`MISCONF`). The write did not run.
+    pub(crate) fn is_write_refusal(&self) -> bool {
+        matches!(
+            self.server_code(),
+            Some("READONLY" | "NOREPLICAS" | "MISCONF")
+        )
+    }
+
     /// An [unavailable](Error::is_unavailable) error described in words (which must not
     /// contain secrets), for a request that was not sent.
     pub(crate) fn unavailable_because(message: impl Into<Arc<str>>) -> Self {

@@ -31,6 +31,10 @@ pub(crate) enum Behaviour {
     Server,
     /// `READONLY`: a write that reached a replica.
     ReadOnly,
+    /// `NOREPLICAS`: a master refusing writes it cannot pass to enough replicas.
+    NoReplicas,
+    /// `MISCONF`: a master refusing writes it cannot persist.
+    Misconf,
     /// Never answers.
     Hang,
 }
@@ -95,6 +99,8 @@ fn script(cmd: &redis::Cmd) -> (Behaviour, Duration) {
         Some("timeout") => Behaviour::Timeout,
         Some("server") => Behaviour::Server,
         Some("readonly") => Behaviour::ReadOnly,
+        Some("noreplicas") => Behaviour::NoReplicas,
+        Some("misconf") => Behaviour::Misconf,
         Some("hang") => Behaviour::Hang,
         other => panic!("unknown behaviour {other:?}"),
     };
@@ -110,6 +116,12 @@ async fn answer(behaviour: Behaviour) -> Result<Value, Error> {
         Behaviour::Server => Err(crate::error::server(b"-WRONGTYPE x\r\n")),
         Behaviour::ReadOnly => Err(crate::error::server(
             b"-READONLY You can't write against a read only replica.\r\n",
+        )),
+        Behaviour::NoReplicas => Err(crate::error::server(
+            b"-NOREPLICAS Not enough good replicas to write.\r\n",
+        )),
+        Behaviour::Misconf => Err(crate::error::server(
+            b"-MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.\r\n",
         )),
         Behaviour::Hang => std::future::pending().await,
     }

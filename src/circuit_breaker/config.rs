@@ -70,7 +70,7 @@ pub(super) type OnTransition = Arc<dyn Fn(Transition) + Send + Sync>;
 /// | [`wait_in_open`](Self::wait_in_open) | 2 s | a stall rarely ends sooner, and a reconnect ends the wait at once (see [`half_open_on_reconnect`](super::CircuitBreakerLayer::half_open_on_reconnect)) |
 /// | [`permitted_calls_in_half_open`](Self::permitted_calls_in_half_open) | 5 | one probe landing in a stray stall must not keep the app dark |
 /// | [`on_cancel`](Self::on_cancel) | [`CancelPolicy::FailureIfSlow`] | an outer timeout cannot hide an outage |
-/// | classifier | unavailable, timeout and configuration errors fail; server errors and `READONLY` succeed | `WRONGTYPE` is a bug in the app, not an outage; `READONLY` (a write that reached a replica, after a failover say) is an up server refusing writes only, and opening would refuse the reads it serves |
+/// | classifier | unavailable, timeout and configuration errors fail; server errors and write refusals (`READONLY`, `NOREPLICAS`, `MISCONF`) succeed | `WRONGTYPE` is a bug in the app, not an outage; a write refusal (a write that reached a replica after a failover, or a master short of replicas) comes from an up server that refuses writes only, and opening would refuse the reads it serves |
 ///
 /// Blocking commands (`BLPOP k 5`, `XREAD BLOCK`) are never slow calls and are not
 /// recorded when cancelled: waiting is what they are for.
@@ -208,10 +208,13 @@ impl CircuitBreakerConfig {
     /// Replace the classifier that decides what a finished call says about Redis.
     ///
     /// The default: [unavailable](Error::is_unavailable), [timeout](Error::is_timeout)
-    /// and [configuration](Error::is_config) errors are failures, except `READONLY` (an
-    /// unavailable error, but from a server that answers: a replica refusing a write);
-    /// [circuit-open](Error::is_circuit_open) errors (from another breaker) are ignored;
-    /// replies, `READONLY` and [server errors](Error::is_server) are successes.
+    /// and [configuration](Error::is_config) errors are failures, except the refusals of a
+    /// server that refuses writes only and serves reads: `READONLY` (a replica),
+    /// `NOREPLICAS` (a master short of replicas, as an old master is once a failover took
+    /// its replica) and `MISCONF` (a master that cannot persist). Those are unavailable
+    /// errors, but opening would turn away the reads the server serves.
+    /// [Circuit-open](Error::is_circuit_open) errors (from another breaker) are ignored;
+    /// replies, those refusals and [server errors](Error::is_server) are successes.
     pub fn classifier<F>(mut self, classify: F) -> Self
     where
         F: Fn(&Result<Value, Error>) -> Outcome + Send + Sync + 'static,
@@ -281,9 +284,10 @@ impl CircuitBreakerConfig {
             (None, Ok(_)) => Outcome::Success,
             (None, Err(err)) if err.is_circuit_open() => Outcome::Ignore,
             (None, Err(err)) if err.is_server() => Outcome::Success,
-            // A replica refused a write: Redis is up, and reads through the breaker are
-            // served; `Reconnect` looks for the master.
-            (None, Err(err)) if err.is_replica_refusal() => Outcome::Success,
+            // Redis is up and refused a write only (a replica after a failover, a master
+            // short of replicas): reads through the breaker are served, and opening would
+            // refuse them. `Reconnect` looks for the master.
+            (None, Err(err)) if err.is_write_refusal() => Outcome::Success,
             (None, Err(_)) => Outcome::Failure,
         }
     }

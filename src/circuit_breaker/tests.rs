@@ -95,11 +95,15 @@ async fn timeouts_count_as_failures_and_server_errors_do_not() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_replica_refusing_writes_is_not_an_outage() {
-    let (layer, mut service, _) = breaker(count_window(10, 10));
-    repeat(&mut service, 200, "readonly", 0).await;
-    assert_eq!(layer.state(), BreakerState::Closed);
-    assert_eq!(layer.metrics().failed_calls, 0);
+async fn a_server_refusing_writes_only_is_not_an_outage() {
+    // A replica (after a failover), a master short of replicas, a master that cannot
+    // persist: each is up and serves reads.
+    for refusal in ["readonly", "noreplicas", "misconf"] {
+        let (layer, mut service, _) = breaker(count_window(10, 10));
+        repeat(&mut service, 200, refusal, 0).await;
+        assert_eq!(layer.state(), BreakerState::Closed, "{refusal}");
+        assert_eq!(layer.metrics().failed_calls, 0, "{refusal}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
