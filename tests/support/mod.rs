@@ -231,10 +231,40 @@ impl RedisServer {
     }
 
     /// Makes this server a replica of `master`, as a failover leaves the master it
-    /// demoted: from now on it answers writes with `READONLY`. Blocks for one round trip.
+    /// demoted: from now on it answers writes with `READONLY`. Blocks until it holds the
+    /// master's data as of the sync (a few milliseconds: test servers sync at once);
+    /// [`catch_up`](Self::catch_up) waits for the writes made after it too.
     pub fn replicate(&self, master: &RedisServer) {
         let port = master.port().to_string();
         assert_eq!(self.raw_command(&["REPLICAOF", "127.0.0.1", &port]), "OK");
+        let started = Instant::now();
+        while self.info_field("master_link_status") != "up" {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the replica never synced with its master"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Blocks until writes made on `master` reach this replica. After a sync, a master
+    /// streams its writes to the replica only once the replica acknowledges (within a
+    /// second); a replica promoted before that has none of them.
+    pub fn catch_up(&self, master: &RedisServer) {
+        let started = Instant::now();
+        for attempt in 0u64.. {
+            let mark = attempt.to_string();
+            // Refused (NOREPLICAS) while the master does not count this replica yet.
+            master.raw_command(&["SET", "harness:replication-mark", &mark]);
+            std::thread::sleep(Duration::from_millis(20));
+            if self.raw_command(&["GET", "harness:replication-mark"]) == mark {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "writes never reached the replica"
+            );
+        }
     }
 
     /// Sends one command over a plain socket (RESP) and returns the reply's text. For
@@ -305,6 +335,10 @@ impl RedisServer {
             log.display().to_string(),
             "--save".into(),
             "".into(),
+            // A master sends its data to a new replica at once, not after the default
+            // 5 s wait for more replicas: a replica is in sync when a test fails over.
+            "--repl-diskless-sync-delay".into(),
+            "0".into(),
             "--daemonize".into(),
             "no".into(),
         ]);
