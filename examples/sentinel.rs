@@ -107,7 +107,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("\n{acknowledged} INCRs acknowledged, {failed} failed");
     if let Some(lab) = lab {
         let on_new: u64 = lab.replica.raw_command(&["GET", "demo:count"]).parse()?;
-        println!("the counter on the new master: {on_new}");
+        let old_role = lab.master.raw_command(&["ROLE"]);
+        println!(
+            "the counter on the new master: {on_new}; the old master is still a {} (Sentinel \
+             demotes it ~10 s after the failover)",
+            old_role.lines().next().unwrap_or("?")
+        );
         if on_new == acknowledged {
             println!(
                 "every acknowledged INCR is there, once. The failed ones did not run: the old \

@@ -246,7 +246,7 @@ async fn with_min_replicas_to_write_no_acknowledged_incr_is_lost_in_a_failover()
     let master = RedisServer::config()
         .arg("min-replicas-to-write", "1")
         .arg("min-replicas-max-lag", "10");
-    let (old, new, sentinels) = replicated_pair_with(1, master).await;
+    let (_old, new, sentinels) = replicated_pair_with(1, master).await;
     let mut client = ResilientClient::builder_with_connector(connector(&sentinels[..1]))
         .connect()
         .await
