@@ -145,6 +145,28 @@ async fn no_sentinel_reachable_is_unavailable_and_says_which_were_asked() {
     assert!(err.to_string().contains(port), "{err}");
 }
 
+#[tokio::test]
+async fn a_sentinel_password_comes_from_its_url_and_a_wrong_one_is_a_config_error() {
+    let master = RedisServer::start();
+    let sentinel = ServerConfig::sentinel_of(&master, MASTER)
+        .password("sentinel-secret")
+        .start();
+    connector([&sentinel]).connect().await.unwrap();
+
+    let wrong = sentinel.url().replace("sentinel-secret", "not-it");
+    let err = Connector::sentinel([wrong], MASTER, "redis://x")
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(err.is_config(), "{err:?}");
+    let shown = format!("{err} {err:?}");
+    assert!(
+        !shown.contains("not-it") && !shown.contains("sentinel-secret"),
+        "{shown}"
+    );
+}
+
 #[test]
 fn a_connector_needs_a_sentinel() {
     let none: [&str; 0] = [];

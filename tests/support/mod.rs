@@ -61,15 +61,21 @@ impl ServerConfig {
     }
 }
 
-impl RedisServer {
+impl ServerConfig {
     /// A Sentinel (`redis-server --sentinel`) watching `master` under `name`, alone enough
     /// to fail it over (quorum 1): it deems the master down after 300 ms without an answer.
-    pub fn sentinel_of(master: &RedisServer, name: &str) -> RedisServer {
+    pub fn sentinel_of(master: &RedisServer, name: &str) -> ServerConfig {
         ServerConfig {
             sentinel: Some((name.to_owned(), master.port())),
             ..ServerConfig::default()
         }
-        .start()
+    }
+}
+
+impl RedisServer {
+    /// [`ServerConfig::sentinel_of`], started.
+    pub fn sentinel_of(master: &RedisServer, name: &str) -> RedisServer {
+        ServerConfig::sentinel_of(master, name).start()
     }
 
     /// Where this Sentinel says master `name` is: its port.
