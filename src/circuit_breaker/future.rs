@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::{
     config::{CancelPolicy, Outcome},
-    shared::{Shared, Ticket},
+    shared::{Rejection, Shared, Ticket},
 };
 use crate::{Error, clock, sync::Lease};
 
@@ -31,7 +31,8 @@ enum Kind<F> {
         call: Option<Call>,
     },
     Rejected {
-        error: Option<Error>,
+        /// Taken when answered.
+        rejection: Option<(Rejection, &'static str)>,
     },
 }
 
@@ -42,9 +43,11 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    pub(super) fn rejected(error: Error) -> Self {
+    pub(super) fn rejected(rejection: Rejection, command: &'static str) -> Self {
         ResponseFuture {
-            kind: Kind::Rejected { error: Some(error) },
+            kind: Kind::Rejected {
+                rejection: Some((rejection, command)),
+            },
         }
     }
 }
@@ -72,9 +75,10 @@ where
                     Poll::Pending
                 }
             }),
-            KindProj::Rejected { error } => Poll::Ready(Err(error
-                .take()
-                .unwrap_or_else(Error::polled_after_completion))),
+            KindProj::Rejected { rejection } => Poll::Ready(Err(match rejection.take() {
+                Some((rejection, command)) => rejection.into_error().with_command(command),
+                None => Error::polled_after_completion(),
+            })),
         }
     }
 }

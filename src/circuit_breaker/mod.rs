@@ -112,9 +112,8 @@ where
             Admission::Pass => None,
             Admission::Reject(word) => {
                 return ResponseFuture::rejected(
-                    self.shared
-                        .rejection(word)
-                        .with_command(request.info().name()),
+                    self.shared.rejection(word),
+                    request.info().name(),
                 );
             }
         };

@@ -171,13 +171,14 @@ impl Shared {
         Admission::Reject(word)
     }
 
-    /// The error for a call rejected under `word`.
+    /// Why a call is rejected under `word`: made into its error when the call's future
+    /// is polled, so the future carries a few words rather than a whole error.
     #[inline]
-    pub(super) fn rejection(&self, word: u64) -> Error {
+    pub(super) fn rejection(&self, word: u64) -> Rejection {
         match code(word) {
-            OPEN | OPEN_UNDRIVEN => Error::circuit_open_until(self.open_until()),
-            HALF_OPEN => Error::circuit_open(Duration::ZERO),
-            _ => Error::circuit_forced_open(),
+            OPEN | OPEN_UNDRIVEN => Rejection::Until(self.open_until()),
+            HALF_OPEN => Rejection::HalfOpen,
+            _ => Rejection::Forced,
         }
     }
 
@@ -496,6 +497,28 @@ pub(super) async fn follow_connection(
                 }
             }
             changed = states.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Why the breaker turned a call away.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Rejection {
+    /// Open: the next probe is due then.
+    Until(Instant),
+    /// Half-open, with every probe taken.
+    HalfOpen,
+    /// Forced open by hand.
+    Forced,
+}
+
+impl Rejection {
+    #[inline]
+    pub(super) fn into_error(self) -> Error {
+        match self {
+            Rejection::Until(at) => Error::circuit_open_until(at),
+            Rejection::HalfOpen => Error::circuit_open(Duration::ZERO),
+            Rejection::Forced => Error::circuit_forced_open(),
         }
     }
 }
