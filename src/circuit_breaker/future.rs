@@ -58,29 +58,43 @@ where
 {
     type Output = Result<Value, Error>;
 
-    #[inline]
+    // Always inlined: a rejection is answered in a few instructions where the caller
+    // polls, its error made in place; the called path is `poll_called`'s to inline or not.
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Called { future, call } => clock::shared(|| match future.poll(cx) {
-                Poll::Ready(result) => {
-                    if let Some(call) = call {
-                        call.finish(&result);
-                    }
-                    Poll::Ready(result)
-                }
-                Poll::Pending => {
-                    if let Some(call) = call {
-                        call.started();
-                    }
-                    Poll::Pending
-                }
-            }),
+            KindProj::Called { future, call } => poll_called(future, call, cx),
             KindProj::Rejected { rejection } => Poll::Ready(Err(match rejection.take() {
                 Some((rejection, command)) => rejection.into_error().with_command(command),
                 None => Error::polled_after_completion(),
             })),
         }
     }
+}
+
+#[inline]
+fn poll_called<F>(
+    future: Pin<&mut F>,
+    call: &mut Option<Call>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Value, Error>>
+where
+    F: Future<Output = Result<Value, Error>>,
+{
+    clock::shared(|| match future.poll(cx) {
+        Poll::Ready(result) => {
+            if let Some(call) = call {
+                call.finish(&result);
+            }
+            Poll::Ready(result)
+        }
+        Poll::Pending => {
+            if let Some(call) = call {
+                call.started();
+            }
+            Poll::Pending
+        }
+    })
 }
 
 impl<F> std::fmt::Debug for ResponseFuture<F> {
