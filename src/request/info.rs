@@ -122,6 +122,12 @@ impl CommandInfo {
         self.name
     }
 
+    /// The name behind one pointer, for futures that keep it and move through every
+    /// layer above: half the size of the `&str`.
+    pub(crate) fn name_ref(&self) -> &'static &'static str {
+        self.name
+    }
+
     /// The command only reads data (Redis flags it `readonly`); a pipeline is read-only
     /// only if every command in it is.
     pub fn is_read_only(&self) -> bool {

@@ -44,7 +44,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
+    #[inline(always)]
     fn call(&mut self, mut request: Request) -> Self::Future {
         let limit = self.deadlines.for_request(&request);
         let deadline = limit.and_then(|limit| {
@@ -54,7 +54,7 @@ where
                 self.timer.lease(),
             ))
         });
-        let name = request.info().name();
+        let name = request.info().name_ref();
         ResponseFuture::new(self.inner.call(request), deadline, name)
     }
 }
