@@ -121,7 +121,7 @@ where
                 Err(NoRuntime) => Poll::Ready(Err(Error::config(
                     "the timeout layer needs a Tokio runtime to time a call",
                 )
-                .with_command(*this.command))),
+                .with_command(this.command))),
             },
             Timing::None | Timing::Waiting { .. } => Poll::Pending,
         }
