@@ -337,3 +337,32 @@ async fn a_killed_master_is_followed_to_the_replica_sentinel_promotes() {
     assert!(slowest < Duration::from_millis(400), "{slowest:?}");
     eprintln!("recovered {recovered:?} after the kill; slowest call {slowest:?}");
 }
+
+/// A client that goes away takes its Sentinel connections with it: the one it asks
+/// questions on and the one it listens on, and the task that follows the master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_client_closes_its_sentinel_connections() {
+    let master = RedisServer::start();
+    let sentinel = RedisServer::sentinel_of(&master, MASTER);
+    // Sentinels talk to each other and to the master; count the normal clients and the
+    // subscribers, which are ours (the harness's own probe is one of the normal ones).
+    let ours = |sentinel: &RedisServer| {
+        let list = sentinel.raw_command(&["CLIENT", "LIST"]);
+        list.lines()
+            .filter(|line| !line.contains("cmd=client"))
+            .count()
+    };
+    let before = ours(&sentinel);
+    // The task that follows the master would otherwise notice only at its next check.
+    let connector = connector([&sentinel]).sentinel_check_interval(Duration::from_secs(60));
+    let client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(2), async || {
+        ours(&sentinel) == before + 2
+    })
+    .await;
+    drop(client);
+    eventually(Duration::from_secs(2), async || ours(&sentinel) == before).await;
+}
