@@ -3,12 +3,14 @@
 //! Each connect asks every Sentinel at once where the master is and takes the first
 //! answer, so a Sentinel that is down or stalled costs nothing while another answers; then
 //! it connects there and checks with `ROLE` that the server is a master. While
-//! connections are out, a small task asks again every second: when Sentinel names another
-//! master (a failover), the connections to the old one are retired. Requests they already
-//! sent get their replies; new ones are refused as not sent, so `Reconnect` connects
-//! again (through Sentinel, to the new master) and `Retry` sends them there. Without this,
-//! a client would go on writing to an old master that is still up, until Sentinel turns
-//! it into a replica (about ten seconds later, in Redis 7), and those writes would be lost.
+//! connections are out, a small task listens for a Sentinel's `+switch-master`
+//! announcement and also asks every `sentinel_check_interval`, in case one went unheard:
+//! when Sentinel names another master (a failover), the connections to the old one are
+//! retired. Requests they already sent get their replies; new ones are refused as not
+//! sent, so `Reconnect` connects again (through Sentinel, to the new master) and `Retry`
+//! sends them there. Without this, a client would go on writing to an old master that is
+//! still up, until Sentinel turns it into a replica (about ten seconds later, in Redis 7),
+//! and those writes would be lost.
 
 use std::{
     future::{Future, poll_fn},
@@ -107,8 +109,7 @@ impl Sentinels {
             )));
         }
         if let Some(driver) = service.driver() {
-            let mut handed_out = lock(&self.handed_out);
-            handed_out.retain(|out| out.driver.strong_count() > 0);
+            let mut handed_out = self.connections_out();
             handed_out.push(HandedOut {
                 master,
                 driver: Arc::downgrade(driver),
@@ -179,10 +180,8 @@ impl Sentinels {
         )));
     }
 
-    /// Until no connection is out: retires the connections to an old master as soon as a
-    /// Sentinel announces the switch (`+switch-master`), and also asks every
-    /// `check_every`, in case a switch went unheard (no subscription, or a silent one).
-    /// Holds the Sentinels only between waits, so dropping the connector ends it.
+    /// Whether the task following the master goes on: while connections are out. If
+    /// not, it is marked gone, so the next connection starts another.
     fn keep_following(&self) -> bool {
         // Decided under the watcher's lock, which `watch` takes after a connection is
         // handed out: either this sees it, or `watch` sees the task gone and starts another.
@@ -195,9 +194,14 @@ impl Sentinels {
     }
 
     fn has_connections_out(&self) -> bool {
+        !self.connections_out().is_empty()
+    }
+
+    /// The connections handed out that are still open.
+    fn connections_out(&self) -> MutexGuard<'_, Vec<HandedOut>> {
         let mut handed_out = lock(&self.handed_out);
         handed_out.retain(|out| out.driver.strong_count() > 0);
-        !handed_out.is_empty()
+        handed_out
     }
 
     /// Retires every connection to a server other than `master`; answers how many.
@@ -224,6 +228,10 @@ impl Sentinels {
     }
 }
 
+/// Until no connection is out: retires the connections to an old master as soon as a
+/// Sentinel announces the switch (`+switch-master`), and also asks every `check_every`, in
+/// case a switch went unheard (no subscription, or a silent one). Holds the Sentinels only
+/// between waits, so dropping the connector ends it (its `Drop` also aborts it at once).
 async fn follow(sentinels: Weak<Sentinels>, check_timeout: Duration, check_every: Duration) {
     let mut announcements: Option<Announcements> = None;
     let mut next_node = 0;
