@@ -242,7 +242,7 @@ impl Connector {
         }
     }
 
-    /// The Sentinel lookup, for connectors made by [`Connector::sentinel`].
+    /// The master's name, for a connector that asks Sentinel where it is.
     pub(crate) fn sentinel_master_name(&self) -> Option<&str> {
         self.sentinel.as_deref().map(Sentinels::master_name)
     }
