@@ -33,6 +33,14 @@ pub trait MakeConnection: Send + Sync + 'static {
 
     /// Where it connects, for logs: no credentials.
     fn address(&self) -> &str;
+
+    /// Where `connection` leads, for health reports: no credentials. For a connector that
+    /// finds Redis anew on each connect (through Sentinel, say), the server it found.
+    /// `None` when the connector cannot tell (the default).
+    fn connected_to(&self, connection: &Self::Connection) -> Option<String> {
+        let _ = connection;
+        None
+    }
 }
 
 impl MakeConnection for Connector {
@@ -44,6 +52,10 @@ impl MakeConnection for Connector {
 
     fn address(&self) -> &str {
         Connector::address(self)
+    }
+
+    fn connected_to(&self, connection: &RedisService) -> Option<String> {
+        Some(connection.address().to_owned())
     }
 }
 

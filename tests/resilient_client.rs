@@ -51,6 +51,7 @@ async fn the_default_stack_serves_redis_rs_commands_and_reports_health() {
     assert_eq!(health.status, HealthStatus::Up);
     assert_eq!(health.connection, ConnectionState::Connected);
     assert_eq!(health.address, format!("127.0.0.1:{}/0", server.port()));
+    assert_eq!(health.connected_to.as_ref(), Some(&health.address));
     assert!(health.ping.is_some() && health.ping_error.is_none());
     assert_eq!(health.breaker.unwrap().state, BreakerState::Closed);
     let calls = health.calls.unwrap();
@@ -101,6 +102,7 @@ async fn a_lazy_client_starts_without_redis_and_comes_up_by_itself() {
     assert!(err.is_unavailable(), "{err}");
     let health = client.health().await;
     assert_eq!(health.status, HealthStatus::Down);
+    assert_eq!(health.connected_to, None, "no connection");
     assert!(health.ping.is_none());
     assert!(health.ping_error.unwrap().contains("PING"));
 

@@ -227,6 +227,12 @@ async fn writes_move_to_the_new_master_as_soon_as_sentinel_announces_the_switch(
     eprintln!("writes reached the new master {followed_in:?} after Sentinel named it");
     let () = client.set("after", "switch").await.unwrap();
     assert_eq!(new.raw_command(&["GET", "after"]), "switch");
+    let health = client.health().await;
+    assert_eq!(
+        health.connected_to,
+        Some(format!("{MASTER} at 127.0.0.1:{}/0", new.port()))
+    );
+    assert!(health.address.starts_with("cache/0 via Sentinel"));
     stop.send(true).unwrap();
     let failures = writer.await.unwrap();
     assert!(failures.is_empty(), "{failures:?}");

@@ -13,7 +13,8 @@ use crate::{
 /// milliseconds:
 ///
 /// ```json
-/// {"status":"up","address":"127.0.0.1:6379/0","connection":"connected",
+/// {"status":"up","address":"127.0.0.1:6379/0","connected_to":"127.0.0.1:6379/0",
+///  "connection":"connected",
 ///  "reconnects":{"attempts":1,"successes":1,"failures":0},
 ///  "breaker":{"state":"closed","calls":4,"failed_calls":0,"slow_calls":0,
 ///             "failure_rate":null,"slow_call_rate":null},
@@ -35,6 +36,9 @@ pub struct Health {
     pub status: HealthStatus,
     /// Where the client connects (no credentials).
     pub address: String,
+    /// Where the connection in use leads, if there is one (no credentials): for a
+    /// [Sentinel connector](crate::Connector::sentinel), the master it found.
+    pub connected_to: Option<String>,
     /// The connection state.
     pub connection: ConnectionState,
     /// Connection attempt counters.
@@ -112,6 +116,7 @@ impl Health {
         Health {
             status,
             address: client.address().to_owned(),
+            connected_to: client.connected_to(),
             connection,
             reconnects: client.reconnect_stats(),
             breaker,

@@ -86,6 +86,13 @@ impl ResilientClient {
         self.parts.redis.address()
     }
 
+    /// Where the connection in use leads (no credentials), if there is one: for a
+    /// [Sentinel connector](crate::Connector::sentinel), the master it found, which a
+    /// failover changes.
+    pub fn connected_to(&self) -> Option<String> {
+        self.parts.redis.connected_to()
+    }
+
     /// The connection state now.
     pub fn connection_state(&self) -> ConnectionState {
         *self.parts.redis.state().borrow()

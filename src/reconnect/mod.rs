@@ -171,6 +171,13 @@ impl<M: MakeConnection> Reconnect<M> {
     pub fn address(&self) -> &str {
         self.shared.connector.address()
     }
+
+    /// Where the connection in use leads, if there is one and the connector can tell
+    /// ([`MakeConnection::connected_to`]): after a Sentinel failover, the new master.
+    pub fn connected_to(&self) -> Option<String> {
+        let (_, connection) = self.shared.current();
+        self.shared.connector.connected_to(&connection?)
+    }
 }
 
 fn require_runtime() -> Result<(), Error> {

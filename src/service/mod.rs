@@ -107,6 +107,11 @@ impl RedisService {
         }
     }
 
+    /// Where the connection leads, as its connector describes it (no credentials).
+    pub(crate) fn address(&self) -> &str {
+        &self.inner.address
+    }
+
     /// The connection's task, when this crate runs it.
     pub(crate) fn driver(&self) -> Option<&Arc<Driver>> {
         self.inner.driver.as_ref()
