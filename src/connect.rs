@@ -41,6 +41,14 @@ pub trait MakeConnection: Send + Sync + 'static {
         let _ = connection;
         None
     }
+
+    /// Whether `connection` has closed for good, so a call on it would be refused: an
+    /// idle connection kept for blocking commands is checked before it is used. `false`
+    /// when the connector cannot tell (the default): the call then finds out.
+    fn is_closed(&self, connection: &Self::Connection) -> bool {
+        let _ = connection;
+        false
+    }
 }
 
 impl MakeConnection for Connector {
@@ -56,6 +64,10 @@ impl MakeConnection for Connector {
 
     fn connected_to(&self, connection: &RedisService) -> Option<String> {
         Some(connection.address().to_owned())
+    }
+
+    fn is_closed(&self, connection: &RedisService) -> bool {
+        connection.is_closed()
     }
 }
 

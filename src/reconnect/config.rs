@@ -2,6 +2,10 @@ use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use crate::{Error, RedisService, backoff::ExponentialBackoff};
 
+/// How many connections for blocking commands are kept open between calls, unless
+/// [`ReconnectConfig::dedicated_blocking_connections`] says otherwise.
+pub const DEFAULT_IDLE_BLOCKING_CONNECTIONS: usize = 4;
+
 type OnConnect<S> =
     Arc<dyn Fn(S) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> + Send + Sync>;
 
@@ -39,6 +43,7 @@ pub struct ReconnectConfig<S = RedisService> {
     pub(super) health_check: Option<(Duration, Duration)>,
     pub(super) on_connect: Option<OnConnect<S>>,
     pub(super) readonly_reconnect: Option<Duration>,
+    pub(super) blocking_idle: Option<usize>,
 }
 
 impl<S> Clone for ReconnectConfig<S> {
@@ -50,6 +55,7 @@ impl<S> Clone for ReconnectConfig<S> {
             health_check: self.health_check,
             on_connect: self.on_connect.clone(),
             readonly_reconnect: self.readonly_reconnect,
+            blocking_idle: self.blocking_idle,
         }
     }
 }
@@ -64,6 +70,7 @@ impl<S> Default for ReconnectConfig<S> {
             health_check: None,
             on_connect: None,
             readonly_reconnect: Some(Duration::from_secs(1)),
+            blocking_idle: Some(DEFAULT_IDLE_BLOCKING_CONNECTIONS),
         }
     }
 }
@@ -153,6 +160,52 @@ impl<S> ReconnectConfig<S> {
         self.readonly_reconnect = interval;
         self
     }
+
+    /// Send commands that wait for data (`BLPOP`, `BRPOP`, `BLMOVE`, `BZPOPMIN`,
+    /// `XREAD BLOCK`, `XREADGROUP BLOCK`...) on a connection of their own, and keep up to
+    /// `idle` such connections open between calls for the next ones; `None` sends them on
+    /// the shared connection.
+    ///
+    /// Redis serves one connection's commands in order, and holds all of them behind a
+    /// command that blocks. On the shared connection a `BLPOP q 5` would hold up every
+    /// other call of the application for up to five seconds: they would time out, and
+    /// the breaker would count an outage. And a blocking call given up on (its deadline
+    /// passed, its future dropped) stays blocked in Redis, which would later pop an
+    /// element and send it to nobody: lost. On a connection of its own, a call given up on
+    /// closes that connection, so Redis unblocks it and pops nothing.
+    ///
+    /// A blocking call takes an idle connection (one that has closed meanwhile is
+    /// skipped) or opens one through the connector, running the
+    /// [`on_connect`](Self::on_connect) hook on it, and puts it back when Redis answers.
+    /// While the shared connection is down, blocking calls are refused as other calls are
+    /// (or wait [`max_wait`](Self::max_wait)), so an outage does not turn every blocked
+    /// worker into a stream of connection attempts. Idle connections opened before the
+    /// shared connection was lost or replaced are closed, not reused. Each blocking call
+    /// in flight holds one connection: a thousand concurrent `BLPOP`s are a thousand
+    /// connections, as with any client.
+    ///
+    /// `WAIT` and `WAITAOF` stay on the shared connection: they wait for the writes made
+    /// before them on their own connection. (A pipeline that writes and then `WAIT`s goes
+    /// to a connection of its own whole, so the `WAIT` still follows its writes.) A
+    /// transaction never blocks: Redis runs blocking commands inside `MULTI` without
+    /// waiting.
+    ///
+    /// Default `Some(4)`
+    /// ([`DEFAULT_IDLE_BLOCKING_CONNECTIONS`](super::DEFAULT_IDLE_BLOCKING_CONNECTIONS)).
+    ///
+    /// ```
+    /// use tower_redis_resilience::reconnect::ReconnectConfig;
+    ///
+    /// // Eight workers loop on BLPOP: keep a connection for each between calls.
+    /// let workers = ReconnectConfig::new().dedicated_blocking_connections(Some(8));
+    /// // Every blocking command on the one shared connection, as redis-rs does.
+    /// let shared = ReconnectConfig::new().dedicated_blocking_connections(None);
+    /// # let _ = (workers, shared);
+    /// ```
+    pub fn dedicated_blocking_connections(mut self, idle: Option<usize>) -> Self {
+        self.blocking_idle = idle;
+        self
+    }
 }
 
 impl<S> fmt::Debug for ReconnectConfig<S> {
@@ -164,6 +217,7 @@ impl<S> fmt::Debug for ReconnectConfig<S> {
             .field("health_check", &self.health_check)
             .field("on_connect", &self.on_connect.as_ref().map(|_| "<hook>"))
             .field("reconnect_on_readonly", &self.readonly_reconnect)
+            .field("dedicated_blocking_connections", &self.blocking_idle)
             .finish()
     }
 }

@@ -5,7 +5,7 @@ mod config;
 mod future;
 mod shared;
 
-pub use config::ReconnectConfig;
+pub use config::{DEFAULT_IDLE_BLOCKING_CONNECTIONS, ReconnectConfig};
 pub use future::ResponseFuture;
 
 use std::{
@@ -54,6 +54,10 @@ pub struct ReconnectStats {
     pub successes: u64,
     /// Attempts that failed.
     pub failures: u64,
+    /// Connections opened for blocking commands
+    /// ([`dedicated_blocking_connections`](ReconnectConfig::dedicated_blocking_connections)),
+    /// not counted above.
+    pub blocking_connections: u64,
 }
 
 /// The bottom of a resilient stack: a [`tower::Service`] that keeps one Redis connection
@@ -71,6 +75,10 @@ pub struct ReconnectStats {
 /// - **While reconnecting**, calls fail at once with an [unavailable](Error::is_unavailable)
 ///   error ("reconnecting, attempt 3, next try in 20ms") that never reached Redis, or wait
 ///   at most [`max_wait`](ReconnectConfig::max_wait).
+/// - **Blocking commands** that wait for data (`BLPOP`, `XREAD BLOCK`...) run on
+///   connections of their own, kept for reuse, so they hold up no other call and one
+///   given up on pops nothing
+///   ([`dedicated_blocking_connections`](ReconnectConfig::dedicated_blocking_connections)).
 /// - **Wrong credentials or settings** are retried at the slowest rate of the schedule
 ///   with a warning, never in a hot loop.
 /// - **State** is observable through [`state`](Reconnect::state) (a `watch` channel) and
@@ -197,6 +205,12 @@ impl<M: MakeConnection> Service<Request> for Reconnect<M> {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        if request.info().is_blocking()
+            && self.shared.config.blocking_idle.is_some()
+            && let Some(name) = blocks_for_data(&request)
+        {
+            return ResponseFuture::wait(call_blocking(self.shared.lease(), request, name));
+        }
         if self.shared.generation.load(Ordering::Acquire) != self.cached_generation {
             (self.cached_generation, self.cached) = self.shared.current();
         }
@@ -218,29 +232,30 @@ impl<M: MakeConnection> Service<Request> for Reconnect<M> {
     }
 }
 
-/// Waits up to `max_wait` for a connection, then calls on it.
-async fn wait_then_call<M: MakeConnection>(
-    shared: Lease<Shared<M>>,
-    request: Request,
-) -> Result<Value, Error> {
+/// The name of a blocking request that waits for data (a key, a stream) and so goes to a
+/// connection of its own; `None` for `WAIT` and `WAITAOF`, which wait for the writes
+/// made before them on the shared connection and must follow them there.
+fn blocks_for_data(request: &Request) -> Option<&'static str> {
     let name = request.info().name();
-    let counts_cancellation = !request.info().is_blocking();
+    (!matches!(name, "WAIT" | "WAITAOF")).then_some(name)
+}
+
+/// The current connection and its generation; while there is none, waits up to
+/// `max_wait` for one.
+async fn current_connection<M: MakeConnection>(
+    shared: &Lease<Shared<M>>,
+    name: &'static str,
+) -> Result<(u64, M::Connection), Error> {
     let deadline = tokio::time::Instant::now() + shared.config.max_wait;
     let mut state = shared.subscribe();
     loop {
         // Mark the state seen before looking for the connection, so a connection that
         // arrives in between wakes `changed()` instead of being missed.
         let failed = *state.borrow_and_update() == ConnectionState::Failed;
-        if let (generation, Some(mut connection)) = shared.current() {
-            let mut tracker = Tracker::new(shared.clone(), generation, counts_cancellation);
-            let result = match std::future::poll_fn(|cx| connection.poll_ready(cx)).await {
-                Ok(()) => connection.call(request).await,
-                Err(error) => Err(error),
-            };
-            tracker.finish(&result);
-            return result;
+        if let (generation, Some(connection)) = shared.current() {
+            return Ok((generation, connection));
         }
-        if failed {
+        if failed || shared.config.max_wait.is_zero() {
             return Err(shared.rejection().with_command(name));
         }
         match tokio::time::timeout_at(deadline, state.changed()).await {
@@ -248,6 +263,59 @@ async fn wait_then_call<M: MakeConnection>(
             _ => return Err(shared.rejection().with_command(name)),
         }
     }
+}
+
+/// Waits up to `max_wait` for a connection, then calls on it.
+async fn wait_then_call<M: MakeConnection>(
+    shared: Lease<Shared<M>>,
+    request: Request,
+) -> Result<Value, Error> {
+    let counts_cancellation = !request.info().is_blocking();
+    let (generation, mut connection) = current_connection(&shared, request.info().name()).await?;
+    let mut tracker = Tracker::new(shared.clone(), generation, counts_cancellation);
+    let result = match std::future::poll_fn(|cx| connection.poll_ready(cx)).await {
+        Ok(()) => connection.call(request).await,
+        Err(error) => Err(error),
+    };
+    tracker.finish(&result);
+    result
+}
+
+/// Runs a blocking command on a connection of its own: an idle one that still works, or
+/// a new one. It goes back to the idle ones when Redis answers (an error reply leaves it
+/// fine); if the call is given up on, it is dropped with the future, which closes it, so
+/// Redis unblocks the command and pops nothing for nobody.
+async fn call_blocking<M: MakeConnection>(
+    shared: Lease<Shared<M>>,
+    request: Request,
+    name: &'static str,
+) -> Result<Value, Error> {
+    // Not while the shared connection is down: no connection storm during an outage.
+    let (generation, _) = current_connection(&shared, name).await?;
+    let mut connection = loop {
+        if let Some(mut idle) = shared.idle_blocking(generation) {
+            // One that closed while idle (Redis's `timeout`, say) is dropped: the next.
+            if !shared.connector.is_closed(&idle)
+                && std::future::poll_fn(|cx| idle.poll_ready(cx)).await.is_ok()
+            {
+                break idle;
+            }
+            continue;
+        }
+        let mut opened = shared
+            .open_blocking()
+            .await
+            .map_err(|error| error.with_command(name))?;
+        std::future::poll_fn(|cx| opened.poll_ready(cx))
+            .await
+            .map_err(|error| error.with_command(name))?;
+        break opened;
+    };
+    let result = connection.call(request).await;
+    if !matches!(&result, Err(error) if error.breaks_connection()) {
+        shared.put_back_blocking(generation, connection);
+    }
+    result
 }
 
 impl<M: MakeConnection> fmt::Debug for Reconnect<M> {

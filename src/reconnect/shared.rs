@@ -36,6 +36,10 @@ pub(super) struct Shared<M: MakeConnection> {
     attempts: AtomicU64,
     successes: AtomicU64,
     failures: AtomicU64,
+    /// Connections for blocking commands, between calls, each with the generation of the
+    /// shared connection when it was opened.
+    blocking_idle: Mutex<Vec<(u64, Connection<M>)>>,
+    blocking_opened: AtomicU64,
     /// The owner the handles hold, for the reconnect loop: none is started once they are
     /// gone.
     this: Weak<Leased<Shared<M>>>,
@@ -82,6 +86,8 @@ impl<M: MakeConnection> Shared<M> {
                 attempts: AtomicU64::new(0),
                 successes: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
+                blocking_idle: Mutex::new(Vec::new()),
+                blocking_opened: AtomicU64::new(0),
                 this: this.clone(),
             })
         })
@@ -126,6 +132,47 @@ impl<M: MakeConnection> Shared<M> {
             attempts: self.attempts.load(Ordering::Relaxed),
             successes: self.successes.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
+            blocking_connections: self.blocking_opened.load(Ordering::Relaxed),
+        }
+    }
+
+    fn blocking_idle(&self) -> MutexGuard<'_, Vec<(u64, Connection<M>)>> {
+        self.blocking_idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An idle connection for a blocking command, opened while the shared connection of
+    /// `generation` was current. Older ones lead where the shared connection no longer
+    /// does (a restart, a failover) and are closed.
+    pub fn idle_blocking(&self, generation: u64) -> Option<Connection<M>> {
+        let mut idle = self.blocking_idle();
+        while let Some((opened_in, connection)) = idle.pop() {
+            if opened_in == generation {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    /// Opens a connection for a blocking command, with the user's hook run on it.
+    pub async fn open_blocking(&self) -> Result<Connection<M>, Error> {
+        let connection = open(&self.connector, &self.config).await?;
+        self.blocking_opened.fetch_add(1, Ordering::Relaxed);
+        Ok(connection)
+    }
+
+    /// Keeps a connection a blocking command is done with for the next one, unless as
+    /// many are idle as the configuration allows or the shared connection was lost or
+    /// replaced since it was opened.
+    pub fn put_back_blocking(&self, generation: u64, connection: Connection<M>) {
+        let limit = self.config.blocking_idle.unwrap_or(0);
+        if self.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
+        let mut idle = self.blocking_idle();
+        if idle.len() < limit {
+            idle.push((generation, connection));
         }
     }
 
@@ -244,6 +291,10 @@ impl<M: MakeConnection> Shared<M> {
             "redis connection lost; reconnecting"
         );
         self.start_loop(&mut slot);
+        drop(slot);
+        // Most likely lost with it (a restart): closed now, not kept for later.
+        let idle = std::mem::take(&mut *self.blocking_idle());
+        drop(idle);
     }
 
     /// Drops the connection if there is one and starts the loop if it is not running.

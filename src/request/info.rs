@@ -179,7 +179,8 @@ impl CommandInfo {
     }
 
     /// Describes a pipeline: read-only and idempotent only if every command is, pub/sub
-    /// if any is, blocking for as long as its longest-blocking command.
+    /// if any is, blocking for as long as its longest-blocking command (a transaction
+    /// never blocks: Redis does not let commands inside `MULTI` wait).
     pub fn of_pipeline(pipeline: &Pipeline) -> CommandInfo {
         let mut info = CommandInfo {
             name: if pipeline.is_transaction() {
@@ -200,7 +201,11 @@ impl CommandInfo {
             info.pubsub |= one.pubsub;
             blocking = blocking.max(one.blocking());
         }
-        info.block = BlockTime::of(blocking);
+        // Inside `MULTI` Redis runs blocking commands without waiting (`BLPOP` on an
+        // empty list answers nil at once), so a transaction never blocks.
+        if !pipeline.is_transaction() {
+            info.block = BlockTime::of(blocking);
+        }
         info
     }
 
@@ -523,6 +528,11 @@ mod tests {
         assert_eq!(
             CommandInfo::of_pipeline(&blocking).blocking(),
             Blocking::For(Duration::from_secs(3))
+        );
+        assert_eq!(
+            CommandInfo::of_pipeline(blocking.atomic()).blocking(),
+            Blocking::No,
+            "a transaction never blocks"
         );
     }
 }

@@ -112,6 +112,12 @@ impl RedisService {
         &self.inner.address
     }
 
+    /// The connection has closed or was retired: it will take no request again. (`false`
+    /// for a connection opened by the caller, whose task this crate does not see.)
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.driver.as_deref().is_some_and(Driver::has_ended)
+    }
+
     /// The connection's task, when this crate runs it.
     pub(crate) fn driver(&self) -> Option<&Arc<Driver>> {
         self.inner.driver.as_ref()
@@ -165,7 +171,7 @@ impl Driver {
     /// The connection takes no more requests: it was retired, or its task has ended, so
     /// nothing sent from now on would reach Redis. (tokio drops a task's future, here with
     /// the connection's receiving side, before it marks the task finished.)
-    fn has_ended(&self) -> bool {
+    pub(crate) fn has_ended(&self) -> bool {
         self.retired.load(Relaxed) || self.task.is_finished()
     }
 

@@ -1,0 +1,201 @@
+//! Blocking commands through the default stack against real redis-server processes: on
+//! connections of their own, so they hold up no other call and a call given up on pops
+//! nothing; `WAIT` and transactions stay on the shared connection.
+
+mod support;
+
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use support::{RedisServer, eventually};
+use tower_redis_resilience::{ResilientClient, reconnect::ReconnectConfig};
+
+async fn client(server: &RedisServer) -> ResilientClient {
+    ResilientClient::builder(&server.url())
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// How many clients Redis holds blocked now.
+fn blocked_clients(server: &RedisServer) -> u32 {
+    server.info_field("blocked_clients").parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blpop_holds_up_no_other_call() {
+    let server = RedisServer::start();
+    let mut client = client(&server).await;
+    let () = client.set("k", "v").await.unwrap();
+
+    let mut waiter = client.clone();
+    let popped = tokio::spawn(async move {
+        waiter
+            .blpop::<_, Option<(String, String)>>("queue", 5.0)
+            .await
+    });
+    eventually(Duration::from_secs(5), async || {
+        blocked_clients(&server) == 1
+    })
+    .await;
+
+    // On the shared connection each GET would wait behind the BLPOP and time out at the
+    // default 250 ms deadline.
+    for _ in 0..20 {
+        let value: Option<String> = client.get("k").await.unwrap();
+        assert_eq!(value.as_deref(), Some("v"));
+    }
+    assert!(!popped.is_finished(), "the BLPOP still waits for data");
+
+    assert_eq!(server.raw_command(&["LPUSH", "queue", "job"]), "1");
+    let popped = popped.await.unwrap().unwrap();
+    assert_eq!(popped, Some(("queue".to_owned(), "job".to_owned())));
+    assert_eq!(client.reconnect_stats().blocking_connections, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_call_given_up_on_pops_nothing() {
+    let server = RedisServer::start();
+    let mut client = client(&server).await;
+
+    // `BLPOP queue 0` has no deadline of its own; the app gives up on it.
+    let given_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        client.blpop::<_, Option<(String, String)>>("queue", 0.0),
+    )
+    .await;
+    assert!(given_up.is_err(), "nothing was pushed: {given_up:?}");
+
+    // Its connection closed, so Redis no longer holds a BLPOP that would pop the next
+    // element and send it to nobody.
+    eventually(Duration::from_secs(5), async || {
+        blocked_clients(&server) == 0
+    })
+    .await;
+    assert_eq!(server.raw_command(&["LPUSH", "queue", "job"]), "1");
+    let () = client.set("after", "1").await.unwrap();
+    assert_eq!(
+        server.raw_command(&["LLEN", "queue"]),
+        "1",
+        "the job is still there"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_calls_one_after_another_reuse_one_connection() {
+    let server = RedisServer::start();
+    let mut client = client(&server).await;
+    // `INFO` over a connection of its own, which it counts.
+    let connections = || -> u64 {
+        server
+            .info_field("total_connections_received")
+            .parse()
+            .unwrap()
+    };
+    let before = connections();
+    for _ in 0..5 {
+        let nothing: Option<(String, String)> = client.blpop("queue", 0.01).await.unwrap();
+        assert_eq!(nothing, None);
+    }
+    assert_eq!(
+        connections() - before,
+        2,
+        "one for the BLPOPs, one for INFO"
+    );
+    assert_eq!(client.reconnect_stats().blocking_connections, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_blocking_connection_redis_closed_is_replaced_and_pops_once() {
+    let server = RedisServer::start();
+    // No retry to resend a call refused on the closed connection: the connection must be
+    // skipped before the call is made.
+    let mut client = ResilientClient::builder(&server.url())
+        .without_retry()
+        .connect()
+        .await
+        .unwrap();
+    let nothing: Option<(String, String)> = client.blpop("queue", 0.01).await.unwrap();
+    assert_eq!(nothing, None);
+
+    // Redis's `timeout` closes idle connections the same way.
+    let list = server.raw_command(&["CLIENT", "LIST"]);
+    let idle = list
+        .lines()
+        .find(|line| line.contains("cmd=blpop"))
+        .and_then(|line| line.split(' ').find_map(|field| field.strip_prefix("id=")))
+        .expect("the idle BLPOP connection")
+        .to_owned();
+    assert_eq!(server.raw_command(&["CLIENT", "KILL", "ID", &idle]), "1");
+    // The connection's task sees the close within microseconds; this is ample.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    assert_eq!(server.raw_command(&["RPUSH", "queue", "a", "b"]), "2");
+    let popped: Option<(String, String)> = client.blpop("queue", 1.0).await.unwrap();
+    assert_eq!(popped, Some(("queue".to_owned(), "a".to_owned())));
+    assert_eq!(server.raw_command(&["LLEN", "queue"]), "1", "popped once");
+    assert_eq!(client.reconnect_stats().blocking_connections, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_stays_with_the_writes_it_waits_for() {
+    let (master, replica) = (RedisServer::start(), RedisServer::start());
+    replica.replicate(&master);
+    let mut client = client(&master).await;
+    let () = client.set("k", "1").await.unwrap();
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(1000)
+        .query_async(&mut client)
+        .await
+        .unwrap();
+    assert_eq!(acked, 1);
+
+    // A stalled replica acknowledges nothing more. On a fresh connection, with no write
+    // of its own to wait for, WAIT would answer 1 at once.
+    replica.pause();
+    let () = client.set("k", "2").await.unwrap();
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(100)
+        .query_async(&mut client)
+        .await
+        .unwrap();
+    replica.resume();
+    assert_eq!(acked, 0, "the SET before it is not acknowledged");
+    assert_eq!(client.reconnect_stats().blocking_connections, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_never_blocks() {
+    let server = RedisServer::start();
+    let mut client = client(&server).await;
+    // Inside MULTI, Redis answers BLPOP on an empty list at once: well within the default
+    // 250 ms deadline, which the transaction keeps.
+    let (popped,): (Option<(String, String)>,) = redis::pipe()
+        .atomic()
+        .blpop("queue", 5.0)
+        .query_async(&mut client)
+        .await
+        .unwrap();
+    assert_eq!(popped, None);
+    assert_eq!(client.reconnect_stats().blocking_connections, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switched_off_blocking_calls_share_the_connection() {
+    let server = RedisServer::start();
+    let mut client = ResilientClient::builder(&server.url())
+        .reconnect(ReconnectConfig::new().dedicated_blocking_connections(None))
+        .connect()
+        .await
+        .unwrap();
+    let nothing: Option<(String, String)> = client.blpop("queue", 0.01).await.unwrap();
+    assert_eq!(nothing, None);
+    assert_eq!(client.reconnect_stats().blocking_connections, 0);
+    assert_eq!(
+        server.info_field("connected_clients"),
+        "2",
+        "ours and INFO's"
+    );
+}
