@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use support::{RedisServer, eventually};
+use support::{FaultProxy, RedisServer, eventually};
 use tower_redis_resilience::{ResilientClient, reconnect::ReconnectConfig};
 
 async fn client(server: &RedisServer) -> ResilientClient {
@@ -198,4 +198,38 @@ async fn switched_off_blocking_calls_share_the_connection() {
         "2",
         "ours and INFO's"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blpop_follows_a_failover_behind_one_address() {
+    let (old, new) = (RedisServer::start(), RedisServer::start());
+    // The address the app knows, as a DNS name: it moves to the new master, the open
+    // connections stay on the old one.
+    let proxy = FaultProxy::start(old.port()).await;
+    let mut client = ResilientClient::builder(&proxy.url())
+        .connect()
+        .await
+        .unwrap();
+    let nothing: Option<(String, String)> = client.blpop("queue", 0.01).await.unwrap();
+    assert_eq!(
+        nothing, None,
+        "an idle blocking connection to the old master"
+    );
+
+    old.replicate(&new);
+    proxy.retarget(new.port());
+    assert_eq!(new.raw_command(&["RPUSH", "queue", "job"]), "1");
+
+    // The idle connection reaches a replica: READONLY, not run, so the retry resends the
+    // BLPOP on a new connection, which leads to the new master.
+    let popped: Option<(String, String)> = client.blpop("queue", 1.0).await.unwrap();
+    assert_eq!(popped, Some(("queue".to_owned(), "job".to_owned())));
+    assert_eq!(client.reconnect_stats().blocking_connections, 2);
+    // And the shared connection followed too, without a write of its own.
+    eventually(Duration::from_secs(5), async || {
+        client.reconnect_stats().successes == 2
+    })
+    .await;
+    let () = client.set("k", "v").await.unwrap();
+    assert_eq!(new.raw_command(&["GET", "k"]), "v");
 }

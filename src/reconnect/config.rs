@@ -180,7 +180,10 @@ impl<S> ReconnectConfig<S> {
     /// While the shared connection is down, blocking calls are refused as other calls are
     /// (or wait [`max_wait`](Self::max_wait)), so an outage does not turn every blocked
     /// worker into a stream of connection attempts. Idle connections opened before the
-    /// shared connection was lost or replaced are closed, not reused. Each blocking call
+    /// shared connection was lost or replaced are closed, not reused; one that finds a
+    /// replica (`READONLY`: a failover behind the address) has the shared connection
+    /// replaced, as a write would (see
+    /// [`reconnect_on_readonly`](Self::reconnect_on_readonly)). Each blocking call
     /// in flight holds one connection: a thousand concurrent `BLPOP`s are a thousand
     /// connections, as with any client.
     ///

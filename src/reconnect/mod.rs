@@ -312,8 +312,12 @@ async fn call_blocking<M: MakeConnection>(
         break opened;
     };
     let result = connection.call(request).await;
-    if !matches!(&result, Err(error) if error.breaks_connection()) {
-        shared.put_back_blocking(generation, connection);
+    match &result {
+        Err(error) if error.breaks_connection() => {}
+        // A replica answered: a failover behind the address. The shared connection is
+        // replaced as a write on it would have it, and the idle ones go with it.
+        Err(error) if error.is_replica_refusal() => shared.read_only_reply(generation),
+        _ => shared.put_back_blocking(generation, connection),
     }
     result
 }
