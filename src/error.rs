@@ -73,6 +73,9 @@ enum Detail {
         next_try_in: Option<Duration>,
     },
     Text(Arc<str>),
+    /// A request the client refused to send, as it would break the connection for
+    /// others: says nothing about Redis.
+    Refused(Arc<str>),
     Redis(RedisError),
 }
 
@@ -262,6 +265,18 @@ impl Error {
             },
             Detail::Text(message.into()),
         )
+    }
+
+    /// A [configuration](Error::is_config) error for a request refused before it was
+    /// sent, for what it would do to the connection (which must not contain secrets):
+    /// the app's mistake, which says nothing about Redis.
+    pub(crate) fn refused(message: impl Into<Arc<str>>) -> Self {
+        Error::new(Kind::Config, Detail::Refused(message.into()))
+    }
+
+    /// Refused before it was sent, by [`refused`](Error::refused).
+    pub(crate) fn is_refused(&self) -> bool {
+        matches!(self.detail, Detail::Refused(_))
     }
 
     /// A configuration problem described in words (which must not contain secrets).
@@ -532,7 +547,7 @@ impl fmt::Display for Error {
             Detail::Reconnecting { attempt, .. } => {
                 write!(f, ": reconnecting, attempt {attempt} in progress")
             }
-            Detail::Text(text) => write!(f, ": {text}"),
+            Detail::Text(text) | Detail::Refused(text) => write!(f, ": {text}"),
             // Server errors read as Redis wrote them: `WRONGTYPE Operation against...`.
             Detail::Redis(err) => match (err.code(), err.detail()) {
                 (Some(code), Some(detail)) => write!(f, ": {code} {detail}"),

@@ -35,6 +35,8 @@ pub(crate) enum Behaviour {
     NoReplicas,
     /// `MISCONF`: a master refusing writes it cannot persist.
     Misconf,
+    /// A request the leaf refused to send (a `SELECT` on the shared connection).
+    Refused,
     /// Never answers.
     Hang,
 }
@@ -101,6 +103,7 @@ fn script(cmd: &redis::Cmd) -> (Behaviour, Duration) {
         Some("readonly") => Behaviour::ReadOnly,
         Some("noreplicas") => Behaviour::NoReplicas,
         Some("misconf") => Behaviour::Misconf,
+        Some("refused") => Behaviour::Refused,
         Some("hang") => Behaviour::Hang,
         other => panic!("unknown behaviour {other:?}"),
     };
@@ -123,6 +126,7 @@ async fn answer(behaviour: Behaviour) -> Result<Value, Error> {
         Behaviour::Misconf => Err(crate::error::server(
             b"-MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.\r\n",
         )),
+        Behaviour::Refused => Err(Error::refused("SELECT refused")),
         Behaviour::Hang => std::future::pending().await,
     }
 }

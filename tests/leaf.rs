@@ -445,6 +445,73 @@ async fn reply_cut_mid_way_is_unavailable_not_a_truncated_value() {
 }
 
 #[tokio::test]
+async fn commands_that_would_change_the_shared_connection_are_refused_unsent() {
+    let server = RedisServer::start();
+    let mut redis = RedisService::connect(&server.url()).await.unwrap();
+    call(&mut redis, cmd(&["SET", "k", "v"])).await.unwrap();
+    // Each of these, sent, changed the connection under every other caller: GETs then
+    // answered "QUEUED" (MULTI), read another database (SELECT), or failed from then on
+    // (SUBSCRIBE, MONITOR).
+    for (args, hint) in [
+        (&["SUBSCRIBE", "news"][..], "get_async_pubsub"),
+        (&["MONITOR"], "connection of its own"),
+        (&["MULTI"], "redis::pipe().atomic()"),
+        (&["WATCH", "k"], "redis::pipe().atomic()"),
+        (&["SELECT", "3"], "in the URL"),
+        (&["HELLO", "3"], "in the URL"),
+        (&["AUTH", "default", "hunter2"], "in the URL"),
+        (&["RESET"], "in the URL"),
+        (&["CLIENT", "REPLY", "OFF"], "leave replies on"),
+        (&["QUIT"], "drop the client"),
+    ] {
+        let err = call(&mut redis, cmd(args)).await.unwrap_err();
+        assert!(err.is_config() && !err.may_have_run(), "{args:?}: {err:?}");
+        let text = err.to_string();
+        assert!(text.contains("refused") && text.contains(hint), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert_eq!(
+            call(&mut redis, cmd(&["GET", "k"])).await.unwrap(),
+            bulk("v"),
+            "after {args:?}"
+        );
+    }
+    // In a pipeline too; an atomic pipeline's own MULTI and EXEC are fine.
+    let mut pipe = redis::pipe();
+    pipe.set("k", "w").cmd("SELECT").arg(3).get("k");
+    let err = call(&mut redis, Request::from(pipe)).await.unwrap_err();
+    assert!(
+        err.is_config() && err.to_string().contains("pipeline refused"),
+        "{err}"
+    );
+    assert_eq!(
+        call(&mut redis, cmd(&["GET", "k"])).await.unwrap(),
+        bulk("v")
+    );
+    // Nothing refused reached Redis.
+    let stats = server.raw_command(&["INFO", "commandstats"]);
+    for name in [
+        "subscribe",
+        "monitor",
+        "multi",
+        "watch",
+        "select",
+        "hello",
+        "auth",
+        "reset",
+        "client|reply",
+        "quit",
+    ] {
+        assert!(
+            !stats.contains(&format!("cmdstat_{name}:")),
+            "{name} ran: {stats}"
+        );
+    }
+    let mut atomic = redis::pipe();
+    atomic.atomic().set("k", "w").get("k");
+    call(&mut redis, Request::from(atomic)).await.unwrap();
+}
+
+#[tokio::test]
 async fn oversized_value_is_refused_with_a_clear_error_and_nothing_written() {
     let server = RedisServer::config()
         .arg("proto-max-bulk-len", "1mb")

@@ -226,6 +226,32 @@ async fn writes_follow_a_failover_and_every_acknowledged_incr_counts_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_would_change_the_shared_connection_is_refused_and_the_rest_goes_on() {
+    let server = RedisServer::start();
+    let mut client = ResilientClient::builder(&server.url())
+        .connect()
+        .await
+        .unwrap();
+    let () = client.set("k", "v").await.unwrap();
+    for command in [
+        redis::cmd("MULTI"),
+        redis::cmd("SELECT").arg(1).to_owned(),
+        redis::cmd("SUBSCRIBE").arg("news").to_owned(),
+    ] {
+        let err = command.query_async::<Value>(&mut client).await.unwrap_err();
+        let err = Error::from(err);
+        assert!(err.is_config() && !err.may_have_run(), "{err:?}");
+        // Sent, these made every GET after them answer "QUEUED", read database 1, or fail.
+        let value: Option<String> = client.get("k").await.unwrap();
+        assert_eq!(value.as_deref(), Some("v"));
+    }
+    // A mistake in the app, not an outage.
+    let breaker = client.circuit_breaker().unwrap();
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    assert_eq!(breaker.metrics().failed_calls, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incr_after_redis_closed_the_idle_connection_goes_through_once() {
     let server = RedisServer::start();
     let mut client = ResilientClient::builder(&server.url())

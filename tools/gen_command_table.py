@@ -7,7 +7,8 @@ Usage:
 
 Redis itself says which commands are read-only, write, pub/sub or blocking (the
 `readonly`, `write`, `pubsub` and `blocking` flags of COMMAND INFO). It has no notion of
-idempotency, so that comes from the curated lists below: a command is idempotent when
+idempotency, nor of which commands change the connection they run on, so those come from
+the curated lists below. Idempotency: a command is idempotent when
 sending it twice leaves the data as sending it once would, *and* its reply still means the
 same thing (so `SET k v NX`, whose reply says "did I win", is not). Every name in the lists
 must exist on the server, so a refresh against a newer Redis fails loudly instead of
@@ -63,6 +64,17 @@ IDEMPOTENT_OTHER = {
     "pubsub|shardnumsub",
 }
 
+# Commands that change the connection they run on for the commands after it: its mode
+# (subscriber, monitor, replication stream, transaction), its database, its user or
+# protocol, whether Redis answers on it, whether it stays open. On a connection many callers
+# share, that would change it under all of them, so the leaf refuses these.
+CONNECTION_STATE = {
+    "subscribe", "psubscribe", "ssubscribe", "unsubscribe", "punsubscribe", "sunsubscribe",
+    "monitor", "sync", "psync",
+    "multi", "exec", "discard", "watch", "unwatch",
+    "select", "auth", "hello", "reset", "quit", "client|reply",
+}
+
 # Where the block timeout sits. The server flags all of these `blocking` except WAIT (and
 # WAITAOF on 7.2+), which block all the same; the check below keeps this map complete.
 BLOCK_ARGS = {
@@ -106,6 +118,8 @@ def flags_of(name, flags):
         out.append("PUBSUB")
     if name in ("set", "zadd"):
         out.append("REFINE_BY_ARGS")
+    if name in CONNECTION_STATE:
+        out.append("CONNECTION_STATE")
     return " | ".join(out) if out else "0"
 
 
@@ -175,7 +189,8 @@ def main():
 
     rows = list(walk(info))
     names = {name for _, name, _ in rows}
-    missing = sorted((IDEMPOTENT_WRITES | IDEMPOTENT_OTHER | {n for n in BLOCK_ARGS if n != "waitaof"}) - names)
+    missing = sorted((IDEMPOTENT_WRITES | IDEMPOTENT_OTHER | CONNECTION_STATE
+                      | {n for n in BLOCK_ARGS if n != "waitaof"}) - names)
     if missing:
         sys.exit(f"curated names not on this server: {missing}")
     flagged_blocking = {name for _, name, flags in rows if "blocking" in flags}

@@ -213,7 +213,10 @@ impl CircuitBreakerConfig {
     /// `NOREPLICAS` (a master short of replicas, as an old master is once a failover took
     /// its replica) and `MISCONF` (a master that cannot persist). Those are unavailable
     /// errors, but opening would turn away the reads the server serves.
-    /// [Circuit-open](Error::is_circuit_open) errors (from another breaker) are ignored;
+    /// [Circuit-open](Error::is_circuit_open) errors (from another breaker) and requests
+    /// the leaf refused to send (a `SELECT` or `SUBSCRIBE` on the shared connection, see
+    /// [`CommandInfo::changes_connection`](crate::CommandInfo::changes_connection)) are
+    /// ignored;
     /// replies, those refusals and [server errors](Error::is_server) are successes.
     pub fn classifier<F>(mut self, classify: F) -> Self
     where
@@ -282,7 +285,9 @@ impl CircuitBreakerConfig {
         match (&self.classifier, result) {
             (Some(classify), result) => classify(result),
             (None, Ok(_)) => Outcome::Success,
-            (None, Err(err)) if err.is_circuit_open() => Outcome::Ignore,
+            // Never sent: another breaker's rejection, or a request the leaf refused (a
+            // SELECT or SUBSCRIBE on the shared connection): the app's mistake.
+            (None, Err(err)) if err.is_circuit_open() || err.is_refused() => Outcome::Ignore,
             (None, Err(err)) if err.is_server() => Outcome::Success,
             // Redis is up and refused a write only (a replica after a failover, a master
             // short of replicas): reads through the breaker are served, and opening would

@@ -66,6 +66,7 @@ pub struct CommandInfo {
     read_only: bool,
     idempotent: bool,
     pubsub: bool,
+    connection_state: bool,
 }
 
 impl fmt::Debug for CommandInfo {
@@ -75,6 +76,7 @@ impl fmt::Debug for CommandInfo {
             .field("read_only", &self.read_only)
             .field("idempotent", &self.idempotent)
             .field("pubsub", &self.pubsub)
+            .field("changes_connection", &self.connection_state)
             .field("blocking", &self.blocking())
             .finish()
     }
@@ -146,6 +148,16 @@ impl CommandInfo {
         self.pubsub
     }
 
+    /// The command changes the connection it runs on for the commands after it: its mode
+    /// (`SUBSCRIBE`, `MONITOR`, `MULTI`, `WATCH`), its database (`SELECT`), its user or
+    /// protocol (`AUTH`, `HELLO`, `RESET`), whether Redis answers (`CLIENT REPLY`) or
+    /// whether it stays open (`QUIT`). A pipeline does if any command in it does. On a
+    /// connection many callers share, that would change it under all of them, so
+    /// [`RedisService`](crate::RedisService) refuses such requests.
+    pub fn changes_connection(&self) -> bool {
+        self.connection_state
+    }
+
     /// How long Redis may hold the reply on purpose.
     pub fn blocking(&self) -> Blocking {
         self.block.get()
@@ -174,6 +186,7 @@ impl CommandInfo {
             read_only: spec.has(flags::READ_ONLY),
             idempotent,
             pubsub: spec.has(flags::PUBSUB),
+            connection_state: spec.has(flags::CONNECTION_STATE),
             block: BlockTime::of(block_time(spec.block, cmd)),
         }
     }
@@ -191,6 +204,7 @@ impl CommandInfo {
             read_only: true,
             idempotent: true,
             pubsub: false,
+            connection_state: false,
             block: BlockTime::NO,
         };
         let mut blocking = Blocking::No;
@@ -199,6 +213,7 @@ impl CommandInfo {
             info.read_only &= one.read_only;
             info.idempotent &= one.idempotent;
             info.pubsub |= one.pubsub;
+            info.connection_state |= one.connection_state;
             blocking = blocking.max(one.blocking());
         }
         // Inside `MULTI` Redis runs blocking commands without waiting (`BLPOP` on an
@@ -215,6 +230,7 @@ impl CommandInfo {
             read_only: false,
             idempotent: false,
             pubsub: false,
+            connection_state: false,
             block: BlockTime::NO,
         }
     }
@@ -501,6 +517,43 @@ mod tests {
         assert!(info(&["PUBLISH", "c", "m"]).is_pubsub());
         assert!(info(&["SUBSCRIBE", "c"]).is_pubsub());
         assert!(!info(&["GET", "k"]).is_pubsub());
+    }
+
+    #[test]
+    fn commands_that_change_the_connection_are_marked() {
+        for args in [
+            &["SUBSCRIBE", "c"][..],
+            &["psubscribe", "c*"],
+            &["SELECT", "2"],
+            &["MULTI"],
+            &["EXEC"],
+            &["WATCH", "k"],
+            &["AUTH", "pw"],
+            &["HELLO", "3"],
+            &["RESET"],
+            &["QUIT"],
+            &["MONITOR"],
+            &["CLIENT", "REPLY", "OFF"],
+        ] {
+            assert!(info(args).changes_connection(), "{args:?}");
+        }
+        for args in [
+            &["GET", "k"][..],
+            &["PUBLISH", "c", "m"],
+            &["CLIENT", "SETNAME", "app"],
+            &["SWAPDB", "0", "1"],
+        ] {
+            assert!(!info(args).changes_connection(), "{args:?}");
+        }
+        let mut pipe = redis::pipe();
+        pipe.get("k").cmd("SELECT").arg(2);
+        assert!(CommandInfo::of_pipeline(&pipe).changes_connection());
+        let mut atomic = redis::pipe();
+        atomic.atomic().get("k").set("k", 1);
+        assert!(
+            !CommandInfo::of_pipeline(&atomic).changes_connection(),
+            "the MULTI and EXEC of an atomic pipeline are not commands of it"
+        );
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub(super) mod flags {
     pub const PUBSUB: u8 = 1 << 3;
     /// Idempotency depends on the arguments (`SET ... NX`, `ZADD ... INCR`).
     pub const REFINE_BY_ARGS: u8 = 1 << 4;
+    /// Changes the connection it runs on for the commands after it (`SELECT`, `MULTI`,
+    /// `SUBSCRIBE`...).
+    pub const CONNECTION_STATE: u8 = 1 << 5;
 }
 
 /// Where a blocking command carries its block timeout.

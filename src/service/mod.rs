@@ -34,6 +34,16 @@ use crate::{Connector, Error, Request, request::Body};
 /// `Err`, classified: `WRONGTYPE` is a [server](Error::is_server) error, `LOADING` is
 /// unavailable. A pipeline answers `Value::Array`; see [`Request`].
 ///
+/// Requests that would change the shared connection for the commands after them
+/// ([`CommandInfo::changes_connection`](crate::CommandInfo::changes_connection): `SELECT`,
+/// `MULTI`, `WATCH`, `SUBSCRIBE`, `MONITOR`, `AUTH`, `HELLO`, `RESET`, `CLIENT REPLY`,
+/// `QUIT`, alone or in a pipeline) are refused unsent with a
+/// [configuration](Error::is_config) error saying what to do instead. Sent, a `MULTI`
+/// would make every other caller's `GET` answer `QUEUED`, a `SELECT` would have them read
+/// another database until the next reconnect, a `SUBSCRIBE` would have Redis refuse
+/// their commands. An atomic pipeline (`redis::pipe().atomic()`) is the way to send a
+/// transaction; a database is chosen in the URL.
+///
 /// A call's future lives in a heap box (redis-rs's request future, ~1.3 KiB). A finished
 /// call's box is kept, emptied, for the next call on the same thread: each thread keeps
 /// at most 64 (~85 KiB), so calls do not allocate it once a thread has some.
@@ -144,6 +154,7 @@ impl Service<Request> for RedisService {
             connection: self.inner.connection.clone(),
             driver: self.inner.driver.clone(),
             name: request.info().name(),
+            changes_connection: request.info().changes_connection(),
             body: request.into_body(),
         })
     }
@@ -195,6 +206,8 @@ struct Job {
     driver: Option<Arc<Driver>>,
     body: Body,
     name: &'static str,
+    /// Refused: see [`CommandInfo::changes_connection`](crate::CommandInfo::changes_connection).
+    changes_connection: bool,
 }
 
 /// One call's work: a plain function, so its future has one type and a finished call's
@@ -205,7 +218,12 @@ async fn send(job: Job) -> Result<Value, Error> {
         driver,
         body,
         name,
+        changes_connection,
     } = job;
+    if changes_connection {
+        let batch = matches!(body, Body::Pipeline(_));
+        return Err(Error::refused(refusal(name, batch)).with_command(name));
+    }
     if driver.as_deref().is_some_and(Driver::has_ended) {
         return Err(Error::not_sent().with_command(name));
     }
@@ -271,4 +289,52 @@ impl fmt::Debug for RedisService {
             .field("db", &self.inner.db)
             .finish()
     }
+}
+
+/// Why a request that would change the shared connection is refused, and what to do
+/// instead: `name` is the command's canonical name, or the batch's (`PIPELINE`, `MULTI`).
+fn refusal(name: &'static str, batch: bool) -> String {
+    let why = match name {
+        _ if batch => {
+            "holds a command that changes the connection every caller shares (SELECT, \
+             WATCH, SUBSCRIBE, AUTH...); send it on a connection of its own"
+        }
+        "SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE" | "UNSUBSCRIBE" | "PUNSUBSCRIBE"
+        | "SUNSUBSCRIBE" => {
+            "would make the connection every caller shares a subscriber, refusing their \
+             commands; subscribe on a connection of its own (redis::Client::get_async_pubsub)"
+        }
+        "MONITOR" | "SYNC" | "PSYNC" => {
+            "would turn the connection every caller shares into a stream, refusing their \
+             commands; use a connection of its own"
+        }
+        "MULTI" | "EXEC" | "DISCARD" | "WATCH" | "UNWATCH" => {
+            "would take the commands of every caller sharing the connection into the \
+             transaction; send a transaction as one request (redis::pipe().atomic())"
+        }
+        "SELECT" => {
+            "would switch the database of every caller sharing the connection, until the \
+             next reconnect; choose the database in the URL (redis://127.0.0.1:6379/2)"
+        }
+        "AUTH" | "HELLO" | "RESET" => {
+            "would change the user, protocol or database of every caller sharing the \
+             connection, until the next reconnect; give them in the URL or the Connector"
+        }
+        "CLIENT REPLY" => {
+            "would stop Redis answering every caller sharing the connection; leave replies on"
+        }
+        "QUIT" => {
+            "would close the connection every caller shares, failing their calls in flight; \
+             drop the client to close it"
+        }
+        _ => "would change the connection every caller shares; use a connection of its own",
+    };
+    let name = if batch && name == crate::TRANSACTION {
+        "transaction"
+    } else if batch {
+        "pipeline"
+    } else {
+        name
+    };
+    format!("{name} refused: it {why}")
 }
