@@ -456,7 +456,7 @@ async fn commands_that_would_change_the_shared_connection_are_refused_unsent() {
         (&["SUBSCRIBE", "news"][..], "get_async_pubsub"),
         (&["MONITOR"], "connection of its own"),
         (&["MULTI"], "redis::pipe().atomic()"),
-        (&["WATCH", "k"], "redis::pipe().atomic()"),
+        (&["WATCH", "k"], "in a script"),
         (&["SELECT", "3"], "in the URL"),
         (&["HELLO", "3"], "in the URL"),
         (&["AUTH", "default", "hunter2"], "in the URL"),

@@ -308,7 +308,11 @@ fn refusal(name: &'static str, batch: bool) -> String {
             "would turn the connection every caller shares into a stream, refusing their \
              commands; use a connection of its own"
         }
-        "MULTI" | "EXEC" | "DISCARD" | "WATCH" | "UNWATCH" => {
+        "WATCH" | "UNWATCH" => {
+            "would apply to the next transaction of any caller sharing the connection, not \
+             yours; check-and-set in a script (EVAL, FCALL), which runs atomically"
+        }
+        "MULTI" | "EXEC" | "DISCARD" => {
             "would take the commands of every caller sharing the connection into the \
              transaction; send a transaction as one request (redis::pipe().atomic())"
         }
