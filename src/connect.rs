@@ -266,6 +266,26 @@ impl Connector {
         }
     }
 
+    /// Opens a Pub/Sub connection (redis-rs's, which it runs), to where this connector
+    /// leads now, within the connect timeout.
+    pub(crate) async fn open_pubsub(&self) -> Result<redis::aio::PubSub, Error> {
+        let attempt = async {
+            match &self.sentinel {
+                None => self.client.get_async_pubsub().await,
+                Some(sentinel) => {
+                    let info = sentinel.master_info(self.connection_info()).await?;
+                    let client = redis::Client::open(info).map_err(Error::from_connect)?;
+                    client.get_async_pubsub().await
+                }
+            }
+            .map_err(Error::from_connect)
+        };
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::unavailable("connect timed out")),
+        }
+    }
+
     /// The master's name, for a connector that asks Sentinel where it is.
     pub(crate) fn sentinel_master_name(&self) -> Option<&str> {
         self.sentinel.as_deref().map(Sentinels::master_name)

@@ -15,6 +15,8 @@
 //! command, [`fallback::FallbackLayer`] turns failed reads into misses,
 //! [`metrics::MetricsLayer`] and [`trace::TraceLayer`] count, time and trace every call,
 //! and [`Client`] puts redis-rs's whole command API on top of any stack.
+//! [`pubsub::Subscriber`] keeps Pub/Sub subscriptions through restarts, and says when
+//! messages may have been missed.
 //!
 //! [`ResilientClient`] assembles the recommended stack, outermost first: `Fallback →
 //! Metrics → Trace → CircuitBreaker → Timeout → Retry → Reconnect`. Fallback answers for
@@ -92,6 +94,7 @@ mod directory;
 mod error;
 pub mod fallback;
 pub mod metrics;
+pub mod pubsub;
 pub mod reconnect;
 mod request;
 pub mod retry;

@@ -119,6 +119,17 @@ impl Sentinels {
         Ok(service)
     }
 
+    /// How to reach the master Sentinel names now, speaking to it as `template` says.
+    /// For connections redis-rs opens and runs (a subscriber's): no `ROLE` check, and not
+    /// retired after a failover.
+    pub(crate) async fn master_info(
+        &self,
+        template: &ConnectionInfo,
+    ) -> Result<ConnectionInfo, Error> {
+        let master = self.master_address().await?;
+        Ok(template.clone().set_addr(at(template.addr(), &master)))
+    }
+
     /// Asks every Sentinel at once; the first to name the master answers.
     async fn master_address(&self) -> Result<(String, u16), Error> {
         let mut questions: Vec<_> = self

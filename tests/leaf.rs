@@ -453,7 +453,7 @@ async fn commands_that_would_change_the_shared_connection_are_refused_unsent() {
     // answered "QUEUED" (MULTI), read another database (SELECT), or failed from then on
     // (SUBSCRIBE, MONITOR).
     for (args, hint) in [
-        (&["SUBSCRIBE", "news"][..], "get_async_pubsub"),
+        (&["SUBSCRIBE", "news"][..], "pubsub::Subscriber"),
         (&["MONITOR"], "connection of its own"),
         (&["MULTI"], "redis::pipe().atomic()"),
         (&["WATCH", "k"], "in a script"),

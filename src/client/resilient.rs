@@ -15,6 +15,7 @@ use crate::{
     circuit_breaker::CircuitBreakerLayer,
     fallback::FallbackLayer,
     metrics::{Registry, Snapshot},
+    pubsub::{Events, Subscriber, SubscriberConfig},
     reconnect::{ConnectionState, Reconnect, ReconnectStats},
     retry::RetryLayer,
     timeout::TimeoutLayer,
@@ -106,6 +107,26 @@ impl ResilientClient {
     /// Connection attempt counters.
     pub fn reconnect_stats(&self) -> ReconnectStats {
         self.parts.redis.stats()
+    }
+
+    /// A [Pub/Sub subscriber](Subscriber) to the same Redis (URL, credentials, TLS,
+    /// Sentinel), on a connection of its own that it keeps through restarts. Returns at
+    /// once and connects in the background ([`Subscriber::lazy`]).
+    ///
+    /// ```no_run
+    /// use tower_redis_resilience::{ResilientClient, pubsub::{Event, SubscriberConfig}};
+    ///
+    /// # async fn run() -> Result<(), tower_redis_resilience::Error> {
+    /// let client = ResilientClient::builder("redis://127.0.0.1:6379").build()?;
+    /// let (subscriber, mut events) = client.subscriber(SubscriberConfig::new())?;
+    /// subscriber.subscribe("invalidations").await?;
+    /// while let Some(Event::Message(message)) = events.recv().await {
+    ///     println!("{:?}", message.get_payload::<String>());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn subscriber(&self, config: SubscriberConfig) -> Result<(Subscriber, Events), Error> {
+        Subscriber::lazy(self.parts.redis.connector().clone(), config)
     }
 
     /// The circuit breaker, for its state, metrics and manual controls.

@@ -175,6 +175,11 @@ impl<M: MakeConnection> Reconnect<M> {
         self.shared.reconnect_now();
     }
 
+    /// How it connects.
+    pub(crate) fn connector(&self) -> &M {
+        &self.shared.connector
+    }
+
     /// Where it connects, safe to log.
     pub fn address(&self) -> &str {
         self.shared.connector.address()

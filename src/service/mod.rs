@@ -302,7 +302,8 @@ fn refusal(name: &'static str, batch: bool) -> String {
         "SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE" | "UNSUBSCRIBE" | "PUNSUBSCRIBE"
         | "SUNSUBSCRIBE" => {
             "would make the connection every caller shares a subscriber, refusing their \
-             commands; subscribe on a connection of its own (redis::Client::get_async_pubsub)"
+             commands; subscribe through tower_redis_resilience::pubsub::Subscriber, on a \
+             connection of its own"
         }
         "MONITOR" | "SYNC" | "PSYNC" => {
             "would turn the connection every caller shares into a stream, refusing their \

@@ -1,0 +1,236 @@
+//! The Pub/Sub subscriber against real redis-server processes: messages, subscriptions
+//! made again after a restart, a stalled server found by PING, a slow application told what
+//! it missed.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{RedisServer, eventually};
+use tower_redis_resilience::{
+    Connector, ResilientClient,
+    pubsub::{Event, Events, Subscriber, SubscriberConfig},
+    reconnect::ConnectionState,
+};
+
+/// The next event, within 5 s.
+async fn next(events: &mut Events) -> Event {
+    tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("an event within 5 s")
+        .expect("the subscriber runs")
+}
+
+/// The next event, which must be a message: its channel, pattern and payload.
+async fn message(events: &mut Events) -> (String, Option<String>, String) {
+    match next(events).await {
+        Event::Message(msg) => (
+            msg.get_channel_name().to_owned(),
+            msg.get_pattern::<Option<String>>().unwrap(),
+            msg.get_payload().unwrap(),
+        ),
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+fn publish(server: &RedisServer, channel: &str, payload: &str) -> String {
+    server.raw_command(&["PUBLISH", channel, payload])
+}
+
+async fn subscriber(server: &RedisServer, config: SubscriberConfig) -> (Subscriber, Events) {
+    let connector = Connector::from_url(&server.url()).unwrap();
+    Subscriber::connect(connector, config).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_arrive_and_subscriptions_come_back_after_a_restart() {
+    let mut server = RedisServer::start();
+    let (subscriber, mut events) = subscriber(&server, SubscriberConfig::new()).await;
+    subscriber.subscribe("news").await.unwrap();
+    subscriber.psubscribe("user:*").await.unwrap();
+
+    assert_eq!(publish(&server, "news", "a"), "1");
+    assert_eq!(
+        message(&mut events).await,
+        ("news".into(), None, "a".into())
+    );
+    assert_eq!(publish(&server, "user:7", "b"), "1");
+    assert_eq!(
+        message(&mut events).await,
+        ("user:7".into(), Some("user:*".into()), "b".into())
+    );
+
+    server.kill();
+    assert!(
+        matches!(next(&mut events).await, Event::Disconnected { error } if error.is_unavailable())
+    );
+    server.restart();
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Resubscribed { .. }
+    ));
+    assert_eq!(*subscriber.state().borrow(), ConnectionState::Connected);
+    // Both subscriptions are back: each PUBLISH reaches one subscriber.
+    assert_eq!(publish(&server, "news", "c"), "1");
+    assert_eq!(
+        message(&mut events).await,
+        ("news".into(), None, "c".into())
+    );
+    assert_eq!(publish(&server, "user:8", "d"), "1");
+    assert_eq!(message(&mut events).await.2, "d");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_server_is_found_by_ping_and_the_subscriber_comes_back() {
+    let server = RedisServer::start();
+    let config = SubscriberConfig::new()
+        .ping_interval(Duration::from_millis(100))
+        .reply_timeout(Duration::from_millis(100));
+    let (subscriber, mut events) = subscriber(&server, config).await;
+    subscriber.subscribe("news").await.unwrap();
+
+    // A stalled server keeps the socket open: without a PING the subscriber could not
+    // tell it from a quiet channel.
+    server.pause();
+    let lost = next(&mut events).await;
+    server.resume();
+    assert!(
+        matches!(&lost, Event::Disconnected { error } if error.is_timeout()),
+        "{lost:?}"
+    );
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Resubscribed { .. }
+    ));
+    // One subscriber: the stalled connection was closed, not kept beside the new one.
+    assert_eq!(publish(&server, "news", "back"), "1");
+    assert_eq!(message(&mut events).await.2, "back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_that_falls_behind_is_told_how_many_messages_it_missed() {
+    let server = RedisServer::start();
+    let (subscriber, mut events) = subscriber(&server, SubscriberConfig::new().buffer(2)).await;
+    subscriber.subscribe("news").await.unwrap();
+    for n in 1..=10 {
+        assert_eq!(publish(&server, "news", &n.to_string()), "1");
+    }
+    // Loopback delivers them within microseconds; the subscriber reads them meanwhile.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(message(&mut events).await.2, "1");
+    assert_eq!(message(&mut events).await.2, "2");
+    assert_eq!(publish(&server, "news", "11"), "1");
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Lagged { missed: 8 }
+    ));
+    assert_eq!(message(&mut events).await.2, "11");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribed_channels_get_nothing_and_stay_unsubscribed() {
+    let mut server = RedisServer::start();
+    let (subscriber, mut events) = subscriber(&server, SubscriberConfig::new()).await;
+    subscriber.subscribe(&["a", "b"]).await.unwrap();
+    subscriber.unsubscribe("a").await.unwrap();
+    assert_eq!(publish(&server, "a", "x"), "0");
+    assert_eq!(publish(&server, "b", "y"), "1");
+    assert_eq!(message(&mut events).await.0, "b");
+
+    server.kill();
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Disconnected { .. }
+    ));
+    // Changes made while there is no connection are made on the next one.
+    subscriber.subscribe("c").await.unwrap();
+    subscriber.unsubscribe("b").await.unwrap();
+    server.restart();
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Resubscribed { .. }
+    ));
+    assert_eq!(publish(&server, "a", "x"), "0");
+    assert_eq!(publish(&server, "b", "x"), "0");
+    assert_eq!(publish(&server, "c", "z"), "1");
+    assert_eq!(message(&mut events).await.0, "c");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_subscriber_subscribes_once_redis_is_up() {
+    let mut server = RedisServer::start();
+    server.kill();
+    let connector = Connector::from_url(&server.url()).unwrap();
+    let (subscriber, mut events) = Subscriber::lazy(connector, SubscriberConfig::new()).unwrap();
+    subscriber.subscribe("news").await.unwrap();
+    assert_ne!(*subscriber.state().borrow(), ConnectionState::Connected);
+    server.restart();
+    let mut state = subscriber.state();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|state| *state == ConnectionState::Connected),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(publish(&server, "news", "first"), "1");
+    assert_eq!(message(&mut events).await.2, "first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_events_closes_the_connection() {
+    let server = RedisServer::start();
+    let (subscriber, events) = subscriber(&server, SubscriberConfig::new()).await;
+    subscriber.subscribe("news").await.unwrap();
+    assert_eq!(publish(&server, "news", "x"), "1");
+    drop(events);
+    eventually(Duration::from_secs(5), async || {
+        publish(&server, "news", "x") == "0"
+    })
+    .await;
+    let err = subscriber.subscribe("other").await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_a_config_error_without_the_password() {
+    let server = RedisServer::config().password("right").start();
+    let url = format!("redis://:wrong-secret@127.0.0.1:{}", server.port());
+    let connector = Connector::from_url(&url).unwrap();
+    let err = Subscriber::connect(connector, SubscriberConfig::new())
+        .await
+        .unwrap_err();
+    assert!(err.is_config(), "{err:?}");
+    assert!(!format!("{err} {err:?}").contains("wrong-secret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_connector_subscribes_on_the_master() {
+    let master = RedisServer::start();
+    let sentinel = RedisServer::sentinel_of(&master, "cache");
+    let connector = Connector::sentinel([sentinel.url()], "cache", "redis://cache/0").unwrap();
+    let (subscriber, mut events) = Subscriber::connect(connector, SubscriberConfig::new())
+        .await
+        .unwrap();
+    subscriber.subscribe("news").await.unwrap();
+    assert_eq!(publish(&master, "news", "via sentinel"), "1");
+    assert_eq!(message(&mut events).await.2, "via sentinel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_makes_a_subscriber_to_the_same_redis() {
+    let server = RedisServer::config().password("pw").start();
+    let client = ResilientClient::builder(&server.url()).build().unwrap();
+    let (subscriber, mut events) = client.subscriber(SubscriberConfig::new()).unwrap();
+    subscriber.subscribe("news").await.unwrap();
+    let mut state = subscriber.state();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|state| *state == ConnectionState::Connected),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(publish(&server, "news", "hello"), "1");
+    assert_eq!(message(&mut events).await.2, "hello");
+}
