@@ -19,6 +19,14 @@
 //!   current), and [`Lagged`](Event::Lagged) with a count when the application fell
 //!   behind and messages were dropped, so nothing is missed silently.
 //!
+//! Through a [Sentinel connector](crate::Connector::sentinel) it connects to the master
+//! Sentinel names at each connect. It does not follow `+switch-master` as the command
+//! connections do: when a failover demotes a master that is still up, the subscriber stays
+//! on it, and receives what is published on the new master once the old one replicates
+//! from it. What is published between the failover and the demotion does not reach it,
+//! and no event says so. A master that went down takes the connection with it: the
+//! subscriber then reconnects to the new master and reports the gap.
+//!
 //! The shared connection of [`RedisService`](crate::RedisService) refuses `SUBSCRIBE`: on
 //! a connection every caller shares, Redis would refuse their commands from then on.
 //!
