@@ -33,6 +33,18 @@ async fn message(events: &mut Events) -> (String, Option<String>, String) {
     }
 }
 
+/// Waits (5 s at most) until the subscriber is connected, its subscriptions made.
+async fn until_connected(subscriber: &Subscriber) {
+    let mut state = subscriber.state();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|state| *state == ConnectionState::Connected),
+    )
+    .await
+    .expect("connected within 5 s")
+    .unwrap();
+}
+
 fn publish(server: &RedisServer, channel: &str, payload: &str) -> String {
     server.raw_command(&["PUBLISH", channel, payload])
 }
@@ -165,14 +177,7 @@ async fn a_lazy_subscriber_subscribes_once_redis_is_up() {
     subscriber.subscribe("news").await.unwrap();
     assert_ne!(*subscriber.state().borrow(), ConnectionState::Connected);
     server.restart();
-    let mut state = subscriber.state();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        state.wait_for(|state| *state == ConnectionState::Connected),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    until_connected(&subscriber).await;
     assert_eq!(publish(&server, "news", "first"), "1");
     assert_eq!(message(&mut events).await.2, "first");
 }
@@ -223,14 +228,7 @@ async fn the_client_makes_a_subscriber_to_the_same_redis() {
     let client = ResilientClient::builder(&server.url()).build().unwrap();
     let (subscriber, mut events) = client.subscriber(SubscriberConfig::new()).unwrap();
     subscriber.subscribe("news").await.unwrap();
-    let mut state = subscriber.state();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        state.wait_for(|state| *state == ConnectionState::Connected),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    until_connected(&subscriber).await;
     assert_eq!(publish(&server, "news", "hello"), "1");
     assert_eq!(message(&mut events).await.2, "hello");
 }
