@@ -267,18 +267,29 @@ impl Connector {
     }
 
     /// Opens a Pub/Sub connection (redis-rs's, which it runs), to where this connector
-    /// leads now, within the connect timeout.
-    pub(crate) async fn open_pubsub(&self) -> Result<redis::aio::PubSub, Error> {
+    /// leads now, within the connect timeout. Through Sentinel, with a handle that is
+    /// retired when Sentinel names another master.
+    pub(crate) async fn open_pubsub(
+        &self,
+    ) -> Result<(redis::aio::PubSub, Option<Arc<Driver>>), Error> {
         let attempt = async {
             match &self.sentinel {
-                None => self.client.get_async_pubsub().await,
+                None => {
+                    let pubsub = self
+                        .client
+                        .get_async_pubsub()
+                        .await
+                        .map_err(Error::from_connect)?;
+                    Ok((pubsub, None))
+                }
                 Some(sentinel) => {
-                    let info = sentinel.master_info(self.connection_info()).await?;
-                    let client = redis::Client::open(info).map_err(Error::from_connect)?;
-                    client.get_async_pubsub().await
+                    let every = self.sentinel_check_interval;
+                    let (pubsub, driver) = sentinel
+                        .open_pubsub(self.connection_info(), self.connect_timeout, every)
+                        .await?;
+                    Ok((pubsub, Some(driver)))
                 }
             }
-            .map_err(Error::from_connect)
         };
         match tokio::time::timeout(self.connect_timeout, attempt).await {
             Ok(result) => result,

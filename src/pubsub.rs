@@ -20,12 +20,10 @@
 //!   behind and messages were dropped, so nothing is missed silently.
 //!
 //! Through a [Sentinel connector](crate::Connector::sentinel) it connects to the master
-//! Sentinel names at each connect. It does not follow `+switch-master` as the command
-//! connections do: when a failover demotes a master that is still up, the subscriber stays
-//! on it, and receives what is published on the new master once the old one replicates
-//! from it. What is published between the failover and the demotion does not reach it,
-//! and no event says so. A master that went down takes the connection with it: the
-//! subscriber then reconnects to the new master and reports the gap.
+//! Sentinel names, and follows it as the command connections do: when Sentinel names
+//! another master (announced, or found by asking), the subscriber reconnects there at its
+//! next `PING` tick and reports the move as `Disconnected` then `Resubscribed`. Left on an
+//! old master that is still up, it would not hear what is published on the new one.
 //!
 //! The shared connection of [`RedisService`](crate::RedisService) refuses `SUBSCRIBE`: on
 //! a connection every caller shares, Redis would refuse their commands from then on.
@@ -62,7 +60,15 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{Connector, Error, backoff::ExponentialBackoff, reconnect::ConnectionState};
+use std::sync::Arc;
+
+use crate::{
+    Connector, Error, backoff::ExponentialBackoff, reconnect::ConnectionState, service::Driver,
+};
+
+/// A Pub/Sub connection, and through Sentinel the handle retired when Sentinel names
+/// another master.
+type Opened = (redis::aio::PubSub, Option<Arc<Driver>>);
 
 /// How many events wait for the application before messages are dropped (and counted in
 /// a [`Lagged`](Event::Lagged) event), unless [`SubscriberConfig::buffer`] says otherwise.
@@ -138,7 +144,8 @@ pub enum Event {
     /// The connection was lost: messages published from now until
     /// [`Resubscribed`](Event::Resubscribed) are not delivered.
     Disconnected {
-        /// Why: the connection closed, or a `PING` went unanswered.
+        /// Why: the connection closed, a `PING` went unanswered, or Sentinel named
+        /// another master.
         error: Error,
     },
     /// A new connection holds every subscription again. Messages published while there
@@ -217,7 +224,7 @@ impl Subscriber {
     fn start(
         connector: Connector,
         config: SubscriberConfig,
-        pubsub: Option<redis::aio::PubSub>,
+        pubsub: Option<Opened>,
     ) -> (Subscriber, Events) {
         let (control, control_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::channel(config.buffer);
@@ -332,7 +339,7 @@ struct Task {
 struct Stop;
 
 impl Task {
-    async fn run(mut self, mut pubsub: Option<redis::aio::PubSub>) {
+    async fn run(mut self, mut pubsub: Option<Opened>) {
         let mut down_since = None;
         loop {
             if let Some(connection) = pubsub.take() {
@@ -370,7 +377,7 @@ impl Task {
 
     /// Delivers messages and applies subscription changes until the connection is lost;
     /// answers why.
-    async fn serve(&mut self, connection: redis::aio::PubSub) -> Result<Error, Stop> {
+    async fn serve(&mut self, (connection, followed): Opened) -> Result<Error, Stop> {
         let (mut sink, mut stream) = connection.split();
         let mut ping = tokio::time::interval(self.config.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -391,6 +398,9 @@ impl Task {
                     None => self.control = None,
                 },
                 _ = ping.tick() => {
+                    if followed.as_deref().is_some_and(Driver::has_ended) {
+                        return Ok(Error::unavailable("Sentinel named another master"));
+                    }
                     let reply = self.config.reply_timeout;
                     match tokio::time::timeout(reply, sink.ping::<Value>()).await {
                         Ok(Ok(_)) => {}
@@ -404,7 +414,7 @@ impl Task {
 
     /// Connects with backoff, recording subscription changes meanwhile, and subscribes to
     /// everything on the new connection.
-    async fn reconnect(&mut self) -> Result<redis::aio::PubSub, Stop> {
+    async fn reconnect(&mut self) -> Result<Opened, Stop> {
         let mut delays = self.config.backoff.iter();
         let mut attempt = 0u32;
         loop {
@@ -441,9 +451,9 @@ impl Task {
     }
 
     /// One connection attempt, with every subscription made on it.
-    async fn attempt(&mut self) -> Result<Result<redis::aio::PubSub, Error>, Stop> {
+    async fn attempt(&mut self) -> Result<Result<Opened, Error>, Stop> {
         let connect = async {
-            let mut connection = self.connector.open_pubsub().await?;
+            let (mut connection, followed) = self.connector.open_pubsub().await?;
             let reply = self.config.reply_timeout;
             let timed_out = || Error::timed_out(reply);
             if !self.channels.is_empty() {
@@ -460,7 +470,7 @@ impl Task {
                     .map_err(|_| timed_out().with_command("PSUBSCRIBE"))?
                     .map_err(Error::from_request)?;
             }
-            Ok(connection)
+            Ok((connection, followed))
         };
         tokio::select! {
             () = self.events.closed() => Err(Stop),

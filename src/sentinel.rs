@@ -109,25 +109,47 @@ impl Sentinels {
             )));
         }
         if let Some(driver) = service.driver() {
-            let mut handed_out = self.connections_out();
-            handed_out.push(HandedOut {
-                master,
-                driver: Arc::downgrade(driver),
-            });
+            self.hand_out(master, driver, check_timeout, check_every);
         }
-        self.watch(check_timeout, check_every);
         Ok(service)
     }
 
-    /// How to reach the master Sentinel names now, speaking to it as `template` says.
-    /// For connections redis-rs opens and runs (a subscriber's): no `ROLE` check, and not
-    /// retired after a failover.
-    pub(crate) async fn master_info(
-        &self,
+    /// Follows the master for a connection to `master`: retires `driver` when Sentinel
+    /// names another.
+    fn hand_out(
+        self: &Arc<Self>,
+        master: (String, u16),
+        driver: &Arc<Driver>,
+        check_timeout: Duration,
+        check_every: Duration,
+    ) {
+        self.connections_out().push(HandedOut {
+            master,
+            driver: Arc::downgrade(driver),
+        });
+        self.watch(check_timeout, check_every);
+    }
+
+    /// Opens a Pub/Sub connection (redis-rs's, which it runs) to the master Sentinel
+    /// names now, speaking to it as `template` says, and follows the master for it: the
+    /// handle returned is retired when Sentinel names another. (No `ROLE` check: the
+    /// connection takes only subscriptions.)
+    pub(crate) async fn open_pubsub(
+        self: &Arc<Self>,
         template: &ConnectionInfo,
-    ) -> Result<ConnectionInfo, Error> {
+        check_timeout: Duration,
+        check_every: Duration,
+    ) -> Result<(redis::aio::PubSub, Arc<Driver>), Error> {
         let master = self.master_address().await?;
-        Ok(template.clone().set_addr(at(template.addr(), &master)))
+        let info = template.clone().set_addr(at(template.addr(), &master));
+        let client = redis::Client::open(info).map_err(Error::from_connect)?;
+        let pubsub = client
+            .get_async_pubsub()
+            .await
+            .map_err(Error::from_connect)?;
+        let driver = Driver::without_task();
+        self.hand_out(master, &driver, check_timeout, check_every);
+        Ok((pubsub, driver))
     }
 
     /// Asks every Sentinel at once; the first to name the master answers.

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use support::{RedisServer, ServerConfig, eventually};
-use tower_redis_resilience::{Connector, Error, ResilientClient};
+use tower_redis_resilience::{
+    Connector, Error, ResilientClient,
+    pubsub::{Event, Events, Subscriber, SubscriberConfig},
+};
 
 const MASTER: &str = "cache";
 
@@ -371,4 +374,45 @@ async fn dropping_the_client_closes_its_sentinel_connections() {
     .await;
     drop(client);
     eventually(Duration::from_secs(2), async || ours(&sentinel) == before).await;
+}
+
+/// The next subscriber event, within 5 s.
+async fn next_event(events: &mut Events) -> Event {
+    tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("an event within 5 s")
+        .expect("the subscriber runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_moves_to_the_new_master_sentinel_names() {
+    let (old, new, sentinels) = replicated_pair(1).await;
+    let sentinel = &sentinels[0];
+    let config = SubscriberConfig::new().ping_interval(Duration::from_millis(50));
+    let (subscriber, mut events) = Subscriber::connect(connector([sentinel]), config)
+        .await
+        .unwrap();
+    subscriber.subscribe("news").await.unwrap();
+    assert_eq!(old.raw_command(&["PUBLISH", "news", "before"]), "1");
+    assert!(matches!(next_event(&mut events).await, Event::Message(_)));
+    // The subscription to Sentinel's announcements is made once the connection is out.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    sentinel.fail_over(MASTER);
+    // Left on the old master, still up, it would not hear what is published on the new
+    // one until Sentinel demotes the old one, and no event would say so.
+    let moved = next_event(&mut events).await;
+    assert!(
+        matches!(&moved, Event::Disconnected { error } if error.to_string().contains("Sentinel")),
+        "{moved:?}"
+    );
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::Resubscribed { .. }
+    ));
+    assert_eq!(new.raw_command(&["PUBLISH", "news", "after"]), "1");
+    match next_event(&mut events).await {
+        Event::Message(message) => assert_eq!(message.get_payload::<String>().unwrap(), "after"),
+        other => panic!("{other:?}"),
+    }
 }

@@ -164,7 +164,9 @@ impl Service<Request> for RedisService {
 /// the task runs; when the last one lets go, it is stopped, so the socket closes even
 /// under a blocking command nobody waits for any more.
 pub(crate) struct Driver {
-    task: tokio::task::JoinHandle<()>,
+    /// `None` for a connection redis-rs runs (a subscriber's), which only Sentinel's
+    /// retiring can end here.
+    task: Option<tokio::task::JoinHandle<()>>,
     /// Set when the connection must take no new request (Sentinel named another master):
     /// requests already sent get their replies, new ones are refused as not sent.
     retired: AtomicBool,
@@ -174,7 +176,16 @@ impl Driver {
     /// Runs redis-rs's connection task. Needs a tokio runtime.
     pub(crate) fn spawn(driver: impl Future<Output = ()> + Send + 'static) -> Arc<Driver> {
         Arc::new(Driver {
-            task: tokio::spawn(driver),
+            task: Some(tokio::spawn(driver)),
+            retired: AtomicBool::new(false),
+        })
+    }
+
+    /// A handle for a connection whose task redis-rs runs: it can be retired (Sentinel
+    /// named another master), and its holder checks [`has_ended`](Self::has_ended).
+    pub(crate) fn without_task() -> Arc<Driver> {
+        Arc::new(Driver {
+            task: None,
             retired: AtomicBool::new(false),
         })
     }
@@ -183,7 +194,7 @@ impl Driver {
     /// nothing sent from now on would reach Redis. (tokio drops a task's future, here with
     /// the connection's receiving side, before it marks the task finished.)
     pub(crate) fn has_ended(&self) -> bool {
-        self.retired.load(Relaxed) || self.task.is_finished()
+        self.retired.load(Relaxed) || self.task.as_ref().is_some_and(|task| task.is_finished())
     }
 
     /// Takes no new request from now on: each is refused as not sent, which marks the
@@ -195,7 +206,9 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
