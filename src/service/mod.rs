@@ -44,6 +44,11 @@ use crate::{Connector, Error, Request, request::Body};
 /// their commands. An atomic pipeline (`redis::pipe().atomic()`) is the way to send a
 /// transaction; a database is chosen in the URL.
 ///
+/// A blocking command (`BLPOP q 5`) holds up every request sent after it on the
+/// connection until Redis answers it: Redis serves one connection's commands in order.
+/// [`Reconnect`](crate::reconnect::Reconnect) sends such commands on connections of their
+/// own ([`dedicated_blocking_connections`](crate::reconnect::ReconnectConfig::dedicated_blocking_connections)).
+///
 /// A call's future lives in a heap box (redis-rs's request future, ~1.3 KiB). A finished
 /// call's box is kept, emptied, for the next call on the same thread: each thread keeps
 /// at most 64 (~85 KiB), so calls do not allocate it once a thread has some.
