@@ -280,20 +280,13 @@ impl CircuitBreakerConfig {
         Ok(())
     }
 
-    /// The default classifier, inlined on the hot path.
+    /// The default classifier, inlined on the hot path; errors are classified out of line.
+    #[inline]
     pub(super) fn classify(&self, result: &Result<Value, Error>) -> Outcome {
         match (&self.classifier, result) {
             (Some(classify), result) => classify(result),
             (None, Ok(_)) => Outcome::Success,
-            // Never sent: another breaker's rejection, or a request the leaf refused (a
-            // SELECT or SUBSCRIBE on the shared connection): the app's mistake.
-            (None, Err(err)) if err.is_circuit_open() || err.is_refused() => Outcome::Ignore,
-            (None, Err(err)) if err.is_server() => Outcome::Success,
-            // Redis is up and refused a write only (a replica after a failover, a master
-            // short of replicas): reads through the breaker are served, and opening would
-            // refuse them. `Reconnect` looks for the master.
-            (None, Err(err)) if err.is_write_refusal() => Outcome::Success,
-            (None, Err(_)) => Outcome::Failure,
+            (None, Err(err)) => classify_error(err),
         }
     }
 }
@@ -316,5 +309,21 @@ impl fmt::Debug for CircuitBreakerConfig {
             .field("on_cancel", &self.on_cancel)
             .field("custom_classifier", &self.classifier.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// What the default classifier makes of an error.
+#[inline(never)]
+fn classify_error(err: &Error) -> Outcome {
+    match err {
+        // Never sent: another breaker's rejection, or a request the leaf refused (a SELECT
+        // or SUBSCRIBE on the shared connection): the app's mistake.
+        err if err.is_circuit_open() || err.is_refused() => Outcome::Ignore,
+        err if err.is_server() => Outcome::Success,
+        // Redis is up and refused a write only (a replica after a failover, a master short
+        // of replicas): reads through the breaker are served, and opening would refuse
+        // them. `Reconnect` looks for the master.
+        err if err.is_write_refusal() => Outcome::Success,
+        _ => Outcome::Failure,
     }
 }

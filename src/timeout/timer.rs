@@ -16,6 +16,7 @@
 //! tokio's clock, so `tokio::time::pause` governs it.
 
 use std::{
+    cell::Cell,
     hash::{Hash, Hasher},
     sync::{
         Arc, Mutex, MutexGuard,
@@ -148,7 +149,7 @@ impl CallTimer {
         waker: &Waker,
     ) -> Result<Registration, NoRuntime> {
         let shared = &self.0;
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| NoRuntime)?;
+        let runtime_id = current_runtime_id().ok_or(NoRuntime)?;
         // This thread's table: threads take them in turn.
         let shard = sync::shard() % SHARDS;
         let (index, id, tell) = {
@@ -176,8 +177,8 @@ impl CallTimer {
         // After the slot is taken: a driver that stops (see `drive`) first says so here,
         // then looks at the table once more, so it sees this slot, or this call sees it
         // gone and starts another.
-        let runtime_id = runtime_id(&runtime);
         if shared.last_runtime.load(Ordering::Acquire) != runtime_id {
+            let runtime = tokio::runtime::Handle::try_current().map_err(|_| NoRuntime)?;
             shared.ensure_driver(&self.0, &runtime, runtime_id);
         }
         if tell {
@@ -308,6 +309,27 @@ impl Shared {
 }
 
 /// The runtime's id as a number (tokio's `Id` only hashes to one).
+/// The id of the runtime this code runs on, as [`runtime_id`] gives it; `None` outside
+/// one. Kept per thread for the task running: a task never moves to another runtime, and
+/// asking tokio for the runtime clones its handle (two atomic operations per call).
+fn current_runtime_id() -> Option<u64> {
+    thread_local! {
+        static CACHED: Cell<Option<(tokio::task::Id, u64)>> = const { Cell::new(None) };
+    }
+    let task = tokio::task::try_id();
+    if let Some(task) = task
+        && let Some((cached, id)) = CACHED.get()
+        && cached == task
+    {
+        return Some(id);
+    }
+    let id = runtime_id(&tokio::runtime::Handle::try_current().ok()?);
+    if let Some(task) = task {
+        CACHED.set(Some((task, id)));
+    }
+    Some(id)
+}
+
 fn runtime_id(runtime: &tokio::runtime::Handle) -> u64 {
     /// Keeps the one integer an `Id` hashes.
     #[derive(Default)]
