@@ -290,8 +290,10 @@ impl Fault {
             Fault::Resume => server.resume(),
             Fault::FailOver => {
                 // The standby is the master now, the old master its replica (it answers
-                // writes with READONLY), and the address leads to the standby.
-                server.replicate(&lab.standby);
+                // writes with READONLY at once, before it has synced), and the address
+                // leads to the standby at the same moment.
+                let standby = lab.standby.port().to_string();
+                server.raw_command(&["REPLICAOF", "127.0.0.1", &standby]);
                 lab.proxy.retarget(lab.standby.port());
             }
         }
