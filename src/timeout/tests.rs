@@ -267,19 +267,24 @@ fn calls_time_out_on_any_runtime_the_layer_is_used_from() {
             .build()
             .unwrap()
     };
-    let times_out = |rt: &tokio::runtime::Runtime| {
-        let mut service = timeouts(layer.clone());
+    let hang = |layer: TimeoutLayer| async move {
+        let mut service = timeouts(layer);
+        let call = service
+            .ready()
+            .await
+            .unwrap()
+            .call(command("GET", "hang", 0));
+        tokio::time::timeout(Duration::from_secs(5), call).await
+    };
+    // From a task, the runtime is looked up once per task.
+    let times_out = |rt: &tokio::runtime::Runtime, in_a_task: bool| {
         let started = std::time::Instant::now();
         let result = rt.block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                service
-                    .ready()
-                    .await
-                    .unwrap()
-                    .call(command("GET", "hang", 0)),
-            )
-            .await
+            if in_a_task {
+                tokio::spawn(hang(layer.clone())).await.unwrap()
+            } else {
+                hang(layer.clone()).await
+            }
         });
         assert!(
             result
@@ -295,13 +300,17 @@ fn calls_time_out_on_any_runtime_the_layer_is_used_from() {
         );
     };
     let first = runtime();
-    times_out(&first);
-    // `first` is alive but idle: its driver cannot run.
+    times_out(&first, false);
+    times_out(&first, true);
+    // `first` is alive but idle: its driver cannot run. A task on another runtime, on
+    // the same thread, must not take `first` for its own.
     let second = runtime();
-    times_out(&second);
+    times_out(&second, true);
+    times_out(&second, false);
     drop(first);
     drop(second);
-    times_out(&runtime());
+    times_out(&runtime(), true);
+    times_out(&runtime(), false);
     assert_eq!(layer.timer.waiting(), 0);
 }
 
