@@ -363,6 +363,8 @@ impl Task {
                     return;
                 };
                 down_since = Some(Instant::now());
+                self.state
+                    .send_replace(ConnectionState::Reconnecting { attempt: 0 });
                 tracing::warn!(address = self.connector.address(), %error, "redis subscriber lost its connection; reconnecting");
                 if self.announce(Event::Disconnected { error }).await.is_err() {
                     return;
