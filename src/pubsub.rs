@@ -47,7 +47,7 @@
 //! ```
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, VecDeque},
     fmt,
     pin::Pin,
     task::{Context, Poll},
@@ -242,6 +242,7 @@ impl Subscriber {
             channels: BTreeSet::new(),
             patterns: BTreeSet::new(),
             missed: 0,
+            pending: VecDeque::new(),
         };
         tokio::spawn(task.run(pubsub));
         (Subscriber { control, state }, Events { events })
@@ -333,6 +334,10 @@ struct Task {
     patterns: BTreeSet<Vec<u8>>,
     /// Messages dropped since the last `Lagged` event.
     missed: u64,
+    /// Events that must not be dropped, waiting for room in the application's buffer: the
+    /// task goes on (reconnects) meanwhile, and messages behind them are counted as
+    /// missed, so the order holds.
+    pending: VecDeque<Event>,
 }
 
 /// Why the task stops: nobody reads its events any more.
@@ -351,11 +356,7 @@ impl Task {
                         ?down_for,
                         "redis subscriber resubscribed"
                     );
-                    if self
-                        .announce(Event::Resubscribed { down_for })
-                        .await
-                        .is_err()
-                    {
+                    if self.announce(Event::Resubscribed { down_for }).is_err() {
                         return;
                     }
                 }
@@ -366,7 +367,7 @@ impl Task {
                 self.state
                     .send_replace(ConnectionState::Reconnecting { attempt: 0 });
                 tracing::warn!(address = self.connector.address(), %error, "redis subscriber lost its connection; reconnecting");
-                if self.announce(Event::Disconnected { error }).await.is_err() {
+                if self.announce(Event::Disconnected { error }).is_err() {
                     return;
                 }
             }
@@ -387,6 +388,7 @@ impl Task {
         loop {
             tokio::select! {
                 () = self.events.closed() => return Err(Stop),
+                room = room_in(&self.events), if self.is_owed() => self.hand_over(room)?,
                 message = next_message(&mut stream) => match message {
                     Some(message) => self.deliver(message),
                     None => return Ok(Error::unavailable("the connection closed")),
@@ -442,6 +444,7 @@ impl Task {
             loop {
                 tokio::select! {
                     () = self.events.closed() => return Err(Stop),
+                    room = room_in(&self.events), if self.is_owed() => self.hand_over(room)?,
                     () = tokio::time::sleep_until(wake) => break,
                     control = recv(&mut self.control) => match control {
                         Some(control) => self.record(control),
@@ -528,35 +531,73 @@ impl Task {
         let _ = reply.send(Ok(()));
     }
 
-    /// Hands a message to the application, or counts it if the buffer is full.
+    /// Hands a message to the application, or counts it if the buffer is full or events
+    /// that must not be dropped wait before it.
     fn deliver(&mut self, message: Msg) {
-        if self.missed > 0 {
-            match self.events.try_send(Event::Lagged {
-                missed: self.missed,
-            }) {
-                Ok(()) => self.missed = 0,
-                Err(_) => {
-                    self.missed += 1;
-                    return;
-                }
-            }
+        if self.flush().is_err() || self.is_owed() {
+            self.missed += 1;
+            return;
         }
         if self.events.try_send(Event::Message(message)).is_err() {
             self.missed += 1;
         }
     }
 
-    /// Hands an event to the application, waiting for room: it must not be dropped.
-    async fn announce(&mut self, event: Event) -> Result<(), Stop> {
+    /// Queues an event that must not be dropped (after a count of the messages dropped
+    /// before it) and hands over what there is room for, without waiting.
+    fn announce(&mut self, event: Event) -> Result<(), Stop> {
         if self.missed > 0 {
             let missed = std::mem::take(&mut self.missed);
-            self.events
-                .send(Event::Lagged { missed })
-                .await
-                .map_err(|_| Stop)?;
+            self.pending.push_back(Event::Lagged { missed });
         }
-        self.events.send(event).await.map_err(|_| Stop)
+        self.pending.push_back(event);
+        self.flush()
     }
+
+    /// Hands over the waiting events, then the count of dropped messages, while there is
+    /// room.
+    fn flush(&mut self) -> Result<(), Stop> {
+        use mpsc::error::TrySendError::{Closed, Full};
+        while let Some(event) = self.pending.pop_front() {
+            match self.events.try_send(event) {
+                Ok(()) => {}
+                Err(Full(event)) => {
+                    self.pending.push_front(event);
+                    return Ok(());
+                }
+                Err(Closed(_)) => return Err(Stop),
+            }
+        }
+        if self.missed > 0 {
+            match self.events.try_send(Event::Lagged {
+                missed: self.missed,
+            }) {
+                Ok(()) => self.missed = 0,
+                Err(Full(_)) => {}
+                Err(Closed(_)) => return Err(Stop),
+            }
+        }
+        Ok(())
+    }
+
+    /// Something waits to be handed over.
+    fn is_owed(&self) -> bool {
+        !self.pending.is_empty() || self.missed > 0
+    }
+
+    /// Room came in the application's buffer (or nobody reads it any more): hands over
+    /// what fits.
+    fn hand_over(&mut self, room: Result<(), Stop>) -> Result<(), Stop> {
+        room?;
+        self.flush()
+    }
+}
+
+/// Waits until the application's buffer has room; `Stop` once nobody reads it.
+async fn room_in(events: &mpsc::Sender<Event>) -> Result<(), Stop> {
+    // The permit is given back at once: `flush` takes the room with `try_send` (this task
+    // is the only sender).
+    events.reserve().await.map(drop).map_err(|_| Stop)
 }
 
 impl Kind {

@@ -132,10 +132,8 @@ async fn an_application_that_falls_behind_is_told_how_many_messages_it_missed() 
     assert_eq!(message(&mut events).await.2, "1");
     assert_eq!(message(&mut events).await.2, "2");
     assert_eq!(publish(&server, "news", "11"), "1");
-    assert!(matches!(
-        next(&mut events).await,
-        Event::Lagged { missed: 8 }
-    ));
+    let lagged = next(&mut events).await;
+    assert!(matches!(lagged, Event::Lagged { missed: 8 }), "{lagged:?}");
     assert_eq!(message(&mut events).await.2, "11");
 }
 
@@ -231,4 +229,35 @@ async fn the_client_makes_a_subscriber_to_the_same_redis() {
     until_connected(&subscriber).await;
     assert_eq!(publish(&server, "news", "hello"), "1");
     assert_eq!(message(&mut events).await.2, "hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_behind_does_not_hold_up_the_reconnect() {
+    let mut server = RedisServer::start();
+    let (subscriber, mut events) = subscriber(&server, SubscriberConfig::new().buffer(2)).await;
+    subscriber.subscribe("news").await.unwrap();
+    assert_eq!(publish(&server, "news", "1"), "1");
+    assert_eq!(publish(&server, "news", "2"), "1");
+    // The application reads nothing meanwhile: its buffer is full.
+    server.kill();
+    server.restart();
+    until_connected(&subscriber).await;
+    assert_eq!(publish(&server, "news", "3"), "1", "subscribed again");
+    assert_eq!(message(&mut events).await.2, "1");
+    assert_eq!(message(&mut events).await.2, "2");
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Disconnected { .. }
+    ));
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Resubscribed { .. }
+    ));
+    // "3" follows them, or, if it reached the subscriber while they still waited for
+    // room, its loss is counted.
+    match next(&mut events).await {
+        Event::Lagged { missed: 1 } => {}
+        Event::Message(message) => assert_eq!(message.get_payload::<String>().unwrap(), "3"),
+        other => panic!("{other:?}"),
+    }
 }
