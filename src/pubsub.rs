@@ -128,7 +128,9 @@ impl SubscriberConfig {
 
     /// How many events may wait for the application (default 1024, at least 1). Beyond
     /// that, messages are dropped and counted: the next event delivered is a
-    /// [`Lagged`](Event::Lagged) with the count.
+    /// [`Lagged`](Event::Lagged) with the count. `Disconnected` and `Resubscribed` are
+    /// never dropped: they wait for room while the subscriber goes on (reconnects), and
+    /// messages that come meanwhile are counted as missed, so the order holds.
     pub fn buffer(mut self, events: usize) -> Self {
         self.buffer = events.max(1);
         self
