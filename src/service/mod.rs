@@ -42,7 +42,10 @@ use crate::{Connector, Error, Request, request::Body};
 /// would make every other caller's `GET` answer `QUEUED`, a `SELECT` would have them read
 /// another database until the next reconnect, a `SUBSCRIBE` would have Redis refuse
 /// their commands. An atomic pipeline (`redis::pipe().atomic()`) is the way to send a
-/// transaction; a database is chosen in the URL.
+/// transaction; a database is chosen in the URL. The refusal holds in an
+/// [`on_connect`](crate::reconnect::ReconnectConfig::on_connect) hook too: a database,
+/// credentials or a protocol go in the URL or the [`Connector`], which applies them to
+/// every connection it opens.
 ///
 /// A blocking command (`BLPOP q 5`) holds up every request sent after it on the
 /// connection until Redis answers it: Redis serves one connection's commands in order.
