@@ -233,3 +233,48 @@ async fn a_blpop_follows_a_failover_behind_one_address() {
     let () = client.set("k", "v").await.unwrap();
     assert_eq!(new.raw_command(&["GET", "k"]), "v");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_calls_beyond_the_limit_wait_for_a_connection() {
+    let server = RedisServer::start();
+    let client = ResilientClient::builder(&server.url())
+        .reconnect(ReconnectConfig::new().max_blocking_connections(2))
+        .connect()
+        .await
+        .unwrap();
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .blpop::<_, Option<(String, String)>>("queue", 5.0)
+                    .await
+            })
+        })
+        .collect();
+    eventually(Duration::from_secs(5), async || {
+        blocked_clients(&server) == 2
+    })
+    .await;
+    assert_eq!(client.reconnect_stats().blocking_connections, 2);
+
+    // One pop frees a connection: the third call takes it, and Redis still holds two.
+    assert_eq!(server.raw_command(&["RPUSH", "queue", "a"]), "1");
+    eventually(Duration::from_secs(5), async || {
+        waiters.iter().filter(|waiter| waiter.is_finished()).count() == 1
+            && blocked_clients(&server) == 2
+    })
+    .await;
+    assert_eq!(server.raw_command(&["RPUSH", "queue", "b", "c"]), "2");
+    let mut popped = Vec::new();
+    for waiter in waiters {
+        popped.push(waiter.await.unwrap().unwrap().unwrap().1);
+    }
+    popped.sort();
+    assert_eq!(popped, ["a", "b", "c"]);
+    assert_eq!(
+        client.reconnect_stats().blocking_connections,
+        2,
+        "the third call reused the connection the first gave back"
+    );
+}

@@ -6,6 +6,10 @@ use crate::{Error, RedisService, backoff::ExponentialBackoff};
 /// [`ReconnectConfig::dedicated_blocking_connections`] says otherwise.
 pub const DEFAULT_IDLE_BLOCKING_CONNECTIONS: usize = 4;
 
+/// How many blocking commands may run at once on connections of their own, unless
+/// [`ReconnectConfig::max_blocking_connections`] says otherwise.
+pub const DEFAULT_MAX_BLOCKING_CONNECTIONS: usize = 64;
+
 type OnConnect<S> =
     Arc<dyn Fn(S) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> + Send + Sync>;
 
@@ -44,6 +48,7 @@ pub struct ReconnectConfig<S = RedisService> {
     pub(super) on_connect: Option<OnConnect<S>>,
     pub(super) readonly_reconnect: Option<Duration>,
     pub(super) blocking_idle: Option<usize>,
+    pub(super) blocking_max: usize,
 }
 
 impl<S> Clone for ReconnectConfig<S> {
@@ -56,6 +61,7 @@ impl<S> Clone for ReconnectConfig<S> {
             on_connect: self.on_connect.clone(),
             readonly_reconnect: self.readonly_reconnect,
             blocking_idle: self.blocking_idle,
+            blocking_max: self.blocking_max,
         }
     }
 }
@@ -71,6 +77,7 @@ impl<S> Default for ReconnectConfig<S> {
             on_connect: None,
             readonly_reconnect: Some(Duration::from_secs(1)),
             blocking_idle: Some(DEFAULT_IDLE_BLOCKING_CONNECTIONS),
+            blocking_max: DEFAULT_MAX_BLOCKING_CONNECTIONS,
         }
     }
 }
@@ -184,8 +191,9 @@ impl<S> ReconnectConfig<S> {
     /// replica (`READONLY`: a failover behind the address) has the shared connection
     /// replaced, as a write would (see
     /// [`reconnect_on_readonly`](Self::reconnect_on_readonly)). Each blocking call
-    /// in flight holds one connection: a thousand concurrent `BLPOP`s are a thousand
-    /// connections, as with any client.
+    /// in flight holds one connection, up to
+    /// [`max_blocking_connections`](Self::max_blocking_connections); calls beyond wait
+    /// for one to come free, within their deadline.
     ///
     /// `WAIT` and `WAITAOF` stay on the shared connection: they wait for the writes made
     /// before them on their own connection. (A pipeline that writes and then `WAIT`s goes
@@ -209,6 +217,18 @@ impl<S> ReconnectConfig<S> {
         self.blocking_idle = idle;
         self
     }
+
+    /// At most this many blocking commands run at once on connections of their own
+    /// (default 64,
+    /// [`DEFAULT_MAX_BLOCKING_CONNECTIONS`](super::DEFAULT_MAX_BLOCKING_CONNECTIONS); at
+    /// least 1); more wait, in the order they came, for one to finish, within their
+    /// deadline. So a burst of blocking calls (a bug that spawns a worker per request,
+    /// say) cannot open connections until Redis reaches `maxclients` and refuses
+    /// everyone's, this client's reconnects included.
+    pub fn max_blocking_connections(mut self, connections: usize) -> Self {
+        self.blocking_max = connections.max(1);
+        self
+    }
 }
 
 impl<S> fmt::Debug for ReconnectConfig<S> {
@@ -221,6 +241,7 @@ impl<S> fmt::Debug for ReconnectConfig<S> {
             .field("on_connect", &self.on_connect.as_ref().map(|_| "<hook>"))
             .field("reconnect_on_readonly", &self.readonly_reconnect)
             .field("dedicated_blocking_connections", &self.blocking_idle)
+            .field("max_blocking_connections", &self.blocking_max)
             .finish()
     }
 }

@@ -5,7 +5,9 @@ mod config;
 mod future;
 mod shared;
 
-pub use config::{DEFAULT_IDLE_BLOCKING_CONNECTIONS, ReconnectConfig};
+pub use config::{
+    DEFAULT_IDLE_BLOCKING_CONNECTIONS, DEFAULT_MAX_BLOCKING_CONNECTIONS, ReconnectConfig,
+};
 pub use future::ResponseFuture;
 
 use std::{
@@ -296,6 +298,9 @@ async fn call_blocking<M: MakeConnection>(
     name: &'static str,
 ) -> Result<Value, Error> {
     // Not while the shared connection is down: no connection storm during an outage.
+    current_connection(&shared, name).await?;
+    // Held for the call: at most `max_blocking_connections` run at once.
+    let _turn = shared.blocking_turn().await;
     let (generation, _) = current_connection(&shared, name).await?;
     let mut connection = loop {
         if let Some(mut idle) = shared.idle_blocking(generation) {

@@ -8,7 +8,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{Semaphore, SemaphorePermit, watch},
+    time::Instant,
+};
 use tower::Service;
 
 use super::{ConnectionState, ReconnectConfig, ReconnectStats};
@@ -40,6 +43,8 @@ pub(super) struct Shared<M: MakeConnection> {
     /// shared connection when it was opened.
     blocking_idle: Mutex<Vec<(u64, Connection<M>)>>,
     blocking_opened: AtomicU64,
+    /// One permit per blocking call that may run at once.
+    blocking_turns: Semaphore,
     /// The owner the handles hold, for the reconnect loop: none is started once they are
     /// gone.
     this: Weak<Leased<Shared<M>>>,
@@ -66,6 +71,7 @@ impl<M: MakeConnection> Shared<M> {
             Some(_) => ConnectionState::Connected,
             None => ConnectionState::Reconnecting { attempt: 0 },
         };
+        let blocking_max = config.blocking_max.min(Semaphore::MAX_PERMITS);
         Arc::new_cyclic(|this| {
             Leased::new(Shared {
                 connector,
@@ -88,6 +94,7 @@ impl<M: MakeConnection> Shared<M> {
                 failures: AtomicU64::new(0),
                 blocking_idle: Mutex::new(Vec::new()),
                 blocking_opened: AtomicU64::new(0),
+                blocking_turns: Semaphore::new(blocking_max),
                 this: this.clone(),
             })
         })
@@ -153,6 +160,12 @@ impl<M: MakeConnection> Shared<M> {
             }
         }
         None
+    }
+
+    /// A turn to run a blocking call, waited for while as many run as the configuration
+    /// allows. (The semaphore is never closed.)
+    pub async fn blocking_turn(&self) -> Option<SemaphorePermit<'_>> {
+        self.blocking_turns.acquire().await.ok()
     }
 
     /// Opens a connection for a blocking command, with the user's hook run on it.
