@@ -14,7 +14,7 @@ use tower::Service;
 use crate::{
     Error, Request,
     sentinel::Sentinels,
-    service::{Driver, RedisService},
+    service::{Conn, Driver, RedisService},
 };
 
 /// Opens connections for [`Reconnect`](crate::reconnect::Reconnect): [`Connector`] opens
@@ -104,6 +104,9 @@ pub struct Connector {
     sentinel: Option<Arc<Sentinels>>,
     /// How often Sentinel is asked whether the master moved, while connections are out.
     sentinel_check_interval: Duration,
+    /// Set for a Redis Cluster: its initial nodes. `client` then holds the first.
+    #[cfg(feature = "cluster")]
+    cluster: Option<Arc<[ConnectionInfo]>>,
 }
 
 impl Connector {
@@ -132,6 +135,8 @@ impl Connector {
             display,
             sentinel: None,
             sentinel_check_interval: DEFAULT_SENTINEL_CHECK_INTERVAL,
+            #[cfg(feature = "cluster")]
+            cluster: None,
         }
     }
 
@@ -199,6 +204,57 @@ impl Connector {
         Ok(connector)
     }
 
+    /// Connects to a Redis Cluster through redis-rs's cluster client, which keeps a
+    /// connection to each node and sends every command to the node that serves its key
+    /// (feature `cluster`).
+    ///
+    /// `nodes` are where to start: any reachable one tells where the others are. Their
+    /// credentials, protocol and TLS apply to every node.
+    ///
+    /// What this crate changes in redis-rs's client: it never resends a command by itself
+    /// (`retries(0)`), since it cannot tell an `INCR` that may have run from one that did
+    /// not. A redirect (`MOVED`, `ASK`: the slot is served elsewhere, after a failover or
+    /// a resharding) comes back as an [unavailable](Error::is_unavailable) error that did
+    /// not run, which [`Retry`](crate::retry::Retry) sends again once the client has
+    /// refreshed its map of the slots; a node's lost connection does not make
+    /// [`Reconnect`](crate::reconnect::Reconnect) replace the whole cluster connection
+    /// (the client reconnects to that node, the others serve on); redirects never open the
+    /// breaker. Blocking commands run on cluster connections of their own, as
+    /// [`Reconnect`](crate::reconnect::Reconnect) does for one server.
+    ///
+    /// ```no_run
+    /// use tower_redis_resilience::{Connector, ResilientClient};
+    ///
+    /// # fn run() -> Result<(), tower_redis_resilience::Error> {
+    /// let connector = Connector::cluster([
+    ///     "redis://127.0.0.1:7000",
+    ///     "redis://127.0.0.1:7001",
+    ///     "redis://127.0.0.1:7002",
+    /// ])?;
+    /// let client = ResilientClient::builder_with_connector(connector).build()?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    #[cfg(feature = "cluster")]
+    pub fn cluster<T: IntoConnectionInfo>(
+        nodes: impl IntoIterator<Item = T>,
+    ) -> Result<Self, Error> {
+        let nodes = nodes
+            .into_iter()
+            .map(|node| {
+                node.into_connection_info()
+                    .map_err(|err| Error::config(format!("invalid cluster node address: {err}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(first) = nodes.first() else {
+            return Err(Error::config("a cluster connector needs at least one node"));
+        };
+        let mut connector = Connector::from_connection_info(first.clone())?;
+        let addresses: Vec<String> = nodes.iter().map(describe).collect();
+        connector.display = format!("cluster {}", addresses.join(", ")).into();
+        connector.cluster = Some(nodes.into());
+        Ok(connector)
+    }
+
     /// How often a [Sentinel connector](Self::sentinel) asks Sentinel whether the master
     /// moved, while it has connections open, besides listening for `+switch-master`.
     /// Default: [`DEFAULT_SENTINEL_CHECK_INTERVAL`]. No effect on other connectors.
@@ -242,6 +298,14 @@ impl Connector {
     pub async fn connect(&self) -> Result<RedisService, Error> {
         // redis-rs's connection timeout may not cover every step of the handshake; this
         // one does.
+        #[cfg(feature = "cluster")]
+        if let Some(nodes) = &self.cluster {
+            let attempt = open_cluster(nodes, self.connect_timeout, self.display.clone());
+            return match tokio::time::timeout(self.connect_timeout, attempt).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::unavailable("connect timed out")),
+            };
+        }
         let attempt = async {
             match &self.sentinel {
                 None => {
@@ -317,9 +381,35 @@ pub(crate) async fn open(
 ) -> Result<RedisService, Error> {
     let (connection, driver) = open_multiplexed(info, client).await?;
     Ok(RedisService::from_parts(
-        connection,
+        Conn::Single(connection),
         driver,
         info.redis_settings().db(),
+        display,
+    ))
+}
+
+/// Connects to a cluster: to a node of `nodes` that answers, and through it to every
+/// node that serves slots.
+#[cfg(feature = "cluster")]
+async fn open_cluster(
+    nodes: &[ConnectionInfo],
+    connect_timeout: Duration,
+    display: Arc<str>,
+) -> Result<RedisService, Error> {
+    // No resends (an INCR may have run), no response timeout (the Timeout layer's).
+    let client = redis::cluster::ClusterClient::builder(nodes.to_vec())
+        .retries(0)
+        .connection_timeout(connect_timeout)
+        .build()
+        .map_err(Error::from_connect)?;
+    let connection = client
+        .get_async_connection()
+        .await
+        .map_err(Error::from_connect)?;
+    Ok(RedisService::from_parts(
+        Conn::Cluster(connection),
+        None,
+        0,
         display,
     ))
 }

@@ -92,6 +92,11 @@ const UNAVAILABLE_CODES: &[&str] = &[
     "READONLY",
     "MISCONF",
     "NOREPLICAS",
+    // A cluster's redirects: the slot is served by another node (for good, or while it
+    // migrates). The cluster client refreshes its map of the slots; sent again, the
+    // command goes to the node that now serves it.
+    "MOVED",
+    "ASK",
 ];
 
 /// Server error codes that mean the credentials are wrong.
@@ -100,7 +105,8 @@ const AUTH_CODES: &[&str] = &["WRONGPASS", "NOAUTH"];
 impl Error {
     /// Redis could not serve the request: connection refused, reset or closed, not
     /// connected, reconnecting, or the server refused it as `LOADING`, `BUSY`,
-    /// `MASTERDOWN`, `TRYAGAIN`, `CLUSTERDOWN`, `READONLY`, `MISCONF` or `NOREPLICAS`.
+    /// `MASTERDOWN`, `TRYAGAIN`, `CLUSTERDOWN`, `READONLY`, `MISCONF` or `NOREPLICAS`, or a
+    /// cluster node redirected it (`MOVED`, `ASK`).
     /// Transient: the same request may succeed later.
     pub fn is_unavailable(&self) -> bool {
         matches!(self.kind, Kind::Unavailable { .. })
@@ -237,6 +243,30 @@ impl Error {
             && self
                 .redis_error()
                 .is_some_and(|err| matches!(err.kind(), ErrorKind::Io | ErrorKind::Parse))
+    }
+
+    /// The same error, from one node of a cluster: it does not
+    /// [break](Self::breaks_connection) the cluster's connection, which reconnects to that
+    /// node by itself while the others serve on.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn of_one_node(self) -> Self {
+        if !self.breaks_connection() {
+            return self;
+        }
+        let Some(err) = self.redis_error() else {
+            return self;
+        };
+        let text = format!("a cluster node's connection: {err}");
+        Error {
+            detail: Detail::Text(text.into()),
+            ..self
+        }
+    }
+
+    /// A cluster node redirected the command (`MOVED`, `ASK`): the slot is served
+    /// elsewhere. Not an outage.
+    pub(crate) fn is_redirect(&self) -> bool {
+        matches!(self.server_code(), Some("MOVED" | "ASK"))
     }
 
     /// A replica refused a write (`READONLY`): the server is up and serves reads, but
@@ -620,11 +650,15 @@ mod tests {
             b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
             b"-CLUSTERDOWN The cluster is down\r\n",
             b"-READONLY You can't write against a read only replica.\r\n",
+            b"-MOVED 3999 127.0.0.1:6381\r\n",
+            b"-ASK 3999 127.0.0.1:6381\r\n",
         ] {
             let err = server(reply);
             assert!(err.is_unavailable(), "{err}");
             assert!(!err.may_have_run(), "{err}");
         }
+        assert!(server(b"-MOVED 3999 127.0.0.1:6381\r\n").is_redirect());
+        assert!(!server(b"-READONLY You can't write.\r\n").is_redirect());
     }
 
     #[test]

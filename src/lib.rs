@@ -4,8 +4,8 @@
 //! A [`Request`] is a redis-rs [`Cmd`](redis::Cmd) or [`Pipeline`](redis::Pipeline) with
 //! its [`CommandInfo`] (read-only? idempotent? blocking, and for how long?) computed once.
 //! [`RedisService`] sends requests on one multiplexed connection, opened by a [`Connector`]
-//! (a URL, or [`Connector::sentinel`] to find the master through Redis Sentinel and follow
-//! it through failovers), and answers
+//! (a URL, [`Connector::sentinel`] to find the master through Redis Sentinel and follow
+//! it through failovers, or `Connector::cluster` with feature `cluster`), and answers
 //! [`redis::Value`]s or one [`Error`] type whose classifiers (`is_unavailable`,
 //! `is_timeout`, `is_circuit_open`, `is_server`, `is_config`, `may_have_run`) drive every
 //! resilience policy. [`reconnect::Reconnect`] keeps that connection through restarts and

@@ -37,6 +37,8 @@ pub(crate) enum Behaviour {
     Misconf,
     /// A request the leaf refused to send (a `SELECT` on the shared connection).
     Refused,
+    /// `MOVED`: a cluster node redirects to the one that serves the slot now.
+    Moved,
     /// Never answers.
     Hang,
 }
@@ -104,6 +106,7 @@ fn script(cmd: &redis::Cmd) -> (Behaviour, Duration) {
         Some("noreplicas") => Behaviour::NoReplicas,
         Some("misconf") => Behaviour::Misconf,
         Some("refused") => Behaviour::Refused,
+        Some("moved") => Behaviour::Moved,
         Some("hang") => Behaviour::Hang,
         other => panic!("unknown behaviour {other:?}"),
     };
@@ -127,6 +130,7 @@ async fn answer(behaviour: Behaviour) -> Result<Value, Error> {
             b"-MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.\r\n",
         )),
         Behaviour::Refused => Err(Error::refused("SELECT refused")),
+        Behaviour::Moved => Err(crate::error::server(b"-MOVED 3999 127.0.0.1:6381\r\n")),
         Behaviour::Hang => std::future::pending().await,
     }
 }

@@ -217,7 +217,8 @@ impl CircuitBreakerConfig {
     /// the leaf refused to send (a `SELECT` or `SUBSCRIBE` on the shared connection, see
     /// [`CommandInfo::changes_connection`](crate::CommandInfo::changes_connection)) are
     /// ignored;
-    /// replies, those refusals and [server errors](Error::is_server) are successes.
+    /// replies, those refusals, a cluster's redirects (`MOVED`, `ASK`: the slot is served
+    /// elsewhere) and [server errors](Error::is_server) are successes.
     pub fn classifier<F>(mut self, classify: F) -> Self
     where
         F: Fn(&Result<Value, Error>) -> Outcome + Send + Sync + 'static,
@@ -324,6 +325,8 @@ fn classify_error(err: &Error) -> Outcome {
         // of replicas): reads through the breaker are served, and opening would refuse
         // them. `Reconnect` looks for the master.
         err if err.is_write_refusal() => Outcome::Success,
+        // A cluster node redirected it: the slot moved (a failover, a resharding).
+        err if err.is_redirect() => Outcome::Success,
         _ => Outcome::Failure,
     }
 }

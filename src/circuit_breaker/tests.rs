@@ -107,6 +107,14 @@ async fn a_server_refusing_writes_only_is_not_an_outage() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_cluster_redirect_is_not_an_outage() {
+    let (layer, mut service, _) = breaker(count_window(10, 10));
+    repeat(&mut service, 200, "moved", 0).await;
+    assert_eq!(layer.state(), BreakerState::Closed);
+    assert_eq!(layer.metrics().failed_calls, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn requests_refused_unsent_say_nothing_about_redis() {
     let (layer, mut service, _) = breaker(count_window(10, 10));
     repeat(&mut service, 200, "refused", 0).await;

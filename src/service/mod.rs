@@ -78,7 +78,7 @@ pub struct RedisService {
 }
 
 struct Inner {
-    connection: MultiplexedConnection,
+    connection: Conn,
     /// The connection's task, when this crate runs it.
     driver: Option<Arc<Driver>>,
     db: i64,
@@ -102,7 +102,7 @@ impl RedisService {
     pub fn from_connection(connection: MultiplexedConnection, db: i64) -> Self {
         // The connection does not say where it goes; `Connector` knows and shows it.
         RedisService::from_parts(
-            connection,
+            Conn::Single(connection),
             None,
             db,
             Arc::from("(connection opened by caller)"),
@@ -110,7 +110,7 @@ impl RedisService {
     }
 
     pub(crate) fn from_parts(
-        connection: MultiplexedConnection,
+        connection: Conn,
         driver: Option<Arc<Driver>>,
         db: i64,
         address: Arc<str>,
@@ -220,9 +220,62 @@ impl Drop for Driver {
     }
 }
 
+/// The connection a service sends on: one server's, or a cluster's (redis-rs's cluster
+/// client, which keeps a connection to each node and routes by key).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(MultiplexedConnection),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Conn {
+    async fn command(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
+        match self {
+            Conn::Single(connection) => connection.send_packed_command(cmd).await,
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(connection) => {
+                redis::aio::ConnectionLike::req_packed_command(connection, cmd).await
+            }
+        }
+    }
+
+    async fn commands(
+        &mut self,
+        pipeline: &Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<Value>> {
+        match self {
+            Conn::Single(connection) => {
+                connection
+                    .send_packed_commands(pipeline, offset, count)
+                    .await
+            }
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(connection) => {
+                redis::aio::ConnectionLike::req_packed_commands(connection, pipeline, offset, count)
+                    .await
+            }
+        }
+    }
+
+    /// The error of a request sent on this connection. A cluster's node that fails is
+    /// that node's problem: the cluster client reconnects to it by itself, and the other
+    /// nodes serve on, so such an error does not make `Reconnect` replace the whole
+    /// cluster connection.
+    fn error(&self, err: redis::RedisError) -> Error {
+        match self {
+            Conn::Single(_) => Error::from_request(err),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(_) => Error::from_request(err).of_one_node(),
+        }
+    }
+}
+
 /// What one call sends, on which connection.
 struct Job {
-    connection: MultiplexedConnection,
+    connection: Conn,
     /// Held while the call waits: the connection's task must run until the reply comes.
     driver: Option<Arc<Driver>>,
     body: Body,
@@ -249,20 +302,17 @@ async fn send(job: Job) -> Result<Value, Error> {
         return Err(Error::not_sent().with_command(name));
     }
     match body {
-        Body::Cmd(cmd) => match connection.send_packed_command(&cmd).await {
+        Body::Cmd(cmd) => match connection.command(&cmd).await {
             Ok(Value::ServerError(err)) => Err(Error::from_server_error(err)),
             Ok(value) => Ok(value),
-            Err(err) => Err(Error::from_request(err)),
+            Err(err) => Err(connection.error(err)),
         },
         Body::Pipeline(pipeline) => send_pipeline(&mut connection, &pipeline).await,
     }
     .map_err(|err| err.with_command(name))
 }
 
-async fn send_pipeline(
-    connection: &mut MultiplexedConnection,
-    pipeline: &Pipeline,
-) -> Result<Value, Error> {
+async fn send_pipeline(connection: &mut Conn, pipeline: &Pipeline) -> Result<Value, Error> {
     let atomic = pipeline.is_transaction();
     if pipeline.is_empty() && !atomic {
         return Ok(Value::Array(Vec::new()));
@@ -274,10 +324,10 @@ async fn send_pipeline(
     } else {
         (0, pipeline.len())
     };
-    let mut replies = connection
-        .send_packed_commands(pipeline, offset, count)
-        .await
-        .map_err(Error::from_request)?;
+    let mut replies = match connection.commands(pipeline, offset, count).await {
+        Ok(replies) => replies,
+        Err(err) => return Err(connection.error(err)),
+    };
     // A plain pipeline keeps each command's server error in its slot, like redis-rs, unless
     // Redis could not serve at all: then the pipeline failed as a whole. Commands before
     // that slot may have run.

@@ -7,7 +7,10 @@
 //! case.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+mod cluster;
 mod proxy;
+#[allow(unused_imports)] // only the cluster tests use it
+pub use cluster::RedisCluster;
 #[allow(unused_imports)] // not every test binary injects network faults
 pub use proxy::FaultProxy;
 

@@ -1,0 +1,155 @@
+//! Redis Cluster through the default stack, against real cluster-enabled redis-server
+//! processes: commands reach the node that serves their key, a dead master costs only its
+//! own slots, and a failover loses and repeats no acknowledged write.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use support::RedisCluster;
+use tower_redis_resilience::{
+    Connector, Error, ResilientClient,
+    pubsub::{Event, SubscriberConfig},
+    reconnect::ConnectionState,
+};
+
+async fn client(cluster: &RedisCluster) -> ResilientClient {
+    let connector = Connector::cluster(cluster.urls()).unwrap();
+    ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_reach_the_node_that_serves_their_key() {
+    let cluster = RedisCluster::start(3, 0);
+    let mut client = client(&cluster).await;
+    for n in 0..100 {
+        let () = client.set(format!("key:{n}"), n).await.unwrap();
+    }
+    for n in 0..100 {
+        let value: Option<u32> = client.get(format!("key:{n}")).await.unwrap();
+        assert_eq!(value, Some(n));
+    }
+    let held: Vec<u64> = cluster
+        .masters
+        .iter()
+        .map(|master| master.raw_command(&["DBSIZE"]).parse().unwrap())
+        .collect();
+    assert!(held.iter().all(|&keys| keys > 0), "{held:?}");
+    assert_eq!(held.iter().sum::<u64>(), 100);
+    // Keys of one hash tag share a slot, so a pipeline of them goes to one node.
+    let (a, b): (i64, i64) = redis::pipe()
+        .incr("{user:1}:visits", 1)
+        .incr("{user:1}:clicks", 2)
+        .query_async(&mut client)
+        .await
+        .unwrap();
+    assert_eq!((a, b), (1, 2));
+    assert!(
+        client
+            .health()
+            .await
+            .address
+            .starts_with("cluster 127.0.0.1:")
+    );
+    // A blocking command, on a cluster connection of its own.
+    let nothing: Option<(String, String)> = client.blpop("queue", 0.01).await.unwrap();
+    assert_eq!(nothing, None);
+    assert_eq!(client.reconnect_stats().blocking_connections, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_hears_what_is_published_on_any_node() {
+    let cluster = RedisCluster::start(3, 0);
+    let client = client(&cluster).await;
+    let (subscriber, mut events) = client.subscriber(SubscriberConfig::new()).unwrap();
+    subscriber.subscribe("news").await.unwrap();
+    let mut state = subscriber.state();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|state| *state == ConnectionState::Connected),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Published on the last node; the subscriber is on the first. The cluster bus carries
+    // it to every node.
+    cluster.masters[2].raw_command(&["PUBLISH", "news", "hello"]);
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    match event {
+        Event::Message(message) => assert_eq!(message.get_payload::<String>().unwrap(), "hello"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_master_costs_only_its_own_slots() {
+    let mut cluster = RedisCluster::start(3, 0);
+    let mut client = client(&cluster).await;
+    let keys: Vec<String> = (0..60).map(|n| format!("key:{n}")).collect();
+    for key in &keys {
+        let () = client.set(key, "v").await.unwrap();
+    }
+    cluster.masters[2].kill();
+    let started = Instant::now();
+    for _ in 0..3 {
+        for key in &keys {
+            let value: Option<String> = client.get(key).await.unwrap();
+            if cluster.master_index_of(key) == 2 {
+                // A miss, through Fallback, not a hang.
+                assert_eq!(value, None, "{key}");
+            } else {
+                assert_eq!(
+                    value.as_deref(),
+                    Some("v"),
+                    "{key} is served by a live node"
+                );
+            }
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The other nodes' connections were never given up: no reconnect of the whole client.
+    assert_eq!(client.reconnect_stats().attempts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_follow_a_cluster_failover_and_every_acknowledged_incr_counts_once() {
+    let cluster = RedisCluster::start(3, 1);
+    let mut client = client(&cluster).await;
+    let key = "counter";
+    let index = cluster.master_index_of(key);
+    let replica = &cluster.replicas[index];
+
+    let mut acknowledged = 0u64;
+    for n in 0..60 {
+        if n == 20 {
+            // The replica takes over in a coordinated failover; the old master then
+            // redirects (MOVED) the counter's slot to it.
+            assert_eq!(replica.raw_command(&["CLUSTER", "FAILOVER"]), "OK");
+        }
+        match client.incr::<_, _, u64>(key, 1).await {
+            Ok(value) => {
+                acknowledged += 1;
+                assert_eq!(value, acknowledged, "each acknowledged INCR ran once");
+            }
+            Err(err) => {
+                let err = Error::from(err);
+                assert!(!err.may_have_run(), "{err:?}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("{acknowledged} of 60 INCRs acknowledged through the failover");
+    assert!(replica.raw_command(&["ROLE"]).starts_with("master"));
+    assert_eq!(replica.raw_command(&["GET", key]), acknowledged.to_string());
+    assert!(
+        acknowledged >= 55,
+        "only {acknowledged} of 60 INCRs went through"
+    );
+}
