@@ -49,6 +49,15 @@ pub trait MakeConnection: Send + Sync + 'static {
         let _ = connection;
         false
     }
+
+    /// Whether calls on `connection` dropped unanswered one after another say it is stuck
+    /// (see [`stuck_after`](crate::reconnect::ReconnectConfig::stuck_after)). `true` by
+    /// default; `false` for a connection that spreads calls over servers that fail apart
+    /// (a cluster's), where a stalled node holds up only its own calls.
+    fn hung_calls_mean_stuck(&self, connection: &Self::Connection) -> bool {
+        let _ = connection;
+        true
+    }
 }
 
 impl MakeConnection for Connector {
@@ -68,6 +77,10 @@ impl MakeConnection for Connector {
 
     fn is_closed(&self, connection: &RedisService) -> bool {
         connection.is_closed()
+    }
+
+    fn hung_calls_mean_stuck(&self, connection: &RedisService) -> bool {
+        !connection.is_cluster()
     }
 }
 
@@ -216,11 +229,17 @@ impl Connector {
     /// not. A redirect (`MOVED`, `ASK`: the slot is served elsewhere, after a failover or
     /// a resharding) comes back as an [unavailable](Error::is_unavailable) error that did
     /// not run, which [`Retry`](crate::retry::Retry) sends again once the client has
-    /// refreshed its map of the slots; a node's lost connection does not make
+    /// refreshed its map of the slots; a node's lost connection, or calls to a stalled
+    /// node timing out one after another, do not make
     /// [`Reconnect`](crate::reconnect::Reconnect) replace the whole cluster connection
-    /// (the client reconnects to that node, the others serve on); redirects never open the
-    /// breaker. Blocking commands run on cluster connections of their own, as
+    /// (the client reconnects to that node, the others serve on); a connect leaves out a
+    /// node that does not answer within a quarter of the connect timeout; redirects never
+    /// open the breaker. Blocking commands run on cluster connections of their own, as
     /// [`Reconnect`](crate::reconnect::Reconnect) does for one server.
+    ///
+    /// A master that fails with no replica to take over costs only its own slots if the
+    /// cluster runs with `cluster-require-full-coverage no`; with Redis's default (`yes`),
+    /// every node refuses every key (`CLUSTERDOWN`) until it is back.
     ///
     /// ```no_run
     /// use tower_redis_resilience::{Connector, ResilientClient};
@@ -396,10 +415,12 @@ async fn open_cluster(
     connect_timeout: Duration,
     display: Arc<str>,
 ) -> Result<RedisService, Error> {
-    // No resends (an INCR may have run), no response timeout (the Timeout layer's).
+    // No resends (an INCR may have run), no response timeout (the Timeout layer's), and
+    // a node that does not answer within a quarter of the connect timeout is left out,
+    // so one stalled node does not keep the others from being reached.
     let client = redis::cluster::ClusterClient::builder(nodes.to_vec())
         .retries(0)
-        .connection_timeout(connect_timeout)
+        .connection_timeout(connect_timeout / 4)
         .build()
         .map_err(Error::from_connect)?;
     let connection = client

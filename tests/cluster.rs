@@ -153,3 +153,42 @@ async fn writes_follow_a_cluster_failover_and_every_acknowledged_incr_counts_onc
         "only {acknowledged} of 60 INCRs went through"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_master_costs_only_its_own_slots() {
+    let cluster = RedisCluster::start(3, 0);
+    let mut client = client(&cluster).await;
+    let keys: Vec<String> = (0..30).map(|n| format!("key:{n}")).collect();
+    for key in &keys {
+        let () = client.set(key, "v").await.unwrap();
+    }
+    let (stalled, live): (Vec<&String>, Vec<&String>) = keys
+        .iter()
+        .partition(|key| cluster.master_index_of(key) == 2);
+    cluster.masters[2].pause();
+    // A client that starts now, before the cluster deems the node failed, connects
+    // through the nodes that answer.
+    let mut fresh = self::client(&cluster).await;
+    let value: Option<String> = fresh.get(live[0]).await.unwrap();
+    assert_eq!(value.as_deref(), Some("v"));
+    // Reads that time out one after another: on one server's connection, proof that it
+    // is stuck; on a cluster's, only that node's.
+    for key in stalled.iter().take(4) {
+        let value: Option<String> = client.get(*key).await.unwrap();
+        assert_eq!(value, None, "a miss within the deadline");
+    }
+    for key in &live {
+        let value: Option<String> = client.get(*key).await.unwrap();
+        assert_eq!(
+            value.as_deref(),
+            Some("v"),
+            "{key} is served by a live node"
+        );
+    }
+    cluster.masters[2].resume();
+    assert_eq!(
+        client.reconnect_stats().attempts,
+        1,
+        "no reconnect of the whole client"
+    );
+}

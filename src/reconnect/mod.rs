@@ -109,6 +109,8 @@ pub struct Reconnect<M: MakeConnection = Connector> {
     shared: Arc<Leased<Shared<M>>>,
     cached_generation: u64,
     cached: Option<M::Connection>,
+    /// Whether calls on `cached` dropped unanswered count towards `stuck_after`.
+    cached_may_hang: bool,
 }
 
 /// A clone starts with an empty cache that its first call fills (one lock): cloning is
@@ -120,6 +122,7 @@ impl<M: MakeConnection> Clone for Reconnect<M> {
             shared: self.shared.clone(),
             cached_generation: 0,
             cached: None,
+            cached_may_hang: true,
         }
     }
 }
@@ -158,6 +161,7 @@ impl<M: MakeConnection> Reconnect<M> {
             shared,
             cached_generation: 0,
             cached: None,
+            cached_may_hang: true,
         }
     }
 
@@ -220,8 +224,12 @@ impl<M: MakeConnection> Service<Request> for Reconnect<M> {
         }
         if self.shared.generation.load(Ordering::Acquire) != self.cached_generation {
             (self.cached_generation, self.cached) = self.shared.current();
+            self.cached_may_hang = self
+                .cached
+                .as_ref()
+                .is_none_or(|connection| self.shared.connector.hung_calls_mean_stuck(connection));
         }
-        let counts_cancellation = !request.info().is_blocking();
+        let counts_cancellation = !request.info().is_blocking() && self.cached_may_hang;
         match &mut self.cached {
             Some(connection) => {
                 let tracker = Tracker::new(
@@ -277,8 +285,9 @@ async fn wait_then_call<M: MakeConnection>(
     shared: Lease<Shared<M>>,
     request: Request,
 ) -> Result<Value, Error> {
-    let counts_cancellation = !request.info().is_blocking();
     let (generation, mut connection) = current_connection(&shared, request.info().name()).await?;
+    let counts_cancellation =
+        !request.info().is_blocking() && shared.connector.hung_calls_mean_stuck(&connection);
     let mut tracker = Tracker::new(shared.clone(), generation, counts_cancellation);
     let result = match std::future::poll_fn(|cx| connection.poll_ready(cx)).await {
         Ok(()) => connection.call(request).await,

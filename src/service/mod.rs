@@ -136,6 +136,15 @@ impl RedisService {
         self.inner.driver.as_deref().is_some_and(Driver::has_ended)
     }
 
+    /// The connection is a cluster's.
+    pub(crate) fn is_cluster(&self) -> bool {
+        match self.inner.connection {
+            Conn::Single(_) => false,
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(_) => true,
+        }
+    }
+
     /// The connection's task, when this crate runs it.
     pub(crate) fn driver(&self) -> Option<&Arc<Driver>> {
         self.inner.driver.as_ref()
