@@ -235,7 +235,10 @@ impl Connector {
     /// (the client reconnects to that node, the others serve on); a connect leaves out a
     /// node that does not answer within a quarter of the connect timeout; redirects never
     /// open the breaker. Blocking commands run on cluster connections of their own, as
-    /// [`Reconnect`](crate::reconnect::Reconnect) does for one server.
+    /// [`Reconnect`](crate::reconnect::Reconnect) does for one server; each such
+    /// connection reaches every node (redis-rs's cluster client connects to all), so keep
+    /// [`max_blocking_connections`](crate::reconnect::ReconnectConfig::max_blocking_connections)
+    /// in proportion.
     ///
     /// A master that fails with no replica to take over costs only its own slots if the
     /// cluster runs with `cluster-require-full-coverage no`; with Redis's default (`yes`),
