@@ -194,14 +194,7 @@ impl Connector {
         master_name: &str,
         master: impl IntoConnectionInfo,
     ) -> Result<Self, Error> {
-        let nodes = sentinels
-            .into_iter()
-            .map(|node| {
-                node.into_connection_info()
-                    .map_err(|err| Error::config(format!("invalid Sentinel address: {err}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let sentinels = Sentinels::new(nodes, master_name)?;
+        let sentinels = Sentinels::new(addresses(sentinels, "Sentinel")?, master_name)?;
         let mut connector = Connector::from_connection_info(master)?;
         let user = match connector.connection_info().redis_settings().username() {
             Some(user) => format!("{user}@"),
@@ -260,13 +253,7 @@ impl Connector {
     pub fn cluster<T: IntoConnectionInfo>(
         nodes: impl IntoIterator<Item = T>,
     ) -> Result<Self, Error> {
-        let nodes = nodes
-            .into_iter()
-            .map(|node| {
-                node.into_connection_info()
-                    .map_err(|err| Error::config(format!("invalid cluster node address: {err}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let nodes = addresses(nodes, "cluster node")?;
         let Some(first) = nodes.first() else {
             return Err(Error::config("a cluster connector needs at least one node"));
         };
@@ -318,17 +305,11 @@ impl Connector {
     /// when it rejects the handshake (`WRONGPASS`, a database index out of range, TLS
     /// mismatch) or no Sentinel knows the master's name.
     pub async fn connect(&self) -> Result<RedisService, Error> {
-        // redis-rs's connection timeout may not cover every step of the handshake; this
-        // one does.
-        #[cfg(feature = "cluster")]
-        if let Some(nodes) = &self.cluster {
-            let attempt = open_cluster(nodes, self.connect_timeout, self.display.clone());
-            return match tokio::time::timeout(self.connect_timeout, attempt).await {
-                Ok(result) => result,
-                Err(_) => Err(Error::unavailable("connect timed out")),
-            };
-        }
-        let attempt = async {
+        self.within_connect_timeout(async {
+            #[cfg(feature = "cluster")]
+            if let Some(nodes) = &self.cluster {
+                return open_cluster(nodes, self.connect_timeout, self.display.clone()).await;
+            }
             match &self.sentinel {
                 None => {
                     open(
@@ -345,7 +326,16 @@ impl Connector {
                         .await
                 }
             }
-        };
+        })
+        .await
+    }
+
+    /// Runs a connection attempt within the connect timeout: redis-rs's own may not
+    /// cover every step of a handshake, this one does.
+    async fn within_connect_timeout<T>(
+        &self,
+        attempt: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
         match tokio::time::timeout(self.connect_timeout, attempt).await {
             Ok(result) => result,
             Err(_) => Err(Error::unavailable("connect timed out")),
@@ -358,7 +348,7 @@ impl Connector {
     pub(crate) async fn open_pubsub(
         &self,
     ) -> Result<(redis::aio::PubSub, Option<Arc<Driver>>), Error> {
-        let attempt = async {
+        self.within_connect_timeout(async {
             match &self.sentinel {
                 None => {
                     let pubsub = self
@@ -376,17 +366,28 @@ impl Connector {
                     Ok((pubsub, Some(driver)))
                 }
             }
-        };
-        match tokio::time::timeout(self.connect_timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::unavailable("connect timed out")),
-        }
+        })
+        .await
     }
 
     /// The master's name, for a connector that asks Sentinel where it is.
     pub(crate) fn sentinel_master_name(&self) -> Option<&str> {
         self.sentinel.as_deref().map(Sentinels::master_name)
     }
+}
+
+/// Parses a list of addresses; a malformed one is a config error naming `what` it was.
+fn addresses<T: IntoConnectionInfo>(
+    nodes: impl IntoIterator<Item = T>,
+    what: &str,
+) -> Result<Vec<ConnectionInfo>, Error> {
+    nodes
+        .into_iter()
+        .map(|node| {
+            node.into_connection_info()
+                .map_err(|err| Error::config(format!("invalid {what} address: {err}")))
+        })
+        .collect()
 }
 
 /// Opens a connection to `info` and returns the leaf service over it. `client`, when
