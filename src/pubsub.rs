@@ -87,8 +87,7 @@ pub struct SubscriberConfig {
 impl Default for SubscriberConfig {
     fn default() -> Self {
         SubscriberConfig {
-            backoff: ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
-                .fast_phase(Duration::from_millis(25), Duration::from_secs(2)),
+            backoff: crate::reconnect::default_backoff(),
             ping_interval: Duration::from_secs(1),
             reply_timeout: Duration::from_millis(500),
             buffer: DEFAULT_EVENT_BUFFER,
@@ -431,12 +430,9 @@ impl Task {
                 Ok(connection) => return Ok(connection),
                 Err(error) => error,
             };
-            let slowest = self.config.backoff.max();
-            let delay =
-                delays.next().map_or(
-                    slowest,
-                    |d| if error.is_config() { d.max(slowest) } else { d },
-                );
+            // Past the end of the schedule: on at its longest delay.
+            let delay = crate::reconnect::delay_after(&mut delays, &self.config.backoff, &error)
+                .unwrap_or(self.config.backoff.max());
             if error.is_config() {
                 tracing::warn!(address = self.connector.address(), attempt, %error, retry_in = ?delay, "redis rejected the subscriber's connection settings or credentials; retrying at the slowest rate");
             } else {

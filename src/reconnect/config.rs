@@ -69,8 +69,7 @@ impl<S> Clone for ReconnectConfig<S> {
 impl<S> Default for ReconnectConfig<S> {
     fn default() -> Self {
         ReconnectConfig {
-            backoff: ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
-                .fast_phase(Duration::from_millis(25), Duration::from_secs(2)),
+            backoff: default_backoff(),
             stuck_after: 3,
             max_wait: Duration::ZERO,
             health_check: None,
@@ -80,6 +79,29 @@ impl<S> Default for ReconnectConfig<S> {
             blocking_max: DEFAULT_MAX_BLOCKING_CONNECTIONS,
         }
     }
+}
+
+/// The default reconnect schedule (see [`ReconnectConfig`]), which a
+/// [`Subscriber`](crate::pubsub::Subscriber) keeps its connection with too.
+pub(crate) fn default_backoff() -> ExponentialBackoff {
+    ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
+        .fast_phase(Duration::from_millis(25), Duration::from_secs(2))
+}
+
+/// The delay before the next connection attempt after one failed with `error`, `None`
+/// when the schedule has ended: configuration and credential errors wait at least the
+/// schedule's longest delay, so a wrong password never turns into a hot loop.
+pub(crate) fn delay_after(
+    delays: &mut crate::backoff::Delays,
+    backoff: &ExponentialBackoff,
+    error: &Error,
+) -> Option<Duration> {
+    let delay = delays.next()?;
+    Some(if error.is_config() {
+        delay.max(backoff.max())
+    } else {
+        delay
+    })
 }
 
 impl ReconnectConfig<RedisService> {

@@ -14,7 +14,7 @@ use tokio::{
 };
 use tower::Service;
 
-use super::{ConnectionState, ReconnectConfig, ReconnectStats};
+use super::{ConnectionState, ReconnectConfig, ReconnectStats, config::delay_after};
 use crate::{Error, MakeConnection, Request, sync::Leased};
 
 type Connection<M> = <M as MakeConnection>::Connection;
@@ -394,11 +394,7 @@ async fn reconnect_loop<M: MakeConnection>(shared: Arc<Leased<Shared<M>>>) {
             Err(error) => error,
         };
         shared.failures.fetch_add(1, Ordering::Relaxed);
-        let slowest = shared.config.backoff.max();
-        let delay = delays
-            .next()
-            .map(|d| if error.is_config() { d.max(slowest) } else { d });
-        let Some(delay) = delay else {
+        let Some(delay) = delay_after(&mut delays, &shared.config.backoff, &error) else {
             let mut slot = shared.slot();
             slot.looping = false;
             slot.failed = true;
