@@ -119,7 +119,17 @@ pub struct Connector {
     sentinel_check_interval: Duration,
     /// Set for a Redis Cluster: its initial nodes. `client` then holds the first.
     #[cfg(feature = "cluster")]
-    cluster: Option<Arc<[ConnectionInfo]>>,
+    cluster: Option<Arc<ClusterNodes>>,
+}
+
+/// A cluster's initial nodes, shared by a connector's clones.
+#[cfg(feature = "cluster")]
+struct ClusterNodes {
+    nodes: Vec<ConnectionInfo>,
+    /// The node the next Pub/Sub connection tries first. Each attempt starts one node
+    /// further on, so a subscriber whose node died or stalled moves to another (the
+    /// cluster bus carries every publish to every node, so any node will do).
+    next_pubsub_node: std::sync::atomic::AtomicUsize,
 }
 
 impl Connector {
@@ -231,7 +241,11 @@ impl Connector {
     /// [`Reconnect`](crate::reconnect::Reconnect) does for one server; each such
     /// connection reaches every node (redis-rs's cluster client connects to all), so keep
     /// [`max_blocking_connections`](crate::reconnect::ReconnectConfig::max_blocking_connections)
-    /// in proportion.
+    /// in proportion. A [subscriber](crate::pubsub::Subscriber) subscribes on one node
+    /// (the cluster bus carries every publish to every node): each connect tries the
+    /// nodes in turn, starting one node further on than the one before, so subscribers
+    /// spread over the nodes and one whose node dies or stalls subscribes again on
+    /// another.
     ///
     /// A master that fails with no replica to take over costs only its own slots if the
     /// cluster runs with `cluster-require-full-coverage no`; with Redis's default (`yes`),
@@ -260,7 +274,10 @@ impl Connector {
         let mut connector = Connector::from_connection_info(first.clone())?;
         let addresses: Vec<String> = nodes.iter().map(describe).collect();
         connector.display = format!("cluster {}", addresses.join(", ")).into();
-        connector.cluster = Some(nodes.into());
+        connector.cluster = Some(Arc::new(ClusterNodes {
+            nodes,
+            next_pubsub_node: std::sync::atomic::AtomicUsize::new(0),
+        }));
         Ok(connector)
     }
 
@@ -307,8 +324,9 @@ impl Connector {
     pub async fn connect(&self) -> Result<RedisService, Error> {
         self.within_connect_timeout(async {
             #[cfg(feature = "cluster")]
-            if let Some(nodes) = &self.cluster {
-                return open_cluster(nodes, self.connect_timeout, self.display.clone()).await;
+            if let Some(cluster) = &self.cluster {
+                return open_cluster(&cluster.nodes, self.connect_timeout, self.display.clone())
+                    .await;
             }
             match &self.sentinel {
                 None => {
@@ -349,6 +367,10 @@ impl Connector {
         &self,
     ) -> Result<(redis::aio::PubSub, Option<Arc<Driver>>), Error> {
         self.within_connect_timeout(async {
+            #[cfg(feature = "cluster")]
+            if let Some(cluster) = &self.cluster {
+                return Ok((cluster.open_pubsub(self.connect_timeout).await?, None));
+            }
             match &self.sentinel {
                 None => {
                     let pubsub = self
@@ -409,6 +431,43 @@ pub(crate) async fn open(
         info.redis_settings().db(),
         display,
     ))
+}
+
+#[cfg(feature = "cluster")]
+impl ClusterNodes {
+    /// A Pub/Sub connection to one node: the nodes are tried in turn, each for at most a
+    /// quarter of the connect timeout (as a cluster connect waits for each), starting one
+    /// node further on than the attempt before.
+    async fn open_pubsub(&self, connect_timeout: Duration) -> Result<redis::aio::PubSub, Error> {
+        use std::sync::atomic::Ordering;
+
+        let first = self.next_pubsub_node.fetch_add(1, Ordering::Relaxed);
+        let mut failure: Option<Error> = None;
+        for k in 0..self.nodes.len() {
+            let node = &self.nodes[first.wrapping_add(k) % self.nodes.len()];
+            let attempt = async {
+                redis::Client::open(node.clone())
+                    .map_err(Error::from_connect)?
+                    .get_async_pubsub()
+                    .await
+                    .map_err(Error::from_connect)
+            };
+            let error = match tokio::time::timeout(connect_timeout / 4, attempt).await {
+                Ok(Ok(pubsub)) => return Ok(pubsub),
+                Ok(Err(error)) => error,
+                Err(_) => {
+                    Error::unavailable_because(format!("connect to {} timed out", describe(node)))
+                }
+            };
+            tracing::debug!(node = %describe(node), %error, "redis subscriber could not connect to a cluster node; trying the next");
+            // Rejected settings or credentials are what the caller must hear about, even
+            // if another node was merely down.
+            if !failure.as_ref().is_some_and(Error::is_config) {
+                failure = Some(error);
+            }
+        }
+        Err(failure.unwrap_or_else(|| Error::config("a cluster connector needs at least one node")))
+    }
 }
 
 /// Connects to a cluster: to a node of `nodes` that answers, and through it to every

@@ -192,3 +192,153 @@ async fn a_stalled_master_costs_only_its_own_slots() {
         "no reconnect of the whole client"
     );
 }
+
+/// How many connections of `node` are subscribed to `channel` (a node's own count).
+fn subscribers_on(node: &support::RedisServer, channel: &str) -> usize {
+    let reply = node.raw_command(&["PUBSUB", "NUMSUB", channel]);
+    reply.lines().nth(1).unwrap().parse().unwrap()
+}
+
+/// The next event, within 5 s.
+async fn next_event(events: &mut tower_redis_resilience::pubsub::Events) -> Event {
+    tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("an event within 5 s")
+        .expect("the subscriber runs")
+}
+
+/// Kills (or, with `stall`, pauses) the node a subscriber is on, and checks that it
+/// subscribes again on another node and hears what is published there.
+async fn a_subscriber_moves_off(stall: bool) {
+    let mut cluster = RedisCluster::start(3, 0);
+    let client = client(&cluster).await;
+    let (subscriber, mut events) = client.subscriber(SubscriberConfig::new()).unwrap();
+    subscriber.subscribe("news").await.unwrap();
+    let mut state = subscriber.state();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|state| *state == ConnectionState::Connected),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        subscribers_on(&cluster.masters[0], "news"),
+        1,
+        "on the first node"
+    );
+    if stall {
+        cluster.masters[0].pause();
+    } else {
+        cluster.masters[0].kill();
+    }
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::Disconnected { .. }
+    ));
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::Resubscribed { .. }
+    ));
+    let on: Vec<usize> = cluster.masters[1..]
+        .iter()
+        .map(|node| subscribers_on(node, "news"))
+        .collect();
+    assert_eq!(
+        on.iter().sum::<usize>(),
+        1,
+        "subscribed on one other node: {on:?}"
+    );
+    cluster.masters[2].raw_command(&["PUBLISH", "news", "after"]);
+    match next_event(&mut events).await {
+        Event::Message(message) => assert_eq!(message.get_payload::<String>().unwrap(), "after"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_moves_to_another_node_when_its_node_dies() {
+    a_subscriber_moves_off(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_moves_to_another_node_when_its_node_stalls() {
+    a_subscriber_moves_off(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_connects_while_the_first_node_is_down() {
+    let mut cluster = RedisCluster::start(3, 0);
+    let client = client(&cluster).await;
+    cluster.masters[0].kill();
+    let (subscriber, mut events) = client.subscriber(SubscriberConfig::new()).unwrap();
+    subscriber.subscribe("news").await.unwrap();
+    let mut state = subscriber.state();
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        state.wait_for(|state| *state == ConnectionState::Connected),
+    )
+    .await
+    .expect("connected through another node")
+    .unwrap();
+    cluster.masters[1].raw_command(&["PUBLISH", "news", "hello"]);
+    match next_event(&mut events).await {
+        Event::Message(message) => assert_eq!(message.get_payload::<String>().unwrap(), "hello"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_spread_over_the_nodes() {
+    let cluster = RedisCluster::start(3, 0);
+    let client = client(&cluster).await;
+    let mut subscribers = Vec::new();
+    for _ in 0..3 {
+        let (subscriber, events) = client.subscriber(SubscriberConfig::new()).unwrap();
+        subscriber.subscribe("news").await.unwrap();
+        let mut state = subscriber.state();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            state.wait_for(|state| *state == ConnectionState::Connected),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        subscribers.push((subscriber, events));
+    }
+    let on: Vec<usize> = cluster
+        .masters
+        .iter()
+        .map(|node| subscribers_on(node, "news"))
+        .collect();
+    assert_eq!(on, [1, 1, 1], "one subscriber per node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_hears_of_rejected_credentials_though_another_node_is_down() {
+    let mut cluster = RedisCluster::start(3, 0);
+    for node in &cluster.masters[..2] {
+        assert_eq!(
+            node.raw_command(&["CONFIG", "SET", "requirepass", "right"]),
+            "OK"
+        );
+    }
+    // Tried last (a first attempt starts at the first node): its error is not the one
+    // to report.
+    cluster.masters[2].kill();
+    let urls: Vec<String> = cluster
+        .masters
+        .iter()
+        .map(|node| format!("redis://:wrong@127.0.0.1:{}", node.port()))
+        .collect();
+    let connector = Connector::cluster(urls).unwrap();
+    let error =
+        tower_redis_resilience::pubsub::Subscriber::connect(connector, SubscriberConfig::new())
+            .await
+            .unwrap_err();
+    assert!(error.is_config(), "{error}");
+    assert!(
+        !error.to_string().contains("wrong"),
+        "no password in {error}"
+    );
+}
