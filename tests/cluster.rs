@@ -342,3 +342,41 @@ async fn a_subscriber_hears_of_rejected_credentials_though_another_node_is_down(
         "no password in {error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_that_finds_one_node_stalled_keeps_the_cluster_connection() {
+    let cluster = RedisCluster::start(3, 0);
+    let connector = Connector::cluster(cluster.urls()).unwrap();
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .reconnect(
+            tower_redis_resilience::reconnect::ReconnectConfig::new()
+                .health_check(Duration::from_millis(100), Duration::from_millis(100)),
+        )
+        .connect()
+        .await
+        .unwrap();
+    let live: Vec<String> = (0..30)
+        .map(|n| format!("key:{n}"))
+        .filter(|key| cluster.master_index_of(key) != 2)
+        .collect();
+    for key in &live {
+        let () = client.set(key, "v").await.unwrap();
+    }
+    cluster.masters[2].pause();
+    // Ten health checks, each of which a node that never answers times out.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    for key in &live {
+        let value: Option<String> = client.get(key).await.unwrap();
+        assert_eq!(
+            value.as_deref(),
+            Some("v"),
+            "{key} is served by a live node"
+        );
+    }
+    cluster.masters[2].resume();
+    assert_eq!(
+        client.reconnect_stats().attempts,
+        1,
+        "no reconnect of the whole client"
+    );
+}

@@ -139,7 +139,9 @@ impl<S> ReconnectConfig<S> {
     }
 
     /// Send `PING` every `interval` and replace the connection if it gets no reply within
-    /// `timeout`, so a dead connection is found before a user request finds it.
+    /// `timeout`, so a dead connection is found before a user request finds it. On a
+    /// cluster's connection a `PING` that times out may be waiting on one stalled node,
+    /// so only a failed one (the whole connection lost) replaces it, as for calls.
     pub fn health_check(mut self, interval: Duration, timeout: Duration) -> Self {
         self.health_check = Some((interval, timeout));
         self

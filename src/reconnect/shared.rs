@@ -450,7 +450,12 @@ pub(super) async fn health_check<M: MakeConnection>(
                 shared.connection_lost(generation, "health check PING failed")
             }
             Ok(_) => shared.alive(),
-            Err(_) => shared.connection_lost(generation, "health check PING timed out"),
+            // A cluster's PING may wait on one stalled node, which says nothing about the
+            // others: the same rule as for calls that time out.
+            Err(_) if shared.connector.hung_calls_mean_stuck(&connection) => {
+                shared.connection_lost(generation, "health check PING timed out")
+            }
+            Err(_) => {}
         }
     }
 }
