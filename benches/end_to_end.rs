@@ -42,6 +42,10 @@ const BATCH: usize = IN_FLIGHT * PER_WORKER;
 #[derive(Clone)]
 enum Variant {
     Raw(MultiplexedConnection),
+    /// Raw redis-rs as `get_multiplexed_async_connection` gives it: with its default
+    /// 500 ms response timeout, a timer per request, as our stack has a deadline per
+    /// request.
+    RawDefault(MultiplexedConnection),
     Manager(ConnectionManager),
     Leaf(RedisService),
     Client(Client<RedisService>),
@@ -61,6 +65,7 @@ impl Variant {
     fn name(&self) -> &'static str {
         match self {
             Variant::Raw(_) => "raw redis-rs MultiplexedConnection",
+            Variant::RawDefault(_) => "raw redis-rs, default 500 ms timeout",
             Variant::Manager(_) => "redis-rs ConnectionManager",
             Variant::Leaf(_) => "RedisService",
             Variant::Client(_) => "Client<RedisService>",
@@ -82,7 +87,9 @@ impl Variant {
 
     async fn get(&mut self) {
         let value: Option<Vec<u8>> = match self {
-            Variant::Raw(conn) | Variant::RawAgain(conn) => conn.get("bench:key").await.unwrap(),
+            Variant::Raw(conn) | Variant::RawDefault(conn) | Variant::RawAgain(conn) => {
+                conn.get("bench:key").await.unwrap()
+            }
             Variant::Manager(conn) => conn.get("bench:key").await.unwrap(),
             Variant::Leaf(service) => get_through(service).await,
             Variant::Client(client) => client.get("bench:key").await.unwrap(),
@@ -125,7 +132,7 @@ fn get_request() -> Request {
 }
 
 /// How many variants there are.
-const VARIANTS: usize = 10;
+const VARIANTS: usize = 11;
 
 /// Every variant, each on a connection of its own, in their order; the connections are
 /// opened starting from the `rotate`-th variant, so which variant has the first socket
@@ -155,17 +162,18 @@ async fn variant(k: usize, url: &str, client: &redis::Client) -> Variant {
     let resilient = || async { ResilientClient::builder(url).connect().await.unwrap() };
     match k {
         0 => Variant::Raw(raw().await),
+        1 => Variant::RawDefault(client.get_multiplexed_async_connection().await.unwrap()),
         // As users get it: its default 500 ms response timeout included.
-        1 => Variant::Manager(ConnectionManager::new(client.clone()).await.unwrap()),
-        2 => Variant::Leaf(RedisService::connect(url).await.unwrap()),
-        3 => Variant::Client(Client::new(RedisService::connect(url).await.unwrap())),
-        4 => Variant::RetryReconnect(RetryLayer::default().layer(reconnect(url).await)),
-        5 => Variant::BreakerRetryReconnect(
+        2 => Variant::Manager(ConnectionManager::new(client.clone()).await.unwrap()),
+        3 => Variant::Leaf(RedisService::connect(url).await.unwrap()),
+        4 => Variant::Client(Client::new(RedisService::connect(url).await.unwrap())),
+        5 => Variant::RetryReconnect(RetryLayer::default().layer(reconnect(url).await)),
+        6 => Variant::BreakerRetryReconnect(
             CircuitBreakerLayer::default().layer(RetryLayer::default().layer(reconnect(url).await)),
         ),
-        6 => Variant::Resilient(resilient().await),
-        7 => Variant::ResilientService(resilient().await),
-        8 => Variant::Trimmed(
+        7 => Variant::Resilient(resilient().await),
+        8 => Variant::ResilientService(resilient().await),
+        9 => Variant::Trimmed(
             ResilientClient::builder(url)
                 .without_fallback()
                 .without_trace()

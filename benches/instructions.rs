@@ -35,6 +35,8 @@ const VARIANTS: &[&str] = &[
     "Trace (span disabled)",
     "full stack",
     "full stack, option_layer, boxed",
+    "leaf through AsyncCommands",
+    "full stack through AsyncCommands",
 ];
 
 const FEW: u64 = 2_000;
@@ -121,6 +123,10 @@ fn child(variant: &str, calls: u64) {
                     run(full_stack(reconnect, CircuitBreakerLayer::default()), calls).await
                 }
                 "full stack, option_layer, boxed" => run(built_stack(reconnect), calls).await,
+                "leaf through AsyncCommands" => run_commands(Waiting, calls).await,
+                "full stack through AsyncCommands" => {
+                    run_commands(full_stack(reconnect, CircuitBreakerLayer::default()), calls).await
+                }
                 other => panic!("no variant {other:?}"),
             }
         })
@@ -134,4 +140,19 @@ where
     S: Service<Request, Response = Value, Error = Error>,
 {
     call_n(&mut service, calls).await;
+}
+
+/// `calls` GETs through redis-rs's `AsyncCommands` over `service` (`Client`): each builds
+/// its command, and `Client` makes it a `Request` and boxes the future, as apps call it.
+async fn run_commands<S>(service: S, calls: u64)
+where
+    S: Service<Request, Response = Value, Error = Error> + Send + Sync,
+    S::Future: Send,
+{
+    use redis::AsyncCommands;
+    let mut client = tower_redis_resilience::Client::new(service);
+    for _ in 0..calls {
+        let reply: redis::RedisResult<Value> = client.get(std::hint::black_box("k")).await;
+        assert!(std::hint::black_box(reply).is_ok());
+    }
 }

@@ -1,11 +1,13 @@
 //! What flows through the stack: a command or a pipeline, and what is known about it.
 
 mod info;
+mod shared_cmd;
 mod spec;
 mod table;
 
 pub(crate) use info::canonical_name;
 pub use info::{Blocking, CommandInfo, PIPELINE, TRANSACTION, UNKNOWN_COMMAND};
+pub(crate) use shared_cmd::SharedCmd;
 
 use std::sync::Arc;
 
@@ -45,7 +47,7 @@ pub struct Request {
 /// of the command's buffers.
 #[derive(Debug, Clone)]
 pub(crate) enum Body {
-    Cmd(Arc<Cmd>),
+    Cmd(SharedCmd),
     Pipeline(Arc<Pipeline>),
 }
 
@@ -93,7 +95,7 @@ impl From<Cmd> for Request {
     fn from(cmd: Cmd) -> Self {
         Request {
             info: CommandInfo::of_cmd(&cmd),
-            body: Body::Cmd(Arc::new(cmd)),
+            body: Body::Cmd(SharedCmd::new(cmd)),
             start: None,
         }
     }
@@ -101,7 +103,11 @@ impl From<Cmd> for Request {
 
 impl From<&Cmd> for Request {
     fn from(cmd: &Cmd) -> Self {
-        Request::from(cmd.clone())
+        Request {
+            info: CommandInfo::of_cmd(cmd),
+            body: Body::Cmd(SharedCmd::copy_of(cmd)),
+            start: None,
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use pin_project::pin_project;
 use redis::Value;
 
 use super::Job;
-use crate::Error;
+use crate::{Error, sync::free_list};
 
 /// A box that holds one request's future at a time.
 pub(super) type Slot = Pin<Box<dyn Reusable>>;
@@ -34,11 +34,7 @@ thread_local! {
 
 /// A slot holding the future of `job`: a free one of this thread if there is one.
 pub(super) fn take(job: Job) -> Slot {
-    let reused = FREE
-        .try_with(|free| free.try_borrow_mut().ok()?.pop())
-        .ok()
-        .flatten();
-    let mut slot = reused.unwrap_or_else(|| {
+    let mut slot = free_list::take(&FREE).unwrap_or_else(|| {
         Box::pin(Holder {
             future: None,
             make: super::send,
@@ -52,13 +48,7 @@ pub(super) fn take(job: Job) -> Slot {
 /// enough already (or is exiting).
 pub(super) fn give_back(mut slot: Slot) {
     slot.as_mut().clear();
-    let _ = FREE.try_with(|free| {
-        if let Ok(mut free) = free.try_borrow_mut()
-            && free.len() < KEEP
-        {
-            free.push(slot);
-        }
-    });
+    free_list::give_back(&FREE, slot, KEEP);
 }
 
 /// What a slot can do, whatever the concrete (unnameable) future type in it.

@@ -1,5 +1,6 @@
 //! Concurrency building blocks the layers share.
 
+pub(crate) mod free_list;
 mod lease;
 
 pub(crate) use lease::{Lease, Leased, SHARDS, shard};
