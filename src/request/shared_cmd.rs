@@ -91,21 +91,26 @@ impl Deref for SharedCmd {
 }
 
 impl Drop for SharedCmd {
+    #[inline]
     fn drop(&mut self) {
         // SAFETY: `self.cmd` is taken once, here, and never used again.
-        let mut cmd = unsafe { ManuallyDrop::take(&mut self.cmd) };
-        if !self.recycled {
-            return;
+        let cmd = unsafe { ManuallyDrop::take(&mut self.cmd) };
+        if self.recycled {
+            recycle(cmd);
         }
-        let Some(only) = Arc::get_mut(&mut cmd) else {
-            // Another clone holds it still.
-            return;
-        };
-        if written_bytes(only) > KEEP_AT_MOST_BYTES {
-            return;
-        }
-        free_list::give_back(&FREE, cmd, KEEP);
     }
+}
+
+/// Keeps a copy's allocations on this thread, if it was the last clone and is small.
+fn recycle(mut cmd: Arc<Cmd>) {
+    let Some(only) = Arc::get_mut(&mut cmd) else {
+        // Another clone holds it still.
+        return;
+    };
+    if written_bytes(only) > KEEP_AT_MOST_BYTES {
+        return;
+    }
+    free_list::give_back(&FREE, cmd, KEEP);
 }
 
 /// The bytes of a command's arguments: what its buffer had to hold.
