@@ -1,5 +1,6 @@
 //! End-to-end GET against a spawned redis-server, in the same run: raw redis-rs
-//! `MultiplexedConnection` and `ConnectionManager`, our leaf `RedisService`, `Client`
+//! `MultiplexedConnection` (without a response timeout, as our leaf, and with its default
+//! 500 ms one) and `ConnectionManager`, our leaf `RedisService`, `Client`
 //! over it (redis-rs's `AsyncCommands` through the tower stack), layers stacked by hand,
 //! and the assembled `ResilientClient` with its default stack.
 //!
