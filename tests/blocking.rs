@@ -278,3 +278,25 @@ async fn blocking_calls_beyond_the_limit_wait_for_a_connection() {
         "the third call reused the connection the first gave back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_blocking_connection_past_its_idle_timeout_is_not_reused() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port()).await;
+    let mut client = ResilientClient::builder(&proxy.url())
+        .reconnect(ReconnectConfig::new().blocking_idle_timeout(Duration::from_millis(200)))
+        .connect()
+        .await
+        .unwrap();
+    let nothing: Option<(String, String)> = client.blpop("queue", 0.01).await.unwrap();
+    assert_eq!(nothing, None);
+    // Something between drops the idle connection without telling either end. A BLPOP
+    // sent on it would get no reply and fail at its deadline.
+    proxy.silence_open_connections();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    assert_eq!(server.raw_command(&["RPUSH", "queue", "a"]), "1");
+    let popped: Option<(String, String)> = client.blpop("queue", 1.0).await.unwrap();
+    assert_eq!(popped, Some(("queue".to_owned(), "a".to_owned())));
+    assert_eq!(client.reconnect_stats().blocking_connections, 2);
+}

@@ -10,6 +10,10 @@ pub const DEFAULT_IDLE_BLOCKING_CONNECTIONS: usize = 4;
 /// [`ReconnectConfig::max_blocking_connections`] says otherwise.
 pub const DEFAULT_MAX_BLOCKING_CONNECTIONS: usize = 64;
 
+/// How long a connection kept for blocking commands may sit idle and still be reused,
+/// unless [`ReconnectConfig::blocking_idle_timeout`] says otherwise.
+pub const DEFAULT_BLOCKING_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 type OnConnect<S> =
     Arc<dyn Fn(S) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> + Send + Sync>;
 
@@ -49,6 +53,7 @@ pub struct ReconnectConfig<S = RedisService> {
     pub(super) readonly_reconnect: Option<Duration>,
     pub(super) blocking_idle: Option<usize>,
     pub(super) blocking_max: usize,
+    pub(super) blocking_idle_timeout: Duration,
 }
 
 impl<S> Clone for ReconnectConfig<S> {
@@ -62,6 +67,7 @@ impl<S> Clone for ReconnectConfig<S> {
             readonly_reconnect: self.readonly_reconnect,
             blocking_idle: self.blocking_idle,
             blocking_max: self.blocking_max,
+            blocking_idle_timeout: self.blocking_idle_timeout,
         }
     }
 }
@@ -77,6 +83,7 @@ impl<S> Default for ReconnectConfig<S> {
             readonly_reconnect: Some(Duration::from_secs(1)),
             blocking_idle: Some(DEFAULT_IDLE_BLOCKING_CONNECTIONS),
             blocking_max: DEFAULT_MAX_BLOCKING_CONNECTIONS,
+            blocking_idle_timeout: DEFAULT_BLOCKING_IDLE_TIMEOUT,
         }
     }
 }
@@ -253,6 +260,21 @@ impl<S> ReconnectConfig<S> {
         self.blocking_max = connections.max(1);
         self
     }
+
+    /// A connection kept for blocking commands that has sat idle longer than this is
+    /// closed instead of reused (default 60 s,
+    /// [`DEFAULT_BLOCKING_IDLE_TIMEOUT`](super::DEFAULT_BLOCKING_IDLE_TIMEOUT)).
+    ///
+    /// A NAT, firewall or load balancer may drop an idle connection without telling
+    /// either end (an AWS Network Load Balancer after 350 s, an Azure one after 4
+    /// minutes): a `BLPOP` sent on it then gets no reply, and waits out its whole
+    /// deadline, which for `BLPOP k 0` never comes. Keep this below the shortest idle
+    /// limit between the app and Redis. Workers that loop on a blocking command reuse
+    /// their connections long before it.
+    pub fn blocking_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.blocking_idle_timeout = timeout;
+        self
+    }
 }
 
 impl<S> fmt::Debug for ReconnectConfig<S> {
@@ -266,6 +288,7 @@ impl<S> fmt::Debug for ReconnectConfig<S> {
             .field("reconnect_on_readonly", &self.readonly_reconnect)
             .field("dedicated_blocking_connections", &self.blocking_idle)
             .field("max_blocking_connections", &self.blocking_max)
+            .field("blocking_idle_timeout", &self.blocking_idle_timeout)
             .finish()
     }
 }

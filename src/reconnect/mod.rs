@@ -6,7 +6,8 @@ mod future;
 mod shared;
 
 pub use config::{
-    DEFAULT_IDLE_BLOCKING_CONNECTIONS, DEFAULT_MAX_BLOCKING_CONNECTIONS, ReconnectConfig,
+    DEFAULT_BLOCKING_IDLE_TIMEOUT, DEFAULT_IDLE_BLOCKING_CONNECTIONS,
+    DEFAULT_MAX_BLOCKING_CONNECTIONS, ReconnectConfig,
 };
 pub(crate) use config::{default_backoff, delay_after};
 pub use future::ResponseFuture;

@@ -39,15 +39,23 @@ pub(super) struct Shared<M: MakeConnection> {
     attempts: AtomicU64,
     successes: AtomicU64,
     failures: AtomicU64,
-    /// Connections for blocking commands, between calls, each with the generation of the
-    /// shared connection when it was opened.
-    blocking_idle: Mutex<Vec<(u64, Connection<M>)>>,
+    /// Connections for blocking commands, between calls, the most recently used last.
+    blocking_idle: Mutex<Vec<Idle<M>>>,
     blocking_opened: AtomicU64,
     /// One permit per blocking call that may run at once.
     blocking_turns: Semaphore,
     /// The owner the handles hold, for the reconnect loop: none is started once they are
     /// gone.
     this: Weak<Leased<Shared<M>>>,
+}
+
+/// A connection kept for blocking commands between calls.
+struct Idle<M: MakeConnection> {
+    /// The shared connection's generation when it was opened.
+    generation: u64,
+    /// When it was put back.
+    since: Instant,
+    connection: Connection<M>,
 }
 
 struct Slot<C> {
@@ -143,7 +151,7 @@ impl<M: MakeConnection> Shared<M> {
         }
     }
 
-    fn blocking_idle(&self) -> MutexGuard<'_, Vec<(u64, Connection<M>)>> {
+    fn blocking_idle(&self) -> MutexGuard<'_, Vec<Idle<M>>> {
         self.blocking_idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -151,12 +159,21 @@ impl<M: MakeConnection> Shared<M> {
 
     /// An idle connection for a blocking command, opened while the shared connection of
     /// `generation` was current. Older ones lead where the shared connection no longer
-    /// does (a restart, a failover) and are closed.
+    /// does (a restart, a failover) and are closed, and so are those idle longer than
+    /// the configuration allows (something between may have dropped them unannounced).
     pub fn idle_blocking(&self, generation: u64) -> Option<Connection<M>> {
+        let stale_before = Instant::now().checked_sub(self.config.blocking_idle_timeout);
         let mut idle = self.blocking_idle();
-        while let Some((opened_in, connection)) = idle.pop() {
-            if opened_in == generation {
-                return Some(connection);
+        while let Some(kept) = idle.pop() {
+            if stale_before.is_some_and(|stale_before| kept.since < stale_before) {
+                // The others were put back earlier still: close them all, outside the lock.
+                let stale = std::mem::take(&mut *idle);
+                drop(idle);
+                drop(stale);
+                return None;
+            }
+            if kept.generation == generation {
+                return Some(kept.connection);
             }
         }
         None
@@ -185,7 +202,11 @@ impl<M: MakeConnection> Shared<M> {
         }
         let mut idle = self.blocking_idle();
         if idle.len() < limit {
-            idle.push((generation, connection));
+            idle.push(Idle {
+                generation,
+                since: Instant::now(),
+                connection,
+            });
         }
     }
 

@@ -15,15 +15,19 @@ use tokio::{
 
 /// Forwards `127.0.0.1:<port>` to an upstream port. [`cut_replies_after`] makes it close
 /// every connection once that many more bytes have gone from the server to the client,
-/// so a reply can be cut in the middle.
+/// so a reply can be cut in the middle; [`silence_open_connections`] makes the open ones
+/// a black hole.
 ///
 /// [`cut_replies_after`]: FaultProxy::cut_replies_after
+/// [`silence_open_connections`]: FaultProxy::silence_open_connections
 #[derive(Debug)]
 pub struct FaultProxy {
     addr: SocketAddr,
     budget: Arc<AtomicU64>,
     accepted: Arc<AtomicU64>,
     upstream: Arc<AtomicU16>,
+    /// Connections accepted before this many (counted from 1) forward nothing more.
+    silenced_below: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -37,17 +41,23 @@ impl FaultProxy {
         let budget = Arc::new(AtomicU64::new(UNLIMITED));
         let accepted = Arc::new(AtomicU64::new(0));
         let upstream = Arc::new(AtomicU16::new(upstream_port));
+        let silenced_below = Arc::new(AtomicU64::new(0));
         let shared = budget.clone();
         let counter = accepted.clone();
         let target = upstream.clone();
+        let silence = silenced_below.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                let budget = shared.clone();
+                let number = counter.fetch_add(1, Ordering::SeqCst);
+                let faults = Faults {
+                    budget: shared.clone(),
+                    silenced_below: silence.clone(),
+                    number,
+                };
                 let upstream_port = target.load(Ordering::SeqCst);
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await {
-                        forward(client, server, budget).await;
+                        forward(client, server, faults).await;
                     }
                 });
             }
@@ -57,6 +67,7 @@ impl FaultProxy {
             budget,
             accepted,
             upstream,
+            silenced_below,
             task,
         }
     }
@@ -85,6 +96,28 @@ impl FaultProxy {
     pub fn cut_replies_after(&self, bytes: u64) {
         self.budget.store(bytes, Ordering::SeqCst);
     }
+
+    /// The connections open now forward nothing more, either way, and stay open: as a
+    /// NAT or load balancer that dropped an idle flow without telling either end. New
+    /// connections forward as usual.
+    pub fn silence_open_connections(&self) {
+        self.silenced_below
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+/// What the proxy does to one connection.
+struct Faults {
+    budget: Arc<AtomicU64>,
+    silenced_below: Arc<AtomicU64>,
+    /// This connection's place in the order of acceptance, from 0.
+    number: u64,
+}
+
+impl Faults {
+    fn silenced(&self) -> bool {
+        self.number < self.silenced_below.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for FaultProxy {
@@ -93,19 +126,34 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn forward(client: TcpStream, server: TcpStream, budget: Arc<AtomicU64>) {
+async fn forward(client: TcpStream, server: TcpStream, faults: Faults) {
+    let faults = Arc::new(faults);
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
+    let up_faults = faults.clone();
     let upstream = async move {
-        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if !up_faults.silenced() && server_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
     };
     let downstream = async move {
+        let budget = &faults.budget;
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let n = match server_read.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            if faults.silenced() {
+                continue;
+            }
             let allowed = budget.load(Ordering::SeqCst);
             let pass = (n as u64).min(allowed) as usize;
             if allowed != UNLIMITED {
