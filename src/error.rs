@@ -76,6 +76,11 @@ enum Detail {
     /// A request the client refused to send, as it would break the connection for
     /// others: says nothing about Redis.
     Refused(Arc<str>),
+    /// No connection of its own could be opened for a request that needs one (a blocking
+    /// command) while the shared connection works: a limit was reached (Redis's
+    /// `maxclients`, most likely), which says nothing about the calls the shared
+    /// connection serves.
+    NoConnectionOfItsOwn(Arc<str>),
     Redis(RedisError),
 }
 
@@ -307,6 +312,26 @@ impl Error {
     /// Refused before it was sent, by [`refused`](Error::refused).
     pub(crate) fn is_refused(&self) -> bool {
         matches!(self.detail, Detail::Refused(_))
+    }
+
+    /// `cause`, which kept a connection of its own from opening for a request that needs
+    /// one, while the shared connection works: unavailable, not sent, and no sign that
+    /// Redis is down (see [`is_no_connection_of_its_own`](Self::is_no_connection_of_its_own)).
+    pub(crate) fn no_connection_of_its_own(cause: &Error) -> Self {
+        let text = format!(
+            "could not open a connection of its own (the shared connection works; is Redis at              `maxclients`?): {cause}"
+        );
+        Error::new(
+            Kind::Unavailable {
+                may_have_run: false,
+            },
+            Detail::NoConnectionOfItsOwn(text.into()),
+        )
+    }
+
+    /// Made by [`no_connection_of_its_own`](Self::no_connection_of_its_own).
+    pub(crate) fn is_no_connection_of_its_own(&self) -> bool {
+        matches!(self.detail, Detail::NoConnectionOfItsOwn(_))
     }
 
     /// A configuration problem described in words (which must not contain secrets).
@@ -577,7 +602,9 @@ impl fmt::Display for Error {
             Detail::Reconnecting { attempt, .. } => {
                 write!(f, ": reconnecting, attempt {attempt} in progress")
             }
-            Detail::Text(text) | Detail::Refused(text) => write!(f, ": {text}"),
+            Detail::Text(text) | Detail::Refused(text) | Detail::NoConnectionOfItsOwn(text) => {
+                write!(f, ": {text}")
+            }
             // Server errors read as Redis wrote them: `WRONGTYPE Operation against...`.
             Detail::Redis(err) => match (err.code(), err.detail()) {
                 (Some(code), Some(detail)) => write!(f, ": {code} {detail}"),

@@ -37,6 +37,8 @@ pub(crate) enum Behaviour {
     Misconf,
     /// A request the leaf refused to send (a `SELECT` on the shared connection).
     Refused,
+    /// No connection of its own for a blocking command (Redis at `maxclients`).
+    NoConnectionOfItsOwn,
     /// `MOVED`: a cluster node redirects to the one that serves the slot now.
     Moved,
     /// Never answers.
@@ -106,6 +108,7 @@ fn script(cmd: &redis::Cmd) -> (Behaviour, Duration) {
         Some("noreplicas") => Behaviour::NoReplicas,
         Some("misconf") => Behaviour::Misconf,
         Some("refused") => Behaviour::Refused,
+        Some("no-connection-of-its-own") => Behaviour::NoConnectionOfItsOwn,
         Some("moved") => Behaviour::Moved,
         Some("hang") => Behaviour::Hang,
         other => panic!("unknown behaviour {other:?}"),
@@ -130,6 +133,9 @@ async fn answer(behaviour: Behaviour) -> Result<Value, Error> {
             b"-MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.\r\n",
         )),
         Behaviour::Refused => Err(Error::refused("SELECT refused")),
+        Behaviour::NoConnectionOfItsOwn => Err(Error::no_connection_of_its_own(
+            &Error::unavailable("broken pipe"),
+        )),
         Behaviour::Moved => Err(crate::error::server(b"-MOVED 3999 127.0.0.1:6381\r\n")),
         Behaviour::Hang => std::future::pending().await,
     }

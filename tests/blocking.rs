@@ -300,3 +300,34 @@ async fn an_idle_blocking_connection_past_its_idle_timeout_is_not_reused() {
     assert_eq!(popped, Some(("queue".to_owned(), "a".to_owned())));
     assert_eq!(client.reconnect_stats().blocking_connections, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_calls_redis_has_no_room_for_leave_the_breaker_closed_and_reads_served() {
+    let server = RedisServer::start();
+    let mut client = client(&server).await;
+    let () = client.set("k", "v").await.unwrap();
+    // Room for the client's shared connection only (the one that sets this goes).
+    assert_eq!(
+        server.raw_command(&["CONFIG", "SET", "maxclients", "1"]),
+        "OK"
+    );
+    // Enough failures to open the breaker (its window counts 20, half of them failed).
+    for _ in 0..30 {
+        let error = client
+            .blpop::<_, Option<(String, String)>>("queue", 0.01)
+            .await
+            .unwrap_err();
+        let error = tower_redis_resilience::Error::from(error);
+        assert!(error.is_unavailable() && !error.may_have_run(), "{error}");
+        assert!(
+            error.to_string().contains("maxclients"),
+            "says why: {error}"
+        );
+    }
+    let value: Option<String> = client.get("k").await.unwrap();
+    assert_eq!(value.as_deref(), Some("v"), "served, not a miss");
+    assert_eq!(
+        client.circuit_breaker().unwrap().state(),
+        tower_redis_resilience::circuit_breaker::BreakerState::Closed
+    );
+}

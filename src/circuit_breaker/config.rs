@@ -320,6 +320,9 @@ fn classify_error(err: &Error) -> Outcome {
         // Never sent: another breaker's rejection, or a request the leaf refused (a SELECT
         // or SUBSCRIBE on the shared connection): the app's mistake.
         err if err.is_circuit_open() || err.is_refused() => Outcome::Ignore,
+        // A blocking command found no connection of its own (Redis at `maxclients`) while
+        // the shared one works: opening would refuse the calls it serves.
+        err if err.is_no_connection_of_its_own() => Outcome::Ignore,
         err if err.is_server() => Outcome::Success,
         // Redis is up and refused a write only (a replica after a failover, a master short
         // of replicas): reads through the breaker are served, and opening would refuse

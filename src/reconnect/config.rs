@@ -224,7 +224,10 @@ impl<S> ReconnectConfig<S> {
     /// [`reconnect_on_readonly`](Self::reconnect_on_readonly)). Each blocking call
     /// in flight holds one connection, up to
     /// [`max_blocking_connections`](Self::max_blocking_connections); calls beyond wait
-    /// for one to come free, within their deadline.
+    /// for one to come free, within their deadline. If one cannot be opened while the
+    /// shared connection works (Redis at `maxclients`, most likely), the call fails as
+    /// unavailable and not sent, and says so; the default breaker classifier ignores
+    /// that failure, since the calls on the shared connection are served.
     ///
     /// `WAIT` and `WAITAOF` stay on the shared connection: they wait for the writes made
     /// before them on their own connection. (A pipeline that writes and then `WAIT`s goes

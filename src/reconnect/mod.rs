@@ -323,14 +323,24 @@ async fn call_blocking<M: MakeConnection>(
             }
             continue;
         }
-        let mut opened = shared
-            .open_blocking()
-            .await
-            .map_err(|error| error.with_command(name))?;
-        std::future::poll_fn(|cx| opened.poll_ready(cx))
-            .await
-            .map_err(|error| error.with_command(name))?;
-        break opened;
+        let opening = async {
+            let mut opened = shared.open_blocking().await?;
+            std::future::poll_fn(|cx| opened.poll_ready(cx)).await?;
+            Ok::<_, Error>(opened)
+        };
+        match opening.await {
+            Ok(opened) => break opened,
+            // The shared connection went down meanwhile: that is the news.
+            Err(error) if shared.generation.load(Ordering::Acquire) != generation => {
+                return Err(error.with_command(name));
+            }
+            // The shared connection works and no other could be opened: a limit, not an
+            // outage (Redis at `maxclients` closes new connections at once).
+            Err(error) if !error.is_config() => {
+                return Err(Error::no_connection_of_its_own(&error).with_command(name));
+            }
+            Err(error) => return Err(error.with_command(name)),
+        }
     };
     let result = connection.call(request).await;
     match &result {
