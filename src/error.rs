@@ -319,7 +319,7 @@ impl Error {
     /// Redis is down (see [`is_no_connection_of_its_own`](Self::is_no_connection_of_its_own)).
     pub(crate) fn no_connection_of_its_own(cause: &Error) -> Self {
         let text = format!(
-            "could not open a connection of its own (the shared connection works; is Redis at              `maxclients`?): {cause}"
+            "could not open a connection of its own (the shared connection works): {cause}"
         );
         Error::new(
             Kind::Unavailable {
@@ -417,7 +417,29 @@ impl Error {
     /// which reaches us as `InvalidData`.
     pub(crate) fn from_connect(err: RedisError) -> Self {
         let tls_rejected = io_error(&err).is_some_and(|io| io.kind() == io::ErrorKind::InvalidData);
+        // Closed as soon as it opened: a server at `maxclients` writes its error and
+        // closes, and the handshake's first write or read usually finds the close first.
+        let closed_at_once = io_error(&err).is_some_and(|io| {
+            matches!(
+                io.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::UnexpectedEof
+            )
+        });
+        let cause = closed_at_once.then(|| err.to_string());
         let mut error = Error::classify(err, false);
+        if let Some(cause) = cause
+            && error.is_unavailable()
+        {
+            error.detail = Detail::Text(
+                format!(
+                    "the server closed the connection as it opened (at `maxclients`, or a \
+                     proxy with no server behind it?): {cause}"
+                )
+                .into(),
+            );
+        }
         if tls_rejected {
             error.kind = Kind::Config;
         }

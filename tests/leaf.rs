@@ -291,6 +291,27 @@ async fn wrong_password_is_a_clear_config_error_that_never_shows_the_password() 
 }
 
 #[tokio::test]
+async fn a_server_at_maxclients_is_unavailable_and_the_error_says_what_may_be_wrong() {
+    let server = RedisServer::start();
+    assert_eq!(
+        server.raw_command(&["CONFIG", "SET", "maxclients", "1"]),
+        "OK"
+    );
+    // Accepted before the connects below (Redis accepts in order), so they find no room.
+    let _only_client = std::net::TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+    for _ in 0..5 {
+        let err = RedisService::connect(&server.url()).await.unwrap_err();
+        assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+        // Redis's own words when the handshake reads them, else our guess.
+        let shown = err.to_string();
+        assert!(
+            shown.contains("maxclients") || shown.contains("max number of clients"),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn missing_password_answers_noauth_as_config() {
     let server = RedisServer::config().password("secret").start();
     let url = format!("redis://127.0.0.1:{}", server.port());
