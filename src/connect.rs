@@ -91,6 +91,10 @@ pub const DEFAULT_SENTINEL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// The connect timeout used unless [`Connector::connect_timeout`] sets another.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The largest argument sent unless [`Connector::max_argument_size`] says otherwise:
+/// 512 MiB, Redis's default `proto-max-bulk-len`.
+pub const DEFAULT_MAX_ARGUMENT_SIZE: usize = 512 * 1024 * 1024;
+
 /// How to open a connection to Redis: a [`redis::Client`] (built from a URL, a
 /// [`ConnectionInfo`], or by you, with TLS certificates say) and a connect timeout that
 /// bounds the whole handshake (TCP, TLS, `AUTH`, `SELECT`).
@@ -120,6 +124,8 @@ pub struct Connector {
     /// Set for a Redis Cluster: its initial nodes. `client` then holds the first.
     #[cfg(feature = "cluster")]
     cluster: Option<Arc<ClusterNodes>>,
+    /// The largest argument its connections send.
+    max_argument: usize,
 }
 
 /// A cluster's initial nodes, shared by a connector's clones.
@@ -160,6 +166,7 @@ impl Connector {
             sentinel_check_interval: DEFAULT_SENTINEL_CHECK_INTERVAL,
             #[cfg(feature = "cluster")]
             cluster: None,
+            max_argument: DEFAULT_MAX_ARGUMENT_SIZE,
         }
     }
 
@@ -298,6 +305,29 @@ impl Connector {
         self
     }
 
+    /// Requests with an argument (a key, a value) larger than `bytes` are refused
+    /// unsent, with a [config](Error::is_config) error that says why. Default
+    /// [`DEFAULT_MAX_ARGUMENT_SIZE`], 512 MiB: Redis's default `proto-max-bulk-len`, set
+    /// this to the server's if it was changed.
+    ///
+    /// Redis answers a larger argument with a protocol error and closes the connection,
+    /// and on a connection every caller shares that fails their calls in flight too, and
+    /// makes [`Reconnect`](crate::reconnect::Reconnect) open a new one.
+    ///
+    /// ```
+    /// use tower_redis_resilience::Connector;
+    ///
+    /// // A server run with `proto-max-bulk-len 64mb`.
+    /// let connector = Connector::from_url("redis://127.0.0.1:6379")?
+    ///     .max_argument_size(64 * 1024 * 1024);
+    /// # let _ = connector; Ok::<(), tower_redis_resilience::Error>(())
+    /// ```
+    #[must_use]
+    pub fn max_argument_size(mut self, bytes: usize) -> Self {
+        self.max_argument = bytes;
+        self
+    }
+
     /// The configured connect timeout.
     pub fn get_connect_timeout(&self) -> Duration {
         self.connect_timeout
@@ -322,30 +352,36 @@ impl Connector {
     /// when it rejects the handshake (`WRONGPASS`, a database index out of range, TLS
     /// mismatch) or no Sentinel knows the master's name.
     pub async fn connect(&self) -> Result<RedisService, Error> {
-        self.within_connect_timeout(async {
-            #[cfg(feature = "cluster")]
-            if let Some(cluster) = &self.cluster {
-                return open_cluster(&cluster.nodes, self.connect_timeout, self.display.clone())
-                    .await;
-            }
-            match &self.sentinel {
-                None => {
-                    open(
-                        self.connection_info(),
-                        Some(&self.client),
+        let service = self
+            .within_connect_timeout(async {
+                #[cfg(feature = "cluster")]
+                if let Some(cluster) = &self.cluster {
+                    return open_cluster(
+                        &cluster.nodes,
+                        self.connect_timeout,
                         self.display.clone(),
                     )
-                    .await
+                    .await;
                 }
-                Some(sentinel) => {
-                    let every = self.sentinel_check_interval;
-                    sentinel
-                        .connect(self.connection_info(), self.connect_timeout, every)
+                match &self.sentinel {
+                    None => {
+                        open(
+                            self.connection_info(),
+                            Some(&self.client),
+                            self.display.clone(),
+                        )
                         .await
+                    }
+                    Some(sentinel) => {
+                        let every = self.sentinel_check_interval;
+                        sentinel
+                            .connect(self.connection_info(), self.connect_timeout, every)
+                            .await
+                    }
                 }
-            }
-        })
-        .await
+            })
+            .await?;
+        Ok(service.with_max_argument_size(self.max_argument))
     }
 
     /// Runs a connection attempt within the connect timeout: redis-rs's own may not
@@ -566,6 +602,7 @@ impl fmt::Debug for Connector {
         f.debug_struct("Connector")
             .field("address", &self.display)
             .field("connect_timeout", &self.connect_timeout)
+            .field("max_argument_size", &self.max_argument)
             .finish()
     }
 }

@@ -111,7 +111,8 @@ pub use client::{
     ResilientFuture, ResilientStack,
 };
 pub use connect::{
-    Connector, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SENTINEL_CHECK_INTERVAL, MakeConnection,
+    Connector, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_ARGUMENT_SIZE, DEFAULT_SENTINEL_CHECK_INTERVAL,
+    MakeConnection,
 };
 pub use error::Error;
 pub use request::{Blocking, CommandInfo, PIPELINE, Request, TRANSACTION, UNKNOWN_COMMAND};

@@ -12,7 +12,7 @@ use tower::{
     util::BoxCloneService,
 };
 use tower_redis_resilience::{
-    Error, HealthStatus, Request, ResilientClient,
+    Connector, Error, HealthStatus, Request, ResilientClient,
     circuit_breaker::{BreakerState, CircuitBreakerConfig},
     metrics::Outcome,
     reconnect::ConnectionState,
@@ -348,4 +348,61 @@ async fn towers_own_layers_wrap_the_client() {
         calls.command("GET").is_none(),
         "the shed GET never reached the stack"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_argument_is_refused_unsent_and_every_other_call_goes_on() {
+    const LIMIT: usize = 1024 * 1024;
+    let server = RedisServer::start();
+    assert_eq!(
+        server.raw_command(&["CONFIG", "SET", "proto-max-bulk-len", "1mb"]),
+        "OK"
+    );
+    let connector = Connector::from_url(&server.url())
+        .unwrap()
+        .max_argument_size(LIMIT);
+    let client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                for _ in 0..200 {
+                    client.incr::<_, _, i64>("n", 1).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut client_of_big = client.clone();
+    let error = client_of_big
+        .set::<_, _, ()>("big", vec![b'x'; LIMIT + 1])
+        .await
+        .unwrap_err();
+    let error = tower_redis_resilience::Error::from(error);
+    assert!(error.is_config() && !error.may_have_run(), "{error}");
+    assert!(error.to_string().contains("proto-max-bulk-len"), "{error}");
+    let mut pipe = redis::pipe();
+    pipe.set("a", 1).set("big", vec![b'x'; LIMIT + 1]);
+    let error = client_of_big
+        .send(pipe)
+        .await
+        .expect_err("a pipeline with an oversized argument");
+    assert!(error.is_config(), "{error}");
+    // Every INCR in flight meanwhile was answered: the shared connection stayed up.
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let counted: i64 = client_of_big.get("n").await.unwrap();
+    assert_eq!(counted, 8 * 200);
+    assert_eq!(client.reconnect_stats().attempts, 1, "no reconnect");
+    assert!(
+        !server
+            .raw_command(&["INFO", "commandstats"])
+            .contains("cmdstat_set:")
+    );
+    // At the limit exactly, Redis takes it.
+    let () = client_of_big.set("big", vec![b'x'; LIMIT]).await.unwrap();
 }

@@ -89,6 +89,23 @@ impl Request {
     pub(crate) fn into_body(self) -> Body {
         self.body
     }
+
+    /// The size of its largest argument, in bytes (of any command, for a pipeline).
+    pub(crate) fn largest_argument(&self) -> usize {
+        fn largest(cmd: &Cmd) -> usize {
+            cmd.args_iter()
+                .map(|arg| match arg {
+                    redis::Arg::Simple(bytes) => bytes.len(),
+                    _ => 0,
+                })
+                .max()
+                .unwrap_or(0)
+        }
+        match &self.body {
+            Body::Cmd(cmd) => largest(cmd),
+            Body::Pipeline(pipeline) => pipeline.cmd_iter().map(largest).max().unwrap_or(0),
+        }
+    }
 }
 
 impl From<Cmd> for Request {

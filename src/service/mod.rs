@@ -18,7 +18,7 @@ use std::{
 use redis::{Pipeline, Value, aio::MultiplexedConnection};
 use tower::Service;
 
-use crate::{Connector, Error, Request, request::Body};
+use crate::{Connector, DEFAULT_MAX_ARGUMENT_SIZE, Error, Request, request::Body};
 
 /// Redis as a [`tower::Service`]: sends each [`Request`] on one multiplexed connection
 /// (redis-rs's [`MultiplexedConnection`]), so any number of clones and in-flight calls
@@ -83,6 +83,9 @@ struct Inner {
     driver: Option<Arc<Driver>>,
     db: i64,
     address: Arc<str>,
+    /// Requests with a larger argument are refused: see
+    /// [`Connector::max_argument_size`](crate::Connector::max_argument_size).
+    max_argument: usize,
 }
 
 impl RedisService {
@@ -121,8 +124,17 @@ impl RedisService {
                 driver,
                 db,
                 address,
+                max_argument: DEFAULT_MAX_ARGUMENT_SIZE,
             }),
         }
+    }
+
+    /// Refuses requests with an argument larger than `bytes` (a service just made).
+    pub(crate) fn with_max_argument_size(mut self, bytes: usize) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.max_argument = bytes;
+        }
+        self
     }
 
     /// Where the connection leads, as its connector describes it (no credentials).
@@ -167,11 +179,20 @@ impl Service<Request> for RedisService {
     }
 
     fn call(&mut self, request: Request) -> ResponseFuture {
+        let refusal = if request.info().changes_connection() {
+            Some(Refusal::ChangesConnection)
+        } else {
+            let largest = request.largest_argument();
+            (largest > self.inner.max_argument).then_some(Refusal::Oversized {
+                bytes: largest,
+                limit: self.inner.max_argument,
+            })
+        };
         ResponseFuture::new(Job {
             connection: self.inner.connection.clone(),
             driver: self.inner.driver.clone(),
             name: request.info().name(),
-            changes_connection: request.info().changes_connection(),
+            refusal,
             body: request.into_body(),
         })
     }
@@ -289,8 +310,17 @@ struct Job {
     driver: Option<Arc<Driver>>,
     body: Body,
     name: &'static str,
-    /// Refused: see [`CommandInfo::changes_connection`](crate::CommandInfo::changes_connection).
-    changes_connection: bool,
+    /// Why it is refused unsent, if it is.
+    refusal: Option<Refusal>,
+}
+
+/// Why a request is refused unsent: it would break the connection every caller shares.
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// See [`CommandInfo::changes_connection`](crate::CommandInfo::changes_connection).
+    ChangesConnection,
+    /// An argument larger than Redis accepts: Redis would close the connection.
+    Oversized { bytes: usize, limit: usize },
 }
 
 /// One call's work: a plain function, so its future has one type and a finished call's
@@ -301,11 +331,15 @@ async fn send(job: Job) -> Result<Value, Error> {
         driver,
         body,
         name,
-        changes_connection,
+        refusal,
     } = job;
-    if changes_connection {
+    if let Some(refusal) = refusal {
         let batch = matches!(body, Body::Pipeline(_));
-        return Err(Error::refused(refusal(name, batch)).with_command(name));
+        let why = match refusal {
+            Refusal::ChangesConnection => changes_connection(name, batch),
+            Refusal::Oversized { bytes, limit } => oversized(bytes, limit),
+        };
+        return Err(Error::refused(why).with_command(name));
     }
     if driver.as_deref().is_some_and(Driver::has_ended) {
         return Err(Error::not_sent().with_command(name));
@@ -371,9 +405,19 @@ impl fmt::Debug for RedisService {
     }
 }
 
+/// Why a request with an argument of `bytes` is refused, over a limit of `limit`.
+fn oversized(bytes: usize, limit: usize) -> String {
+    format!(
+        "an argument of {bytes} bytes, over the {limit} Redis accepts (its \
+         `proto-max-bulk-len`, which Connector::max_argument_size follows): Redis would close \
+         the connection every caller shares, failing their calls in flight; store it in \
+         parts, or raise both limits"
+    )
+}
+
 /// Why a request that would change the shared connection is refused, and what to do
 /// instead: `name` is the command's canonical name, or the batch's (`PIPELINE`, `MULTI`).
-fn refusal(name: &'static str, batch: bool) -> String {
+fn changes_connection(name: &'static str, batch: bool) -> String {
     let why = match name {
         _ if batch => {
             "holds a command that changes the connection every caller shares (SELECT, \
