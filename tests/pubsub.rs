@@ -49,6 +49,24 @@ fn publish(server: &RedisServer, channel: &str, payload: &str) -> String {
     server.raw_command(&["PUBLISH", channel, payload])
 }
 
+/// Waits until Redis has written everything it owes its subscribers to their sockets:
+/// `PUBLISH` answers once a message is queued for them, and a process killed right after
+/// may not have sent it.
+async fn until_sent_to_subscribers(server: &RedisServer) {
+    eventually(Duration::from_secs(5), async || {
+        let clients = server.raw_command(&["CLIENT", "LIST"]);
+        let subscribers: Vec<&str> = clients
+            .lines()
+            .filter(|client| client.contains(" sub=1") || client.contains(" psub=1"))
+            .collect();
+        !subscribers.is_empty()
+            && subscribers
+                .iter()
+                .all(|client| client.contains(" obl=0 ") && client.contains(" oll=0 "))
+    })
+    .await;
+}
+
 async fn subscriber(server: &RedisServer, config: SubscriberConfig) -> (Subscriber, Events) {
     let connector = Connector::from_url(&server.url()).unwrap();
     Subscriber::connect(connector, config).await.unwrap()
@@ -238,6 +256,7 @@ async fn an_application_behind_does_not_hold_up_the_reconnect() {
     subscriber.subscribe("news").await.unwrap();
     assert_eq!(publish(&server, "news", "1"), "1");
     assert_eq!(publish(&server, "news", "2"), "1");
+    until_sent_to_subscribers(&server).await;
     // The application reads nothing meanwhile: its buffer is full.
     server.kill();
     server.restart();
