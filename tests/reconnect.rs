@@ -402,6 +402,37 @@ async fn failing_hook_fails_the_attempt() {
     assert!(err.to_string().contains("hook says no"), "{err}");
 }
 
+#[tokio::test]
+async fn a_hook_that_panics_fails_one_attempt_and_the_loop_goes_on() {
+    let server = RedisServer::start();
+    let runs = Arc::new(AtomicU64::new(0));
+    let counter = runs.clone();
+    let config = ReconnectConfig::new()
+        .backoff(tower_redis_resilience::backoff::ExponentialBackoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(100),
+        ))
+        .on_connect(move |_| {
+            let run = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                assert!(run != 2, "a bug in the application's hook");
+                Ok(())
+            }
+        });
+    let mut redis = Reconnect::connect(connector(&server.url()), config)
+        .await
+        .unwrap();
+    redis.reconnect();
+    let mut state = redis.state();
+    // The second run panics: a config error, and the loop tries again at its slowest.
+    wait_for_state(&mut state, Duration::from_secs(2), "reconnected", |s| {
+        *s == ConnectionState::Connected
+    })
+    .await;
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    assert_eq!(call(&mut redis, get("k")).await.unwrap(), Value::Nil);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_wait_lets_calls_wait_for_the_connection_but_never_longer() {
     let mut server = RedisServer::start();

@@ -156,7 +156,8 @@ impl<S> ReconnectConfig<S> {
 
     /// Run this on every new connection before it serves calls (`CLIENT SETNAME`,
     /// `SCRIPT LOAD`...). If it fails, the connection is dropped and the attempt counts as
-    /// failed.
+    /// failed. If it panics, the attempt fails with a [config](Error::is_config) error
+    /// (retried at the slowest rate) and the reconnect loop goes on.
     pub fn on_connect<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn(S) -> Fut + Send + Sync + 'static,

@@ -1,10 +1,13 @@
 //! The state every clone of one `Reconnect` shares, and its one reconnect loop.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -365,16 +368,50 @@ impl<M: MakeConnection> Shared<M> {
     }
 }
 
-/// Opens a connection and runs the user's hook on it.
+/// Opens a connection and runs the user's hook on it. A panic in either (the hook, a
+/// custom connector) fails the attempt as a configuration error: unwinding through the
+/// reconnect loop would end it for good, with no one left to start another, and through a
+/// blocking call would panic the caller's task.
 pub(super) async fn open<M: MakeConnection>(
     connector: &M,
     config: &ReconnectConfig<Connection<M>>,
 ) -> Result<Connection<M>, Error> {
-    let connection = connector.connect().await?;
-    if let Some(hook) = &config.on_connect {
-        hook(connection.clone()).await?;
+    CatchPanic(async {
+        let connection = connector.connect().await?;
+        if let Some(hook) = &config.on_connect {
+            hook(connection.clone()).await?;
+        }
+        Ok(connection)
+    })
+    .await
+}
+
+/// Answers a panic while polling `F` as an error (and is not polled again after it).
+#[pin_project::pin_project]
+struct CatchPanic<F>(#[pin] F);
+
+impl<F, T> Future for CatchPanic<F>
+where
+    F: Future<Output = Result<T, Error>>,
+{
+    type Output = Result<T, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let attempt = self.project().0;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt.poll(cx))).unwrap_or_else(
+            |panic| {
+                let said = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("(no message)");
+                Poll::Ready(Err(Error::config(format!(
+                    "opening a connection panicked (in the on_connect hook, or a custom \
+                     connector): {said}"
+                ))))
+            },
+        )
     }
-    Ok(connection)
 }
 
 /// The one loop that re-establishes the connection: an attempt at once, then one per
