@@ -406,3 +406,29 @@ async fn an_oversized_argument_is_refused_unsent_and_every_other_call_goes_on() 
     // At the limit exactly, Redis takes it.
     let () = client_of_big.set("big", vec![b'x'; LIMIT]).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_runs_again_after_a_restart_emptied_the_script_cache() {
+    // Rate limiters and locks are scripts. A restart empties Redis's script cache, and
+    // redis-rs's `Script` loads the script again when `EVALSHA` answers `NOSCRIPT`: it
+    // must get that error as redis-rs's own.
+    let mut server = RedisServer::start();
+    let mut client = ResilientClient::builder(&server.url())
+        .connect()
+        .await
+        .unwrap();
+    let script = redis::Script::new("return redis.call('INCR', KEYS[1])");
+    let n: i64 = script.key("n").invoke_async(&mut client).await.unwrap();
+    assert_eq!(n, 1);
+    server.kill();
+    server.restart();
+    eventually(Duration::from_secs(5), async || {
+        client.connection_state() == ConnectionState::Connected
+    })
+    .await;
+    let n: i64 = script.key("n").invoke_async(&mut client).await.unwrap();
+    assert_eq!(n, 1, "the restarted server had no counter");
+    let stats = server.raw_command(&["INFO", "commandstats"]);
+    assert!(stats.contains("cmdstat_script|load:calls=1,"), "{stats}");
+    assert!(stats.contains("cmdstat_evalsha:calls=2,"), "{stats}");
+}
