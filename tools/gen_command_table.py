@@ -8,9 +8,11 @@ Usage:
 Redis itself says which commands are read-only, write, pub/sub or blocking (the
 `readonly`, `write`, `pubsub` and `blocking` flags of COMMAND INFO). It has no notion of
 idempotency, nor of which commands change the connection they run on, so those come from
-the curated lists below. Idempotency: a command is idempotent when
-sending it twice leaves the data as sending it once would, *and* its reply still means the
-same thing (so `SET k v NX`, whose reply says "did I win", is not). Every name in the lists
+the curated lists below. Idempotency: a command is idempotent when sending it twice leaves
+the data as sending it once would, and its reply does not tell the caller whether it was
+the one that made a change (so `SET k v NX`, whose reply says "did I win", is not). Writes
+whose reply counts what they changed (`DEL`, `SADD`: 1, then 0 on a resend) are idempotent
+and flagged REPLY_COUNTS, so a retry policy can leave them alone. Every name in the lists
 must exist on the server, so a refresh against a newer Redis fails loudly instead of
 silently dropping an entry.
 """
@@ -25,19 +27,26 @@ import time
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "request", "table.rs")
 
-# Writes that are safe to send twice. Counting replies (DEL, SADD, HSET...) may differ on a
-# resend (1 then 0); the data does not. Conditional forms whose reply is the point are
-# refined per call in src/request/info.rs (`SET ... NX|XX|GET`, `ZADD ... INCR`).
+# Writes that are safe to send twice, with a reply a resend gives again. Conditional forms
+# whose reply is the point are refined per call in src/request/info.rs (`SET ... NX|XX|GET`,
+# `ZADD ... INCR`).
 IDEMPOTENT_WRITES = {
-    "set", "setex", "psetex", "mset", "setrange", "getex",
+    "set", "setex", "psetex", "mset", "setrange", "getex", "hmset",
+    "lset", "ltrim",
+    "flushdb", "flushall",
+    "xgroup|setid",
+}
+
+# Writes that are safe to send twice whose reply counts what they changed: a resend after
+# the first ran answers 0 (or less) where the first answered 1 (`DEL`, `SADD`, `HSET`, and
+# `EXPIRE`'s "was it set"). Idempotent, and flagged REPLY_COUNTS.
+COUNTING_WRITES = {
     "del", "unlink", "expire", "pexpire", "expireat", "pexpireat", "persist",
-    "hset", "hmset", "hdel",
+    "hset", "hdel",
     "sadd", "srem",
     "zadd", "zrem", "zremrangebyscore", "zremrangebylex", "geoadd",
-    "lset", "ltrim",
     "pfadd",
-    "flushdb", "flushall",
-    "xdel", "xtrim", "xack", "xgroup|setid", "xgroup|delconsumer", "xgroup|destroy",
+    "xdel", "xtrim", "xack", "xgroup|delconsumer", "xgroup|destroy",
 }
 
 # Commands with neither `readonly` nor `write` that only read server state or set
@@ -112,8 +121,11 @@ def flags_of(name, flags):
         out.append("READ_ONLY")
     if "write" in flags:
         out.append("WRITE")
-    if read_only or name in IDEMPOTENT_WRITES or name in IDEMPOTENT_OTHER or name.endswith("|help"):
+    if (read_only or name in IDEMPOTENT_WRITES or name in COUNTING_WRITES
+            or name in IDEMPOTENT_OTHER or name.endswith("|help")):
         out.append("IDEMPOTENT")
+    if name in COUNTING_WRITES:
+        out.append("REPLY_COUNTS")
     if "pubsub" in flags:
         out.append("PUBSUB")
     if name in ("set", "zadd"):
@@ -189,7 +201,7 @@ def main():
 
     rows = list(walk(info))
     names = {name for _, name, _ in rows}
-    missing = sorted((IDEMPOTENT_WRITES | IDEMPOTENT_OTHER | CONNECTION_STATE
+    missing = sorted((IDEMPOTENT_WRITES | COUNTING_WRITES | IDEMPOTENT_OTHER | CONNECTION_STATE
                       | {n for n in BLOCK_ARGS if n != "waitaof"}) - names)
     if missing:
         sys.exit(f"curated names not on this server: {missing}")

@@ -65,6 +65,7 @@ pub struct CommandInfo {
     block: BlockTime,
     read_only: bool,
     idempotent: bool,
+    reply_counts: bool,
     pubsub: bool,
     connection_state: bool,
 }
@@ -75,6 +76,7 @@ impl fmt::Debug for CommandInfo {
             .field("name", &self.name())
             .field("read_only", &self.read_only)
             .field("idempotent", &self.idempotent)
+            .field("reply_counts_changes", &self.reply_counts)
             .field("pubsub", &self.pubsub)
             .field("changes_connection", &self.connection_state)
             .field("blocking", &self.blocking())
@@ -138,9 +140,21 @@ impl CommandInfo {
 
     /// Sending it twice leaves the data as sending it once would, so it may be retried
     /// after an ambiguous failure. Counting replies can differ on a resend (`DEL` answers 1,
-    /// then 0); forms whose reply is the point (`SET .. NX`, `INCR`) are not idempotent.
+    /// then 0: see [`reply_counts_changes`](Self::reply_counts_changes)); forms whose
+    /// reply is the point (`SET .. NX`, `INCR`) are not idempotent.
     pub fn is_idempotent(&self) -> bool {
         self.idempotent
+    }
+
+    /// An idempotent write whose reply counts what it changed (`DEL`, `UNLINK`, `SADD`,
+    /// `SREM`, `HSET`, `HDEL`, `ZADD`, `ZREM`, `PFADD`, `XACK`, `EXPIRE`, `PERSIST`...):
+    /// sent again after the first one ran, it leaves the same data but answers 0 where the
+    /// first answered 1. An application that reads the count (`SADD` to tell a first
+    /// sighting from a repeat) should not have these resent:
+    /// [`RetryLayer::resend_counting_writes`](crate::retry::RetryLayer::resend_counting_writes).
+    /// A pipeline's reply counts if any command's does.
+    pub fn reply_counts_changes(&self) -> bool {
+        self.reply_counts
     }
 
     /// The command belongs to pub/sub (`PUBLISH`, `SUBSCRIBE`, `PUBSUB ..`).
@@ -185,6 +199,7 @@ impl CommandInfo {
             name: &spec.name,
             read_only: spec.has(flags::READ_ONLY),
             idempotent,
+            reply_counts: spec.has(flags::REPLY_COUNTS),
             pubsub: spec.has(flags::PUBSUB),
             connection_state: spec.has(flags::CONNECTION_STATE),
             block: BlockTime::of(block_time(spec.block, cmd)),
@@ -203,6 +218,7 @@ impl CommandInfo {
             },
             read_only: true,
             idempotent: true,
+            reply_counts: false,
             pubsub: false,
             connection_state: false,
             block: BlockTime::NO,
@@ -212,6 +228,7 @@ impl CommandInfo {
             let one = CommandInfo::of_cmd(cmd);
             info.read_only &= one.read_only;
             info.idempotent &= one.idempotent;
+            info.reply_counts |= one.reply_counts;
             info.pubsub |= one.pubsub;
             info.connection_state |= one.connection_state;
             blocking = blocking.max(one.blocking());
@@ -229,6 +246,7 @@ impl CommandInfo {
             name: &UNKNOWN_NAME,
             read_only: false,
             idempotent: false,
+            reply_counts: false,
             pubsub: false,
             connection_state: false,
             block: BlockTime::NO,
@@ -411,6 +429,36 @@ mod tests {
             let i = info(args);
             assert!(!i.is_idempotent() && !i.is_read_only(), "{args:?}: {i:?}");
         }
+    }
+
+    #[test]
+    fn counting_writes_are_idempotent_and_say_their_reply_counts() {
+        for args in [
+            &["DEL", "k"][..],
+            &["SADD", "s", "m"],
+            &["HSET", "h", "f", "v"],
+            &["ZADD", "z", "1", "m"],
+            &["EXPIRE", "k", "10"],
+            &["XACK", "s", "g", "1-0"],
+        ] {
+            let i = info(args);
+            assert!(
+                i.is_idempotent() && i.reply_counts_changes(),
+                "{args:?}: {i:?}"
+            );
+        }
+        for args in [
+            &["SET", "k", "v"][..],
+            &["MSET", "a", "1"],
+            &["GETEX", "k", "EX", "10"],
+            &["GET", "k"],
+            &["INCR", "n"],
+        ] {
+            assert!(!info(args).reply_counts_changes(), "{args:?}");
+        }
+        let mut pipe = redis::pipe();
+        pipe.set("a", 1).sadd("s", "m");
+        assert!(CommandInfo::of_pipeline(&pipe).reply_counts_changes());
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub(super) mod flags {
     /// Changes the connection it runs on for the commands after it (`SELECT`, `MULTI`,
     /// `SUBSCRIBE`...).
     pub const CONNECTION_STATE: u8 = 1 << 5;
+    /// Idempotent, but its reply counts what it changed (`DEL`, `SADD`): a resend after
+    /// the first ran answers 0 where the first answered 1.
+    pub const REPLY_COUNTS: u8 = 1 << 6;
 }
 
 /// Where a blocking command carries its block timeout.

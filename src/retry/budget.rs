@@ -28,6 +28,15 @@ impl RetryBudget {
         }
     }
 
+    /// A budget with this one's ratio and reserve, full.
+    pub(crate) fn like_new(&self) -> Self {
+        RetryBudget {
+            tokens: AtomicI64::new(self.cap),
+            deposit: self.deposit,
+            cap: self.cap,
+        }
+    }
+
     /// A request was made.
     pub fn deposit(&self) {
         if self.tokens.load(Ordering::Relaxed) >= self.cap {

@@ -59,6 +59,8 @@ pub(crate) struct Settings {
     max_retries: u32,
     backoff: ExponentialBackoff,
     budget: RetryBudget,
+    /// Resend writes whose reply counts what they changed after an ambiguous failure.
+    resend_counting: bool,
     /// False for a layer that stands in for a removed one: calls pass through, with
     /// nothing kept to retry them and nothing paid into the budget.
     on: bool,
@@ -67,8 +69,10 @@ pub(crate) struct Settings {
 impl Settings {
     /// Whether a failed call may be sent again (and takes a retry from the budget if so).
     fn allows_retry(&self, request: &Request, error: &Error, retries: u32) -> bool {
+        let info = request.info();
         error.is_unavailable()
-            && (!error.may_have_run() || request.info().is_idempotent())
+            && (!error.may_have_run()
+                || (info.is_idempotent() && (self.resend_counting || !info.reply_counts_changes())))
             && retries < self.max_retries
             && self.budget.withdraw()
     }
@@ -88,6 +92,7 @@ impl Default for Settings {
             max_retries: 2,
             backoff: ExponentialBackoff::new(Duration::from_millis(10), Duration::from_millis(100)),
             budget: RetryBudget::new(0.2, 10),
+            resend_counting: true,
             on: true,
         }
     }
@@ -101,9 +106,45 @@ impl RetryLayer {
                 max_retries,
                 backoff,
                 budget,
+                resend_counting: true,
                 on: true,
             }),
         }
+    }
+
+    /// Whether a write whose reply counts what it changed (`DEL`, `SADD`, `HSET`...: see
+    /// [`CommandInfo::reply_counts_changes`](crate::CommandInfo::reply_counts_changes)) is
+    /// sent again after a failure that may have come after Redis ran it. Default `true`:
+    /// the data ends the same either way (a `DEL` meant to invalidate a cache entry gets
+    /// done), but a resend after the first one ran answers 0 where the first answered 1.
+    /// Set `false` if the application reads those counts, to tell a first `SADD` of a
+    /// message id from a repeat, say: such a call then fails as unavailable with
+    /// [`may_have_run`](Error::may_have_run) true, as an `INCR` does.
+    ///
+    /// Call it on a layer just made: on one already cloned or wrapping services, it makes
+    /// a layer of its own, with a retry budget of its own.
+    ///
+    /// ```
+    /// use tower_redis_resilience::retry::RetryLayer;
+    ///
+    /// let retry = RetryLayer::default().resend_counting_writes(false);
+    /// # let _ = retry;
+    /// ```
+    pub fn resend_counting_writes(mut self, resend: bool) -> Self {
+        match Arc::get_mut(&mut self.settings) {
+            Some(settings) => settings.resend_counting = resend,
+            None => {
+                let shared = &self.settings;
+                self.settings = Arc::new(Settings {
+                    max_retries: shared.max_retries,
+                    backoff: shared.backoff.clone(),
+                    budget: shared.budget.like_new(),
+                    resend_counting: resend,
+                    on: shared.on,
+                });
+            }
+        }
+        self
     }
 
     /// A layer that never retries: calls pass through. What the builder puts in place
@@ -142,6 +183,7 @@ impl fmt::Debug for RetryLayer {
         f.debug_struct("RetryLayer")
             .field("max_retries", &self.settings.max_retries)
             .field("backoff", &self.settings.backoff)
+            .field("resend_counting_writes", &self.settings.resend_counting)
             .field("budget_available", &self.budget_available())
             .finish()
     }

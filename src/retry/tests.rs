@@ -110,6 +110,56 @@ async fn incr_that_may_have_run_is_never_resent() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn counting_writes_are_resent_unless_the_layer_says_not_to() {
+    let script = Script::new(vec![Err(broken_after_send()), Ok(Value::Int(0))]);
+    let mut service = layer().layer(script.clone());
+    assert_eq!(
+        send(&mut service, &["SADD", "s", "m"]).await.unwrap(),
+        Value::Int(0)
+    );
+    assert_eq!(script.calls(), 2, "resent by default");
+
+    let careful = layer().resend_counting_writes(false);
+    let script = Script::new(vec![Err(broken_after_send())]);
+    let mut service = careful.layer(script.clone());
+    let err = send(&mut service, &["SADD", "s", "m"]).await.unwrap_err();
+    assert!(err.may_have_run());
+    assert_eq!(
+        script.calls(),
+        1,
+        "a resend could answer 0 for the first sighting"
+    );
+    // Still resent: a write whose reply does not count, and one that never left.
+    let script = Script::new(vec![Err(broken_after_send()), Ok(Value::Okay)]);
+    let mut service = careful.layer(script.clone());
+    assert_eq!(
+        send(&mut service, &["SET", "k", "v"]).await.unwrap(),
+        Value::Okay
+    );
+    let script = Script::new(vec![Err(not_sent()), Ok(Value::Int(1))]);
+    let mut service = careful.layer(script.clone());
+    assert_eq!(
+        send(&mut service, &["SADD", "s", "m"]).await.unwrap(),
+        Value::Int(1)
+    );
+
+    // Set on a layer already in use: a layer of its own, the original unchanged.
+    let shared = layer();
+    let _in_use = shared.layer(Script::new(Vec::new()));
+    let changed = shared.clone().resend_counting_writes(false);
+    let script = Script::new(vec![Err(broken_after_send())]);
+    send(&mut changed.layer(script.clone()), &["DEL", "k"])
+        .await
+        .unwrap_err();
+    assert_eq!(script.calls(), 1);
+    let script = Script::new(vec![Err(broken_after_send()), Ok(Value::Int(1))]);
+    send(&mut shared.layer(script.clone()), &["DEL", "k"])
+        .await
+        .unwrap();
+    assert_eq!(script.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn incr_that_never_left_the_client_is_retried() {
     let script = Script::new(vec![Err(not_sent()), Err(not_sent()), Ok(Value::Int(1))]);
     let mut service = layer().layer(script.clone());
