@@ -10,7 +10,7 @@ use redis::AsyncCommands;
 use support::RedisCluster;
 use tower_redis_resilience::{
     Connector, Error, ResilientClient,
-    pubsub::{Event, SubscriberConfig},
+    pubsub::{Event, Events, Subscriber, SubscriberConfig},
     reconnect::ConnectionState,
 };
 
@@ -65,27 +65,11 @@ async fn commands_reach_the_node_that_serves_their_key() {
 async fn a_subscriber_hears_what_is_published_on_any_node() {
     let cluster = RedisCluster::start(3, 0);
     let client = client(&cluster).await;
-    let (subscriber, mut events) = client.subscriber(SubscriberConfig::new()).unwrap();
-    subscriber.subscribe("news").await.unwrap();
-    let mut state = subscriber.state();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        state.wait_for(|state| *state == ConnectionState::Connected),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let (_subscriber, mut events) = subscribed(&client, Duration::from_secs(5)).await;
     // Published on the last node; the subscriber is on the first. The cluster bus carries
     // it to every node.
     cluster.masters[2].raw_command(&["PUBLISH", "news", "hello"]);
-    let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    match event {
-        Event::Message(message) => assert_eq!(message.get_payload::<String>().unwrap(), "hello"),
-        other => panic!("{other:?}"),
-    }
+    expect_message(&mut events, "hello").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,11 +184,34 @@ fn subscribers_on(node: &support::RedisServer, channel: &str) -> usize {
 }
 
 /// The next event, within 5 s.
-async fn next_event(events: &mut tower_redis_resilience::pubsub::Events) -> Event {
+async fn next_event(events: &mut Events) -> Event {
     tokio::time::timeout(Duration::from_secs(5), events.recv())
         .await
         .expect("an event within 5 s")
         .expect("the subscriber runs")
+}
+
+/// A subscriber to "news", subscribed within `within`.
+async fn subscribed(client: &ResilientClient, within: Duration) -> (Subscriber, Events) {
+    let (subscriber, events) = client.subscriber(SubscriberConfig::new()).unwrap();
+    subscriber.subscribe("news").await.unwrap();
+    let mut state = subscriber.state();
+    tokio::time::timeout(
+        within,
+        state.wait_for(|state| *state == ConnectionState::Connected),
+    )
+    .await
+    .expect("subscribed in time")
+    .unwrap();
+    (subscriber, events)
+}
+
+/// The next event is a message with `payload`.
+async fn expect_message(events: &mut Events, payload: &str) {
+    match next_event(events).await {
+        Event::Message(message) => assert_eq!(message.get_payload::<String>().unwrap(), payload),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// Kills (or, with `stall`, pauses) the node a subscriber is on, and checks that it
@@ -212,16 +219,7 @@ async fn next_event(events: &mut tower_redis_resilience::pubsub::Events) -> Even
 async fn a_subscriber_moves_off(stall: bool) {
     let mut cluster = RedisCluster::start(3, 0);
     let client = client(&cluster).await;
-    let (subscriber, mut events) = client.subscriber(SubscriberConfig::new()).unwrap();
-    subscriber.subscribe("news").await.unwrap();
-    let mut state = subscriber.state();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        state.wait_for(|state| *state == ConnectionState::Connected),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let (_subscriber, mut events) = subscribed(&client, Duration::from_secs(5)).await;
     assert_eq!(
         subscribers_on(&cluster.masters[0], "news"),
         1,
@@ -250,10 +248,7 @@ async fn a_subscriber_moves_off(stall: bool) {
         "subscribed on one other node: {on:?}"
     );
     cluster.masters[2].raw_command(&["PUBLISH", "news", "after"]);
-    match next_event(&mut events).await {
-        Event::Message(message) => assert_eq!(message.get_payload::<String>().unwrap(), "after"),
-        other => panic!("{other:?}"),
-    }
+    expect_message(&mut events, "after").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,21 +266,9 @@ async fn a_subscriber_connects_while_the_first_node_is_down() {
     let mut cluster = RedisCluster::start(3, 0);
     let client = client(&cluster).await;
     cluster.masters[0].kill();
-    let (subscriber, mut events) = client.subscriber(SubscriberConfig::new()).unwrap();
-    subscriber.subscribe("news").await.unwrap();
-    let mut state = subscriber.state();
-    tokio::time::timeout(
-        Duration::from_secs(2),
-        state.wait_for(|state| *state == ConnectionState::Connected),
-    )
-    .await
-    .expect("connected through another node")
-    .unwrap();
+    let (_subscriber, mut events) = subscribed(&client, Duration::from_secs(2)).await;
     cluster.masters[1].raw_command(&["PUBLISH", "news", "hello"]);
-    match next_event(&mut events).await {
-        Event::Message(message) => assert_eq!(message.get_payload::<String>().unwrap(), "hello"),
-        other => panic!("{other:?}"),
-    }
+    expect_message(&mut events, "hello").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,16 +277,7 @@ async fn subscribers_spread_over_the_nodes() {
     let client = client(&cluster).await;
     let mut subscribers = Vec::new();
     for _ in 0..3 {
-        let (subscriber, events) = client.subscriber(SubscriberConfig::new()).unwrap();
-        subscriber.subscribe("news").await.unwrap();
-        let mut state = subscriber.state();
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            state.wait_for(|state| *state == ConnectionState::Connected),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let (subscriber, events) = subscribed(&client, Duration::from_secs(5)).await;
         subscribers.push((subscriber, events));
     }
     let on: Vec<usize> = cluster
@@ -332,10 +306,9 @@ async fn a_subscriber_hears_of_rejected_credentials_though_another_node_is_down(
         .map(|node| format!("redis://:wrong@127.0.0.1:{}", node.port()))
         .collect();
     let connector = Connector::cluster(urls).unwrap();
-    let error =
-        tower_redis_resilience::pubsub::Subscriber::connect(connector, SubscriberConfig::new())
-            .await
-            .unwrap_err();
+    let error = Subscriber::connect(connector, SubscriberConfig::new())
+        .await
+        .unwrap_err();
     assert!(error.is_config(), "{error}");
     assert!(
         !error.to_string().contains("wrong"),
