@@ -402,6 +402,30 @@ async fn failing_hook_fails_the_attempt() {
     assert!(err.to_string().contains("hook says no"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_dropped_during_an_outage_stops_reconnecting() {
+    let mut server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port()).await;
+    let mut redis = Reconnect::connect(connector(&proxy.url()), ReconnectConfig::new())
+        .await
+        .unwrap();
+    server.kill();
+    // The call finds the connection gone, and the loop starts: an attempt every ~25 ms.
+    assert!(call(&mut redis, get("k")).await.is_err());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(proxy.connections() > 3, "the loop runs");
+    drop(redis);
+    // An attempt under way when the last handle went may still finish.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after_drop = proxy.connections();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        proxy.connections(),
+        after_drop,
+        "no attempt once every handle is gone"
+    );
+}
+
 #[tokio::test]
 async fn a_hook_that_panics_fails_one_attempt_and_the_loop_goes_on() {
     let server = RedisServer::start();

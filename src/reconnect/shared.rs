@@ -348,15 +348,15 @@ impl<M: MakeConnection> Shared<M> {
             return;
         }
         // Only calls in flight are left: no one will call again.
-        let Some(shared) = self.this.upgrade() else {
+        if self.this.strong_count() == 0 {
             return;
-        };
+        }
         slot.looping = true;
         slot.failed = false;
         slot.attempt = 0;
         slot.next_try_at = None;
         self.set_state(ConnectionState::Reconnecting { attempt: 0 });
-        tokio::spawn(reconnect_loop(shared));
+        tokio::spawn(reconnect_loop(self.this.clone()));
     }
 
     fn set_state(&self, state: ConnectionState) {
@@ -416,11 +416,18 @@ where
 
 /// The one loop that re-establishes the connection: an attempt at once, then one per
 /// backoff step. Configuration errors wait the longest delay, so a wrong password never
-/// turns into a hot loop.
-async fn reconnect_loop<M: MakeConnection>(shared: Arc<Leased<Shared<M>>>) {
-    let mut delays = shared.config.backoff.iter();
+/// turns into a hot loop. It holds the state only while it makes an attempt: once every
+/// handle is gone (a client dropped during an outage), it stops instead of knocking on a
+/// server no one will use, for as long as that server stays away.
+async fn reconnect_loop<M: MakeConnection>(this: Weak<Leased<Shared<M>>>) {
+    let Some(mut delays) = this.upgrade().map(|shared| shared.config.backoff.iter()) else {
+        return;
+    };
     let mut attempt = 0u32;
     loop {
+        let Some(shared) = this.upgrade() else {
+            return;
+        };
         attempt = attempt.saturating_add(1);
         {
             let mut slot = shared.slot();
@@ -477,6 +484,7 @@ async fn reconnect_loop<M: MakeConnection>(shared: Arc<Leased<Shared<M>>>) {
             slot.next_try_at = Some(Instant::now() + delay);
             slot.config_error = error.is_config().then(|| error.clone());
         }
+        drop(shared);
         tokio::time::sleep(delay).await;
     }
 }
