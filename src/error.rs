@@ -434,8 +434,9 @@ impl Error {
         {
             error.detail = Detail::Text(
                 format!(
-                    "the server closed the connection as it opened (at `maxclients`, or a \
-                     proxy with no server behind it?): {cause}"
+                    "the server closed the connection as it opened (is it at `maxclients`, a \
+                     TLS port spoken to without TLS, or a proxy with no server behind it?): \
+                     {cause}"
                 )
                 .into(),
             );
