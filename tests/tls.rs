@@ -62,7 +62,7 @@ async fn tls_client_against_a_plain_server_fails_within_the_connect_timeout() {
 }
 
 /// Redis resets a connection whose first bytes are not a TLS handshake: to the client
-/// that is indistinguishable from a server going away, so it is unavailable.
+/// that is indistinguishable from a server going away, so it is unavailable, with a hint.
 #[tokio::test]
 async fn plain_client_against_a_tls_server_is_reset_at_once() {
     let server = RedisServer::config().tls().start();
@@ -74,4 +74,8 @@ async fn plain_client_against_a_tls_server_is_reset_at_once() {
         .await;
     let err = result.unwrap_err();
     assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+    assert!(
+        err.to_string().contains("TLS port"),
+        "says what may be wrong: {err}"
+    );
 }
