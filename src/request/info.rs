@@ -276,7 +276,8 @@ pub(crate) fn canonical_name(text: &str) -> Option<&'static str> {
     exact.then_some(spec.name)
 }
 
-fn simple_args(cmd: &Cmd) -> impl Iterator<Item = &[u8]> + Clone {
+/// A command's arguments, its name included (not a SCAN cursor's placeholder).
+pub(crate) fn simple_args(cmd: &Cmd) -> impl Iterator<Item = &[u8]> + Clone {
     // The other kind of argument is a SCAN cursor placeholder, never a word we look for.
     cmd.args_iter().filter_map(|arg| match arg {
         Arg::Simple(bytes) => Some(bytes),

@@ -93,13 +93,7 @@ impl Request {
     /// The size of its largest argument, in bytes (of any command, for a pipeline).
     pub(crate) fn largest_argument(&self) -> usize {
         fn largest(cmd: &Cmd) -> usize {
-            cmd.args_iter()
-                .map(|arg| match arg {
-                    redis::Arg::Simple(bytes) => bytes.len(),
-                    _ => 0,
-                })
-                .max()
-                .unwrap_or(0)
+            info::simple_args(cmd).map(<[u8]>::len).max().unwrap_or(0)
         }
         match &self.body {
             Body::Cmd(cmd) => largest(cmd),

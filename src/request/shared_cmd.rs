@@ -115,12 +115,7 @@ fn recycle(mut cmd: Arc<Cmd>) {
 
 /// The bytes of a command's arguments: what its buffer had to hold.
 fn written_bytes(cmd: &Cmd) -> usize {
-    cmd.args_iter()
-        .map(|arg| match arg {
-            Arg::Simple(bytes) => bytes.len(),
-            _ => 0,
-        })
-        .sum()
+    super::info::simple_args(cmd).map(<[u8]>::len).sum()
 }
 
 #[cfg(test)]
