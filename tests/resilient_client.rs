@@ -19,6 +19,14 @@ use tower_redis_resilience::{
     timeout::TimeoutLayer,
 };
 
+/// The default stack, connected to `server`.
+async fn client(server: &RedisServer) -> ResilientClient {
+    ResilientClient::builder(&server.url())
+        .connect()
+        .await
+        .unwrap()
+}
+
 fn assert_send_sync_static<T: Send + Sync + 'static>() {}
 
 #[test]
@@ -29,10 +37,7 @@ fn the_client_can_live_in_shared_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_stack_serves_redis_rs_commands_and_reports_health() {
     let server = RedisServer::start();
-    let mut client = ResilientClient::builder(&server.url())
-        .connect()
-        .await
-        .unwrap();
+    let mut client = client(&server).await;
     let () = client.set("k", "v").await.unwrap();
     let value: Option<String> = client.get("k").await.unwrap();
     assert_eq!(value.as_deref(), Some("v"));
@@ -71,10 +76,7 @@ async fn the_default_stack_serves_redis_rs_commands_and_reports_health() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_health_report_serializes_with_durations_in_milliseconds() {
     let server = RedisServer::start();
-    let mut client = ResilientClient::builder(&server.url())
-        .connect()
-        .await
-        .unwrap();
+    let mut client = client(&server).await;
     let _: Option<String> = client.get("k").await.unwrap();
     let json = serde_json::to_value(client.health().await).unwrap();
     assert_eq!(json["status"], "up");
@@ -137,10 +139,7 @@ async fn bad_settings_are_errors_at_build_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_a_kill_reads_miss_within_the_deadline_the_breaker_opens_then_all_recovers() {
     let mut server = RedisServer::start();
-    let mut client = ResilientClient::builder(&server.url())
-        .connect()
-        .await
-        .unwrap();
+    let mut client = client(&server).await;
     let () = client.set("k", "v").await.unwrap();
     let breaker = client.circuit_breaker().unwrap().clone();
 
@@ -228,10 +227,7 @@ async fn writes_follow_a_failover_and_every_acknowledged_incr_counts_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_that_would_change_the_shared_connection_is_refused_and_the_rest_goes_on() {
     let server = RedisServer::start();
-    let mut client = ResilientClient::builder(&server.url())
-        .connect()
-        .await
-        .unwrap();
+    let mut client = client(&server).await;
     let () = client.set("k", "v").await.unwrap();
     for command in [
         redis::cmd("MULTI"),
@@ -254,10 +250,7 @@ async fn a_command_that_would_change_the_shared_connection_is_refused_and_the_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incr_after_redis_closed_the_idle_connection_goes_through_once() {
     let server = RedisServer::start();
-    let mut client = ResilientClient::builder(&server.url())
-        .connect()
-        .await
-        .unwrap();
+    let mut client = client(&server).await;
     assert_eq!(client.incr::<_, _, u64>("n", 1).await.unwrap(), 1);
     // A restart, the server's `timeout` or a load balancer would close it the same way.
     let killed = server.raw_command(&["CLIENT", "KILL", "TYPE", "normal"]);
@@ -306,10 +299,7 @@ async fn removed_layers_are_gone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn towers_own_layers_wrap_the_client() {
     let server = RedisServer::start();
-    let client = ResilientClient::builder(&server.url())
-        .connect()
-        .await
-        .unwrap();
+    let client = client(&server).await;
     let service: BoxCloneService<Request, Value, BoxError> = BoxCloneService::new(
         ServiceBuilder::new()
             .buffer(16)
@@ -413,10 +403,7 @@ async fn a_script_runs_again_after_a_restart_emptied_the_script_cache() {
     // redis-rs's `Script` loads the script again when `EVALSHA` answers `NOSCRIPT`: it
     // must get that error as redis-rs's own.
     let mut server = RedisServer::start();
-    let mut client = ResilientClient::builder(&server.url())
-        .connect()
-        .await
-        .unwrap();
+    let mut client = client(&server).await;
     let script = redis::Script::new("return redis.call('INCR', KEYS[1])");
     let n: i64 = script.key("n").invoke_async(&mut client).await.unwrap();
     assert_eq!(n, 1);
