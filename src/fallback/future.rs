@@ -79,8 +79,8 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 /// What a call answers if it fails, decided when it is made (from what is cheap to know
 /// then) so a call that succeeds costs nothing more.
 pub(super) enum Plan {
-    /// A read: `Nil`, or one `Nil` per key or field asked for (`MGET`, `HMGET`, a
-    /// pipeline of reads).
+    /// A read: `Nil`, or one `Nil` per key, field or index asked for (`MGET`, `HMGET`,
+    /// `ARMGET`, a pipeline of reads).
     Miss {
         command: &'static str,
         nils: Option<usize>,
@@ -161,7 +161,7 @@ fn nils_for(request: &Request) -> Option<usize> {
     }
     let skip = match request.info().name() {
         "MGET" => 1,
-        "HMGET" => 2,
+        "HMGET" | "ARMGET" => 2,
         _ => return None,
     };
     let args = request

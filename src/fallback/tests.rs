@@ -68,6 +68,8 @@ async fn mget_and_read_pipelines_answer_one_nil_per_key() {
     assert_eq!(call(&mut service, mget).await.unwrap(), nils(3));
     let hmget = Request::from(redis::cmd("HMGET").arg("fail").arg("0"));
     assert_eq!(call(&mut service, hmget).await.unwrap(), nils(1));
+    let armget = Request::from(redis::cmd("ARMGET").arg("fail").arg(0).arg(1));
+    assert_eq!(call(&mut service, armget).await.unwrap(), nils(2));
 
     let mut pipe = redis::pipe();
     pipe.cmd("GET")

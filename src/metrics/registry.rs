@@ -256,8 +256,9 @@ impl CommandStats {
     }
 }
 
-/// Twice the number of names a request can have (commands and subcommands of the table,
-/// `PIPELINE`, `MULTI`, `UNKNOWN`), so probes stay short.
+/// More than the names a request can have (~520: commands and subcommands of the table,
+/// `PIPELINE`, `MULTI`, `UNKNOWN`), so the table never fills. Only the commands a client
+/// sends take a slot, a few dozen at most in practice, so probes stay short.
 const SLOTS: usize = 1024;
 
 /// The built-in metrics store that [`MetricsLayer`](super::MetricsLayer) records into and

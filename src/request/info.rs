@@ -38,9 +38,11 @@ impl Blocking {
 
 /// What every layer needs to know about a request, computed once when it is built.
 ///
-/// The flags come from a table generated from a real Redis 7 server's `COMMAND INFO`
-/// (`tools/gen_command_table.py`), refined by the arguments where they change the answer
-/// (`SET k v NX` is not idempotent, `XREAD` blocks only with `BLOCK`).
+/// The flags come from a table generated from a real Redis 7 server's `COMMAND INFO`, and
+/// Redis 8.12's for the commands added since (`tools/gen_command_table.py`), refined by
+/// the arguments where they change the answer (`SET k v NX` is not idempotent, `XREAD`
+/// blocks only with `BLOCK`). Module commands (`JSON.GET`, `FT.SEARCH`) are not in it:
+/// they are [`UNKNOWN_COMMAND`], neither read-only nor idempotent.
 ///
 /// ```
 /// use std::time::Duration;
@@ -285,15 +287,20 @@ pub(crate) fn simple_args(cmd: &Cmd) -> impl Iterator<Item = &[u8]> + Clone {
     })
 }
 
-/// `SET k v NX|XX|GET` and `ZADD k .. INCR ..` answer something a resend would change.
+/// `SET k v NX|XX|GET|IFEQ v|...` and `ZADD k .. INCR ..` answer something a resend
+/// would change.
 fn has_conditional_option(spec: &CommandSpec, cmd: &Cmd) -> bool {
     let is = |arg: &[u8], word: &str| arg.eq_ignore_ascii_case(word.as_bytes());
     match spec.name {
-        // SET key value [options]: every argument after the value is an option word or
-        // an option's number, neither of which can be mistaken for NX/XX/GET.
-        "SET" => simple_args(cmd)
-            .skip(3)
-            .any(|arg| is(arg, "NX") || is(arg, "XX") || is(arg, "GET")),
+        // SET key value [options]: every argument after the value is an option word, an
+        // option's number, or the value an IFEQ/IFNE compares with (Redis 8.4). Only that
+        // last can be mistaken for an option word, and it comes after one that already
+        // makes the answer conditional.
+        "SET" => simple_args(cmd).skip(3).any(|arg| {
+            ["NX", "XX", "GET", "IFEQ", "IFNE", "IFDEQ", "IFDNE"]
+                .iter()
+                .any(|word| is(arg, word))
+        }),
         // ZADD key [NX|XX] [GT|LT] [CH] [INCR] score member ...: options precede the first
         // score, so stop there; a member may well be called "INCR".
         "ZADD" => simple_args(cmd)
@@ -316,7 +323,7 @@ fn block_time(block: BlockArg, cmd: &Cmd) -> Blocking {
     let (amount, unit) = match block {
         BlockArg::None => return Blocking::No,
         BlockArg::LastArgSeconds => (number(args.last()), 1.0),
-        BlockArg::FirstArgSeconds => (number(args.clone().nth(1)), 1.0),
+        BlockArg::ArgSeconds(index) => (number(args.clone().nth(index)), 1.0),
         BlockArg::LastArgMillis => (number(args.last()), 1e-3),
         BlockArg::BlockOptionMillis => (number(xread_block_option(cmd)), 1e-3),
     };
@@ -473,6 +480,52 @@ mod tests {
         assert!(!info(&["SET", "k", "v", "nx"]).is_idempotent());
         assert!(!info(&["SET", "k", "v", "PX", "10", "XX"]).is_idempotent());
         assert!(!info(&["SET", "k", "v", "GET"]).is_idempotent());
+        // Redis 8.4's compare-and-set: a resend after the first ran answers nil, "not set".
+        for condition in ["IFEQ", "ifne", "IFDEQ", "IFDNE"] {
+            let i = info(&["SET", "k", "v", condition, "old", "EX", "10"]);
+            assert!(!i.is_idempotent(), "{condition}");
+        }
+    }
+
+    #[test]
+    fn commands_newer_than_the_server_the_table_was_read_from_are_known() {
+        // Redis 7.4's hash field expiration, 8.0's hash and vector set commands, 8.4's
+        // DIGEST: reads fall back and retry; the writes as their replies allow.
+        for args in [
+            &["HTTL", "h", "FIELDS", "1", "f"][..],
+            &["HPEXPIRETIME", "h", "FIELDS", "1", "f"],
+            &["VSIM", "v", "ELE", "e"],
+            &["DIGEST", "k"],
+        ] {
+            let i = info(args);
+            assert!(i.is_read_only() && i.is_idempotent(), "{args:?}: {i:?}");
+            assert_ne!(i.name(), UNKNOWN_COMMAND);
+        }
+        for args in [
+            &["HEXPIRE", "h", "10", "FIELDS", "1", "f"][..],
+            &["HPERSIST", "h", "FIELDS", "1", "f"],
+            &["XDELEX", "s", "IDS", "1", "1-0"],
+            &["VREM", "v", "e"],
+        ] {
+            let i = info(args);
+            assert!(
+                !i.is_read_only() && i.is_idempotent() && i.reply_counts_changes(),
+                "{args:?}: {i:?}"
+            );
+        }
+        let hgetex = info(&["HGETEX", "h", "EX", "60", "FIELDS", "1", "f"]);
+        assert!(hgetex.is_idempotent() && !hgetex.reply_counts_changes());
+        for args in [
+            &["HGETDEL", "h", "FIELDS", "1", "f"][..],
+            &["HSETEX", "h", "FNX", "FIELDS", "1", "f", "v"],
+            &["DELEX", "k", "IFEQ", "v"],
+            &["MSETEX", "1", "k", "v", "NX"],
+            &["INCREX", "k", "BYINT", "1"],
+        ] {
+            let i = info(args);
+            assert!(!i.is_idempotent() && !i.is_read_only(), "{args:?}: {i:?}");
+            assert_ne!(i.name(), UNKNOWN_COMMAND);
+        }
     }
 
     #[test]
@@ -502,6 +555,18 @@ mod tests {
         );
         assert_eq!(info(&["WAIT", "1", "1500"]).blocking(), secs(1.5));
         assert_eq!(info(&["WAIT", "1", "0"]).blocking(), Blocking::Forever);
+        assert_eq!(info(&["WAITAOF", "1", "0", "2500"]).blocking(), secs(2.5));
+        assert_eq!(
+            info(&[
+                "BLMOVEM", "a", "b", "LEFT", "RIGHT", "1.5", "COUNT", "9", "BULK"
+            ])
+            .blocking(),
+            secs(1.5)
+        );
+        assert_eq!(
+            info(&["BZMOVE", "a", "b", "MIN", "4", "COUNT", "2"]).blocking(),
+            secs(4.0)
+        );
         assert_eq!(info(&["BLPOP", "a", "soon"]).blocking(), Blocking::No);
         assert_eq!(info(&["BLPOP", "a", "-1"]).blocking(), Blocking::No);
     }

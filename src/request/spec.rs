@@ -29,8 +29,10 @@ pub(super) enum BlockArg {
     None,
     /// `BLPOP key [key ...] timeout`: seconds as a double, 0 blocks forever.
     LastArgSeconds,
-    /// `BLMPOP timeout numkeys ...`: seconds as a double, 0 blocks forever.
-    FirstArgSeconds,
+    /// The argument at this index, the command's name being 0 (`BLMPOP timeout numkeys
+    /// ...` is 1, `BZMOVE source destination MIN|MAX timeout` 4): seconds as a double, 0
+    /// blocks forever.
+    ArgSeconds(usize),
     /// `WAIT numreplicas timeout`: milliseconds, 0 blocks forever.
     LastArgMillis,
     /// `XREAD [COUNT n] [BLOCK ms] STREAMS ...`: blocks only with the option; 0 is forever.
@@ -115,14 +117,14 @@ impl CommandSpec {
     }
 }
 
-/// Slots of [`COMMAND_INDEX`]: a power of two, at least eight times the commands (4 KiB),
+/// Slots of [`COMMAND_INDEX`]: a power of two, at least eight times the commands (8 KiB),
 /// so a lookup mostly reads one slot.
 const INDEX_SLOTS: usize = (super::table::COMMANDS.len() * 8).next_power_of_two();
 
 /// The top-level commands by the hash of their 8-byte prefix, built at compile time.
 ///
 /// Every request's first word is looked up here (`Request::from` a `Cmd`), so it is a
-/// hash table rather than a binary search of the ~240 commands: the search's eight
+/// hash table rather than a binary search of the ~320 commands: the search's eight
 /// probes cost ~10 ns in mispredicted branches when warm, and as many cache lines when
 /// cold, which a call on a quiet connection is. This reads one slot and one entry.
 static COMMAND_INDEX: Index<INDEX_SLOTS> = Index::new(super::table::COMMANDS);
