@@ -132,6 +132,10 @@ pub struct Connector {
 #[cfg(feature = "cluster")]
 struct ClusterNodes {
     nodes: Vec<ConnectionInfo>,
+    /// Given with [`Connector::tls_certificates`]: redis-rs's cluster client takes them
+    /// apart from the nodes' addresses.
+    #[cfg(feature = "tls")]
+    certificates: Option<redis::TlsCertificates>,
     /// The node the next Pub/Sub connection tries first. Each attempt starts one node
     /// further on, so a subscriber whose node died or stalled moves to another (the
     /// cluster bus carries every publish to every node, so any node will do).
@@ -232,7 +236,11 @@ impl Connector {
     /// (feature `cluster`).
     ///
     /// `nodes` are where to start: any reachable one tells where the others are. Their
-    /// credentials, protocol and TLS apply to every node.
+    /// credentials, protocol and TLS apply to every node (`rediss://` URLs; for
+    /// certificates signed by a CA of your own, add
+    /// [`tls_certificates`](Self::tls_certificates)). A connect that every node refuses
+    /// for its credentials or its certificate is a [config](Error::is_config) error, as
+    /// for one server.
     ///
     /// What this crate changes in redis-rs's client: it never resends a command by itself
     /// (`retries(0)`), since it cannot tell an `INCR` that may have run from one that did
@@ -283,9 +291,119 @@ impl Connector {
         connector.display = format!("cluster {}", addresses.join(", ")).into();
         connector.cluster = Some(Arc::new(ClusterNodes {
             nodes,
+            #[cfg(feature = "tls")]
+            certificates: None,
             next_pubsub_node: std::sync::atomic::AtomicUsize::new(0),
         }));
         Ok(connector)
+    }
+
+    /// Trusts the CA in `certificates` (and presents their client certificate, for
+    /// servers that ask for one) on every TLS connection this connector opens: to the
+    /// server, to a cluster's nodes, to Sentinels and the master they name (feature
+    /// `tls`). For servers whose certificate is signed by a CA of your own; one signed
+    /// by a public CA needs nothing.
+    ///
+    /// For one server, this is what building the connector
+    /// [`from_client`](Self::from_client) a `Client::build_with_tls` does; for a cluster
+    /// it is the only way, as redis-rs's cluster client takes certificates apart from
+    /// the nodes' addresses.
+    ///
+    /// A [config](Error::is_config) error when no address uses TLS (`rediss://`), or when
+    /// the certificates cannot be read.
+    ///
+    /// ```no_run
+    /// use tower_redis_resilience::{Connector, ResilientClient};
+    ///
+    /// # fn run() -> Result<(), tower_redis_resilience::Error> {
+    /// let ca = std::fs::read("ca.crt").expect("the CA's PEM");
+    /// let connector = Connector::cluster(["rediss://127.0.0.1:7000", "rediss://127.0.0.1:7001"])?
+    ///     .tls_certificates(redis::TlsCertificates {
+    ///         client_tls: None,
+    ///         root_cert: Some(ca),
+    ///     })?;
+    /// let client = ResilientClient::builder_with_connector(connector).build()?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn tls_certificates(mut self, certificates: redis::TlsCertificates) -> Result<Self, Error> {
+        // redis-rs takes a root certificate with no certificate in it for an empty list
+        // of CAs to trust, and every connect then fails as untrusted.
+        if let Some(pem) = &certificates.root_cert {
+            use rustls::pki_types::{CertificateDer, pem::PemObject};
+            let read: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+            match read {
+                Ok(found) if !found.is_empty() => {}
+                Ok(_) => {
+                    return Err(Error::config(
+                        "the TLS root certificate holds no PEM certificate (-----BEGIN \
+                         CERTIFICATE-----)",
+                    ));
+                }
+                Err(err) => {
+                    return Err(Error::config(format!(
+                        "the TLS root certificate cannot be read: {err}"
+                    )));
+                }
+            }
+        }
+        let with_certificates = |info: &ConnectionInfo| -> Result<ConnectionInfo, Error> {
+            redis::Client::build_with_tls(info.clone(), certificates.clone())
+                .map(|client| client.get_connection_info().clone())
+                .map_err(|err| {
+                    Error::config(format!("TLS certificates for {}: {err}", describe(info)))
+                })
+        };
+        let is_tls = |info: &ConnectionInfo| matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+        let mut any_tls = false;
+        #[cfg(feature = "cluster")]
+        if let Some(cluster) = &self.cluster {
+            // redis-rs refuses a cluster whose nodes mix TLS and plain TCP; it says so.
+            let nodes = cluster
+                .nodes
+                .iter()
+                .map(|node| {
+                    if is_tls(node) {
+                        with_certificates(node)
+                    } else {
+                        Ok(node.clone())
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            any_tls = nodes.iter().any(is_tls);
+            self.cluster = Some(Arc::new(ClusterNodes {
+                nodes,
+                certificates: Some(certificates.clone()),
+                next_pubsub_node: std::sync::atomic::AtomicUsize::new(0),
+            }));
+        }
+        if let Some(sentinels) = &self.sentinel {
+            let nodes = sentinels
+                .infos()
+                .map(|info| {
+                    if is_tls(info) {
+                        with_certificates(info)
+                    } else {
+                        Ok(info.clone())
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            any_tls = nodes.iter().any(is_tls);
+            self.sentinel = Some(Arc::new(Sentinels::new(nodes, sentinels.master_name())?));
+        }
+        if is_tls(self.connection_info()) {
+            any_tls = true;
+            let info = with_certificates(self.connection_info())?;
+            self.client = redis::Client::open(info).map_err(Error::from_connect)?;
+        }
+        if !any_tls {
+            return Err(Error::config(format!(
+                "TLS certificates were given for {}, which is not reached over TLS \
+                 (use rediss:// URLs)",
+                self.display
+            )));
+        }
+        Ok(self)
     }
 
     /// How often a [Sentinel connector](Self::sentinel) asks Sentinel whether the master
@@ -356,12 +474,7 @@ impl Connector {
             .within_connect_timeout(async {
                 #[cfg(feature = "cluster")]
                 if let Some(cluster) = &self.cluster {
-                    return open_cluster(
-                        &cluster.nodes,
-                        self.connect_timeout,
-                        self.display.clone(),
-                    )
-                    .await;
+                    return open_cluster(cluster, self.connect_timeout, self.display.clone()).await;
                 }
                 match &self.sentinel {
                     None => {
@@ -510,28 +623,73 @@ impl ClusterNodes {
 /// node that serves slots.
 #[cfg(feature = "cluster")]
 async fn open_cluster(
-    nodes: &[ConnectionInfo],
+    cluster: &ClusterNodes,
     connect_timeout: Duration,
     display: Arc<str>,
 ) -> Result<RedisService, Error> {
     // No resends (an INCR may have run), no response timeout (the Timeout layer's), and
     // a node that does not answer within a quarter of the connect timeout is left out,
     // so one stalled node does not keep the others from being reached.
-    let client = redis::cluster::ClusterClient::builder(nodes.to_vec())
+    let builder = redis::cluster::ClusterClient::builder(cluster.nodes.to_vec())
         .retries(0)
-        .connection_timeout(connect_timeout / 4)
-        .build()
-        .map_err(Error::from_connect)?;
-    let connection = client
-        .get_async_connection()
-        .await
-        .map_err(Error::from_connect)?;
+        .connection_timeout(connect_timeout / 4);
+    #[cfg(feature = "tls")]
+    let builder = match &cluster.certificates {
+        Some(certificates) => builder.certs(certificates.clone()),
+        None => builder,
+    };
+    let client = builder.build().map_err(Error::from_connect)?;
+    let connection = match client.get_async_connection().await {
+        Ok(connection) => connection,
+        Err(err) => return Err(diagnose(cluster, connect_timeout, err).await),
+    };
     Ok(RedisService::from_parts(
         Conn::Cluster(connection),
         None,
         0,
         display,
     ))
+}
+
+/// The error of a cluster connect that failed. redis-rs's cluster client reports a
+/// connect that failed on every node as one I/O error, the nodes' own errors flattened
+/// into its text, so a rejected password or an untrusted certificate would read as
+/// "unavailable" and be retried as an outage. A connect to one node alone tells what it
+/// was, classified as every connect is: the nodes are asked in turn, within a quarter of
+/// the connect timeout in all (the cluster connect took at most another quarter), until
+/// one answers with a [config](Error::is_config) error; if none does, the cluster's
+/// error stands.
+#[cfg(feature = "cluster")]
+async fn diagnose(
+    cluster: &ClusterNodes,
+    connect_timeout: Duration,
+    err: redis::RedisError,
+) -> Error {
+    let error = Error::from_connect(err);
+    if !error.is_unavailable() {
+        return error;
+    }
+    let ask = async {
+        for node in &cluster.nodes {
+            let attempt = async {
+                redis::Client::open(node.clone())
+                    .map_err(Error::from_connect)?
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(Error::from_connect)
+            };
+            if let Err(found) = attempt.await
+                && found.is_config()
+            {
+                return Some(found);
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(connect_timeout / 4, ask).await {
+        Ok(Some(found)) => found,
+        _ => error,
+    }
 }
 
 async fn open_multiplexed(
@@ -663,6 +821,66 @@ pub(crate) fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CA certificate, only for parsing (nothing connects with it).
+    #[cfg(feature = "tls")]
+    const CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBhzCCAS2gAwIBAgIUH8PhClEJ4Qk/n9rOpogzYxBqO9EwCgYIKoZIzj0EAwIw
+GDEWMBQGA1UEAwwNcGFyc2Utb25seS1jYTAgFw0yNjExMjkyMTUwMzFaGA8yMTI2
+MTEwNTIxNTAzMVowGDEWMBQGA1UEAwwNcGFyc2Utb25seS1jYTBZMBMGByqGSM49
+AgEGCCqGSM49AwEHA0IABLwt6QvnZQkSa9DR/JmJ44zYNhmwDSMLJGm6VFmer883
+wLCKYQWNPZIlV6grqCGCSqRgjwOTwCT9ZE/DYEZmCaOjUzBRMB0GA1UdDgQWBBT4
+l2+2ywG76PSadXhuUMW1zQAhXDAfBgNVHSMEGDAWgBT4l2+2ywG76PSadXhuUMW1
+zQAhXDAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQCJCkj2n4kQ
+9Cf1a9RZR+LBzUzDdGbcqpTuYfIjdNIJLwIgWXYJyqOFhPZzmJNXvto2mJ77Wc/5
+0QhZ26O3laCygTE=
+-----END CERTIFICATE-----
+";
+
+    #[cfg(feature = "tls")]
+    fn has_certificates(info: &ConnectionInfo) -> bool {
+        matches!(
+            info.addr(),
+            ConnectionAddr::TcpTls {
+                tls_params: Some(_),
+                ..
+            }
+        )
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn certificates_reach_sentinels_and_the_master_over_tls_and_leave_plain_ones_alone() {
+        let certificates = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(CA.as_bytes().to_vec()),
+        };
+        let connector = Connector::sentinel(
+            ["rediss://127.0.0.1:26379", "redis://127.0.0.1:26380"],
+            "mymaster",
+            "rediss://:secret@mymaster/0",
+        )
+        .unwrap()
+        .tls_certificates(certificates())
+        .unwrap();
+        assert!(has_certificates(connector.connection_info()), "the master");
+        let sentinels: Vec<bool> = connector
+            .sentinel
+            .as_ref()
+            .unwrap()
+            .infos()
+            .map(has_certificates)
+            .collect();
+        assert_eq!(sentinels, [true, false]);
+        assert_eq!(connector.sentinel_master_name(), Some("mymaster"));
+
+        let plain = Connector::sentinel(["redis://127.0.0.1:26379"], "m", "redis://m/0")
+            .unwrap()
+            .tls_certificates(certificates())
+            .map(|_| ())
+            .unwrap_err();
+        assert!(plain.is_config(), "{plain}");
+    }
 
     #[test]
     fn redact_url_hides_passwords_and_keeps_the_rest() {

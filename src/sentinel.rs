@@ -79,6 +79,12 @@ impl Sentinels {
         &self.master_name
     }
 
+    /// The Sentinels' connection details, in the order given.
+    #[cfg(feature = "tls")]
+    pub(crate) fn infos(&self) -> impl Iterator<Item = &ConnectionInfo> {
+        self.nodes.iter().map(|node| &node.info)
+    }
+
     /// The Sentinels' addresses, for `Debug` and logs: `127.0.0.1:26379/0, ...`.
     pub(crate) fn addresses(&self) -> String {
         let addresses: Vec<&str> = self.nodes.iter().map(|node| &*node.display).collect();

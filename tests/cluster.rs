@@ -327,6 +327,41 @@ async fn a_subscriber_hears_of_rejected_credentials_though_another_node_is_down(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_credentials_are_a_config_error_not_an_outage() {
+    let cluster = RedisCluster::start(3, 0);
+    for node in &cluster.masters {
+        assert_eq!(
+            node.raw_command(&["CONFIG", "SET", "requirepass", "right"]),
+            "OK"
+        );
+    }
+    let urls = |password: &str| -> Vec<String> {
+        cluster
+            .masters
+            .iter()
+            .map(|node| format!("redis://:{password}@127.0.0.1:{}", node.port()))
+            .collect()
+    };
+    // redis-rs's cluster client flattens every node's error into one I/O error's text.
+    let connector = Connector::cluster(urls("wrong")).unwrap();
+    let error = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(error.is_config(), "{error}");
+    assert!(
+        !error.to_string().contains("wrong"),
+        "no password in {error}"
+    );
+    let connector = Connector::cluster(urls("right")).unwrap();
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    let () = client.set("k", "v").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_health_check_that_finds_one_node_stalled_keeps_the_cluster_connection() {
     let cluster = RedisCluster::start(3, 0);
     let connector = Connector::cluster(cluster.urls()).unwrap();
@@ -349,4 +384,90 @@ async fn a_health_check_that_finds_one_node_stalled_keeps_the_cluster_connection
     // Ten health checks, each of which a node that never answers times out.
     tokio::time::sleep(Duration::from_millis(2000)).await;
     served_without_a_whole_reconnect(&mut client, &cluster, &live).await;
+}
+
+/// A TLS cluster's client: the CA of its nodes' certificates given to the connector.
+#[cfg(feature = "tls")]
+fn tls_connector(cluster: &RedisCluster) -> Connector {
+    Connector::cluster(cluster.urls())
+        .unwrap()
+        .tls_certificates(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(cluster.ca_certificate()),
+        })
+        .unwrap()
+}
+
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_is_served_with_the_ca_given_to_the_connector() {
+    let mut cluster = RedisCluster::start_tls(3, 0);
+    assert!(
+        cluster
+            .urls()
+            .iter()
+            .all(|url| url.starts_with("rediss://"))
+    );
+    let mut client = ResilientClient::builder_with_connector(tls_connector(&cluster))
+        .connect()
+        .await
+        .unwrap();
+    for n in 0..60 {
+        let () = client.set(format!("key:{n}"), n).await.unwrap();
+    }
+    let held: Vec<u64> = cluster
+        .masters
+        .iter()
+        .map(|master| master.raw_command(&["DBSIZE"]).parse().unwrap())
+        .collect();
+    assert!(
+        held.iter().all(|&keys| keys > 0),
+        "every node served: {held:?}"
+    );
+    // A subscriber's connection to one node, and a blocking command's of its own.
+    let (_subscriber, mut events) = subscribed(&client, Duration::from_secs(5)).await;
+    cluster.masters[2].raw_command(&["PUBLISH", "news", "over tls"]);
+    expect_message(&mut events, "over tls").await;
+    let nothing: Option<(String, String)> = client.blpop("queue", 0.01).await.unwrap();
+    assert_eq!(nothing, None);
+
+    // A node killed and restarted: its slots are served again, over TLS.
+    let key = (0..60)
+        .map(|n| format!("key:{n}"))
+        .find(|key| cluster.master_index_of(key) == 1)
+        .unwrap();
+    cluster.masters[1].restart();
+    cluster.wait_for(|node| {
+        node.raw_command(&["CLUSTER", "INFO"])
+            .contains("cluster_state:ok")
+    });
+    let () = client.set(&key, "again").await.unwrap();
+    let value: Option<String> = client.get(&key).await.unwrap();
+    assert_eq!(value.as_deref(), Some("again"));
+}
+
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_whose_ca_is_not_given_is_a_config_error_that_says_so() {
+    let cluster = RedisCluster::start_tls(3, 0);
+    let connector = Connector::cluster(cluster.urls()).unwrap();
+    let error = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(error.is_config(), "{error}");
+    assert!(error.to_string().contains("certificate"), "{error}");
+
+    let plain = Connector::cluster(["redis://127.0.0.1:7000"])
+        .unwrap()
+        .tls_certificates(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(cluster.ca_certificate()),
+        })
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        plain.is_config() && plain.to_string().contains("rediss://"),
+        "{plain}"
+    );
 }

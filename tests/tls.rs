@@ -31,6 +31,44 @@ async fn commands_work_over_tls_with_a_private_ca() {
 }
 
 #[tokio::test]
+async fn a_connector_given_the_ca_connects_and_one_without_tls_says_what_is_wrong() {
+    let server = RedisServer::config().tls().password("tls-pw").start();
+    let certificates = TlsCertificates {
+        client_tls: None,
+        root_cert: Some(server.ca_certificate()),
+    };
+    let connector = Connector::from_url(&server.url())
+        .unwrap()
+        .tls_certificates(certificates.clone())
+        .unwrap();
+    let mut client = Client::new(connector.connect().await.unwrap());
+    let () = client.set("k", "trusted").await.unwrap();
+
+    let plain = Connector::from_url("redis://127.0.0.1:6379")
+        .unwrap()
+        .tls_certificates(certificates.clone())
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        plain.is_config() && plain.to_string().contains("rediss://"),
+        "{plain}"
+    );
+    let unreadable = Connector::from_url(&server.url())
+        .unwrap()
+        .tls_certificates(TlsCertificates {
+            client_tls: None,
+            root_cert: Some(b"not a certificate".to_vec()),
+        })
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        unreadable.is_config() && unreadable.to_string().contains("root certificate"),
+        "{unreadable}"
+    );
+    assert!(!unreadable.to_string().contains("tls-pw"), "{unreadable}");
+}
+
+#[tokio::test]
 async fn untrusted_certificate_is_config() {
     let server = RedisServer::config().tls().start();
     // The system roots do not include the test CA.

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{RedisServer, free_port};
+use super::{RedisServer, TempDir, free_port, make_certificates};
 
 /// The 16384 hash slots of Redis Cluster.
 const SLOTS: usize = 16384;
@@ -12,6 +12,8 @@ const SLOTS: usize = 16384;
 pub struct RedisCluster {
     pub masters: Vec<RedisServer>,
     pub replicas: Vec<RedisServer>,
+    /// The CA and certificate every node of a TLS cluster serves.
+    certificates: Option<TempDir>,
 }
 
 impl RedisCluster {
@@ -19,8 +21,29 @@ impl RedisCluster {
     /// node. Nodes deem an unreachable peer failed after 500 ms; without full coverage the
     /// cluster still serves the slots of the masters that are up.
     pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        RedisCluster::start_with(masters, replicas, None)
+    }
+
+    /// [`start`](Self::start), every node serving clients, its replicas and the cluster
+    /// bus over TLS with certificates of one CA ([`ca_certificate`](Self::ca_certificate)),
+    /// so `CLUSTER SLOTS` names TLS ports to TLS clients. Each node also serves plain
+    /// TCP on a port of its own, for the harness's commands.
+    pub fn start_tls(masters: usize, replicas: usize) -> RedisCluster {
+        let certificates = TempDir::new();
+        make_certificates(certificates.path());
+        RedisCluster::start_with(masters, replicas, Some(certificates))
+    }
+
+    fn start_with(masters: usize, replicas: usize, certificates: Option<TempDir>) -> RedisCluster {
         let node = || {
-            RedisServer::config()
+            let config = match &certificates {
+                Some(dir) => RedisServer::config()
+                    .tls_beside_plain(dir.path())
+                    .arg("tls-cluster", "yes")
+                    .arg("tls-replication", "yes"),
+                None => RedisServer::config(),
+            };
+            config
                 .arg("cluster-enabled", "yes")
                 .arg("cluster-config-file", "nodes.conf")
                 .arg("cluster-node-timeout", "500")
@@ -34,6 +57,7 @@ impl RedisCluster {
         let cluster = RedisCluster {
             masters: (0..masters).map(|_| node()).collect(),
             replicas: (0..masters * replicas).map(|_| node()).collect(),
+            certificates,
         };
         for (i, master) in cluster.masters.iter().enumerate() {
             let slots: Vec<String> = (i * SLOTS / masters..(i + 1) * SLOTS / masters)
@@ -79,6 +103,12 @@ impl RedisCluster {
             cluster.wait_for(|_| replica.info_field("master_link_status") == "up");
         }
         cluster
+    }
+
+    /// The PEM of the CA of a [TLS cluster](Self::start_tls).
+    pub fn ca_certificate(&self) -> Vec<u8> {
+        let dir = self.certificates.as_ref().expect("a TLS cluster");
+        std::fs::read(dir.path().join("ca.crt")).expect("the CA certificate")
     }
 
     /// Every node, masters first.

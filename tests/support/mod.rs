@@ -29,6 +29,9 @@ pub struct ServerConfig {
     password: Option<String>,
     user: Option<(String, String)>,
     tls: bool,
+    /// TLS with these certificates (shared by several servers: one CA for a cluster),
+    /// and plain TCP on a second port for the harness's own commands.
+    tls_beside_plain: Option<PathBuf>,
     args: Vec<(String, String)>,
     /// A Sentinel watching the master of this name on this port.
     sentinel: Option<(String, u16)>,
@@ -50,6 +53,15 @@ impl ServerConfig {
     /// Serve TLS only, with a CA and server certificate generated now.
     pub fn tls(mut self) -> Self {
         self.tls = true;
+        self
+    }
+
+    /// Serve TLS on [`port`](RedisServer::port) with the certificates in `certificates`
+    /// (made by [`make_certificates`]), and plain TCP on a port of its own that only
+    /// [`raw_command`](RedisServer::raw_command) uses.
+    pub fn tls_beside_plain(mut self, certificates: &Path) -> Self {
+        self.tls = true;
+        self.tls_beside_plain = Some(certificates.to_owned());
         self
     }
 
@@ -103,6 +115,8 @@ impl RedisServer {
 pub struct RedisServer {
     config: ServerConfig,
     port: u16,
+    /// The plain TCP port of a server with [`ServerConfig::tls_beside_plain`].
+    plain_port: Option<u16>,
     dir: TempDir,
     process: Option<Process>,
     starts: u32,
@@ -129,16 +143,20 @@ impl RedisServer {
         let mut server = RedisServer {
             config,
             port: 0,
+            plain_port: None,
             dir: TempDir::new(),
             process: None,
             starts: 0,
         };
-        if server.config.tls {
+        if server.config.tls && server.config.tls_beside_plain.is_none() {
             make_certificates(server.dir.path());
         }
         // Another test may take the free port between our probe and the bind; try again.
         for _ in 0..5 {
             server.port = free_port();
+            if server.config.tls_beside_plain.is_some() {
+                server.plain_port = Some(free_port());
+            }
             match server.spawn(&binary) {
                 Ok(()) => return server,
                 Err(log) if log.contains("Address already in use") => continue,
@@ -163,9 +181,17 @@ impl RedisServer {
         format!("{scheme}://{auth}127.0.0.1:{}", self.port)
     }
 
+    /// Where a TLS server's certificates are.
+    fn certificates(&self) -> PathBuf {
+        match &self.config.tls_beside_plain {
+            Some(dir) => dir.clone(),
+            None => self.dir.path().to_owned(),
+        }
+    }
+
     /// The PEM of the CA that signed a TLS server's certificate.
     pub fn ca_certificate(&self) -> Vec<u8> {
-        std::fs::read(self.dir.path().join("ca.crt")).expect("TLS server has a CA certificate")
+        std::fs::read(self.certificates().join("ca.crt")).expect("TLS server has a CA certificate")
     }
 
     pub fn pid(&self) -> i32 {
@@ -277,10 +303,15 @@ impl RedisServer {
     }
 
     /// Sends one command over a plain socket (RESP) and returns the reply's text. For
-    /// arranging state from outside the code under test. Not for TLS servers.
+    /// arranging state from outside the code under test. Not for TLS servers, unless they
+    /// serve plain TCP beside it.
     pub fn raw_command(&self, args: &[&str]) -> String {
-        assert!(!self.config.tls, "raw_command speaks plain TCP");
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let port = match (self.config.tls, self.plain_port) {
+            (false, _) => self.port,
+            (true, Some(plain)) => plain,
+            (true, None) => panic!("raw_command speaks plain TCP"),
+        };
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
@@ -352,10 +383,11 @@ impl RedisServer {
             "no".into(),
         ]);
         if self.config.tls {
-            let d = self.dir.path();
+            let d = self.certificates();
+            let plain = self.plain_port.unwrap_or(0);
             args.extend(
                 [
-                    ("--port", "0".to_owned()),
+                    ("--port", plain.to_string()),
                     ("--tls-port", self.port.to_string()),
                     (
                         "--tls-cert-file",
@@ -551,7 +583,7 @@ fn read_reply(reader: &mut impl BufRead) -> String {
 }
 
 /// Self-signed CA and a server certificate for 127.0.0.1 and localhost, by the openssl CLI.
-fn make_certificates(dir: &Path) {
+pub fn make_certificates(dir: &Path) {
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)
