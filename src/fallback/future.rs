@@ -80,7 +80,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 /// then) so a call that succeeds costs nothing more.
 pub(super) enum Plan {
     /// A read: `Nil`, or one `Nil` per key, field or index asked for (`MGET`, `HMGET`,
-    /// `ARMGET`, a pipeline of reads).
+    /// `ARMGET`, `JSON.MGET`, a pipeline of reads).
     Miss {
         command: &'static str,
         nils: Option<usize>,
@@ -161,7 +161,8 @@ fn nils_for(request: &Request) -> Option<usize> {
     }
     let skip = match request.info().name() {
         "MGET" => 1,
-        "HMGET" | "ARMGET" => 2,
+        // Their key (JSON.MGET: its path, the last argument) is not asked for.
+        "HMGET" | "ARMGET" | "JSON.MGET" => 2,
         _ => return None,
     };
     let args = request

@@ -27,8 +27,8 @@ use crate::{
 pub enum FallbackPolicy {
     /// Read-only commands and read-only pipelines answer a miss: `Nil` (so
     /// `get::<_, Option<T>>` gives `Ok(None)`, `Vec` and map types come back empty), or
-    /// one `Nil` per key, field or index for `MGET`, `HMGET` and `ARMGET`, and per
-    /// command for a pipeline. Writes keep their error. The default.
+    /// one `Nil` per key, field or index for `MGET`, `HMGET`, `ARMGET` and `JSON.MGET`,
+    /// and per command for a pipeline. Writes keep their error. The default.
     ReadsOnly,
     /// Reads as [`ReadsOnly`](Self::ReadsOnly); writes answer this value (`Value::Okay`,
     /// `Value::Int(0)`, `Value::Nil`...), and a pipeline mixing both answers each

@@ -70,6 +70,8 @@ async fn mget_and_read_pipelines_answer_one_nil_per_key() {
     assert_eq!(call(&mut service, hmget).await.unwrap(), nils(1));
     let armget = Request::from(redis::cmd("ARMGET").arg("fail").arg(0).arg(1));
     assert_eq!(call(&mut service, armget).await.unwrap(), nils(2));
+    let json_mget = Request::from(redis::cmd("JSON.MGET").arg("fail").arg(0).arg(1).arg("$"));
+    assert_eq!(call(&mut service, json_mget).await.unwrap(), nils(3));
 
     let mut pipe = redis::pipe();
     pipe.cmd("GET")

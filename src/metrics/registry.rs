@@ -256,7 +256,7 @@ impl CommandStats {
     }
 }
 
-/// More than the names a request can have (~520: commands and subcommands of the table,
+/// More than the names a request can have (~470: commands and subcommands of the table,
 /// `PIPELINE`, `MULTI`, `UNKNOWN`), so the table never fills. Only the commands a client
 /// sends take a slot, a few dozen at most in practice, so probes stay short.
 const SLOTS: usize = 1024;

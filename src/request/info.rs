@@ -41,8 +41,9 @@ impl Blocking {
 /// The flags come from a table generated from a real Redis 7 server's `COMMAND INFO`, and
 /// Redis 8.12's for the commands added since (`tools/gen_command_table.py`), refined by
 /// the arguments where they change the answer (`SET k v NX` is not idempotent, `XREAD`
-/// blocks only with `BLOCK`). Module commands (`JSON.GET`, `FT.SEARCH`) are not in it:
-/// they are [`UNKNOWN_COMMAND`], neither read-only nor idempotent.
+/// blocks only with `BLOCK`). Of the modules Redis 8 has built in, the JSON commands are
+/// in it too (with the flags the module registers them with); the others (`FT.SEARCH`,
+/// `TS.GET`, `BF.EXISTS`) are [`UNKNOWN_COMMAND`], neither read-only nor idempotent.
 ///
 /// ```
 /// use std::time::Duration;
@@ -513,6 +514,14 @@ mod tests {
                 "{args:?}: {i:?}"
             );
         }
+        // The JSON module's, built into Redis 8.
+        let get = info(&["JSON.GET", "doc", "$.name"]);
+        assert!(get.is_read_only() && get.is_idempotent(), "{get:?}");
+        assert_eq!(get.name(), "JSON.GET");
+        let del = info(&["JSON.DEL", "doc", "$.name"]);
+        assert!(del.is_idempotent() && del.reply_counts_changes(), "{del:?}");
+        let set = info(&["JSON.SET", "doc", "$", "{}", "NX"]);
+        assert!(!set.is_idempotent() && !set.is_read_only(), "{set:?}");
         let hgetex = info(&["HGETEX", "h", "EX", "60", "FIELDS", "1", "f"]);
         assert!(hgetex.is_idempotent() && !hgetex.reply_counts_changes());
         for args in [
@@ -620,7 +629,7 @@ mod tests {
 
     #[test]
     fn unknown_commands_share_one_name_and_are_treated_as_unsafe() {
-        let i = info(&["JSON.SET", "k", "$", "1"]);
+        let i = info(&["FT.SEARCH", "idx", "*"]);
         assert_eq!(i.name(), UNKNOWN_COMMAND);
         assert!(!i.is_idempotent() && !i.is_read_only());
         assert_eq!(CommandInfo::of_cmd(&Cmd::new()).name(), UNKNOWN_COMMAND);

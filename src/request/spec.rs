@@ -334,7 +334,8 @@ mod tests {
             Some("CONFIG")
         );
         assert_eq!(lookup(b"CONFIG", None).map(|s| s.name), Some("CONFIG"));
-        assert!(lookup(b"JSON.GET", None).is_none());
+        assert!(lookup(b"FT.SEARCH", None).is_none());
+        assert_eq!(lookup(b"json.get", None).map(|s| s.name), Some("JSON.GET"));
         assert!(lookup(b"", None).is_none());
         assert!(lookup(b"GETX", None).is_none());
     }
