@@ -186,9 +186,8 @@ impl Connector {
     /// already sent get their replies; new ones are refused as not sent, so [`Reconnect`]
     /// connects to the new master and [`Retry`] sends them there. An old master that is
     /// still up would otherwise take writes until Sentinel turns it into a replica (about
-    /// ten seconds later, in Redis 7), and those writes would be lost. (Over TLS redis-rs
-    /// runs the connection and it cannot be retired: the client follows when the old
-    /// master answers `READONLY` or closes the connection.)
+    /// ten seconds later, in Redis 7), and those writes would be lost. The same holds
+    /// over TLS.
     ///
     /// `master` says how to talk to the master once found: its credentials, database,
     /// protocol and TLS (`rediss://`). Its host and port are not used; Sentinel's answer
@@ -729,7 +728,9 @@ async fn open_multiplexed(
                 .get_multiplexed_async_connection_with_config(&config)
                 .await
                 .map_err(Error::from_connect)?;
-            return Ok((connection, None));
+            // redis-rs runs this one (TLS, socket options): a handle without the task,
+            // so Sentinel can still retire it when it names another master.
+            return Ok((connection, Some(Driver::without_task())));
         }
     };
     let (connection, driver) =
