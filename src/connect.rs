@@ -346,30 +346,30 @@ impl Connector {
                 }
             }
         }
-        let with_certificates = |info: &ConnectionInfo| -> Result<ConnectionInfo, Error> {
+        let is_tls = |info: &ConnectionInfo| matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+        // A TLS address with the certificates; a plain one as it is.
+        let certify = |info: &ConnectionInfo| -> Result<ConnectionInfo, Error> {
+            if !is_tls(info) {
+                return Ok(info.clone());
+            }
             redis::Client::build_with_tls(info.clone(), certificates.clone())
                 .map(|client| client.get_connection_info().clone())
                 .map_err(|err| {
                     Error::config(format!("TLS certificates for {}: {err}", describe(info)))
                 })
         };
-        let is_tls = |info: &ConnectionInfo| matches!(info.addr(), ConnectionAddr::TcpTls { .. });
-        let mut any_tls = false;
+        let mut any_tls = is_tls(self.connection_info());
+        self.client =
+            redis::Client::open(certify(self.connection_info())?).map_err(Error::from_connect)?;
         #[cfg(feature = "cluster")]
         if let Some(cluster) = &self.cluster {
             // redis-rs refuses a cluster whose nodes mix TLS and plain TCP; it says so.
             let nodes = cluster
                 .nodes
                 .iter()
-                .map(|node| {
-                    if is_tls(node) {
-                        with_certificates(node)
-                    } else {
-                        Ok(node.clone())
-                    }
-                })
+                .map(certify)
                 .collect::<Result<Vec<_>, _>>()?;
-            any_tls = nodes.iter().any(is_tls);
+            any_tls |= nodes.iter().any(is_tls);
             self.cluster = Some(Arc::new(ClusterNodes {
                 nodes,
                 certificates: Some(certificates.clone()),
@@ -379,21 +379,10 @@ impl Connector {
         if let Some(sentinels) = &self.sentinel {
             let nodes = sentinels
                 .infos()
-                .map(|info| {
-                    if is_tls(info) {
-                        with_certificates(info)
-                    } else {
-                        Ok(info.clone())
-                    }
-                })
+                .map(certify)
                 .collect::<Result<Vec<_>, _>>()?;
-            any_tls = nodes.iter().any(is_tls);
+            any_tls |= nodes.iter().any(is_tls);
             self.sentinel = Some(Arc::new(Sentinels::new(nodes, sentinels.master_name())?));
-        }
-        if is_tls(self.connection_info()) {
-            any_tls = true;
-            let info = with_certificates(self.connection_info())?;
-            self.client = redis::Client::open(info).map_err(Error::from_connect)?;
         }
         if !any_tls {
             return Err(Error::config(format!(
