@@ -126,7 +126,17 @@ pub struct Connector {
     cluster: Option<Arc<ClusterNodes>>,
     /// The largest argument its connections send.
     max_argument: usize,
+    /// How it opens TLS connections itself.
+    own_tls: OwnTls,
 }
+
+/// How a connector opens TLS connections itself (feature `tls`): with nothing to open,
+/// nothing to hold.
+#[cfg(feature = "tls")]
+pub(crate) use crate::tls::OwnTls;
+#[cfg(not(feature = "tls"))]
+#[derive(Clone, Default)]
+pub(crate) struct OwnTls {}
 
 /// A cluster's initial nodes, shared by a connector's clones.
 #[cfg(feature = "cluster")]
@@ -159,7 +169,8 @@ impl Connector {
         Ok(Connector::from_client(client))
     }
 
-    /// Uses a `redis::Client` you built, for instance with `Client::build_with_tls`.
+    /// Uses a `redis::Client` you built. (For TLS certificates of your own,
+    /// `tls_certificates`, with feature `tls`, does better than `Client::build_with_tls`.)
     pub fn from_client(client: redis::Client) -> Self {
         let display = describe(client.get_connection_info()).into();
         Connector {
@@ -171,6 +182,7 @@ impl Connector {
             #[cfg(feature = "cluster")]
             cluster: None,
             max_argument: DEFAULT_MAX_ARGUMENT_SIZE,
+            own_tls: OwnTls::default(),
         }
     }
 
@@ -214,7 +226,11 @@ impl Connector {
         master_name: &str,
         master: impl IntoConnectionInfo,
     ) -> Result<Self, Error> {
-        let sentinels = Sentinels::new(addresses(sentinels, "Sentinel")?, master_name)?;
+        let sentinels = Sentinels::new(
+            addresses(sentinels, "Sentinel")?,
+            master_name,
+            OwnTls::default(),
+        )?;
         let mut connector = Connector::from_connection_info(master)?;
         let user = match connector.connection_info().redis_settings().username() {
             Some(user) => format!("{user}@"),
@@ -303,10 +319,12 @@ impl Connector {
     /// `tls`). For servers whose certificate is signed by a CA of your own; one signed
     /// by a public CA needs nothing.
     ///
-    /// For one server, this is what building the connector
-    /// [`from_client`](Self::from_client) a `Client::build_with_tls` does; for a cluster
-    /// it is the only way, as redis-rs's cluster client takes certificates apart from
-    /// the nodes' addresses.
+    /// Prefer it to building the connector [`from_client`](Self::from_client) a
+    /// `Client::build_with_tls`: with the certificates in hand, this crate opens the TLS
+    /// connections itself and sees them close, so a call made on one the server closed
+    /// while it was quiet is sent again on a new one (redis-rs reports such a call as
+    /// possibly run). For a cluster it is the only way, as redis-rs's cluster client
+    /// takes certificates apart from the nodes' addresses.
     ///
     /// A [config](Error::is_config) error when no address uses TLS (`rediss://`), or when
     /// the certificates cannot be read.
@@ -326,26 +344,7 @@ impl Connector {
     /// ```
     #[cfg(feature = "tls")]
     pub fn tls_certificates(mut self, certificates: redis::TlsCertificates) -> Result<Self, Error> {
-        // redis-rs takes a root certificate with no certificate in it for an empty list
-        // of CAs to trust, and every connect then fails as untrusted.
-        if let Some(pem) = &certificates.root_cert {
-            use rustls::pki_types::{CertificateDer, pem::PemObject};
-            let read: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
-            match read {
-                Ok(found) if !found.is_empty() => {}
-                Ok(_) => {
-                    return Err(Error::config(
-                        "the TLS root certificate holds no PEM certificate (-----BEGIN \
-                         CERTIFICATE-----)",
-                    ));
-                }
-                Err(err) => {
-                    return Err(Error::config(format!(
-                        "the TLS root certificate cannot be read: {err}"
-                    )));
-                }
-            }
-        }
+        self.own_tls = OwnTls::with_certificates(&certificates)?;
         let is_tls = |info: &ConnectionInfo| matches!(info.addr(), ConnectionAddr::TcpTls { .. });
         // A TLS address with the certificates; a plain one as it is.
         let certify = |info: &ConnectionInfo| -> Result<ConnectionInfo, Error> {
@@ -382,7 +381,11 @@ impl Connector {
                 .map(certify)
                 .collect::<Result<Vec<_>, _>>()?;
             any_tls |= nodes.iter().any(is_tls);
-            self.sentinel = Some(Arc::new(Sentinels::new(nodes, sentinels.master_name())?));
+            self.sentinel = Some(Arc::new(Sentinels::new(
+                nodes,
+                sentinels.master_name(),
+                self.own_tls.clone(),
+            )?));
         }
         if !any_tls {
             return Err(Error::config(format!(
@@ -469,6 +472,7 @@ impl Connector {
                         open(
                             self.connection_info(),
                             Some(&self.client),
+                            &self.own_tls,
                             self.display.clone(),
                         )
                         .await
@@ -559,9 +563,10 @@ fn addresses<T: IntoConnectionInfo>(
 pub(crate) async fn open(
     info: &ConnectionInfo,
     client: Option<&redis::Client>,
+    own_tls: &OwnTls,
     display: Arc<str>,
 ) -> Result<RedisService, Error> {
-    let (connection, driver) = open_multiplexed(info, client).await?;
+    let (connection, driver) = open_multiplexed(info, client, own_tls).await?;
     Ok(RedisService::from_parts(
         Conn::Single(connection),
         driver,
@@ -683,6 +688,7 @@ async fn diagnose(
 async fn open_multiplexed(
     info: &ConnectionInfo,
     client: Option<&redis::Client>,
+    own_tls: &OwnTls,
 ) -> Result<(MultiplexedConnection, Option<Arc<Driver>>), Error> {
     // No response timeout: deadlines belong to the Timeout layer, and a redis-rs timeout
     // would fire under it with a different error. The caller bounds the connect.
@@ -690,6 +696,8 @@ async fn open_multiplexed(
         .set_connection_timeout(None)
         .set_response_timeout(None);
     let io = |err: std::io::Error| Error::from_connect(err.into());
+    #[cfg(not(feature = "tls"))]
+    let OwnTls {} = own_tls;
     let stream = match info.addr() {
         ConnectionAddr::Tcp(host, port) if default_socket_options(info.tcp_settings()) => {
             let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
@@ -704,29 +712,59 @@ async fn open_multiplexed(
         ConnectionAddr::Unix(path) => {
             boxed(tokio::net::UnixStream::connect(path).await.map_err(io)?)
         }
-        _ => {
-            let opened;
-            let client = match client {
-                Some(client) => client,
-                None => {
-                    opened = redis::Client::open(info.clone()).map_err(Error::from_connect)?;
-                    &opened
-                }
-            };
-            let connection = client
-                .get_multiplexed_async_connection_with_config(&config)
+        #[cfg(feature = "tls")]
+        ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params,
+        } if default_socket_options(info.tcp_settings()) => {
+            let nodelay = info.tcp_settings().nodelay();
+            match own_tls
+                .connect(host, *port, tls_params.is_some(), nodelay)
                 .await
-                .map_err(Error::from_connect)?;
-            // redis-rs runs this one (TLS, socket options): a handle without the task,
-            // so Sentinel can still retire it when it names another master.
-            return Ok((connection, Some(Driver::without_task())));
+            {
+                Some(Ok(stream)) => boxed(stream),
+                // Not a certificate redis-rs would reject for sure (it may trust more
+                // roots: webpki's, with its feature on): it says.
+                Some(Err(err)) if err.kind() == std::io::ErrorKind::InvalidData => {
+                    return run_by_redis(info, client, &config).await;
+                }
+                Some(Err(err)) => return Err(io(err)),
+                None => return run_by_redis(info, client, &config).await,
+            }
         }
+        _ => return run_by_redis(info, client, &config).await,
     };
     let (connection, driver) =
         MultiplexedConnection::new_with_config(info.redis_settings(), stream, config)
             .await
             .map_err(Error::from_connect)?;
     Ok((connection, Some(Driver::spawn(driver))))
+}
+
+/// A connection redis-rs opens and runs (TLS this crate cannot open as redis-rs would,
+/// socket options).
+async fn run_by_redis(
+    info: &ConnectionInfo,
+    client: Option<&redis::Client>,
+    config: &AsyncConnectionConfig,
+) -> Result<(MultiplexedConnection, Option<Arc<Driver>>), Error> {
+    let opened;
+    let client = match client {
+        Some(client) => client,
+        None => {
+            opened = redis::Client::open(info.clone()).map_err(Error::from_connect)?;
+            &opened
+        }
+    };
+    let connection = client
+        .get_multiplexed_async_connection_with_config(config)
+        .await
+        .map_err(Error::from_connect)?;
+    // A handle without the task, so Sentinel can still retire it when it names another
+    // master.
+    Ok((connection, Some(Driver::without_task())))
 }
 
 /// The stream as redis-rs's own connect hands it over, so the connection's code is the

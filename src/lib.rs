@@ -78,7 +78,7 @@
 //!
 //! | feature | what it adds |
 //! |---------|--------------|
-//! | `tls`   | `rediss://` URLs and [`redis::Client::build_with_tls`], through redis-rs's rustls support (crypto provider: `ring`) |
+//! | `tls`   | `rediss://` URLs, `Connector::tls_certificates` (a CA of your own, a client certificate) and `redis::Client::build_with_tls`, through rustls (crypto provider: the process's default, else `ring`) |
 //! | `serde` | `Serialize` for [`Health`] (durations in milliseconds) and the states it holds |
 //! | `metrics` | [`metrics::MetricsLayer`] also records through the [`metrics`](https://docs.rs/metrics) facade under OpenTelemetry names: `db.client.operation.duration` (seconds; labels `db.system.name`, `db.operation.name`, `error.type`) and `redis.client.fallbacks` |
 
@@ -104,6 +104,8 @@ mod sync;
 #[cfg(test)]
 mod testing;
 pub mod timeout;
+#[cfg(feature = "tls")]
+mod tls;
 pub mod trace;
 
 pub use client::{

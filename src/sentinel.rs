@@ -26,7 +26,7 @@ use tower::ServiceExt;
 
 use crate::{
     Error, Request,
-    connect::{describe, open},
+    connect::{OwnTls, describe, open},
     service::{Driver, RedisService},
 };
 
@@ -34,6 +34,8 @@ use crate::{
 pub(crate) struct Sentinels {
     master_name: String,
     nodes: Vec<Node>,
+    /// How TLS connections to Sentinels and masters are opened.
+    own_tls: OwnTls,
     /// Connections opened to a master, to retire when Sentinel names another.
     handed_out: Mutex<Vec<HandedOut>>,
     /// The task that asks where the master is while connections are out.
@@ -54,7 +56,11 @@ struct HandedOut {
 }
 
 impl Sentinels {
-    pub(crate) fn new(nodes: Vec<ConnectionInfo>, master_name: &str) -> Result<Self, Error> {
+    pub(crate) fn new(
+        nodes: Vec<ConnectionInfo>,
+        master_name: &str,
+        own_tls: OwnTls,
+    ) -> Result<Self, Error> {
         if nodes.is_empty() {
             return Err(Error::config(
                 "a Sentinel connector needs at least one Sentinel",
@@ -62,6 +68,7 @@ impl Sentinels {
         }
         Ok(Sentinels {
             master_name: master_name.to_owned(),
+            own_tls,
             nodes: nodes
                 .into_iter()
                 .map(|info| Node {
@@ -102,7 +109,7 @@ impl Sentinels {
         let master = self.master_address().await?;
         let info = template.clone().set_addr(at(template.addr(), &master));
         let display: Arc<str> = format!("{} at {}", self.master_name, describe(&info)).into();
-        let service = open(&info, None, display).await?;
+        let service = open(&info, None, &self.own_tls, display).await?;
         let role = service
             .clone()
             .oneshot(Request::from(redis::cmd("ROLE")))
@@ -163,7 +170,7 @@ impl Sentinels {
         let mut questions: Vec<_> = self
             .nodes
             .iter()
-            .map(|node| Box::pin(node.ask(&self.master_name)))
+            .map(|node| Box::pin(node.ask(&self.master_name, &self.own_tls)))
             .collect();
         let mut unknown = 0;
         let mut failure: Option<Error> = None;
@@ -387,11 +394,15 @@ impl Drop for Sentinels {
 impl Node {
     /// `SENTINEL GET-MASTER-ADDR-BY-NAME`: the master's host and port, or `None` when this
     /// Sentinel does not know the name.
-    async fn ask(&self, master_name: &str) -> Result<Option<(String, u16)>, Error> {
+    async fn ask(
+        &self,
+        master_name: &str,
+        own_tls: &OwnTls,
+    ) -> Result<Option<(String, u16)>, Error> {
         let kept = lock(&self.connection).take();
         let service = match kept {
             Some(service) => service,
-            None => open(&self.info, None, self.display.clone()).await?,
+            None => open(&self.info, None, own_tls, self.display.clone()).await?,
         };
         let mut question = redis::cmd("SENTINEL");
         question.arg("GET-MASTER-ADDR-BY-NAME").arg(master_name);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use redis::{AsyncCommands, TlsCertificates};
 use support::RedisServer;
-use tower_redis_resilience::{Client, Connector, RedisService};
+use tower_redis_resilience::{Client, Connector, RedisService, ResilientClient};
 
 fn trusting(server: &RedisServer) -> redis::Client {
     redis::Client::build_with_tls(
@@ -116,4 +116,35 @@ async fn plain_client_against_a_tls_server_is_reset_at_once() {
         err.to_string().contains("TLS port"),
         "says what may be wrong: {err}"
     );
+}
+
+/// A server restart while the connection is quiet: the next `INCR` and `BLPOP` (neither
+/// ever sent twice) go to the restarted server on new connections, as over plain TCP,
+/// because this crate runs the TLS connection and sees it close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_quiet_restart_a_non_idempotent_call_goes_to_a_new_connection() {
+    let mut server = RedisServer::config().tls().start();
+    let connector = Connector::from_url(&server.url())
+        .unwrap()
+        .tls_certificates(TlsCertificates {
+            client_tls: None,
+            root_cert: Some(server.ca_certificate()),
+        })
+        .unwrap();
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(client.incr::<_, _, i64>("n", 1).await.unwrap(), 1);
+    let popped: Option<(String, String)> = client.blpop("queue", 0.01).await.unwrap();
+    assert_eq!(popped, None, "a connection of its own, kept idle");
+
+    server.restart();
+    // The closes are seen before the next call is made.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(client.incr::<_, _, i64>("n", 1).await.unwrap(), 1);
+    let popped: Option<(String, String)> = client.blpop("queue", 0.01).await.unwrap();
+    assert_eq!(popped, None);
+    assert_eq!(client.incr::<_, _, i64>("n", 1).await.unwrap(), 2);
+    assert_eq!(client.reconnect_stats().successes, 2);
 }

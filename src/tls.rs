@@ -1,0 +1,154 @@
+//! TLS connections this crate opens itself, so it runs their connection task and sees it
+//! end, as it does for plain TCP.
+//!
+//! A connection redis-rs opens, it runs: when the server closes it (a restart, a
+//! failover), nothing here learns of it before a request is sent on it and fails as
+//! "broken pipe", which cannot tell a request never sent from one lost on the way. An
+//! `INCR` made on a quiet TLS connection after a restart then failed instead of being
+//! sent on a new connection. So TLS connections are opened here, with the same trust
+//! redis-rs would use: the CA of [`Connector::tls_certificates`](crate::Connector::tls_certificates)
+//! (and its client certificate), or the system's roots for `rediss://` alone. Where this
+//! crate could not reproduce redis-rs's choice (a `Client` you built with its own
+//! certificates, `#insecure`, socket options), redis-rs opens the connection as before.
+
+use std::{
+    io,
+    sync::{Arc, OnceLock},
+};
+
+use redis::TlsCertificates;
+use rustls::{
+    ClientConfig, ConfigBuilder, RootCertStore, WantsVerifier,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsConnector, client::TlsStream};
+
+use crate::Error;
+
+/// The trust a connector's TLS connections are opened with.
+#[derive(Clone, Default)]
+pub(crate) struct OwnTls {
+    /// Built from [`Connector::tls_certificates`](crate::Connector::tls_certificates);
+    /// `None`: the system's roots.
+    certified: Option<Arc<ClientConfig>>,
+}
+
+impl OwnTls {
+    /// Trusts the CA of `certificates` only (as redis-rs does with them), presenting
+    /// their client certificate if any. A root certificate with no certificate in it is
+    /// refused: redis-rs would take it for an empty list of CAs to trust.
+    pub(crate) fn with_certificates(certificates: &TlsCertificates) -> Result<OwnTls, Error> {
+        let roots = match &certificates.root_cert {
+            Some(pem) => {
+                let mut roots = RootCertStore::empty();
+                for certificate in CertificateDer::pem_slice_iter(pem) {
+                    let certificate = certificate.map_err(|err| {
+                        Error::config(format!("the TLS root certificate cannot be read: {err}"))
+                    })?;
+                    roots.add(certificate).map_err(|err| {
+                        Error::config(format!("the TLS root certificate is not a CA: {err}"))
+                    })?;
+                }
+                if roots.is_empty() {
+                    return Err(Error::config(
+                        "the TLS root certificate holds no PEM certificate (-----BEGIN \
+                         CERTIFICATE-----)",
+                    ));
+                }
+                roots
+            }
+            None => native_roots().ok_or_else(|| {
+                Error::config("the system's TLS root certificates cannot be read")
+            })?,
+        };
+        let builder = builder()?.with_root_certificates(roots);
+        let config = match &certificates.client_tls {
+            Some(client) => {
+                let chain = CertificateDer::pem_slice_iter(&client.client_cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|err| {
+                        Error::config(format!("the TLS client certificate cannot be read: {err}"))
+                    })?;
+                let key = PrivateKeyDer::from_pem_slice(&client.client_key).map_err(|err| {
+                    Error::config(format!("the TLS client key cannot be read: {err}"))
+                })?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|err| Error::config(format!("the TLS client certificate: {err}")))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Ok(OwnTls {
+            certified: Some(Arc::new(config)),
+        })
+    }
+
+    /// Opens a TLS connection to `host:port` as redis-rs would for an address that
+    /// carries certificates (`certified`) or not. `None` when this crate cannot open it
+    /// as redis-rs would: redis-rs should.
+    pub(crate) async fn connect(
+        &self,
+        host: &str,
+        port: u16,
+        certified: bool,
+        nodelay: bool,
+    ) -> Option<io::Result<TlsStream<TcpStream>>> {
+        let config = match (&self.certified, certified) {
+            (Some(config), true) => config.clone(),
+            (None, false) => system_config()?,
+            _ => return None,
+        };
+        let name = ServerName::try_from(host).ok()?.to_owned();
+        Some(
+            async {
+                let tcp = TcpStream::connect((host, port)).await?;
+                tcp.set_nodelay(nodelay)?;
+                TlsConnector::from(config).connect(name, tcp).await
+            }
+            .await,
+        )
+    }
+}
+
+/// A configuration with the process's crypto provider if one is installed, `ring`
+/// otherwise. (`ClientConfig::builder` panics when the build has two providers and
+/// neither is installed.)
+fn builder() -> Result<ConfigBuilder<ClientConfig, WantsVerifier>, Error> {
+    let provider = CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| Error::config(format!("TLS: {err}")))
+}
+
+/// The system's root certificates, as redis-rs loads them; `None` if any cannot be read
+/// (redis-rs then fails the connect, and says why) or there are none.
+fn native_roots() -> Option<RootCertStore> {
+    let loaded = rustls_native_certs::load_native_certs();
+    if !loaded.errors.is_empty() {
+        return None;
+    }
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(loaded.certs);
+    (added > 0).then_some(roots)
+}
+
+/// The configuration for `rediss://` addresses without certificates of their own, read
+/// once per process.
+fn system_config() -> Option<Arc<ClientConfig>> {
+    static CONFIG: OnceLock<Option<Arc<ClientConfig>>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let roots = native_roots()?;
+            Some(Arc::new(
+                builder()
+                    .ok()?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            ))
+        })
+        .clone()
+}
