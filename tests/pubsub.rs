@@ -280,3 +280,40 @@ async fn an_application_behind_does_not_hold_up_the_reconnect() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Over TLS with a CA of its own: messages, and the subscription back after a restart.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_messages_arrive_and_the_subscription_comes_back_after_a_restart() {
+    let certificates = support::TempDir::new();
+    support::make_certificates(certificates.path());
+    let mut server = RedisServer::config()
+        .tls_beside_plain(certificates.path())
+        .start();
+    let connector = Connector::from_url(&server.url())
+        .unwrap()
+        .tls_certificates(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(server.ca_certificate()),
+        })
+        .unwrap();
+    let (subscriber, mut events) = Subscriber::connect(connector, SubscriberConfig::new())
+        .await
+        .unwrap();
+    subscriber.subscribe("news").await.unwrap();
+    assert_eq!(publish(&server, "news", "a"), "1");
+    assert_eq!(message(&mut events).await.2, "a");
+
+    server.kill();
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Disconnected { .. }
+    ));
+    server.restart();
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Resubscribed { .. }
+    ));
+    assert_eq!(publish(&server, "news", "b"), "1");
+    assert_eq!(message(&mut events).await.2, "b");
+}
