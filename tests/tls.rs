@@ -148,3 +148,44 @@ async fn after_a_quiet_restart_a_non_idempotent_call_goes_to_a_new_connection() 
     assert_eq!(client.incr::<_, _, i64>("n", 1).await.unwrap(), 2);
     assert_eq!(client.reconnect_stats().successes, 2);
 }
+
+/// A server that asks for a client certificate (`tls-auth-clients yes`): refused without
+/// one, served with the one given to the connector, also after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_given_to_the_connector_is_presented() {
+    let certificates = support::TempDir::new();
+    support::make_certificates(certificates.path());
+    let mut server = RedisServer::config()
+        .tls_beside_plain(certificates.path())
+        .arg("tls-auth-clients", "yes")
+        .start();
+    let read = |name: &str| std::fs::read(certificates.path().join(name)).unwrap();
+    let connector = |client_tls| {
+        Connector::from_url(&server.url())
+            .unwrap()
+            .tls_certificates(TlsCertificates {
+                client_tls,
+                root_cert: Some(read("ca.crt")),
+            })
+            .unwrap()
+    };
+    let error = connector(None).connect().await.map(|_| ()).unwrap_err();
+    assert!(
+        error.is_config() && error.to_string().contains("CertificateRequired"),
+        "{error}"
+    );
+
+    // The server's certificate, signed by the CA the server trusts, serves as a client's.
+    let client_tls = Some(redis::ClientTlsConfig {
+        client_cert: read("server.crt"),
+        client_key: read("server.key"),
+    });
+    let mut client = ResilientClient::builder_with_connector(connector(client_tls))
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(client.incr::<_, _, i64>("n", 1).await.unwrap(), 1);
+    server.restart();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(client.incr::<_, _, i64>("n", 1).await.unwrap(), 1);
+}
