@@ -187,6 +187,11 @@ fn layers(c: &mut Criterion) {
         "healthy/Fallback",
         FallbackLayer::default().layer(Memory),
     );
+    bench_one(
+        c,
+        "waiting leaf/Fallback",
+        FallbackLayer::default().layer(Waiting),
+    );
     // No subscriber listens: the span is disabled, as with `DEBUG` off.
     bench_one(
         c,
@@ -344,6 +349,12 @@ fn in_runtime(c: &mut Criterion) {
         &rt,
         "in runtime/CircuitBreaker",
         CircuitBreakerLayer::default().layer(Waiting),
+    );
+    bench_in_runtime(
+        c,
+        &rt,
+        "in runtime/Fallback",
+        FallbackLayer::default().layer(Waiting),
     );
     let reconnect = rt.block_on(reconnect_over(LeafConnector(Waiting)));
     bench_in_runtime(

@@ -78,15 +78,16 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 
 /// What a call answers if it fails, decided when it is made (from what is cheap to know
 /// then) so a call that succeeds costs nothing more.
+/// Kept small (16 bytes): every call's future holds one, and is moved by each layer above.
 pub(super) enum Plan {
     /// A read: `Nil`, or one `Nil` per key, field or index asked for (`MGET`, `HMGET`,
-    /// `ARMGET`, `JSON.MGET`, a pipeline of reads).
+    /// `ARMGET`, `JSON.MGET`, a pipeline of reads): [`ONE_NIL`], or how many.
     Miss {
-        command: &'static str,
-        nils: Option<usize>,
+        command: &'static &'static str,
+        nils: u32,
     },
     /// A write under [`FallbackPolicy::ReadsAndWrites`]: its configured reply.
-    Write { command: &'static str },
+    Write { command: &'static &'static str },
     /// A pipeline mixing reads and writes, or any request under a custom policy: decided
     /// with the request in hand (boxed: the common plans keep the future small).
     Request(Box<Request>),
@@ -97,12 +98,14 @@ impl Plan {
     #[inline(always)]
     pub(super) fn for_request(policy: &FallbackPolicy, request: &Request) -> Option<Plan> {
         let info = request.info();
-        let command = info.name();
+        let command = info.name_ref();
         match policy {
             FallbackPolicy::Custom(_) => Some(Plan::Request(Box::new(request.clone()))),
             _ if info.is_read_only() => Some(Plan::Miss {
                 command,
-                nils: nils_for(request),
+                nils: nils_for(request).map_or(ONE_NIL, |n| {
+                    u32::try_from(n).map_or(ONE_NIL - 1, |n| n.min(ONE_NIL - 1))
+                }),
             }),
             FallbackPolicy::ReadsAndWrites(_) if request.pipeline().is_some() => {
                 Some(Plan::Request(Box::new(request.clone())))
@@ -121,7 +124,9 @@ impl Plan {
 
     fn answer(&self, policy: &FallbackPolicy, error: &Error) -> Option<Value> {
         match (self, policy) {
-            (Plan::Miss { nils, .. }, _) => Some(miss(*nils)),
+            (Plan::Miss { nils, .. }, _) => {
+                Some(miss((*nils != ONE_NIL).then_some(*nils as usize)))
+            }
             (Plan::Write { .. }, FallbackPolicy::ReadsAndWrites(reply)) => Some(reply.clone()),
             (Plan::Request(request), FallbackPolicy::Custom(answer)) => answer(request, error),
             (Plan::Request(request), FallbackPolicy::ReadsAndWrites(reply)) => {
@@ -143,6 +148,9 @@ impl Plan {
         }
     }
 }
+
+/// [`Plan::Miss`]'s `nils` for a read that answers one `Nil`, not an array of them.
+const ONE_NIL: u32 = u32::MAX;
 
 /// What a read that missed answers: `Nil`, or `n` of them.
 fn miss(nils: Option<usize>) -> Value {
