@@ -392,10 +392,7 @@ async fn a_health_check_that_finds_one_node_stalled_keeps_the_cluster_connection
 fn tls_connector(cluster: &RedisCluster) -> Connector {
     Connector::cluster(cluster.urls())
         .unwrap()
-        .tls_certificates(redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(cluster.ca_certificate()),
-        })
+        .tls_certificates(support::trust(cluster.ca_certificate()))
         .unwrap()
 }
 
@@ -461,10 +458,7 @@ async fn a_tls_cluster_whose_ca_is_not_given_is_a_config_error_that_says_so() {
 
     let plain = Connector::cluster(["redis://127.0.0.1:7000"])
         .unwrap()
-        .tls_certificates(redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(cluster.ca_certificate()),
-        })
+        .tls_certificates(support::trust(cluster.ca_certificate()))
         .map(|_| ())
         .unwrap_err();
     assert!(

@@ -285,17 +285,13 @@ async fn an_application_behind_does_not_hold_up_the_reconnect() {
 #[cfg(feature = "tls")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_messages_arrive_and_the_subscription_comes_back_after_a_restart() {
-    let certificates = support::TempDir::new();
-    support::make_certificates(certificates.path());
+    let certificates = support::certificates();
     let mut server = RedisServer::config()
         .tls_beside_plain(certificates.path())
         .start();
     let connector = Connector::from_url(&server.url())
         .unwrap()
-        .tls_certificates(redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(server.ca_certificate()),
-        })
+        .tls_certificates(support::trust(server.ca_certificate()))
         .unwrap();
     let (subscriber, mut events) = Subscriber::connect(connector, SubscriberConfig::new())
         .await

@@ -424,8 +424,7 @@ async fn a_subscriber_moves_to_the_new_master_sentinel_names() {
 #[cfg(feature = "tls")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinels_and_masters_over_tls_are_reached_with_the_ca_given_to_the_connector() {
-    let certificates = support::TempDir::new();
-    support::make_certificates(certificates.path());
+    let certificates = support::certificates();
     let tls = |config: ServerConfig| {
         config
             .tls_beside_plain(certificates.path())
@@ -445,10 +444,7 @@ async fn sentinels_and_masters_over_tls_are_reached_with_the_ca_given_to_the_con
     let ca = std::fs::read(certificates.path().join("ca.crt")).unwrap();
     let connector = Connector::sentinel([sentinel.url()], MASTER, "rediss://cache/0")
         .unwrap()
-        .tls_certificates(redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(ca),
-        })
+        .tls_certificates(support::trust(ca))
         .unwrap();
     let mut client = ResilientClient::builder_with_connector(connector)
         .connect()

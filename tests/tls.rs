@@ -10,14 +10,7 @@ use support::RedisServer;
 use tower_redis_resilience::{Client, Connector, RedisService, ResilientClient};
 
 fn trusting(server: &RedisServer) -> redis::Client {
-    redis::Client::build_with_tls(
-        server.url(),
-        TlsCertificates {
-            client_tls: None,
-            root_cert: Some(server.ca_certificate()),
-        },
-    )
-    .unwrap()
+    redis::Client::build_with_tls(server.url(), support::trust(server.ca_certificate())).unwrap()
 }
 
 #[tokio::test]
@@ -33,10 +26,7 @@ async fn commands_work_over_tls_with_a_private_ca() {
 #[tokio::test]
 async fn a_connector_given_the_ca_connects_and_one_without_tls_says_what_is_wrong() {
     let server = RedisServer::config().tls().password("tls-pw").start();
-    let certificates = TlsCertificates {
-        client_tls: None,
-        root_cert: Some(server.ca_certificate()),
-    };
+    let certificates = support::trust(server.ca_certificate());
     let connector = Connector::from_url(&server.url())
         .unwrap()
         .tls_certificates(certificates.clone())
@@ -55,10 +45,7 @@ async fn a_connector_given_the_ca_connects_and_one_without_tls_says_what_is_wron
     );
     let unreadable = Connector::from_url(&server.url())
         .unwrap()
-        .tls_certificates(TlsCertificates {
-            client_tls: None,
-            root_cert: Some(b"not a certificate".to_vec()),
-        })
+        .tls_certificates(support::trust(b"not a certificate".to_vec()))
         .map(|_| ())
         .unwrap_err();
     assert!(
@@ -126,10 +113,7 @@ async fn after_a_quiet_restart_a_non_idempotent_call_goes_to_a_new_connection() 
     let mut server = RedisServer::config().tls().start();
     let connector = Connector::from_url(&server.url())
         .unwrap()
-        .tls_certificates(TlsCertificates {
-            client_tls: None,
-            root_cert: Some(server.ca_certificate()),
-        })
+        .tls_certificates(support::trust(server.ca_certificate()))
         .unwrap();
     let mut client = ResilientClient::builder_with_connector(connector)
         .connect()
@@ -153,8 +137,7 @@ async fn after_a_quiet_restart_a_non_idempotent_call_goes_to_a_new_connection() 
 /// one, served with the one given to the connector, also after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_given_to_the_connector_is_presented() {
-    let certificates = support::TempDir::new();
-    support::make_certificates(certificates.path());
+    let certificates = support::certificates();
     let mut server = RedisServer::config()
         .tls_beside_plain(certificates.path())
         .arg("tls-auth-clients", "yes")

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{RedisServer, TempDir, free_port, make_certificates};
+use super::{RedisServer, TempDir, free_port};
 
 /// The 16384 hash slots of Redis Cluster.
 const SLOTS: usize = 16384;
@@ -29,9 +29,7 @@ impl RedisCluster {
     /// so `CLUSTER SLOTS` names TLS ports to TLS clients. Each node also serves plain
     /// TCP on a port of its own, for the harness's commands.
     pub fn start_tls(masters: usize, replicas: usize) -> RedisCluster {
-        let certificates = TempDir::new();
-        make_certificates(certificates.path());
-        RedisCluster::start_with(masters, replicas, Some(certificates))
+        RedisCluster::start_with(masters, replicas, Some(super::certificates()))
     }
 
     fn start_with(masters: usize, replicas: usize, certificates: Option<TempDir>) -> RedisCluster {

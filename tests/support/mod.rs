@@ -582,6 +582,23 @@ fn read_reply(reader: &mut impl BufRead) -> String {
     }
 }
 
+/// A directory of its own holding a CA and a server certificate it signed
+/// ([`make_certificates`]), for servers that share them.
+pub fn certificates() -> TempDir {
+    let dir = TempDir::new();
+    make_certificates(dir.path());
+    dir
+}
+
+/// Certificates that trust the CA of `ca` (a PEM) and no other, with no client certificate.
+#[cfg(feature = "tls")]
+pub fn trust(ca: Vec<u8>) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca),
+    }
+}
+
 /// Self-signed CA and a server certificate for 127.0.0.1 and localhost, by the openssl CLI.
 pub fn make_certificates(dir: &Path) {
     let run = |args: &[&str]| {
