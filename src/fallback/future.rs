@@ -78,6 +78,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 
 /// What a call answers if it fails, decided when it is made (from what is cheap to know
 /// then) so a call that succeeds costs nothing more.
+///
 /// Kept small (16 bytes): every call's future holds one, and is moved by each layer above.
 pub(super) enum Plan {
     /// A read: `Nil`, or one `Nil` per key, field or index asked for (`MGET`, `HMGET`,
@@ -104,7 +105,7 @@ impl Plan {
             _ if info.is_read_only() => Some(Plan::Miss {
                 command,
                 nils: nils_for(request).map_or(ONE_NIL, |n| {
-                    u32::try_from(n).map_or(ONE_NIL - 1, |n| n.min(ONE_NIL - 1))
+                    u32::try_from(n).unwrap_or(u32::MAX).min(ONE_NIL - 1)
                 }),
             }),
             FallbackPolicy::ReadsAndWrites(_) if request.pipeline().is_some() => {
