@@ -334,7 +334,7 @@ impl Connector {
     ///
     /// # fn run() -> Result<(), tower_redis_resilience::Error> {
     /// let ca = std::fs::read("ca.crt").expect("the CA's PEM");
-    /// let connector = Connector::cluster(["rediss://127.0.0.1:7000", "rediss://127.0.0.1:7001"])?
+    /// let connector = Connector::from_url("rediss://127.0.0.1:6380")?
     ///     .tls_certificates(redis::TlsCertificates {
     ///         client_tls: None,
     ///         root_cert: Some(ca),
