@@ -850,21 +850,6 @@ pub(crate) fn redact_url(url: &str) -> String {
 mod tests {
     use super::*;
 
-    /// A CA certificate, only for parsing (nothing connects with it).
-    #[cfg(feature = "tls")]
-    const CA: &str = "-----BEGIN CERTIFICATE-----
-MIIBhzCCAS2gAwIBAgIUH8PhClEJ4Qk/n9rOpogzYxBqO9EwCgYIKoZIzj0EAwIw
-GDEWMBQGA1UEAwwNcGFyc2Utb25seS1jYTAgFw0yNjExMjkyMTUwMzFaGA8yMTI2
-MTEwNTIxNTAzMVowGDEWMBQGA1UEAwwNcGFyc2Utb25seS1jYTBZMBMGByqGSM49
-AgEGCCqGSM49AwEHA0IABLwt6QvnZQkSa9DR/JmJ44zYNhmwDSMLJGm6VFmer883
-wLCKYQWNPZIlV6grqCGCSqRgjwOTwCT9ZE/DYEZmCaOjUzBRMB0GA1UdDgQWBBT4
-l2+2ywG76PSadXhuUMW1zQAhXDAfBgNVHSMEGDAWgBT4l2+2ywG76PSadXhuUMW1
-zQAhXDAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQCJCkj2n4kQ
-9Cf1a9RZR+LBzUzDdGbcqpTuYfIjdNIJLwIgWXYJyqOFhPZzmJNXvto2mJ77Wc/5
-0QhZ26O3laCygTE=
------END CERTIFICATE-----
-";
-
     #[cfg(feature = "tls")]
     fn has_certificates(info: &ConnectionInfo) -> bool {
         matches!(
@@ -881,7 +866,7 @@ zQAhXDAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQCJCkj2n4kQ
     fn certificates_reach_sentinels_and_the_master_over_tls_and_leave_plain_ones_alone() {
         let certificates = || redis::TlsCertificates {
             client_tls: None,
-            root_cert: Some(CA.as_bytes().to_vec()),
+            root_cert: Some(crate::tls::tests::CERT.as_bytes().to_vec()),
         };
         let connector = Connector::sentinel(
             ["rediss://127.0.0.1:26379", "redis://127.0.0.1:26380"],

@@ -152,3 +152,54 @@ fn system_config() -> Option<Arc<ClientConfig>> {
         })
         .clone()
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use redis::ClientTlsConfig;
+
+    use super::*;
+
+    /// A self-signed CA's certificate, only for parsing (nothing connects with it).
+    pub(crate) const CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIBhzCCAS2gAwIBAgIUH8PhClEJ4Qk/n9rOpogzYxBqO9EwCgYIKoZIzj0EAwIw
+GDEWMBQGA1UEAwwNcGFyc2Utb25seS1jYTAgFw0yNjExMjkyMTUwMzFaGA8yMTI2
+MTEwNTIxNTAzMVowGDEWMBQGA1UEAwwNcGFyc2Utb25seS1jYTBZMBMGByqGSM49
+AgEGCCqGSM49AwEHA0IABLwt6QvnZQkSa9DR/JmJ44zYNhmwDSMLJGm6VFmer883
+wLCKYQWNPZIlV6grqCGCSqRgjwOTwCT9ZE/DYEZmCaOjUzBRMB0GA1UdDgQWBBT4
+l2+2ywG76PSadXhuUMW1zQAhXDAfBgNVHSMEGDAWgBT4l2+2ywG76PSadXhuUMW1
+zQAhXDAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQCJCkj2n4kQ
+9Cf1a9RZR+LBzUzDdGbcqpTuYfIjdNIJLwIgWXYJyqOFhPZzmJNXvto2mJ77Wc/5
+0QhZ26O3laCygTE=
+-----END CERTIFICATE-----
+";
+
+    fn certificates(root: &str, client: Option<(&str, &str)>) -> TlsCertificates {
+        TlsCertificates {
+            client_tls: client.map(|(cert, key)| ClientTlsConfig {
+                client_cert: cert.as_bytes().to_vec(),
+                client_key: key.as_bytes().to_vec(),
+            }),
+            root_cert: Some(root.as_bytes().to_vec()),
+        }
+    }
+
+    fn refused(certificates: &TlsCertificates) -> String {
+        match OwnTls::with_certificates(certificates) {
+            Ok(_) => panic!("accepted"),
+            Err(error) => {
+                assert!(error.is_config(), "{error}");
+                error.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn certificates_that_cannot_be_used_are_config_errors_that_say_which() {
+        assert!(OwnTls::with_certificates(&certificates(CERT, None)).is_ok());
+        assert!(refused(&certificates("no PEM here", None)).contains("holds no PEM certificate"));
+        let damaged = CERT.replace("MIIBhzCC", "MIIB!!CC");
+        assert!(refused(&certificates(&damaged, None)).contains("root certificate"));
+        let no_key = refused(&certificates(CERT, Some((CERT, "not a key"))));
+        assert!(no_key.contains("client key"), "{no_key}");
+    }
+}
