@@ -698,15 +698,10 @@ async fn open_multiplexed(
     let io = |err: std::io::Error| Error::from_connect(err.into());
     #[cfg(not(feature = "tls"))]
     let OwnTls {} = own_tls;
+    let settings = info.tcp_settings();
     let stream = match info.addr() {
-        ConnectionAddr::Tcp(host, port) if default_socket_options(info.tcp_settings()) => {
-            let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
-                .await
-                .map_err(io)?;
-            stream
-                .set_nodelay(info.tcp_settings().nodelay())
-                .map_err(io)?;
-            boxed(stream)
+        ConnectionAddr::Tcp(host, port) if readable(settings) => {
+            boxed(connect_tcp(host, *port, settings).await.map_err(io)?)
         }
         #[cfg(unix)]
         ConnectionAddr::Unix(path) => {
@@ -718,20 +713,19 @@ async fn open_multiplexed(
             port,
             insecure: false,
             tls_params,
-        } if default_socket_options(info.tcp_settings()) => {
-            let nodelay = info.tcp_settings().nodelay();
-            match own_tls
-                .connect(host, *port, tls_params.is_some(), nodelay)
-                .await
-            {
-                Some(Ok(stream)) => boxed(stream),
-                // Not a certificate redis-rs would reject for sure (it may trust more
-                // roots: webpki's, with its feature on): it says.
-                Some(Err(err)) if err.kind() == std::io::ErrorKind::InvalidData => {
+        } if readable(settings) => {
+            let Some(tls) = own_tls.for_host(host, tls_params.is_some()) else {
+                return run_by_redis(info, client, &config).await;
+            };
+            let tcp = connect_tcp(host, *port, settings).await.map_err(io)?;
+            match tls.handshake(tcp).await {
+                Ok(stream) => boxed(stream),
+                // A certificate this crate's trust rejects: redis-rs may trust more roots
+                // (webpki's, with its feature on). It decides, and says why if not.
+                Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
                     return run_by_redis(info, client, &config).await;
                 }
-                Some(Err(err)) => return Err(io(err)),
-                None => return run_by_redis(info, client, &config).await,
+                Err(err) => return Err(io(err)),
             }
         }
         _ => return run_by_redis(info, client, &config).await,
@@ -776,11 +770,37 @@ where
     Box::pin(stream)
 }
 
-/// No socket option but `TCP_NODELAY` set (keepalive, linger, user timeout): redis-rs
-/// applies those when it opens the socket, so a connection with any of them is left to it.
-/// (`TcpSettings` has no getter for every option; its `Debug` shows them all.)
-fn default_socket_options(settings: &TcpSettings) -> bool {
-    format!("{:?}", settings.clone().set_nodelay(false)) == format!("{:?}", TcpSettings::default())
+/// Whether this crate can apply `settings` as redis-rs would: `TCP_NODELAY`, keepalive
+/// and the user timeout can be read back, linger cannot, so a connection that sets
+/// linger is left to redis-rs. (Its `Debug` shows every option: rebuilt from what can be
+/// read, the settings must look the same.)
+fn readable(settings: &TcpSettings) -> bool {
+    let mut rebuilt = TcpSettings::default().set_nodelay(settings.nodelay());
+    if let Some(keepalive) = settings.keepalive() {
+        rebuilt = rebuilt.set_keepalive(keepalive.clone());
+    }
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    if let Some(timeout) = settings.user_timeout() {
+        rebuilt = rebuilt.set_user_timeout(timeout);
+    }
+    format!("{rebuilt:?}") == format!("{settings:?}")
+}
+
+/// A TCP connection with the socket options redis-rs would set ([`readable`] ones).
+async fn connect_tcp(
+    host: &str,
+    port: u16,
+    settings: &TcpSettings,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect((host, port)).await?;
+    stream.set_nodelay(settings.nodelay())?;
+    let socket = redis::io::tcp::socket2::SockRef::from(&stream);
+    if let Some(keepalive) = settings.keepalive() {
+        socket.set_tcp_keepalive(keepalive)?;
+    }
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    socket.set_tcp_user_timeout(settings.user_timeout())?;
+    Ok(stream)
 }
 
 impl fmt::Debug for Connector {
@@ -849,6 +869,24 @@ pub(crate) fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_options_this_crate_can_apply_are_told_from_those_it_cannot() {
+        use redis::io::tcp::socket2::TcpKeepalive;
+
+        let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(30));
+        assert!(readable(&TcpSettings::default()));
+        assert!(readable(&TcpSettings::default().set_nodelay(true)));
+        assert!(readable(&TcpSettings::default().set_keepalive(keepalive)));
+        #[cfg(target_os = "linux")]
+        assert!(readable(
+            &TcpSettings::default().set_user_timeout(Duration::from_secs(5))
+        ));
+        // Linger has no getter: redis-rs applies it.
+        assert!(!readable(
+            &TcpSettings::default().set_linger_time(Duration::ZERO)
+        ));
+    }
 
     #[cfg(feature = "tls")]
     fn has_certificates(info: &ConnectionInfo) -> bool {

@@ -85,30 +85,31 @@ impl OwnTls {
         })
     }
 
-    /// Opens a TLS connection to `host:port` as redis-rs would for an address that
-    /// carries certificates (`certified`) or not. `None` when this crate cannot open it
-    /// as redis-rs would: redis-rs should.
-    pub(crate) async fn connect(
-        &self,
-        host: &str,
-        port: u16,
-        certified: bool,
-        nodelay: bool,
-    ) -> Option<io::Result<TlsStream<TcpStream>>> {
+    /// How to open a TLS connection to `host` as redis-rs would for an address that
+    /// carries certificates (`certified`) or not. `None` when this crate cannot: redis-rs
+    /// should open it.
+    pub(crate) fn for_host(&self, host: &str, certified: bool) -> Option<Handshake> {
         let config = match (&self.certified, certified) {
             (Some(config), true) => config.clone(),
             (None, false) => system_config()?,
             _ => return None,
         };
         let name = ServerName::try_from(host).ok()?.to_owned();
-        Some(
-            async {
-                let tcp = TcpStream::connect((host, port)).await?;
-                tcp.set_nodelay(nodelay)?;
-                TlsConnector::from(config).connect(name, tcp).await
-            }
-            .await,
-        )
+        Some(Handshake { config, name })
+    }
+}
+
+/// A TLS handshake to make over a TCP connection, from [`OwnTls::for_host`].
+pub(crate) struct Handshake {
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+}
+
+impl Handshake {
+    pub(crate) async fn handshake(self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+        TlsConnector::from(self.config)
+            .connect(self.name, tcp)
+            .await
     }
 }
 

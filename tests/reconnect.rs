@@ -351,6 +351,59 @@ async fn a_call_after_redis_closed_the_idle_connection_says_it_did_not_run() {
     assert_eq!(call(&mut redis, incr("n")).await.unwrap(), Value::Int(3));
 }
 
+/// The TCP timers (`/proc/net/tcp`'s `tr`: 2 is keepalive) of this machine's established
+/// connections to `port`, seen from the client's end.
+fn tcp_timers_to(port: u16) -> Vec<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = u16::from_str_radix(fields.get(2)?.split(':').nth(1)?, 16).ok()?;
+            let established = *fields.get(3)? == "01";
+            let timer = u8::from_str_radix(fields.get(5)?.split(':').next()?, 16).ok()?;
+            (established && remote_port == port).then_some(timer)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tcp_keepalive_the_leaf_still_runs_the_connection_and_sees_it_close() {
+    use redis::{
+        IntoConnectionInfo,
+        io::tcp::{TcpSettings, socket2::TcpKeepalive},
+    };
+
+    let server = RedisServer::start();
+    let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(30));
+    let info = server
+        .url()
+        .into_connection_info()
+        .unwrap()
+        .set_tcp_settings(TcpSettings::default().set_keepalive(keepalive));
+    let connector = Connector::from_connection_info(info).unwrap();
+    let mut redis = Reconnect::connect(connector, ReconnectConfig::new())
+        .await
+        .unwrap();
+    assert_eq!(call(&mut redis, incr("n")).await.unwrap(), Value::Int(1));
+    assert_eq!(
+        tcp_timers_to(server.port()),
+        [2],
+        "the one connection, idle, has its keepalive timer running"
+    );
+
+    // As without socket options: the call after Redis closed the idle connection was
+    // not sent, and says so (redis-rs, running the connection, would say it may have run).
+    let killed = server.raw_command(&["CLIENT", "KILL", "TYPE", "normal"]);
+    assert_eq!(killed, "1");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = call(&mut redis, incr("n")).await.unwrap_err();
+    assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+    until_ok(&mut redis, Duration::from_secs(2)).await;
+    assert_eq!(call(&mut redis, incr("n")).await.unwrap(), Value::Int(2));
+}
+
 #[tokio::test]
 async fn on_connect_hook_runs_on_every_new_connection() {
     let server = RedisServer::start();
