@@ -556,10 +556,11 @@ fn addresses<T: IntoConnectionInfo>(
 /// Opens a connection to `info` and returns the leaf service over it. `client`, when
 /// given, is the one `info` came from (it may carry TLS certificates).
 ///
-/// Opens the socket and runs the connection's task itself where it can (plain TCP with
-/// redis-rs's default socket options, or a Unix socket), so the leaf knows when that task
-/// has ended: a request made after that was certainly not sent. Otherwise (TLS, custom
-/// socket options) redis-rs opens it and runs the task.
+/// Opens the socket and runs the connection's task itself where it can (TCP with the
+/// socket options it can read back, TLS it can set up as redis-rs would, a Unix socket),
+/// so the leaf knows when that task has ended: a request made after that was certainly
+/// not sent. Otherwise (`SO_LINGER`, a `Client` with redis-rs's own TLS certificates,
+/// `#insecure`) redis-rs opens it and runs the task.
 pub(crate) async fn open(
     info: &ConnectionInfo,
     client: Option<&redis::Client>,
@@ -737,8 +738,8 @@ async fn open_multiplexed(
     Ok((connection, Some(Driver::spawn(driver))))
 }
 
-/// A connection redis-rs opens and runs (TLS this crate cannot open as redis-rs would,
-/// socket options).
+/// A connection redis-rs opens and runs (TLS this crate cannot set up as redis-rs would,
+/// `SO_LINGER`).
 async fn run_by_redis(
     info: &ConnectionInfo,
     client: Option<&redis::Client>,

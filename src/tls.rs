@@ -9,7 +9,7 @@
 //! redis-rs would use: the CA of [`Connector::tls_certificates`](crate::Connector::tls_certificates)
 //! (and its client certificate), or the system's roots for `rediss://` alone. Where this
 //! crate could not reproduce redis-rs's choice (a `Client` you built with its own
-//! certificates, `#insecure`, socket options), redis-rs opens the connection as before.
+//! certificates, `#insecure`, `SO_LINGER`), redis-rs opens the connection as before.
 
 use std::{
     io,
