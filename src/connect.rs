@@ -814,14 +814,23 @@ impl fmt::Debug for Connector {
     }
 }
 
-/// `host:port/db` (or `unix:path/db`), with a `tls` marker; never credentials.
+/// `user@host:port/db` (`[::1]:6379/0` for an IPv6 address, the path for a Unix
+/// socket); never a password.
 pub(crate) fn describe(info: &ConnectionInfo) -> String {
     let db = info.redis_settings().db();
     let user = match info.redis_settings().username() {
         Some(user) => format!("{user}@"),
         None => String::new(),
     };
-    format!("{user}{}/{db}", info.addr())
+    let address = match info.addr() {
+        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. }
+            if host.contains(':') =>
+        {
+            format!("[{host}]:{port}")
+        }
+        address => address.to_string(),
+    };
+    format!("{user}{address}/{db}")
 }
 
 /// Hides the password of a URL (`redis://user:***@host`) and any `password=` query value,
@@ -870,6 +879,15 @@ pub(crate) fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_shown_without_passwords_and_ipv6_in_brackets() {
+        let shown = |url: &str| describe(&url.into_connection_info().unwrap());
+        assert_eq!(shown("redis://127.0.0.1:6379/2"), "127.0.0.1:6379/2");
+        assert_eq!(shown("redis://[::1]:6380"), "[::1]:6380/0");
+        assert_eq!(shown("redis://app:secret@[::1]:6380/1"), "app@[::1]:6380/1");
+        assert_eq!(shown("redis://:secret@localhost"), "localhost:6379/0");
+    }
 
     #[test]
     fn socket_options_this_crate_can_apply_are_told_from_those_it_cannot() {
