@@ -115,13 +115,35 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incr_counts_add_up_through_a_kill_and_restart() {
-    let mut server = RedisServer::config()
+    let server = RedisServer::config()
+        .arg("appendonly", "yes")
+        .arg("appendfsync", "always")
+        .start();
+    let connector = Connector::from_url(&server.url()).unwrap();
+    incr_counts_add_up(server, connector).await;
+}
+
+/// The same over TLS, on the connections the leaf opens and runs itself.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_incr_counts_add_up_through_a_kill_and_restart() {
+    let certificates = support::certificates();
+    let server = RedisServer::config()
+        .tls_beside_plain(certificates.path())
         .arg("appendonly", "yes")
         .arg("appendfsync", "always")
         .start();
     let connector = Connector::from_url(&server.url())
         .unwrap()
-        .connect_timeout(Duration::from_millis(200));
+        .tls_certificates(support::trust(server.ca_certificate()))
+        .unwrap();
+    incr_counts_add_up(server, connector).await;
+}
+
+/// 16 tasks sending `INCR`s for 3 s through Retry and Reconnect to `server`, killed after
+/// 0.8 s and restarted 0.7 s later: the counts must add up.
+async fn incr_counts_add_up(mut server: RedisServer, connector: Connector) {
+    let connector = connector.connect_timeout(Duration::from_millis(200));
     let reconnect = Reconnect::connect(connector, ReconnectConfig::new())
         .await
         .unwrap();
