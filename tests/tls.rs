@@ -172,3 +172,51 @@ async fn a_client_certificate_given_to_the_connector_is_presented() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(client.incr::<_, _, i64>("n", 1).await.unwrap(), 1);
 }
+
+/// A stalled TLS server (SIGSTOP): every call returns within its deadline (reads as
+/// misses), and once it resumes, calls are served again within a second, on the
+/// connection the leaf opened and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tls_server_costs_calls_their_deadline_and_no_more() {
+    let certificates = support::certificates();
+    let server = RedisServer::config()
+        .tls_beside_plain(certificates.path())
+        .start();
+    let connector = Connector::from_url(&server.url())
+        .unwrap()
+        .tls_certificates(support::trust(server.ca_certificate()))
+        .unwrap();
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    let () = client.set("k", "v").await.unwrap();
+
+    server.pause();
+    let stalled = Instant::now();
+    while stalled.elapsed() < Duration::from_secs(1) {
+        let started = Instant::now();
+        let value: Option<String> = client.get("k").await.unwrap();
+        assert_eq!(value, None, "a miss while Redis cannot answer");
+        assert!(client.incr::<_, _, i64>("n", 1).await.is_err());
+        // Two calls, each within the default 250 ms deadline and a little grace.
+        assert!(
+            started.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    server.resume();
+    let resumed = Instant::now();
+    loop {
+        let value: Option<String> = client.get("k").await.unwrap();
+        if value.is_some() {
+            break;
+        }
+        assert!(
+            resumed.elapsed() < Duration::from_secs(1),
+            "served again within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
