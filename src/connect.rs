@@ -665,14 +665,8 @@ async fn diagnose(
     }
     let ask = async {
         for node in &cluster.nodes {
-            let attempt = async {
-                redis::Client::open(node.clone())
-                    .map_err(Error::from_connect)?
-                    .get_multiplexed_async_connection()
-                    .await
-                    .map_err(Error::from_connect)
-            };
-            if let Err(found) = attempt.await
+            let alone = open(node, None, &OwnTls::default(), describe(node).into()).await;
+            if let Err(found) = alone
                 && found.is_config()
             {
                 return Some(found);

@@ -13,6 +13,18 @@ fn trusting(server: &RedisServer) -> redis::Client {
     redis::Client::build_with_tls(server.url(), support::trust(server.ca_certificate())).unwrap()
 }
 
+/// The default stack over TLS, its connector given the server's CA.
+async fn trusting_client(server: &RedisServer) -> ResilientClient {
+    let connector = Connector::from_url(&server.url())
+        .unwrap()
+        .tls_certificates(support::trust(server.ca_certificate()))
+        .unwrap();
+    ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn commands_work_over_tls_with_a_private_ca() {
     let server = RedisServer::config().tls().password("tls-pw").start();
@@ -111,14 +123,7 @@ async fn plain_client_against_a_tls_server_is_reset_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_quiet_restart_a_non_idempotent_call_goes_to_a_new_connection() {
     let mut server = RedisServer::config().tls().start();
-    let connector = Connector::from_url(&server.url())
-        .unwrap()
-        .tls_certificates(support::trust(server.ca_certificate()))
-        .unwrap();
-    let mut client = ResilientClient::builder_with_connector(connector)
-        .connect()
-        .await
-        .unwrap();
+    let mut client = trusting_client(&server).await;
     assert_eq!(client.incr::<_, _, i64>("n", 1).await.unwrap(), 1);
     let popped: Option<(String, String)> = client.blpop("queue", 0.01).await.unwrap();
     assert_eq!(popped, None, "a connection of its own, kept idle");
@@ -182,14 +187,7 @@ async fn a_stalled_tls_server_costs_calls_their_deadline_and_no_more() {
     let server = RedisServer::config()
         .tls_beside_plain(certificates.path())
         .start();
-    let connector = Connector::from_url(&server.url())
-        .unwrap()
-        .tls_certificates(support::trust(server.ca_certificate()))
-        .unwrap();
-    let mut client = ResilientClient::builder_with_connector(connector)
-        .connect()
-        .await
-        .unwrap();
+    let mut client = trusting_client(&server).await;
     let () = client.set("k", "v").await.unwrap();
 
     server.pause();
