@@ -483,6 +483,14 @@ async fn commands_that_would_change_the_shared_connection_are_refused_unsent() {
         (&["AUTH", "default", "hunter2"], "in the URL"),
         (&["RESET"], "in the URL"),
         (&["CLIENT", "REPLY", "OFF"], "leave replies on"),
+        (
+            &["CLIENT", "TRACKING", "ON"],
+            "track on a connection of its own",
+        ),
+        (
+            &["CLIENT", "CACHING", "YES"],
+            "track on a connection of its own",
+        ),
         (&["QUIT"], "drop the client"),
     ] {
         let err = call(&mut redis, cmd(args)).await.unwrap_err();
@@ -520,6 +528,8 @@ async fn commands_that_would_change_the_shared_connection_are_refused_unsent() {
         "auth",
         "reset",
         "client|reply",
+        "client|tracking",
+        "client|caching",
         "quit",
     ] {
         assert!(

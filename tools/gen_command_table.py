@@ -93,13 +93,17 @@ IDEMPOTENT_OTHER = {
 
 # Commands that change the connection they run on for the commands after it: its mode
 # (subscriber, monitor, replication stream, transaction), its database, its user or
-# protocol, whether Redis answers on it, whether it stays open. On a connection many callers
+# protocol, whether Redis answers on it, whether it stays open, whether Redis tracks the
+# keys its reads return (client-side caching: the invalidations of every caller's reads
+# go to one place, and the tracking ends unseen at the next reconnect; CLIENT CACHING
+# applies to whichever caller's command comes next). On a connection many callers
 # share, that would change it under all of them, so the leaf refuses these.
 CONNECTION_STATE = {
     "subscribe", "psubscribe", "ssubscribe", "unsubscribe", "punsubscribe", "sunsubscribe",
     "monitor", "sync", "psync",
     "multi", "exec", "discard", "watch", "unwatch",
     "select", "auth", "hello", "reset", "quit", "client|reply",
+    "client|tracking", "client|caching",
 }
 
 # Where the block timeout sits (`ArgSeconds(n)`: the n-th argument, the command's name

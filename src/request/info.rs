@@ -167,7 +167,8 @@ impl CommandInfo {
 
     /// The command changes the connection it runs on for the commands after it: its mode
     /// (`SUBSCRIBE`, `MONITOR`, `MULTI`, `WATCH`), its database (`SELECT`), its user or
-    /// protocol (`AUTH`, `HELLO`, `RESET`), whether Redis answers (`CLIENT REPLY`) or
+    /// protocol (`AUTH`, `HELLO`, `RESET`), whether Redis answers (`CLIENT REPLY`),
+    /// whether Redis tracks the keys it reads (`CLIENT TRACKING`, `CLIENT CACHING`) or
     /// whether it stays open (`QUIT`). A pipeline does if any command in it does. On a
     /// connection many callers share, that would change it under all of them, so
     /// [`RedisService`](crate::RedisService) refuses such requests.
@@ -657,6 +658,8 @@ mod tests {
             &["QUIT"],
             &["MONITOR"],
             &["CLIENT", "REPLY", "OFF"],
+            &["CLIENT", "TRACKING", "ON", "BCAST"],
+            &["client", "caching", "yes"],
         ] {
             assert!(info(args).changes_connection(), "{args:?}");
         }

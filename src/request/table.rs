@@ -22,7 +22,13 @@ static SUB_ACL: &[CommandSpec] = &[
 ];
 
 static SUB_CLIENT: &[CommandSpec] = &[
-    CommandSpec::new("CACHING", "CLIENT CACHING", 0, BlockArg::None, &[]),
+    CommandSpec::new(
+        "CACHING",
+        "CLIENT CACHING",
+        CONNECTION_STATE,
+        BlockArg::None,
+        &[],
+    ),
     CommandSpec::new("GETNAME", "CLIENT GETNAME", IDEMPOTENT, BlockArg::None, &[]),
     CommandSpec::new(
         "GETREDIR",
@@ -52,7 +58,13 @@ static SUB_CLIENT: &[CommandSpec] = &[
         &[],
     ),
     CommandSpec::new("SETNAME", "CLIENT SETNAME", IDEMPOTENT, BlockArg::None, &[]),
-    CommandSpec::new("TRACKING", "CLIENT TRACKING", 0, BlockArg::None, &[]),
+    CommandSpec::new(
+        "TRACKING",
+        "CLIENT TRACKING",
+        CONNECTION_STATE,
+        BlockArg::None,
+        &[],
+    ),
     CommandSpec::new(
         "TRACKINGINFO",
         "CLIENT TRACKINGINFO",

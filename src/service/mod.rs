@@ -29,15 +29,17 @@ use crate::{Connector, DEFAULT_MAX_ARGUMENT_SIZE, Error, Request, request::Body}
 /// [unavailable](Error::is_unavailable). A call made after the connection was known to
 /// have closed (Redis closed it while it sat idle, say) says it did not run
 /// ([`may_have_run`](Error::may_have_run) false, so it may be sent again) when this crate
-/// opened the connection (plain TCP, Unix socket); over TLS redis-rs opens it, and such a
-/// call may have run as far as its error can tell. Server replies that are errors come back as
+/// runs the connection: plain TCP, Unix sockets and TLS. It does not for the connections
+/// it leaves to redis-rs (a `redis::Client` built with its own TLS certificates,
+/// `#insecure`, `SO_LINGER`), where such a call may have run as far as its error can
+/// tell. Server replies that are errors come back as
 /// `Err`, classified: `WRONGTYPE` is a [server](Error::is_server) error, `LOADING` is
 /// unavailable. A pipeline answers `Value::Array`; see [`Request`].
 ///
 /// Requests that would change the shared connection for the commands after them
 /// ([`CommandInfo::changes_connection`](crate::CommandInfo::changes_connection): `SELECT`,
 /// `MULTI`, `WATCH`, `SUBSCRIBE`, `MONITOR`, `AUTH`, `HELLO`, `RESET`, `CLIENT REPLY`,
-/// `QUIT`, alone or in a pipeline) are refused unsent with a
+/// `CLIENT TRACKING`, `CLIENT CACHING`, `QUIT`, alone or in a pipeline) are refused unsent with a
 /// [configuration](Error::is_config) error saying what to do instead. Sent, a `MULTI`
 /// would make every other caller's `GET` answer `QUEUED`, a `SELECT` would have them read
 /// another database until the next reconnect, a `SUBSCRIBE` would have Redis refuse
@@ -451,6 +453,12 @@ fn changes_connection(name: &'static str, batch: bool) -> String {
         }
         "CLIENT REPLY" => {
             "would stop Redis answering every caller sharing the connection; leave replies on"
+        }
+        "CLIENT TRACKING" | "CLIENT CACHING" => {
+            "would have Redis track the keys every caller sharing the connection reads (and \
+             CLIENT CACHING applies to whichever caller's command comes next), with nobody to \
+             hear the invalidations, and the tracking would end unseen at the next reconnect, \
+             leaving a cache kept by it stale; track on a connection of its own"
         }
         "QUIT" => {
             "would close the connection every caller shares, failing their calls in flight; \
