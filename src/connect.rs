@@ -827,45 +827,45 @@ pub(crate) fn describe(info: &ConnectionInfo) -> String {
     format!("{user}{address}/{db}")
 }
 
-/// Hides the password of a URL (`redis://user:***@host`) and any `password=` query value,
-/// even when the rest of the URL does not parse.
+/// Hides the password of a URL (`redis://user:***@host`) and any `pass=` or `password=`
+/// query value (a Unix socket's URL gives its password as `?pass=`), even when the rest
+/// of the URL does not parse. It errs towards hiding: everything up to the last `@` is
+/// taken for user information, as a password may hold `@` or `/`.
 pub(crate) fn redact_url(url: &str) -> String {
-    let mut out = String::with_capacity(url.len());
-    let rest = match url.find("://") {
-        Some(at) => {
-            out.push_str(&url[..at + 3]);
-            &url[at + 3..]
-        }
-        None => url,
+    let (scheme, rest) = match url.find("://") {
+        Some(at) => url.split_at(at + 3),
+        None => ("", url),
     };
-    // Everything up to the last '@' is user information; a password may hold '@' or '/'.
-    let rest = match rest.rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            match userinfo.find(':') {
-                Some(colon) => {
-                    out.push_str(&userinfo[..colon]);
+    // The query first, so an `@` in it cannot hide a password from the step after.
+    let rest = match rest.split_once('?') {
+        Some((before, query)) => {
+            let pairs = query.split('&').map(|pair| match pair.split_once('=') {
+                Some((key, _))
+                    if key.eq_ignore_ascii_case("pass") || key.eq_ignore_ascii_case("password") =>
+                {
+                    format!("{key}=***")
+                }
+                _ => pair.to_owned(),
+            });
+            format!("{before}?{}", pairs.collect::<Vec<_>>().join("&"))
+        }
+        None => rest.to_owned(),
+    };
+    let mut out = String::with_capacity(url.len());
+    out.push_str(scheme);
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            match userinfo.split_once(':') {
+                Some((user, _)) => {
+                    out.push_str(user);
                     out.push_str(":***");
                 }
                 None => out.push_str(userinfo),
             }
             out.push('@');
-            &rest[at + 1..]
+            out.push_str(host);
         }
-        None => rest,
-    };
-    match rest.find('?') {
-        Some(q) => {
-            out.push_str(&rest[..=q]);
-            let query = rest[q + 1..]
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-                    _ => pair.to_owned(),
-                });
-            out.push_str(&query.collect::<Vec<_>>().join("&"));
-        }
-        None => out.push_str(rest),
+        None => out.push_str(&rest),
     }
     out
 }
@@ -969,6 +969,24 @@ mod tests {
             "redis://127.0.0.1/?protocol=resp3&password=***"
         );
         assert_eq!(redact_url("no scheme:hunter2@x"), "no scheme:***@x");
+        // A Unix socket's URL gives its password in the query.
+        assert_eq!(
+            redact_url("redis+unix:///tmp/redis.sock?db=x&pass=hunter2"),
+            "redis+unix:///tmp/redis.sock?db=x&pass=***"
+        );
+        assert_eq!(
+            redact_url("unix:///tmp/redis.sock?PASS=hunter2&db=1"),
+            "unix:///tmp/redis.sock?PASS=***&db=1"
+        );
+        // An `@` in the query hides no password.
+        assert_eq!(
+            redact_url("redis://127.0.0.1/?x=a@b&password=hunter2"),
+            "redis://127.0.0.1/?x=a@b&password=***"
+        );
+        assert_eq!(
+            redact_url("redis://:hunter2@127.0.0.1/?x=a@b"),
+            "redis://:***@b"
+        );
     }
 
     #[test]
@@ -978,6 +996,12 @@ mod tests {
         let shown = format!("{err} {err:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("redis://:***@127.0.0.1:notaport"), "{shown}");
+        let err =
+            Connector::from_url("redis+unix:///tmp/redis.sock?db=x&pass=hunter2").unwrap_err();
+        assert!(err.is_config(), "{err:?}");
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("Invalid database number"), "{shown}");
     }
 
     #[test]
