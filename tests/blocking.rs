@@ -183,6 +183,36 @@ async fn a_transaction_never_blocks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_of_blocking_commands_may_block_for_each_in_turn() {
+    let server = RedisServer::start();
+    let mut client = client(&server).await;
+    // Redis runs the two BLPOPs one after the other: the first waits its second out, then
+    // the second waits for the push at ~1.5 s. A deadline of the longer block time plus
+    // the grace (1.25 s) would give up on a pipeline Redis was still serving.
+    let started = std::time::Instant::now();
+    let pipeline = async {
+        redis::pipe()
+            .blpop("first", 1.0)
+            .blpop("second", 1.0)
+            .query_async::<(Option<(String, String)>, Option<(String, String)>)>(&mut client)
+            .await
+    };
+    let push = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(server.raw_command(&["LPUSH", "second", "job"]), "1");
+    };
+    let (replies, ()) = tokio::join!(pipeline, push);
+    let (first, second) = replies.unwrap();
+    assert_eq!(first, None);
+    assert_eq!(second, Some(("second".to_owned(), "job".to_owned())));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switched_off_blocking_calls_share_the_connection() {
     let server = RedisServer::start();
     let mut client = ResilientClient::builder(&server.url())

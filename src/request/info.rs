@@ -25,11 +25,13 @@ pub enum Blocking {
 }
 
 impl Blocking {
-    /// The longer of two block times, for a pipeline holding both.
-    fn max(self, other: Blocking) -> Blocking {
-        match (self, other) {
+    /// Two block times one after the other, for a pipeline holding both: Redis runs a
+    /// connection's commands in order, so each may block in turn (`BLPOP a 1` then
+    /// `BLPOP b 1` may answer after 2 s).
+    fn then(self, next: Blocking) -> Blocking {
+        match (self, next) {
             (Blocking::Forever, _) | (_, Blocking::Forever) => Blocking::Forever,
-            (Blocking::For(a), Blocking::For(b)) => Blocking::For(a.max(b)),
+            (Blocking::For(a), Blocking::For(b)) => Blocking::For(a.saturating_add(b)),
             (Blocking::For(d), Blocking::No) | (Blocking::No, Blocking::For(d)) => Blocking::For(d),
             (Blocking::No, Blocking::No) => Blocking::No,
         }
@@ -235,7 +237,7 @@ impl CommandInfo {
             info.reply_counts |= one.reply_counts;
             info.pubsub |= one.pubsub;
             info.connection_state |= one.connection_state;
-            blocking = blocking.max(one.blocking());
+            blocking = blocking.then(one.blocking());
         }
         // Inside `MULTI` Redis runs blocking commands without waiting (`BLPOP` on an
         // empty list answers nil at once), so a transaction never blocks.
@@ -706,7 +708,13 @@ mod tests {
             .arg(3);
         assert_eq!(
             CommandInfo::of_pipeline(&blocking).blocking(),
-            Blocking::For(Duration::from_secs(3))
+            Blocking::For(Duration::from_secs(4)),
+            "Redis runs them in turn, so each may block"
+        );
+        blocking.cmd("BLPOP").arg("q").arg(0);
+        assert_eq!(
+            CommandInfo::of_pipeline(&blocking).blocking(),
+            Blocking::Forever
         );
         assert_eq!(
             CommandInfo::of_pipeline(blocking.atomic()).blocking(),

@@ -16,8 +16,9 @@ use crate::{Blocking, Error, Request, request::canonical_name};
 /// | `BLPOP k 5`, `XREAD BLOCK 5000 ..` | the block time + [`blocking_grace`](TimeoutLayer::blocking_grace) (default: the default), at most [`blocking_cap`](TimeoutLayer::blocking_cap) |
 /// | `BLPOP k 0`, `WAIT 1 0` (block forever) | none, unless capped |
 ///
-/// A pipeline that holds a blocking command is treated as blocking for its longest
-/// block. A deadline too long to represent (`Duration::MAX`) means none.
+/// A pipeline that holds blocking commands is treated as blocking for the sum of their
+/// block times, as Redis runs them one after the other. A deadline too long to represent
+/// (`Duration::MAX`) means none.
 ///
 /// Put it under the breaker and above retries (`CircuitBreaker → Timeout → Retry →
 /// Reconnect`): the deadline then covers retries and backoff, and the breaker sees the
