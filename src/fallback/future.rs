@@ -1,15 +1,16 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use pin_project::pin_project;
-use redis::{Arg, Value};
+use redis::{Arg, Cmd, Pipeline, Value};
 
 use super::layer::{FallbackPolicy, Shared};
 use crate::{
-    Error, Request,
+    CommandInfo, Error, Request,
     directory::{self, Key},
 };
 
@@ -82,15 +83,19 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 /// Kept small (16 bytes): every call's future holds one, and is moved by each layer above.
 pub(super) enum Plan {
     /// A read: `Nil`, or one `Nil` per key, field or index asked for (`MGET`, `HMGET`,
-    /// `ARMGET`, `JSON.MGET`, a pipeline of reads): [`ONE_NIL`], or how many.
+    /// `ARMGET`, `JSON.MGET`): [`ONE_NIL`], or how many.
     Miss {
         command: &'static &'static str,
         nils: u32,
     },
     /// A write under [`FallbackPolicy::ReadsAndWrites`]: its configured reply.
     Write { command: &'static &'static str },
-    /// A pipeline mixing reads and writes, or any request under a custom policy: decided
-    /// with the request in hand (boxed: the common plans keep the future small).
+    /// A pipeline of reads, or under [`FallbackPolicy::ReadsAndWrites`] any pipeline: each
+    /// command answered as it would be alone (an `MGET` one `Nil` per key), decided with
+    /// the pipeline in hand (shared with the request: a reference count).
+    Pipeline(Arc<Pipeline>),
+    /// Any request under a custom policy: decided with the request in hand (boxed: the
+    /// common plans keep the future small).
     Request(Box<Request>),
 }
 
@@ -99,26 +104,32 @@ impl Plan {
     #[inline(always)]
     pub(super) fn for_request(policy: &FallbackPolicy, request: &Request) -> Option<Plan> {
         let info = request.info();
-        let command = info.name_ref();
         match policy {
             FallbackPolicy::Custom(_) => Some(Plan::Request(Box::new(request.clone()))),
-            _ if info.is_read_only() => Some(Plan::Miss {
-                command,
-                nils: nils_for(request).map_or(ONE_NIL, |n| {
-                    u32::try_from(n).unwrap_or(u32::MAX).min(ONE_NIL - 1)
+            FallbackPolicy::ReadsOnly if !info.is_read_only() => None,
+            _ => match request.shared_pipeline() {
+                Some(pipeline) => Some(Plan::Pipeline(Arc::clone(pipeline))),
+                None if info.is_read_only() => Some(Plan::Miss {
+                    command: info.name_ref(),
+                    nils: request
+                        .cmd()
+                        .and_then(|cmd| nils_for(info, cmd))
+                        .map_or(ONE_NIL, |n| {
+                            u32::try_from(n).unwrap_or(u32::MAX).min(ONE_NIL - 1)
+                        }),
                 }),
-            }),
-            FallbackPolicy::ReadsAndWrites(_) if request.pipeline().is_some() => {
-                Some(Plan::Request(Box::new(request.clone())))
-            }
-            FallbackPolicy::ReadsAndWrites(_) => Some(Plan::Write { command }),
-            FallbackPolicy::ReadsOnly => None,
+                None => Some(Plan::Write {
+                    command: info.name_ref(),
+                }),
+            },
         }
     }
 
     fn command(&self) -> &'static str {
         match self {
             Plan::Miss { command, .. } | Plan::Write { command } => command,
+            Plan::Pipeline(pipeline) if pipeline.is_transaction() => crate::TRANSACTION,
+            Plan::Pipeline(_) => crate::PIPELINE,
             Plan::Request(request) => request.info().name(),
         }
     }
@@ -130,21 +141,18 @@ impl Plan {
             }
             (Plan::Write { .. }, FallbackPolicy::ReadsAndWrites(reply)) => Some(reply.clone()),
             (Plan::Request(request), FallbackPolicy::Custom(answer)) => answer(request, error),
-            (Plan::Request(request), FallbackPolicy::ReadsAndWrites(reply)) => {
-                let pipeline = request.pipeline()?;
-                let replies = pipeline
-                    .cmd_iter()
-                    .map(|cmd| {
-                        let one = Request::from(cmd);
-                        if one.info().is_read_only() {
-                            miss(nils_for(&one))
-                        } else {
-                            reply.clone()
-                        }
-                    })
-                    .collect();
-                Some(Value::Array(replies))
-            }
+            (Plan::Pipeline(pipeline), _) => pipeline
+                .cmd_iter()
+                .map(|cmd| {
+                    let info = CommandInfo::of_cmd(cmd);
+                    match policy {
+                        _ if info.is_read_only() => Some(miss(nils_for(&info, cmd))),
+                        FallbackPolicy::ReadsAndWrites(reply) => Some(reply.clone()),
+                        _ => None,
+                    }
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(Value::Array),
             _ => None,
         }
     }
@@ -164,18 +172,14 @@ fn miss(nils: Option<usize>) -> Value {
 /// For a read whose reply has one slot per key or field asked for, how many: a miss
 /// then answers that many `Nil`s, so `Vec<Option<T>>` keeps its length.
 #[inline(always)]
-fn nils_for(request: &Request) -> Option<usize> {
-    if let Some(pipeline) = request.pipeline() {
-        return Some(pipeline.len());
-    }
-    let skip = match request.info().name() {
+fn nils_for(info: &CommandInfo, cmd: &Cmd) -> Option<usize> {
+    let skip = match info.name() {
         "MGET" => 1,
         // Their key (JSON.MGET: its path, the last argument) is not asked for.
         "HMGET" | "ARMGET" | "JSON.MGET" => 2,
         _ => return None,
     };
-    let args = request
-        .cmd()?
+    let args = cmd
         .args_iter()
         .filter(|arg| matches!(arg, Arg::Simple(_)))
         .count();

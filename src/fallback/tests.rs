@@ -89,6 +89,29 @@ async fn mget_and_read_pipelines_answer_one_nil_per_key() {
         call(&mut service, Request::from(&pipe)).await.unwrap(),
         nils(2)
     );
+    // Each command in a pipeline answers as it would alone: an MGET or HMGET one `Nil`
+    // per key or field, so `Vec<Option<T>>` keeps its length there too.
+    let mut reads = redis::pipe();
+    reads
+        .get("fail")
+        .mget(&["a", "b"])
+        .hmget("h", &["f", "g", "i"])
+        .exists("k");
+    let answer = call(&mut service, Request::from(&reads)).await.unwrap();
+    assert_eq!(
+        answer,
+        Value::Array(vec![Value::Nil, nils(2), nils(3), Value::Nil])
+    );
+    let typed: (
+        Option<String>,
+        Vec<Option<String>>,
+        Vec<Option<String>>,
+        bool,
+    ) = redis::from_redis_value(answer).unwrap();
+    assert_eq!(
+        typed,
+        (None, vec![None, None], vec![None, None, None], false)
+    );
     // A pipeline with a write is a write.
     pipe.cmd("SET").arg("k").arg("v");
     assert!(call(&mut service, Request::from(&pipe)).await.is_err());
