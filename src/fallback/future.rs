@@ -82,8 +82,8 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 ///
 /// Kept small (16 bytes): every call's future holds one, and is moved by each layer above.
 pub(super) enum Plan {
-    /// A read: `Nil`, or one `Nil` per key, field or index asked for (`MGET`, `HMGET`,
-    /// `ARMGET`, `JSON.MGET`): [`ONE_NIL`], or how many.
+    /// A read: `Nil`, or one `Nil` per key, field, member or index asked for (`MGET`,
+    /// `HMGET`, `SMISMEMBER`...; see [`nils_for`]): [`ONE_NIL`], or how many.
     Miss {
         command: &'static &'static str,
         nils: u32,
@@ -176,7 +176,9 @@ fn nils_for(info: &CommandInfo, cmd: &Cmd) -> Option<usize> {
     let skip = match info.name() {
         "MGET" => 1,
         // Their key (JSON.MGET: its path, the last argument) is not asked for.
-        "HMGET" | "ARMGET" | "JSON.MGET" => 2,
+        "HMGET" | "ARMGET" | "JSON.MGET" | "SMISMEMBER" | "ZMSCORE" | "GEOPOS" | "GEOHASH" => 2,
+        // `HTTL key FIELDS 2 a b`: a slot per field.
+        "HTTL" | "HPTTL" | "HEXPIRETIME" | "HPEXPIRETIME" => 4,
         _ => return None,
     };
     let args = cmd

@@ -27,9 +27,11 @@ use crate::{
 pub enum FallbackPolicy {
     /// Read-only commands and read-only pipelines answer a miss: `Nil` (so
     /// `get::<_, Option<T>>` gives `Ok(None)`, `Vec` and map types come back empty, and
-    /// `bool` false), or one `Nil` per key, field or index for `MGET`, `HMGET`, `ARMGET`
-    /// and `JSON.MGET`; a pipeline answers each command as it would alone. Writes keep
-    /// their error. The default.
+    /// `bool` false), or one `Nil` per key, field, member or index asked for where the
+    /// reply has a slot for each (`MGET`, `HMGET`, `SMISMEMBER`, `ZMSCORE`, `GEOPOS`,
+    /// `GEOHASH`, `HTTL`, `HPTTL`, `HEXPIRETIME`, `HPEXPIRETIME`, `ARMGET`, `JSON.MGET`),
+    /// so `Vec<Option<T>>` keeps its length; a pipeline answers each command as it would
+    /// alone. Writes keep their error. The default.
     ///
     /// A plain integer or `String` cannot hold a miss: redis-rs fails to convert the
     /// `Nil` ("value was nil"). Read what may be answered by a fallback as `Option<T>`:

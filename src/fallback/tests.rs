@@ -72,6 +72,30 @@ async fn mget_and_read_pipelines_answer_one_nil_per_key() {
     assert_eq!(call(&mut service, armget).await.unwrap(), nils(2));
     let json_mget = Request::from(redis::cmd("JSON.MGET").arg("fail").arg(0).arg(1).arg("$"));
     assert_eq!(call(&mut service, json_mget).await.unwrap(), nils(3));
+    // (The leaf reads its behaviour and delay from the first two arguments: "0" is a
+    // member, or stands where `FIELDS` goes.)
+    for (args, n) in [
+        (&["SMISMEMBER", "fail", "0", "b"][..], 2),
+        (&["ZMSCORE", "fail", "0", "b", "c"], 3),
+        (&["GEOPOS", "fail", "0"], 1),
+        (&["GEOHASH", "fail", "0", "b"], 2),
+        (&["HTTL", "fail", "0", "2", "a", "b"], 2),
+        (&["HPTTL", "fail", "0", "1", "a"], 1),
+        (&["HEXPIRETIME", "fail", "0", "3", "a", "b", "c"], 3),
+        (&["HPEXPIRETIME", "fail", "0", "2", "a", "b"], 2),
+    ] {
+        let mut cmd = redis::cmd(args[0]);
+        cmd.arg(&args[1..]);
+        assert_eq!(
+            call(&mut service, Request::from(cmd)).await.unwrap(),
+            nils(n),
+            "{args:?}"
+        );
+    }
+    let ismember = Request::from(redis::cmd("SMISMEMBER").arg("fail").arg("0").arg("b"));
+    let typed: Vec<bool> =
+        redis::from_redis_value(call(&mut service, ismember).await.unwrap()).unwrap();
+    assert_eq!(typed, [false, false]);
 
     let mut pipe = redis::pipe();
     pipe.cmd("GET")
