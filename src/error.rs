@@ -46,9 +46,17 @@ pub struct Error {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Unavailable { may_have_run: bool },
-    Timeout { after: Duration },
-    CircuitOpen { probe: Probe },
+    Unavailable {
+        may_have_run: bool,
+    },
+    Timeout {
+        after: Duration,
+        /// The deadline was the request's own ([`Request::with_deadline`](crate::Request::with_deadline)).
+        own: bool,
+    },
+    CircuitOpen {
+        probe: Probe,
+    },
     Server,
     Config,
 }
@@ -122,6 +130,14 @@ impl Error {
         matches!(self.kind, Kind::Timeout { .. })
     }
 
+    /// A [timeout](Self::is_timeout) on a deadline the request carried itself
+    /// ([`Request::with_deadline`](crate::Request::with_deadline)), not one a timeout
+    /// layer chose for it: the caller's budget ran out, which says nothing sure about
+    /// Redis, so the circuit breaker's default classifier ignores it.
+    pub fn is_own_deadline(&self) -> bool {
+        matches!(self.kind, Kind::Timeout { own: true, .. })
+    }
+
     /// A circuit breaker rejected the request without sending it.
     pub fn is_circuit_open(&self) -> bool {
         matches!(self.kind, Kind::CircuitOpen { .. })
@@ -162,7 +178,7 @@ impl Error {
     /// For a timeout, the deadline that passed.
     pub fn timeout(&self) -> Option<Duration> {
         match self.kind {
-            Kind::Timeout { after } => Some(after),
+            Kind::Timeout { after, .. } => Some(after),
             _ => None,
         }
     }
@@ -347,7 +363,12 @@ impl Error {
     /// assert!(err.is_timeout() && err.may_have_run());
     /// ```
     pub fn timed_out(after: Duration) -> Self {
-        Error::new(Kind::Timeout { after }, Detail::None)
+        Error::new(Kind::Timeout { after, own: false }, Detail::None)
+    }
+
+    /// A timeout on the request's own deadline ([`is_own_deadline`](Self::is_own_deadline)).
+    pub(crate) fn timed_out_on_own_deadline(after: Duration) -> Self {
+        Error::new(Kind::Timeout { after, own: true }, Detail::None)
     }
 
     /// A [circuit-open](Error::is_circuit_open) rejection; a probe is allowed in
@@ -600,7 +621,10 @@ impl fmt::Display for Error {
         }
         match self.kind {
             Kind::Unavailable { .. } => f.write_str("redis unavailable")?,
-            Kind::Timeout { after } => write!(f, "timed out after {after:?}")?,
+            Kind::Timeout { after, own: false } => write!(f, "timed out after {after:?}")?,
+            Kind::Timeout { after, own: true } => {
+                write!(f, "timed out after {after:?}, its own deadline")?
+            }
             Kind::CircuitOpen {
                 probe: Probe::Never,
             } => f.write_str("circuit open")?,

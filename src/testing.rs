@@ -27,6 +27,8 @@ pub(crate) enum Behaviour {
     Fail,
     /// A timeout error from below.
     Timeout,
+    /// A timeout on the request's own deadline.
+    OwnTimeout,
     /// `WRONGTYPE`.
     Server,
     /// `READONLY`: a write that reached a replica.
@@ -103,6 +105,7 @@ fn script(cmd: &redis::Cmd) -> (Behaviour, Duration) {
         Some("ok") => Behaviour::Ok,
         Some("fail") => Behaviour::Fail,
         Some("timeout") => Behaviour::Timeout,
+        Some("own-timeout") => Behaviour::OwnTimeout,
         Some("server") => Behaviour::Server,
         Some("readonly") => Behaviour::ReadOnly,
         Some("noreplicas") => Behaviour::NoReplicas,
@@ -122,6 +125,7 @@ async fn answer(behaviour: Behaviour) -> Result<Value, Error> {
         Behaviour::Ok => Ok(Value::Okay),
         Behaviour::Fail => Err(Error::unavailable("connection lost")),
         Behaviour::Timeout => Err(Error::timed_out(Duration::from_millis(250))),
+        Behaviour::OwnTimeout => Err(Error::timed_out_on_own_deadline(Duration::from_millis(10))),
         Behaviour::Server => Err(crate::error::server(b"-WRONGTYPE x\r\n")),
         Behaviour::ReadOnly => Err(crate::error::server(
             b"-READONLY You can't write against a read only replica.\r\n",

@@ -419,3 +419,56 @@ async fn a_script_runs_again_after_a_restart_emptied_the_script_cache() {
     assert!(stats.contains("cmdstat_script|load:calls=1,"), "{stats}");
     assert!(stats.contains("cmdstat_evalsha:calls=2,"), "{stats}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_with_a_deadline_of_its_own_misses_within_it_and_cuts_redis_off_for_nobody() {
+    let server = RedisServer::start();
+    let client = client(&server).await;
+    let () = client.clone().set("k", "v").await.unwrap();
+    let attempts = client.reconnect_stats().attempts;
+    let mut hurried = client.with_deadline(Duration::from_millis(15));
+
+    // A Redis that takes longer than the caller can wait: paused, its calls unanswered.
+    // More of them than the breaker needs to open (20) and than make a connection look
+    // stuck (3): neither is the caller's budget running out.
+    server.pause();
+    for _ in 0..25 {
+        let started = Instant::now();
+        let value: Option<String> = hurried.get("k").await.unwrap();
+        assert_eq!(value, None, "a miss, from the fallback");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(150),
+            "{took:?}, not the layer's 250 ms"
+        );
+    }
+    let err = Error::from(hurried.incr::<_, _, i64>("n", 1).await.unwrap_err());
+    assert!(err.is_timeout() && err.is_own_deadline(), "{err:?}");
+    assert_eq!(err.timeout(), Some(Duration::from_millis(15)));
+    // As a tower `Service` too.
+    let started = Instant::now();
+    let get = Request::from(redis::cmd("GET").arg("k"));
+    let reply = hurried.ready().await.unwrap().call(get).await.unwrap();
+    assert_eq!(reply, Value::Nil);
+    assert!(started.elapsed() < Duration::from_millis(150));
+    server.resume();
+
+    assert_eq!(
+        client.circuit_breaker().unwrap().state(),
+        BreakerState::Closed
+    );
+    let value: Option<String> = client.clone().get("k").await.unwrap();
+    assert_eq!(value.as_deref(), Some("v"));
+    assert_eq!(
+        client.reconnect_stats().attempts,
+        attempts,
+        "the connection was kept"
+    );
+    let get = client.metrics().unwrap();
+    let get = get.command("GET").unwrap();
+    assert_eq!(
+        (get.count(Outcome::Timeout), get.count(Outcome::Ok)),
+        (26, 1)
+    );
+    assert_eq!(client.fallback().unwrap().fallbacks(), 26);
+}

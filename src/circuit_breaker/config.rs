@@ -323,6 +323,9 @@ fn classify_error(err: &Error) -> Outcome {
         // A blocking command found no connection of its own (Redis at `maxclients`) while
         // the shared one works: opening would refuse the calls it serves.
         err if err.is_no_connection_of_its_own() => Outcome::Ignore,
+        // Its caller's own budget ran out (`Request::with_deadline`): one impatient caller
+        // must not cut Redis off for the others. The layer's deadlines speak for Redis.
+        err if err.is_own_deadline() => Outcome::Ignore,
         err if err.is_server() => Outcome::Success,
         // Redis is up and refused a write only (a replica after a failover, a master short
         // of replicas): reads through the breaker are served, and opening would refuse

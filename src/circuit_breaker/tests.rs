@@ -131,6 +131,14 @@ async fn a_blocking_command_with_no_connection_of_its_own_says_nothing_about_red
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_timeout_on_the_callers_own_deadline_says_nothing_about_redis() {
+    let (layer, mut service, _) = breaker(count_window(10, 10));
+    repeat(&mut service, 200, "own-timeout", 0).await;
+    assert_eq!(layer.state(), BreakerState::Closed);
+    assert_eq!(layer.metrics().calls, 0, "ignored, not counted");
+}
+
+#[tokio::test(start_paused = true)]
 async fn slow_calls_open_it_at_their_own_threshold() {
     let (layer, mut service, _) = breaker(
         count_window(10, 4)

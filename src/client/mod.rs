@@ -13,7 +13,7 @@ pub use health::{CallSummary, Health, HealthStatus};
 pub use resilient::ResilientClient;
 pub use stack::{ResilientFuture, ResilientStack};
 
-use std::{future::poll_fn, sync::Arc};
+use std::{future::poll_fn, sync::Arc, time::Duration};
 
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value, aio::ConnectionLike};
 use tower::Service;
@@ -53,12 +53,51 @@ use crate::{Error, Request};
 pub struct Client<S> {
     service: S,
     db: i64,
+    deadline: Option<Duration>,
 }
 
 impl<S> Client<S> {
     /// Wraps a stack. `get_db()` answers 0 unless [`Client::with_db`] says otherwise.
     pub fn new(service: S) -> Self {
-        Client { service, db: 0 }
+        Client {
+            service,
+            db: 0,
+            deadline: None,
+        }
+    }
+
+    /// Gives every request sent through this handle that has no deadline of its own the
+    /// deadline `deadline` ([`Request::with_deadline`]: a timeout layer in the stack
+    /// enforces it instead of the one it would choose, and its running out does not
+    /// count against Redis in the circuit breaker). For a caller with a budget of its
+    /// own; the handle it came from, and its other clones, keep theirs.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use redis::AsyncCommands;
+    /// use tower_redis_resilience::ResilientClient;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = ResilientClient::builder("redis://127.0.0.1:6379").build()?;
+    /// // This endpoint answers within 50 ms: a read that takes Redis longer than 10 ms
+    /// // is a miss (the fallback answers `None`), and the endpoint goes to the database.
+    /// let mut hot_path = client.with_deadline(Duration::from_millis(10));
+    /// let cached: Option<String> = hot_path.get("item:7").await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// The request as this handle sends it: with the handle's deadline unless it has one.
+    #[inline]
+    pub(crate) fn prepare(&self, request: Request) -> Request {
+        match self.deadline {
+            Some(deadline) if request.deadline().is_none() => request.with_deadline(deadline),
+            _ => request,
+        }
     }
 
     /// Sets the database index that `ConnectionLike::get_db` reports.
@@ -90,8 +129,9 @@ where
 {
     /// Sends a request through the stack, waiting for it to be ready first.
     pub async fn send(&mut self, request: impl Into<Request>) -> Result<Value, Error> {
+        let request = self.prepare(request.into());
         poll_fn(|cx| self.service.poll_ready(cx)).await?;
-        self.service.call(request.into()).await
+        self.service.call(request).await
     }
 }
 

@@ -77,6 +77,17 @@ impl ResilientClient {
         ResilientClientBuilder::with_connector(connector)
     }
 
+    /// A clone whose calls each get `deadline` unless they carry one of their own: see
+    /// [`Client::with_deadline`]. This handle and its other clones keep theirs; all
+    /// share the connection, breaker and metrics.
+    #[must_use]
+    pub fn with_deadline(&self, deadline: Duration) -> ResilientClient {
+        ResilientClient {
+            client: self.client.clone().with_deadline(deadline),
+            parts: self.parts.clone(),
+        }
+    }
+
     /// Sends a request through the stack.
     pub async fn send(&mut self, request: impl Into<Request>) -> Result<Value, Error> {
         self.client.send(request).await
@@ -206,6 +217,7 @@ impl Service<Request> for ResilientClient {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        let request = self.client.prepare(request);
         self.client.get_mut().call(request)
     }
 }

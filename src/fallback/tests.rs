@@ -126,12 +126,8 @@ async fn mget_and_read_pipelines_answer_one_nil_per_key() {
         answer,
         Value::Array(vec![Value::Nil, nils(2), nils(3), Value::Nil])
     );
-    let typed: (
-        Option<String>,
-        Vec<Option<String>>,
-        Vec<Option<String>>,
-        bool,
-    ) = redis::from_redis_value(answer).unwrap();
+    type Values = Vec<Option<String>>;
+    let typed: (Option<String>, Values, Values, bool) = redis::from_redis_value(answer).unwrap();
     assert_eq!(
         typed,
         (None, vec![None, None], vec![None, None, None], false)

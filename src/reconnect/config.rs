@@ -131,7 +131,9 @@ impl<S> ReconnectConfig<S> {
     /// Replace the connection after this many calls in a row were cancelled (an outer
     /// timeout dropped them, say) with no reply in between: a connection to a stalled
     /// server or a half-open TCP connection never fails by itself. Blocking commands do
-    /// not count. `0` turns this off. Default 3.
+    /// not count, nor requests with a deadline of their own
+    /// ([`Request::with_deadline`](crate::Request::with_deadline)), which may be shorter
+    /// than a healthy Redis needs. `0` turns this off. Default 3.
     pub fn stuck_after(mut self, cancelled_calls: u32) -> Self {
         self.stuck_after = cancelled_calls;
         self

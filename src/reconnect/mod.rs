@@ -231,7 +231,7 @@ impl<M: MakeConnection> Service<Request> for Reconnect<M> {
                 .as_ref()
                 .is_none_or(|connection| self.shared.connector.hung_calls_mean_stuck(connection));
         }
-        let counts_cancellation = !request.info().is_blocking() && self.cached_may_hang;
+        let counts_cancellation = cancellation_may_mean_stuck(&request) && self.cached_may_hang;
         match &mut self.cached {
             Some(connection) => {
                 let tracker = Tracker::new(
@@ -247,6 +247,14 @@ impl<M: MakeConnection> Service<Request> for Reconnect<M> {
             None => ResponseFuture::wait(wait_then_call(self.shared.lease(), request)),
         }
     }
+}
+
+/// Whether the request dropped before its reply is a sign of a stuck connection: not for
+/// a blocking command, which is expected to go quiet, nor for a request with a deadline
+/// of its own, which may be shorter than Redis needs.
+#[inline]
+fn cancellation_may_mean_stuck(request: &Request) -> bool {
+    !request.info().is_blocking() && request.deadline().is_none()
 }
 
 /// The name of a blocking request that waits for data (a key, a stream) and so goes to a
@@ -288,8 +296,8 @@ async fn wait_then_call<M: MakeConnection>(
     request: Request,
 ) -> Result<Value, Error> {
     let (generation, mut connection) = current_connection(&shared, request.info().name()).await?;
-    let counts_cancellation =
-        !request.info().is_blocking() && shared.connector.hung_calls_mean_stuck(&connection);
+    let counts_cancellation = cancellation_may_mean_stuck(&request)
+        && shared.connector.hung_calls_mean_stuck(&connection);
     let mut tracker = Tracker::new(shared.clone(), generation, counts_cancellation);
     let result = match std::future::poll_fn(|cx| connection.poll_ready(cx)).await {
         Ok(()) => connection.call(request).await,

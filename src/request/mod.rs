@@ -9,7 +9,7 @@ pub(crate) use info::canonical_name;
 pub use info::{Blocking, CommandInfo, PIPELINE, TRANSACTION, UNKNOWN_COMMAND};
 pub(crate) use shared_cmd::SharedCmd;
 
-use std::sync::Arc;
+use std::{num::NonZeroU64, sync::Arc, time::Duration};
 
 use redis::{Cmd, Pipeline};
 use tokio::time::Instant;
@@ -41,6 +41,9 @@ pub struct Request {
     /// When the first layer that needed the time saw it, so a stack reads the clock once
     /// per request for its start (deadline, latency, slowness) however many layers use it.
     start: Option<Instant>,
+    /// The deadline its caller gave it, in nanoseconds plus one (eight bytes where an
+    /// `Option<Duration>` takes sixteen: every layer moves the request).
+    deadline: Option<NonZeroU64>,
 }
 
 /// Shared, so cloning a request for a possible retry costs a reference count, not a copy
@@ -55,6 +58,46 @@ impl Request {
     /// What the stack knows about this request.
     pub fn info(&self) -> &CommandInfo {
         &self.info
+    }
+
+    /// Gives the request a deadline of its own: a [`TimeoutLayer`](crate::timeout::TimeoutLayer)
+    /// times it out `deadline` after it entered the stack, instead of with the deadline
+    /// it would choose (the default, a command's override, a blocking command's block
+    /// time), for a caller with a budget of its own: an endpoint that must answer within
+    /// 50 ms gives its reads 10 ms, and a read that takes longer falls back to a miss.
+    ///
+    /// Running out of it says the caller's budget ran out, not that Redis failed: the
+    /// timeout ([`is_own_deadline`](crate::Error::is_own_deadline)) does not count
+    /// towards opening the circuit breaker, nor as a sign of a stuck connection, so one
+    /// impatient caller cannot cut Redis off for the others. It still counts as a
+    /// `timeout` in the metrics, and reads still fall back. A stack without a timeout
+    /// layer has nothing to enforce it with. [`Client::with_deadline`](crate::Client::with_deadline)
+    /// gives one to every call made through a handle.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_redis_resilience::{Request, timeout::TimeoutLayer};
+    ///
+    /// let layer = TimeoutLayer::new(Duration::from_millis(250));
+    /// let get = Request::from(redis::cmd("GET").arg("k"));
+    /// assert_eq!(layer.deadline_for(&get), Some(Duration::from_millis(250)));
+    /// let get = get.with_deadline(Duration::from_millis(10));
+    /// assert_eq!(get.deadline(), Some(Duration::from_millis(10)));
+    /// assert_eq!(layer.deadline_for(&get), Some(Duration::from_millis(10)));
+    /// ```
+    #[must_use]
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        let nanos = u64::try_from(deadline.as_nanos()).unwrap_or(u64::MAX);
+        self.deadline = NonZeroU64::new(nanos.saturating_add(1));
+        self
+    }
+
+    /// The deadline the request carries itself, if it was given one
+    /// ([`with_deadline`](Self::with_deadline)). (Saturates at 584 years.)
+    #[inline]
+    pub fn deadline(&self) -> Option<Duration> {
+        self.deadline
+            .map(|packed| Duration::from_nanos(packed.get() - 1))
     }
 
     /// The command, if this request is one.
@@ -117,6 +160,7 @@ impl From<Cmd> for Request {
             info: CommandInfo::of_cmd(&cmd),
             body: Body::Cmd(SharedCmd::new(cmd)),
             start: None,
+            deadline: None,
         }
     }
 }
@@ -127,6 +171,7 @@ impl From<&Cmd> for Request {
             info: CommandInfo::of_cmd(cmd),
             body: Body::Cmd(SharedCmd::copy_of(cmd)),
             start: None,
+            deadline: None,
         }
     }
 }
@@ -144,6 +189,7 @@ impl From<Pipeline> for Request {
             info: CommandInfo::of_pipeline(&pipeline),
             body: Body::Pipeline(Arc::new(pipeline)),
             start: None,
+            deadline: None,
         }
     }
 }

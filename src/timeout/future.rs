@@ -26,18 +26,29 @@ pub struct ResponseFuture<F> {
     command: &'static &'static str,
 }
 
-/// A deadline's length in nanoseconds: eight bytes where a `Duration` takes sixteen.
-/// (Saturates at 584 years.)
+/// A deadline's length in nanoseconds, and in the top bit whether it is the request's own:
+/// eight bytes where a `Duration` takes sixteen. (Saturates at 292 years.)
 #[derive(Clone, Copy)]
 struct Limit(u64);
 
 impl Limit {
-    fn of(limit: Duration) -> Self {
-        Limit(u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX))
+    const OWN: u64 = 1 << 63;
+
+    fn of(limit: Duration, own: bool) -> Self {
+        let nanos = u64::try_from(limit.as_nanos())
+            .map_or(Limit::OWN - 1, |nanos| nanos.min(Limit::OWN - 1));
+        Limit(nanos | if own { Limit::OWN } else { 0 })
     }
 
     fn get(self) -> Duration {
-        Duration::from_nanos(self.0)
+        Duration::from_nanos(self.0 & !Limit::OWN)
+    }
+
+    fn error(self) -> Error {
+        match self.0 & Limit::OWN {
+            0 => Error::timed_out(self.get()),
+            _ => Error::timed_out_on_own_deadline(self.get()),
+        }
     }
 }
 
@@ -60,13 +71,13 @@ enum Timing {
 impl<F> ResponseFuture<F> {
     pub(super) fn new(
         inner: F,
-        deadline: Option<(Instant, Duration, CallTimer)>,
+        deadline: Option<(Instant, Duration, bool, CallTimer)>,
         command: &'static &'static str,
     ) -> Self {
         let timing = match deadline {
-            Some((at, limit, timer)) => Timing::Armed {
+            Some((at, limit, own, timer)) => Timing::Armed {
                 at,
-                limit: Limit::of(limit),
+                limit: Limit::of(limit, own),
                 timer,
             },
             None => Timing::None,
@@ -104,7 +115,7 @@ where
                 registration.update(cx.waker());
                 return Poll::Pending;
             }
-            let error = Error::timed_out(limit.get()).with_command(this.command);
+            let error = limit.error().with_command(this.command);
             *this.timing = Timing::None;
             return Poll::Ready(Err(error));
         }

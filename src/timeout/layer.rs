@@ -10,6 +10,7 @@ use crate::{Blocking, Error, Request, request::canonical_name};
 ///
 /// | request | deadline |
 /// |---------|----------|
+/// | a request with a deadline of its own ([`Request::with_deadline`]) | its own, whatever it is |
 /// | a command with an [override](TimeoutLayer::command) | the override, whatever it is |
 /// | `GET k` (not blocking) | the default (250 ms unless given) |
 /// | a pipeline or transaction | [`pipeline`](TimeoutLayer::pipeline) for the whole batch (default: the default) |
@@ -74,6 +75,9 @@ impl Deadlines {
     pub(crate) fn for_request(&self, request: &Request) -> Option<Duration> {
         if !self.on {
             return None;
+        }
+        if let Some(own) = request.deadline() {
+            return Some(own);
         }
         let info = request.info();
         if !self.overrides.is_empty()

@@ -47,10 +47,12 @@ where
     #[inline(always)]
     fn call(&mut self, mut request: Request) -> Self::Future {
         let limit = self.deadlines.for_request(&request);
+        let own = request.deadline().is_some();
         let deadline = limit.and_then(|limit| {
             Some((
                 request.start().checked_add(limit)?,
                 limit,
+                own,
                 self.timer.lease(),
             ))
         });

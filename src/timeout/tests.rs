@@ -67,6 +67,42 @@ async fn the_deadline_runs_from_the_call_not_the_first_poll() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_with_a_deadline_of_its_own_gets_it_whatever_the_layer_would_give() {
+    let layer = TimeoutLayer::new(250 * MS)
+        .command("GET", 100 * MS)
+        .unwrap()
+        .blocking_cap(Duration::from_secs(1));
+    let mut service = timeouts(layer);
+    let own = command("GET", "hang", 0).with_deadline(10 * MS);
+    let (result, took) = timed(&mut service, own).await;
+    let err = result.unwrap_err();
+    assert!(err.is_timeout() && err.is_own_deadline(), "{err:?}");
+    assert_eq!((err.timeout(), took), (Some(10 * MS), 10 * MS));
+    assert_eq!(
+        err.to_string(),
+        "GET: timed out after 10ms, its own deadline"
+    );
+    // Longer than the layer's, and for a blocking command past the cap, too.
+    let own = command("GET", "ok", 400).with_deadline(500 * MS);
+    assert_eq!(timed(&mut service, own).await.0.unwrap(), Value::Okay);
+    let mut blpop = redis::cmd("BLPOP");
+    blpop.arg("hang").arg(0).arg(0);
+    let own = Request::from(blpop).with_deadline(Duration::from_secs(3));
+    let (result, took) = timed(&mut service, own).await;
+    assert!(result.unwrap_err().is_own_deadline());
+    assert_eq!(took, Duration::from_secs(3));
+    // The layer's own deadlines are not the request's.
+    let (result, _) = timed(&mut service, command("GET", "hang", 0)).await;
+    let err = result.unwrap_err();
+    assert!(err.is_timeout() && !err.is_own_deadline(), "{err:?}");
+    // A removed timeout layer enforces nothing.
+    let mut off = timeouts(TimeoutLayer::off());
+    let own = command("GET", "ok", 50).with_deadline(10 * MS);
+    let (result, took) = timed(&mut off, own).await;
+    assert_eq!((result.unwrap(), took), (Value::Okay, 50 * MS));
+}
+
+#[tokio::test(start_paused = true)]
 async fn per_command_overrides_replace_the_default() {
     let layer = TimeoutLayer::new(250 * MS)
         .command("keys", 2 * Duration::from_secs(1))
