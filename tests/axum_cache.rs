@@ -66,6 +66,19 @@ async fn pages_keep_coming_while_redis_is_down_and_the_cache_returns_after() {
     assert_eq!(health["status"], "up");
     assert_eq!(health["calls"]["outcomes"]["ok"], 4); // GET (miss), SET, GET (hit), GET (miss of the 404)
 
+    // A stalled Redis (paused): a page waits for the cache no longer than its budget.
+    server.pause();
+    for id in [11, 12] {
+        let started = Instant::now();
+        let page = json(address, &format!("/items/{id}")).await;
+        assert_eq!(page["source"], "database", "{page}");
+        // 20 ms of database, and 10 ms each for the cache read and write that time out
+        // (the client's 250 ms default deadline would take over half a second).
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(200), "{took:?}");
+    }
+    server.resume();
+
     server.kill();
     for id in [7, 8, 9, 7] {
         let started = Instant::now();
