@@ -12,7 +12,8 @@
 //! stalls, [`retry::RetryLayer`] resends what is safe to resend,
 //! [`circuit_breaker::CircuitBreakerLayer`] fails fast while Redis is down and probes for
 //! its return, [`timeout::TimeoutLayer`] gives every request a deadline sized to its
-//! command, [`fallback::FallbackLayer`] turns failed reads into misses,
+//! command (or the one the caller gave it: [`Request::with_deadline`],
+//! [`Client::with_deadline`]), [`fallback::FallbackLayer`] turns failed reads into misses,
 //! [`metrics::MetricsLayer`] and [`trace::TraceLayer`] count, time and trace every call,
 //! and [`Client`] puts redis-rs's whole command API on top of any stack.
 //! [`pubsub::Subscriber`] keeps Pub/Sub subscriptions through restarts, and says when
