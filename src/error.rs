@@ -290,6 +290,17 @@ impl Error {
         matches!(self.server_code(), Some("MOVED" | "ASK"))
     }
 
+    /// Redis is up and refused the command at once, as it refuses every command for now:
+    /// loading its data (`LOADING`), running a script (`BUSY`), a replica cut off from
+    /// its master (`MASTERDOWN`), a cluster that cannot serve (`CLUSTERDOWN`,
+    /// `TRYAGAIN`). The command did not run.
+    pub(crate) fn is_refusal_of_a_live_server(&self) -> bool {
+        matches!(
+            self.server_code(),
+            Some("LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN")
+        )
+    }
+
     /// A replica refused a write (`READONLY`): the server is up and serves reads, but
     /// this connection does not lead to the master (after a failover, say).
     pub(crate) fn is_replica_refusal(&self) -> bool {

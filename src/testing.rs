@@ -33,6 +33,10 @@ pub(crate) enum Behaviour {
     Server,
     /// `READONLY`: a write that reached a replica.
     ReadOnly,
+    /// `LOADING`: a server loading its data.
+    Loading,
+    /// `BUSY`: a server running a script.
+    Busy,
     /// `NOREPLICAS`: a master refusing writes it cannot pass to enough replicas.
     NoReplicas,
     /// `MISCONF`: a master refusing writes it cannot persist.
@@ -108,6 +112,8 @@ fn script(cmd: &redis::Cmd) -> (Behaviour, Duration) {
         Some("own-timeout") => Behaviour::OwnTimeout,
         Some("server") => Behaviour::Server,
         Some("readonly") => Behaviour::ReadOnly,
+        Some("loading") => Behaviour::Loading,
+        Some("busy") => Behaviour::Busy,
         Some("noreplicas") => Behaviour::NoReplicas,
         Some("misconf") => Behaviour::Misconf,
         Some("refused") => Behaviour::Refused,
@@ -129,6 +135,12 @@ async fn answer(behaviour: Behaviour) -> Result<Value, Error> {
         Behaviour::Server => Err(crate::error::server(b"-WRONGTYPE x\r\n")),
         Behaviour::ReadOnly => Err(crate::error::server(
             b"-READONLY You can't write against a read only replica.\r\n",
+        )),
+        Behaviour::Loading => Err(crate::error::server(
+            b"-LOADING Redis is loading the dataset in memory\r\n",
+        )),
+        Behaviour::Busy => Err(crate::error::server(
+            b"-BUSY Redis is busy running a script.\r\n",
         )),
         Behaviour::NoReplicas => Err(crate::error::server(
             b"-NOREPLICAS Not enough good replicas to write.\r\n",

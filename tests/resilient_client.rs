@@ -472,3 +472,55 @@ async fn a_handle_with_a_deadline_of_its_own_misses_within_it_and_cuts_redis_off
     );
     assert_eq!(client.fallback().unwrap().fallbacks(), 26);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_keeping_redis_busy_costs_misses_and_the_first_call_after_it_is_served() {
+    // Redis answers BUSY to everyone while a script runs past `busy-reply-threshold`.
+    let server = RedisServer::config()
+        .arg("busy-reply-threshold", "100")
+        .start();
+    let client = client(&server).await;
+    let () = client.clone().set("k", "v").await.unwrap();
+    let url = server.url();
+    let script = tokio::spawn(async move {
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let mut connection = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .unwrap();
+        redis::cmd("EVAL")
+            .arg("while true do end")
+            .arg(0)
+            .query_async::<Value>(&mut connection)
+            .await
+    });
+    eventually(Duration::from_secs(5), async || {
+        let refused = client.clone().incr::<_, _, i64>("n", 1).await.err();
+        refused.is_some_and(|err| Error::from(err).server_code() == Some("BUSY"))
+    })
+    .await;
+
+    // Every read misses, fast: Redis refuses each at once.
+    for _ in 0..40 {
+        let started = Instant::now();
+        let value: Option<String> = client.clone().get("k").await.unwrap();
+        assert_eq!(value, None);
+        assert!(started.elapsed() < Duration::from_millis(200));
+    }
+    // The breaker stayed closed: open, it would learn that Redis serves again only from
+    // a probe, up to its 2 s wait later.
+    assert_eq!(
+        client.circuit_breaker().unwrap().state(),
+        BreakerState::Closed
+    );
+    assert_eq!(server.raw_command(&["SCRIPT", "KILL"]), "OK");
+    let value: Option<String> = client.clone().get("k").await.unwrap();
+    assert_eq!(
+        value.as_deref(),
+        Some("v"),
+        "served by the first call after it"
+    );
+    let killed = script.await.unwrap().unwrap_err();
+    assert!(killed.to_string().contains("SCRIPT KILL"), "{killed}");
+}

@@ -208,17 +208,24 @@ impl CircuitBreakerConfig {
     /// Replace the classifier that decides what a finished call says about Redis.
     ///
     /// The default: [unavailable](Error::is_unavailable), [timeout](Error::is_timeout)
-    /// and [configuration](Error::is_config) errors are failures, except the refusals of a
-    /// server that refuses writes only and serves reads: `READONLY` (a replica),
-    /// `NOREPLICAS` (a master short of replicas, as an old master is once a failover took
-    /// its replica) and `MISCONF` (a master that cannot persist). Those are unavailable
-    /// errors, but opening would turn away the reads the server serves.
-    /// [Circuit-open](Error::is_circuit_open) errors (from another breaker) and requests
-    /// the leaf refused to send (a `SELECT` or `SUBSCRIBE` on the shared connection, see
-    /// [`CommandInfo::changes_connection`](crate::CommandInfo::changes_connection)) are
-    /// ignored;
-    /// replies, those refusals, a cluster's redirects (`MOVED`, `ASK`: the slot is served
-    /// elsewhere) and [server errors](Error::is_server) are successes.
+    /// and [configuration](Error::is_config) errors are failures, except:
+    ///
+    /// - Successes: replies, [server errors](Error::is_server), a cluster's redirects
+    ///   (`MOVED`, `ASK`: the slot is served elsewhere), and the refusals of a server that
+    ///   refuses writes only and serves reads: `READONLY` (a replica), `NOREPLICAS` (a
+    ///   master short of replicas, as an old master is once a failover took its replica)
+    ///   and `MISCONF` (a master that cannot persist). Opening would turn away the reads
+    ///   the server serves.
+    /// - Ignored: the refusals a live server answers at once while it serves nothing
+    ///   (`LOADING`, `BUSY`, `MASTERDOWN`, `TRYAGAIN`, `CLUSTERDOWN`): calls fail fast
+    ///   without the breaker, and an open breaker would learn that Redis serves again
+    ///   only from a probe, up to [`wait_in_open`](Self::wait_in_open) later. Ignored too:
+    ///   [circuit-open](Error::is_circuit_open) errors (from another breaker), requests
+    ///   the leaf refused to send (a `SELECT` or `SUBSCRIBE` on the shared connection, see
+    ///   [`CommandInfo::changes_connection`](crate::CommandInfo::changes_connection)), a
+    ///   blocking command that found no connection of its own (Redis at `maxclients`)
+    ///   while the shared one works, and timeouts on a deadline the request carried
+    ///   itself ([`Error::is_own_deadline`]).
     pub fn classifier<F>(mut self, classify: F) -> Self
     where
         F: Fn(&Result<Value, Error>) -> Outcome + Send + Sync + 'static,
@@ -326,6 +333,10 @@ fn classify_error(err: &Error) -> Outcome {
         // Its caller's own budget ran out (`Request::with_deadline`): one impatient caller
         // must not cut Redis off for the others. The layer's deadlines speak for Redis.
         err if err.is_own_deadline() => Outcome::Ignore,
+        // Redis is up and answered at once that it serves nothing for now (loading its
+        // data, running a script): calls fail fast as it is, and an open breaker would
+        // keep the app dark for up to `wait_in_open` after Redis serves again.
+        err if err.is_refusal_of_a_live_server() => Outcome::Ignore,
         err if err.is_server() => Outcome::Success,
         // Redis is up and refused a write only (a replica after a failover, a master short
         // of replicas): reads through the breaker are served, and opening would refuse

@@ -107,6 +107,19 @@ async fn a_server_refusing_writes_only_is_not_an_outage() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_live_server_refusing_at_once_leaves_it_closed_so_no_probe_delays_its_return() {
+    // Loading its data, running a script: every call is refused at once, unrun, and
+    // fails fast without the breaker; open, it would turn calls away until a probe
+    // found Redis serving again, up to `wait_in_open` after it did.
+    for refusal in ["loading", "busy"] {
+        let (layer, mut service, _) = breaker(count_window(10, 10));
+        repeat(&mut service, 200, refusal, 0).await;
+        assert_eq!(layer.state(), BreakerState::Closed, "{refusal}");
+        assert_eq!(layer.metrics().calls, 0, "{refusal}: ignored, not counted");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_cluster_redirect_is_not_an_outage() {
     let (layer, mut service, _) = breaker(count_window(10, 10));
     repeat(&mut service, 200, "moved", 0).await;
