@@ -107,19 +107,6 @@ async fn a_server_refusing_writes_only_is_not_an_outage() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_live_server_refusing_at_once_leaves_it_closed_so_no_probe_delays_its_return() {
-    // Loading its data, running a script: every call is refused at once, unrun, and
-    // fails fast without the breaker; open, it would turn calls away until a probe
-    // found Redis serving again, up to `wait_in_open` after it did.
-    for refusal in ["loading", "busy"] {
-        let (layer, mut service, _) = breaker(count_window(10, 10));
-        repeat(&mut service, 200, refusal, 0).await;
-        assert_eq!(layer.state(), BreakerState::Closed, "{refusal}");
-        assert_eq!(layer.metrics().calls, 0, "{refusal}: ignored, not counted");
-    }
-}
-
-#[tokio::test(start_paused = true)]
 async fn a_cluster_redirect_is_not_an_outage() {
     let (layer, mut service, _) = breaker(count_window(10, 10));
     repeat(&mut service, 200, "moved", 0).await;
@@ -128,27 +115,25 @@ async fn a_cluster_redirect_is_not_an_outage() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn requests_refused_unsent_say_nothing_about_redis() {
-    let (layer, mut service, _) = breaker(count_window(10, 10));
-    repeat(&mut service, 200, "refused", 0).await;
-    assert_eq!(layer.state(), BreakerState::Closed);
-    assert_eq!(layer.metrics().calls, 0, "ignored, not counted");
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_blocking_command_with_no_connection_of_its_own_says_nothing_about_redis() {
-    let (layer, mut service, _) = breaker(count_window(10, 10));
-    repeat(&mut service, 200, "no-connection-of-its-own", 0).await;
-    assert_eq!(layer.state(), BreakerState::Closed);
-    assert_eq!(layer.metrics().calls, 0, "ignored, not counted");
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_timeout_on_the_callers_own_deadline_says_nothing_about_redis() {
-    let (layer, mut service, _) = breaker(count_window(10, 10));
-    repeat(&mut service, 200, "own-timeout", 0).await;
-    assert_eq!(layer.state(), BreakerState::Closed);
-    assert_eq!(layer.metrics().calls, 0, "ignored, not counted");
+async fn calls_that_say_nothing_about_redis_are_ignored() {
+    for (behaviour, why) in [
+        ("refused", "a request the leaf refused to send"),
+        (
+            "no-connection-of-its-own",
+            "a blocking command that found no connection of its own",
+        ),
+        ("own-timeout", "the caller's own deadline ran out"),
+        // Loading its data, running a script: every call is refused at once, unrun, and
+        // fails fast without the breaker; open, it would turn calls away until a probe
+        // found Redis serving again, up to `wait_in_open` after it did.
+        ("loading", "a live server refusing at once"),
+        ("busy", "a live server refusing at once"),
+    ] {
+        let (layer, mut service, _) = breaker(count_window(10, 10));
+        repeat(&mut service, 200, behaviour, 0).await;
+        assert_eq!(layer.state(), BreakerState::Closed, "{why}");
+        assert_eq!(layer.metrics().calls, 0, "{why}: ignored, not counted");
+    }
 }
 
 #[tokio::test(start_paused = true)]
