@@ -836,38 +836,36 @@ pub(crate) fn redact_url(url: &str) -> String {
         Some(at) => url.split_at(at + 3),
         None => ("", url),
     };
-    // The query first, so an `@` in it cannot hide a password from the step after.
-    let rest = match rest.split_once('?') {
-        Some((before, query)) => {
-            let pairs = query.split('&').map(|pair| match pair.split_once('=') {
-                Some((key, _))
-                    if key.eq_ignore_ascii_case("pass") || key.eq_ignore_ascii_case("password") =>
-                {
-                    format!("{key}=***")
-                }
-                _ => pair.to_owned(),
-            });
-            format!("{before}?{}", pairs.collect::<Vec<_>>().join("&"))
-        }
-        None => rest.to_owned(),
-    };
-    let mut out = String::with_capacity(url.len());
-    out.push_str(scheme);
+    // The user information first: a password may hold `?`, `&` or `=`, which the query
+    // step would take for its own.
+    let mut hidden = String::with_capacity(url.len());
+    hidden.push_str(scheme);
     match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
             match userinfo.split_once(':') {
                 Some((user, _)) => {
-                    out.push_str(user);
-                    out.push_str(":***");
+                    hidden.push_str(user);
+                    hidden.push_str(":***");
                 }
-                None => out.push_str(userinfo),
+                None => hidden.push_str(userinfo),
             }
-            out.push('@');
-            out.push_str(host);
+            hidden.push('@');
+            hidden.push_str(host);
         }
-        None => out.push_str(&rest),
+        None => hidden.push_str(rest),
     }
-    out
+    let Some((before, query)) = hidden.split_once('?') else {
+        return hidden;
+    };
+    let pairs = query.split('&').map(|pair| match pair.split_once('=') {
+        Some((key, _))
+            if key.eq_ignore_ascii_case("pass") || key.eq_ignore_ascii_case("password") =>
+        {
+            format!("{key}=***")
+        }
+        _ => pair.to_owned(),
+    });
+    format!("{before}?{}", pairs.collect::<Vec<_>>().join("&"))
 }
 
 #[cfg(test)]
@@ -986,6 +984,11 @@ mod tests {
         assert_eq!(
             redact_url("redis://:hunter2@127.0.0.1/?x=a@b"),
             "redis://:***@b"
+        );
+        // Nor does a password that looks like a query.
+        assert_eq!(
+            redact_url("redis://:a?pass=b@127.0.0.1/"),
+            "redis://:***@127.0.0.1/"
         );
     }
 
