@@ -46,17 +46,9 @@ pub struct Error {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Unavailable {
-        may_have_run: bool,
-    },
-    Timeout {
-        after: Duration,
-        /// The deadline was the request's own ([`Request::with_deadline`](crate::Request::with_deadline)).
-        own: bool,
-    },
-    CircuitOpen {
-        probe: Probe,
-    },
+    Unavailable { may_have_run: bool },
+    Timeout { after: Duration },
+    CircuitOpen { probe: Probe },
     Server,
     Config,
 }
@@ -75,6 +67,10 @@ enum Probe {
 enum Detail {
     None,
     Message(&'static str),
+    /// A timeout on the request's own deadline ([`Request::with_deadline`](crate::Request::with_deadline)).
+    /// (Here, not in the kind, which would grow every `Result` the layers pass up by a
+    /// word.)
+    OwnDeadline,
     /// Formatted when shown, so rejecting calls during an outage does not allocate.
     Reconnecting {
         attempt: u32,
@@ -135,7 +131,10 @@ impl Error {
     /// layer chose for it: the caller's budget ran out, which says nothing sure about
     /// Redis, so the circuit breaker's default classifier ignores it.
     pub fn is_own_deadline(&self) -> bool {
-        matches!(self.kind, Kind::Timeout { own: true, .. })
+        matches!(
+            (&self.kind, &self.detail),
+            (Kind::Timeout { .. }, Detail::OwnDeadline)
+        )
     }
 
     /// A circuit breaker rejected the request without sending it.
@@ -374,12 +373,12 @@ impl Error {
     /// assert!(err.is_timeout() && err.may_have_run());
     /// ```
     pub fn timed_out(after: Duration) -> Self {
-        Error::new(Kind::Timeout { after, own: false }, Detail::None)
+        Error::new(Kind::Timeout { after }, Detail::None)
     }
 
     /// A timeout on the request's own deadline ([`is_own_deadline`](Self::is_own_deadline)).
     pub(crate) fn timed_out_on_own_deadline(after: Duration) -> Self {
-        Error::new(Kind::Timeout { after, own: true }, Detail::None)
+        Error::new(Kind::Timeout { after }, Detail::OwnDeadline)
     }
 
     /// A [circuit-open](Error::is_circuit_open) rejection; a probe is allowed in
@@ -632,10 +631,7 @@ impl fmt::Display for Error {
         }
         match self.kind {
             Kind::Unavailable { .. } => f.write_str("redis unavailable")?,
-            Kind::Timeout { after, own: false } => write!(f, "timed out after {after:?}")?,
-            Kind::Timeout { after, own: true } => {
-                write!(f, "timed out after {after:?}, its own deadline")?
-            }
+            Kind::Timeout { after } => write!(f, "timed out after {after:?}")?,
             Kind::CircuitOpen {
                 probe: Probe::Never,
             } => f.write_str("circuit open")?,
@@ -649,6 +645,7 @@ impl fmt::Display for Error {
         }
         match &self.detail {
             Detail::None => Ok(()),
+            Detail::OwnDeadline => f.write_str(", its own deadline"),
             Detail::Message(message) => write!(f, ": {message}"),
             Detail::Reconnecting {
                 attempt,
