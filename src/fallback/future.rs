@@ -1,12 +1,11 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
 };
 
 use pin_project::pin_project;
-use redis::{Arg, Cmd, Pipeline, Value};
+use redis::{Arg, Cmd, Value};
 
 use super::layer::{FallbackPolicy, Shared};
 use crate::{
@@ -90,12 +89,11 @@ pub(super) enum Plan {
     },
     /// A write under [`FallbackPolicy::ReadsAndWrites`]: its configured reply.
     Write { command: &'static &'static str },
-    /// A pipeline of reads, or under [`FallbackPolicy::ReadsAndWrites`] any pipeline: each
-    /// command answered as it would be alone (an `MGET` one `Nil` per key), decided with
-    /// the pipeline in hand (shared with the request: a reference count).
-    Pipeline(Arc<Pipeline>),
-    /// Any request under a custom policy: decided with the request in hand (boxed: the
-    /// common plans keep the future small).
+    /// Decided with the request in hand: any request under a custom policy, and a
+    /// pipeline (each command answered as it would be alone: an `MGET` one `Nil` per
+    /// key). Boxed: the common plans keep the future small. (A plan holding the
+    /// pipeline's `Arc` instead, to save pipelines the allocation, cost every call that
+    /// is answered at once ~20 ns more in `cargo bench --bench layers`: dropping it.)
     Request(Box<Request>),
 }
 
@@ -104,32 +102,25 @@ impl Plan {
     #[inline(always)]
     pub(super) fn for_request(policy: &FallbackPolicy, request: &Request) -> Option<Plan> {
         let info = request.info();
-        match policy {
-            FallbackPolicy::Custom(_) => Some(Plan::Request(Box::new(request.clone()))),
-            FallbackPolicy::ReadsOnly if !info.is_read_only() => None,
-            _ => match request.shared_pipeline() {
-                Some(pipeline) => Some(Plan::Pipeline(Arc::clone(pipeline))),
-                None if info.is_read_only() => Some(Plan::Miss {
-                    command: info.name_ref(),
-                    nils: request
-                        .cmd()
-                        .and_then(|cmd| nils_for(info, cmd))
-                        .map_or(ONE_NIL, |n| {
-                            u32::try_from(n).unwrap_or(u32::MAX).min(ONE_NIL - 1)
-                        }),
+        let command = info.name_ref();
+        match (policy, request.cmd()) {
+            (FallbackPolicy::ReadsOnly, _) if !info.is_read_only() => None,
+            (FallbackPolicy::Custom(_), _) | (_, None) => {
+                Some(Plan::Request(Box::new(request.clone())))
+            }
+            (_, Some(cmd)) if info.is_read_only() => Some(Plan::Miss {
+                command,
+                nils: nils_for(info, cmd).map_or(ONE_NIL, |n| {
+                    u32::try_from(n).unwrap_or(u32::MAX).min(ONE_NIL - 1)
                 }),
-                None => Some(Plan::Write {
-                    command: info.name_ref(),
-                }),
-            },
+            }),
+            (_, Some(_)) => Some(Plan::Write { command }),
         }
     }
 
     fn command(&self) -> &'static str {
         match self {
             Plan::Miss { command, .. } | Plan::Write { command } => command,
-            Plan::Pipeline(pipeline) if pipeline.is_transaction() => crate::TRANSACTION,
-            Plan::Pipeline(_) => crate::PIPELINE,
             Plan::Request(request) => request.info().name(),
         }
     }
@@ -141,7 +132,8 @@ impl Plan {
             }
             (Plan::Write { .. }, FallbackPolicy::ReadsAndWrites(reply)) => Some(reply.clone()),
             (Plan::Request(request), FallbackPolicy::Custom(answer)) => answer(request, error),
-            (Plan::Pipeline(pipeline), _) => pipeline
+            (Plan::Request(request), _) => request
+                .pipeline()?
                 .cmd_iter()
                 .map(|cmd| {
                     let info = CommandInfo::of_cmd(cmd);

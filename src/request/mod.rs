@@ -129,15 +129,6 @@ impl Request {
         self.start
     }
 
-    /// The pipeline, shared: a clone of it costs a reference count.
-    #[inline]
-    pub(crate) fn shared_pipeline(&self) -> Option<&Arc<Pipeline>> {
-        match &self.body {
-            Body::Pipeline(pipeline) => Some(pipeline),
-            Body::Cmd(_) => None,
-        }
-    }
-
     pub(crate) fn into_body(self) -> Body {
         self.body
     }
