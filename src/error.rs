@@ -294,9 +294,17 @@ impl Error {
     /// its master (`MASTERDOWN`), a cluster that cannot serve (`CLUSTERDOWN`,
     /// `TRYAGAIN`). The command did not run.
     pub(crate) fn is_refusal_of_a_live_server(&self) -> bool {
+        self.is_lasting_refusal() || self.server_code() == Some("TRYAGAIN")
+    }
+
+    /// Such a refusal that lasts seconds, as loading a dataset, a script past its time
+    /// limit, a lost master link or a failover do: sending the command again a few
+    /// milliseconds later only gets it again. (`TRYAGAIN`, a multi-key command while its
+    /// slot moves, is meant to be retried soon.)
+    pub(crate) fn is_lasting_refusal(&self) -> bool {
         matches!(
             self.server_code(),
-            Some("LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN")
+            Some("LOADING" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN")
         )
     }
 

@@ -30,9 +30,11 @@ struct Shared<S> {
 /// Retries calls that failed as [unavailable](Error::is_unavailable) when sending them
 /// again is safe: the command is idempotent (`GET`, `SET`, `DEL`...), or the error proves
 /// Redis did not run it ([`may_have_run`](Error::may_have_run) is false: reconnecting,
-/// refused, `LOADING`). An `INCR` whose connection broke after it was sent is never sent
+/// refused, `TRYAGAIN`). An `INCR` whose connection broke after it was sent is never sent
 /// again. Timeouts, server errors, configuration errors and open circuits are never
-/// retried.
+/// retried, nor are the refusals that last seconds (`LOADING`, `BUSY`, `MASTERDOWN`,
+/// `CLUSTERDOWN`): a resend a few milliseconds later would only be refused again, and
+/// the caller (a read's fallback) gets its answer at once instead.
 ///
 /// Retries wait a backoff step first (default 10 ms growing to 100 ms, full jitter, at
 /// most 2 retries) and draw from a [`RetryBudget`] shared by every service this layer
@@ -71,6 +73,7 @@ impl Settings {
     fn allows_retry(&self, request: &Request, error: &Error, retries: u32) -> bool {
         let info = request.info();
         error.is_unavailable()
+            && !error.is_lasting_refusal()
             && (!error.may_have_run()
                 || (info.is_idempotent() && (self.resend_counting || !info.reply_counts_changes())))
             && retries < self.max_retries

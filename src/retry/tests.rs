@@ -175,13 +175,30 @@ async fn incr_that_never_left_the_client_is_retried() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn timeouts_server_errors_and_open_circuits_are_not_retried() {
+async fn a_multi_key_command_told_to_try_again_is_retried() {
+    // TRYAGAIN: a cluster slot on the move; Redis did not run it and asks for a resend.
+    let tryagain =
+        crate::error::server(b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n");
+    let script = Script::new(vec![Err(tryagain), Ok(Value::Int(2))]);
+    let mut service = layer().layer(script.clone());
+    let reply = send(&mut service, &["SUNIONSTORE", "{t}d", "{t}a", "{t}b"]).await;
+    assert_eq!(reply.unwrap(), Value::Int(2));
+    assert_eq!(script.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeouts_server_errors_open_circuits_and_lasting_refusals_are_not_retried() {
     let wrongtype = crate::error::server(b"-WRONGTYPE x\r\n");
     for error in [
         Error::timed_out(Duration::from_millis(5)),
         wrongtype,
         Error::circuit_open(Duration::from_secs(1)),
         Error::config("bad"),
+        // Refusals that last seconds: a resend within milliseconds is refused again.
+        crate::error::server(b"-LOADING Redis is loading the dataset in memory\r\n"),
+        crate::error::server(b"-BUSY Redis is busy running a script.\r\n"),
+        crate::error::server(b"-MASTERDOWN Link with MASTER is down\r\n"),
+        crate::error::server(b"-CLUSTERDOWN The cluster is down\r\n"),
     ] {
         let script = Script::new(vec![Err(error.clone())]);
         let mut service = layer().layer(script.clone());
