@@ -585,3 +585,35 @@ async fn after_a_restart_that_loads_its_data_reads_are_served_as_soon_as_it_is_l
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp3_connections_serve_through_a_quiet_restart() {
+    let mut server = RedisServer::start();
+    let url = format!("{}?protocol=resp3", server.url());
+    let mut client = ResilientClient::builder(&url).connect().await.unwrap();
+    // The connection the leaf opened speaks RESP3.
+    let info: String = redis::cmd("CLIENT")
+        .arg("INFO")
+        .query_async(&mut client)
+        .await
+        .unwrap();
+    assert!(info.contains(" resp=3"), "{info}");
+    let () = client
+        .hset_multiple("h", &[("a", "1"), ("b", "2")])
+        .await
+        .unwrap();
+    let map: std::collections::HashMap<String, String> = client.hgetall("h").await.unwrap();
+    assert_eq!(map.len(), 2);
+
+    server.restart();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Found closed while quiet, so not sent: an INCR goes to a new connection.
+    let n: i64 = client.incr("n", 1).await.unwrap();
+    assert_eq!(n, 1);
+    let info: String = redis::cmd("CLIENT")
+        .arg("INFO")
+        .query_async(&mut client)
+        .await
+        .unwrap();
+    assert!(info.contains(" resp=3"), "{info}");
+}
