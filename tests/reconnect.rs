@@ -110,7 +110,9 @@ async fn recovers_by_itself_within_100ms_of_a_restarted_server_accepting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_connection_to_a_paused_server_is_replaced_after_resume() {
     let server = RedisServer::start();
-    let mut redis = Reconnect::connect(connector(&server.url()), ReconnectConfig::new())
+    let ping_timeout = Duration::from_millis(300);
+    let config = ReconnectConfig::new().stuck_ping_timeout(ping_timeout);
+    let mut redis = Reconnect::connect(connector(&server.url()), config)
         .await
         .unwrap();
     call(&mut redis, get("k")).await.unwrap();
@@ -118,18 +120,25 @@ async fn stuck_connection_to_a_paused_server_is_replaced_after_resume() {
     let grace = Duration::from_millis(50);
 
     server.pause();
-    // The outer deadline drops each call; three in a row mark the connection stuck.
+    // The outer deadline drops each call; three in a row make the connection suspect.
     for _ in 0..3 {
         let started = Instant::now();
         let outcome = tokio::time::timeout(deadline, call(&mut redis, get("k"))).await;
         assert!(outcome.is_err(), "a paused server cannot answer");
         assert!(started.elapsed() < deadline + grace);
     }
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    assert!(matches!(
-        *redis.state().borrow(),
-        ConnectionState::Reconnecting { .. }
-    ));
+    let suspect = Instant::now();
+    // A PING asks; the paused server does not answer it, so the connection goes.
+    let mut state = redis.state();
+    wait_for_state(&mut state, ping_timeout + grace, "reconnecting", |state| {
+        matches!(state, ConnectionState::Reconnecting { .. })
+    })
+    .await;
+    assert!(
+        suspect.elapsed() >= ping_timeout - Duration::from_millis(20),
+        "replaced after the PING's time, not before: {:?}",
+        suspect.elapsed()
+    );
     // While the paused server cannot complete a handshake, calls fail fast.
     for _ in 0..5 {
         let started = Instant::now();
@@ -143,6 +152,40 @@ async fn stuck_connection_to_a_paused_server_is_replaced_after_resume() {
     server.resume();
     until_ok(&mut redis, Duration::from_secs(3)).await;
     assert!(redis.stats().successes >= 2, "{:?}", redis.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_keeps_its_connection_while_calls_time_out() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port()).await;
+    let mut redis = Reconnect::connect(connector(&proxy.url()), ReconnectConfig::new())
+        .await
+        .unwrap();
+    call(&mut redis, get("k")).await.unwrap();
+
+    // Every reply comes, 300 ms late: past the callers' 100 ms, well within the PING's
+    // second. Before the PING decided, the connection went every three timeouts.
+    proxy.delay_replies(Duration::from_millis(300));
+    let deadline = Duration::from_millis(100);
+    let mut dropped = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        let outcome = tokio::time::timeout(deadline, call(&mut redis, get("k"))).await;
+        match outcome {
+            Err(_) => dropped += 1,
+            Ok(result) => panic!("no reply comes within the deadline: {result:?}"),
+        }
+    }
+    assert!(dropped >= 15, "{dropped} calls");
+    assert_eq!(*redis.state().borrow(), ConnectionState::Connected);
+    assert_eq!(redis.stats().attempts, 1, "{:?}", redis.stats());
+    assert_eq!(proxy.connections(), 1);
+
+    // Fast again: served on the same connection.
+    proxy.delay_replies(Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    call(&mut redis, get("k")).await.unwrap();
+    assert_eq!(proxy.connections(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

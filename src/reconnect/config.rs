@@ -14,6 +14,10 @@ pub const DEFAULT_MAX_BLOCKING_CONNECTIONS: usize = 64;
 /// unless [`ReconnectConfig::blocking_idle_timeout`] says otherwise.
 pub const DEFAULT_BLOCKING_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a connection suspected of being stuck has to answer a `PING` before it is
+/// replaced, unless [`ReconnectConfig::stuck_ping_timeout`] says otherwise.
+pub const DEFAULT_STUCK_PING_TIMEOUT: Duration = Duration::from_secs(1);
+
 type OnConnect<S> =
     Arc<dyn Fn(S) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> + Send + Sync>;
 
@@ -47,6 +51,7 @@ type OnConnect<S> =
 pub struct ReconnectConfig<S = RedisService> {
     pub(super) backoff: ExponentialBackoff,
     pub(super) stuck_after: u32,
+    pub(super) stuck_ping_timeout: Duration,
     pub(super) max_wait: Duration,
     pub(super) health_check: Option<(Duration, Duration)>,
     pub(super) on_connect: Option<OnConnect<S>>,
@@ -61,6 +66,7 @@ impl<S> Clone for ReconnectConfig<S> {
         ReconnectConfig {
             backoff: self.backoff.clone(),
             stuck_after: self.stuck_after,
+            stuck_ping_timeout: self.stuck_ping_timeout,
             max_wait: self.max_wait,
             health_check: self.health_check,
             on_connect: self.on_connect.clone(),
@@ -77,6 +83,7 @@ impl<S> Default for ReconnectConfig<S> {
         ReconnectConfig {
             backoff: default_backoff(),
             stuck_after: 3,
+            stuck_ping_timeout: DEFAULT_STUCK_PING_TIMEOUT,
             max_wait: Duration::ZERO,
             health_check: None,
             on_connect: None,
@@ -128,14 +135,41 @@ impl<S> ReconnectConfig<S> {
         self
     }
 
-    /// Replace the connection after this many calls in a row were cancelled (an outer
+    /// Suspect the connection after this many calls in a row were cancelled (an outer
     /// timeout dropped them, say) with no reply in between: a connection to a stalled
-    /// server or a half-open TCP connection never fails by itself. Blocking commands do
-    /// not count, nor requests with a deadline of their own
+    /// server or a half-open TCP connection never fails by itself. A `PING` then decides
+    /// (see [`stuck_ping_timeout`](Self::stuck_ping_timeout)). Blocking commands do not
+    /// count, nor requests with a deadline of their own
     /// ([`Request::with_deadline`](crate::Request::with_deadline)), which may be shorter
     /// than a healthy Redis needs. `0` turns this off. Default 3.
     pub fn stuck_after(mut self, cancelled_calls: u32) -> Self {
         self.stuck_after = cancelled_calls;
+        self
+    }
+
+    /// How long a suspect connection (see [`stuck_after`](Self::stuck_after)) has to
+    /// answer a `PING` before it is replaced. Default
+    /// [`DEFAULT_STUCK_PING_TIMEOUT`](super::DEFAULT_STUCK_PING_TIMEOUT), 1 s.
+    ///
+    /// The calls may have timed out because Redis is slow, not unreachable: overloaded,
+    /// busy with a slow command, far away. Its replies then still come, late. A new
+    /// connection would be just as slow, and opening one every few timeouts (twice a
+    /// second, measured against a Redis answering in 300 ms) adds handshakes, TLS ones
+    /// too, to a server that is already struggling. So the connection is kept while it
+    /// answers the `PING` within this time (the `PING` waits behind the calls already
+    /// sent on it), and replaced when it does not. Zero replaces it without asking, as
+    /// soon as it is suspect.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_redis_resilience::reconnect::ReconnectConfig;
+    ///
+    /// // Redis replies within 2 s even when it struggles: replace only what is silent longer.
+    /// let config = ReconnectConfig::new().stuck_ping_timeout(Duration::from_secs(2));
+    /// # let _ = config;
+    /// ```
+    pub fn stuck_ping_timeout(mut self, timeout: Duration) -> Self {
+        self.stuck_ping_timeout = timeout;
         self
     }
 
@@ -288,6 +322,7 @@ impl<S> fmt::Debug for ReconnectConfig<S> {
         f.debug_struct("ReconnectConfig")
             .field("backoff", &self.backoff)
             .field("stuck_after", &self.stuck_after)
+            .field("stuck_ping_timeout", &self.stuck_ping_timeout)
             .field("max_wait", &self.max_wait)
             .field("health_check", &self.health_check)
             .field("on_connect", &self.on_connect.as_ref().map(|_| "<hook>"))

@@ -7,7 +7,7 @@ mod shared;
 
 pub use config::{
     DEFAULT_BLOCKING_IDLE_TIMEOUT, DEFAULT_IDLE_BLOCKING_CONNECTIONS,
-    DEFAULT_MAX_BLOCKING_CONNECTIONS, ReconnectConfig,
+    DEFAULT_MAX_BLOCKING_CONNECTIONS, DEFAULT_STUCK_PING_TIMEOUT, ReconnectConfig,
 };
 pub(crate) use config::{default_backoff, delay_after};
 pub use future::ResponseFuture;
@@ -74,8 +74,11 @@ pub struct ReconnectStats {
 ///
 /// - **Lost connections** are noticed when a call fails with a broken connection (reset,
 ///   closed, refused), when [`stuck_after`](ReconnectConfig::stuck_after) calls in a row
-///   are dropped unanswered (an outer timeout gave up on a stalled server), or when the
-///   optional [health check](ReconnectConfig::health_check) `PING` gets no reply.
+///   are dropped unanswered (an outer timeout gave up on a stalled server) and a `PING`
+///   then gets no reply either within
+///   [`stuck_ping_timeout`](ReconnectConfig::stuck_ping_timeout) (a Redis that is only
+///   slow answers it, and keeps its connection), or when the optional
+///   [health check](ReconnectConfig::health_check) `PING` gets no reply.
 /// - **While reconnecting**, calls fail at once with an [unavailable](Error::is_unavailable)
 ///   error ("reconnecting, attempt 3, next try in 20ms") that never reached Redis, or wait
 ///   at most [`max_wait`](ReconnectConfig::max_wait).

@@ -33,6 +33,9 @@ pub(super) struct Shared<M: MakeConnection> {
     pub generation: AtomicU64,
     /// Calls cancelled in a row with no reply in between.
     stuck: AtomicU32,
+    /// The generation of the connection a `PING` is asking whether it is stuck; 0 when
+    /// none is.
+    checking: AtomicU64,
     /// When a `READONLY` reply last replaced the connection: nanoseconds after `origin`,
     /// [`NEVER`] before the first time.
     readonly_reconnected_at: AtomicU64,
@@ -89,6 +92,7 @@ impl<M: MakeConnection> Shared<M> {
                 config,
                 generation: AtomicU64::new(1),
                 stuck: AtomicU32::new(0),
+                checking: AtomicU64::new(0),
                 readonly_reconnected_at: AtomicU64::new(NEVER),
                 origin: Instant::now(),
                 slot: Mutex::new(Slot {
@@ -230,7 +234,79 @@ impl<M: MakeConnection> Shared<M> {
         let threshold = self.config.stuck_after;
         let count = self.stuck.fetch_add(1, Ordering::Relaxed) + 1;
         if threshold > 0 && count >= threshold {
-            self.connection_lost(generation, "calls keep timing out with no reply");
+            let timeout = self.config.stuck_ping_timeout;
+            if timeout.is_zero() {
+                self.connection_lost(generation, "calls keep timing out with no reply");
+            } else {
+                self.ask_if_stuck(generation, timeout);
+            }
+        }
+    }
+
+    /// Sends a `PING` on the suspect connection of `generation`, unless one is already
+    /// asking: an answer within `timeout` says Redis is slow, not unreachable, and the
+    /// connection stays; no answer replaces it. Calls go on meanwhile.
+    fn ask_if_stuck(&self, generation: u64, timeout: Duration) {
+        if self.checking.swap(generation, Ordering::AcqRel) == generation {
+            return;
+        }
+        let (Some(shared), Ok(runtime)) =
+            (self.this.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            self.checking.store(0, Ordering::Release);
+            return self.connection_lost(generation, "calls keep timing out with no reply");
+        };
+        runtime.spawn(async move {
+            let (current, connection) = shared.current();
+            if let (true, Some(connection)) = (current == generation, connection) {
+                shared
+                    .ping(generation, connection, timeout, Ping::Suspect)
+                    .await;
+            }
+            let _ = shared.checking.compare_exchange(
+                generation,
+                0,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        });
+    }
+
+    /// Sends a `PING` on `connection`, of `generation`, and acts on what comes of it: a
+    /// reply, an error one included, comes from a live server; a broken connection, or no
+    /// reply within `timeout`, is replaced. (Not on a cluster's, whose `PING` may wait on
+    /// one stalled node, which says nothing about the others: the rule calls follow.)
+    async fn ping(
+        &self,
+        generation: u64,
+        mut connection: Connection<M>,
+        timeout: Duration,
+        why: Ping,
+    ) {
+        let started = Instant::now();
+        let ping = async {
+            std::future::poll_fn(|cx| connection.poll_ready(cx)).await?;
+            connection.call(Request::from(redis::cmd("PING"))).await
+        };
+        match tokio::time::timeout(timeout, ping).await {
+            Ok(Err(error)) if error.breaks_connection() => {
+                self.connection_lost(generation, why.failed())
+            }
+            Ok(_) => {
+                self.alive();
+                if let Ping::Suspect = why {
+                    tracing::debug!(
+                        address = self.connector.address(),
+                        answered_in = ?started.elapsed(),
+                        "calls time out, but the connection answers PING: redis is slow, \
+                         not unreachable; keeping the connection"
+                    );
+                }
+            }
+            Err(_) if self.connector.hung_calls_mean_stuck(&connection) => {
+                self.connection_lost(generation, why.silent())
+            }
+            Err(_) => {}
         }
     }
 
@@ -504,24 +580,36 @@ pub(super) async fn health_check<M: MakeConnection>(
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let (generation, Some(mut connection)) = shared.current() else {
+        let (generation, Some(connection)) = shared.current() else {
             continue;
         };
-        let ping = async {
-            std::future::poll_fn(|cx| connection.poll_ready(cx)).await?;
-            connection.call(Request::from(redis::cmd("PING"))).await
-        };
-        match tokio::time::timeout(timeout, ping).await {
-            Ok(Err(error)) if error.breaks_connection() => {
-                shared.connection_lost(generation, "health check PING failed")
-            }
-            Ok(_) => shared.alive(),
-            // A cluster's PING may wait on one stalled node, which says nothing about the
-            // others: the same rule as for calls that time out.
-            Err(_) if shared.connector.hung_calls_mean_stuck(&connection) => {
-                shared.connection_lost(generation, "health check PING timed out")
-            }
-            Err(_) => {}
+        shared
+            .ping(generation, connection, timeout, Ping::HealthCheck)
+            .await;
+    }
+}
+
+/// Why a `PING` is sent on the connection, which its log lines say.
+#[derive(Clone, Copy)]
+enum Ping {
+    /// The [health check](ReconnectConfig::health_check)'s, on its interval.
+    HealthCheck,
+    /// Calls on the connection keep timing out ([`ReconnectConfig::stuck_after`]).
+    Suspect,
+}
+
+impl Ping {
+    fn failed(self) -> &'static str {
+        match self {
+            Ping::HealthCheck => "health check PING failed",
+            Ping::Suspect => "calls keep timing out, and a PING failed",
+        }
+    }
+
+    fn silent(self) -> &'static str {
+        match self {
+            Ping::HealthCheck => "health check PING timed out",
+            Ping::Suspect => "calls keep timing out, and a PING got no reply either",
         }
     }
 }

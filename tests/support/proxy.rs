@@ -28,6 +28,8 @@ pub struct FaultProxy {
     upstream: Arc<AtomicU16>,
     /// Connections accepted before this many (counted from 1) forward nothing more.
     silenced_below: Arc<AtomicU64>,
+    /// Milliseconds every reply is held before it goes on to the client.
+    delay_millis: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -42,6 +44,8 @@ impl FaultProxy {
         let accepted = Arc::new(AtomicU64::new(0));
         let upstream = Arc::new(AtomicU16::new(upstream_port));
         let silenced_below = Arc::new(AtomicU64::new(0));
+        let delay_millis = Arc::new(AtomicU64::new(0));
+        let delay = delay_millis.clone();
         let shared = budget.clone();
         let counter = accepted.clone();
         let target = upstream.clone();
@@ -52,6 +56,7 @@ impl FaultProxy {
                 let faults = Faults {
                     budget: shared.clone(),
                     silenced_below: silence.clone(),
+                    delay_millis: delay.clone(),
                     number,
                 };
                 let upstream_port = target.load(Ordering::SeqCst);
@@ -68,6 +73,7 @@ impl FaultProxy {
             accepted,
             upstream,
             silenced_below,
+            delay_millis,
             task,
         }
     }
@@ -104,12 +110,20 @@ impl FaultProxy {
         self.silenced_below
             .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
     }
+
+    /// From now on, hold every reply `delay` before passing it on, in order, on every
+    /// connection: a server that is slow but alive, or a slow network. Zero ends it.
+    pub fn delay_replies(&self, delay: std::time::Duration) {
+        let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.delay_millis.store(millis, Ordering::SeqCst);
+    }
 }
 
 /// What the proxy does to one connection.
 struct Faults {
     budget: Arc<AtomicU64>,
     silenced_below: Arc<AtomicU64>,
+    delay_millis: Arc<AtomicU64>,
     /// This connection's place in the order of acceptance, from 0.
     number: u64,
 }
@@ -143,15 +157,20 @@ async fn forward(client: TcpStream, server: TcpStream, faults: Faults) {
             }
         }
     };
-    let downstream = async move {
-        let budget = &faults.budget;
+    // Replies go through a queue to the writer, each due when it was read plus the delay
+    // in force then, so a delay holds replies without slowing the reading of later ones.
+    let (queue, mut due) =
+        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let reader_faults = faults.clone();
+    let reader = async move {
+        let budget = &reader_faults.budget;
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let n = match server_read.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if faults.silenced() {
+            if reader_faults.silenced() {
                 continue;
             }
             let allowed = budget.load(Ordering::SeqCst);
@@ -159,10 +178,26 @@ async fn forward(client: TcpStream, server: TcpStream, faults: Faults) {
             if allowed != UNLIMITED {
                 budget.fetch_sub(pass as u64, Ordering::SeqCst);
             }
-            if client_write.write_all(&buf[..pass]).await.is_err() || pass < n {
-                return; // dropping both halves closes the client connection mid-reply
+            let delay =
+                std::time::Duration::from_millis(reader_faults.delay_millis.load(Ordering::SeqCst));
+            let at = tokio::time::Instant::now() + delay;
+            if queue.send((at, buf[..pass].to_vec())).is_err() || pass < n {
+                return; // the writer closes the client connection after what it holds
             }
         }
+    };
+    let writer = async move {
+        while let Some((at, bytes)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if client_write.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        // The reader ended: dropping the write half closes the client connection, mid-reply
+        // when the budget ran out.
+    };
+    let downstream = async move {
+        tokio::join!(reader, writer);
     };
     tokio::select! {
         () = upstream => {}
