@@ -128,7 +128,12 @@ async fn stuck_connection_to_a_paused_server_is_replaced_after_resume() {
         assert!(started.elapsed() < deadline + grace);
     }
     let suspect = Instant::now();
-    // A PING asks; the paused server does not answer it, so the connection goes.
+    // Out of use at once: calls fail fast while a PING asks whether it is stuck.
+    let err = call(&mut redis, get("k")).await.unwrap_err();
+    assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+    assert!(err.to_string().contains("PING"), "{err}");
+    assert_eq!(*redis.state().borrow(), ConnectionState::Suspect);
+    // The paused server does not answer the PING, so the connection goes.
     let mut state = redis.state();
     wait_for_state(&mut state, ping_timeout + grace, "reconnecting", |state| {
         matches!(state, ConnectionState::Reconnecting { .. })
@@ -167,17 +172,27 @@ async fn a_slow_redis_keeps_its_connection_while_calls_time_out() {
     // second. Before the PING decided, the connection went every three timeouts.
     proxy.delay_replies(Duration::from_millis(300));
     let deadline = Duration::from_millis(100);
-    let mut dropped = 0;
+    let (mut dropped, mut refused) = (0, 0);
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(2) {
-        let outcome = tokio::time::timeout(deadline, call(&mut redis, get("k"))).await;
-        match outcome {
+        match tokio::time::timeout(deadline, call(&mut redis, get("k"))).await {
             Err(_) => dropped += 1,
-            Ok(result) => panic!("no reply comes within the deadline: {result:?}"),
+            // While a PING asks, calls fail fast, unsent.
+            Ok(Err(err)) if err.is_unavailable() && !err.may_have_run() => {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(other) => panic!("no reply comes within the deadline: {other:?}"),
         }
     }
-    assert!(dropped >= 15, "{dropped} calls");
-    assert_eq!(*redis.state().borrow(), ConnectionState::Connected);
+    // Three timeouts, a PING answered in ~300 ms, and again: about three rounds.
+    assert!(dropped >= 6, "{dropped} calls timed out");
+    assert!(refused >= 10, "{refused} calls failed fast");
+    let state = *redis.state().borrow();
+    assert!(
+        matches!(state, ConnectionState::Connected | ConnectionState::Suspect),
+        "{state:?}"
+    );
     assert_eq!(redis.stats().attempts, 1, "{:?}", redis.stats());
     assert_eq!(proxy.connections(), 1);
 
@@ -185,6 +200,34 @@ async fn a_slow_redis_keeps_its_connection_while_calls_time_out() {
     proxy.delay_replies(Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(400)).await;
     call(&mut redis, get("k")).await.unwrap();
+    assert_eq!(proxy.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_a_suspect_connection_goes_out_on_it_once_it_answers() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port()).await;
+    let config = ReconnectConfig::new().max_wait(Duration::from_secs(2));
+    let mut redis = Reconnect::connect(connector(&proxy.url()), config)
+        .await
+        .unwrap();
+    call(&mut redis, get("k")).await.unwrap();
+
+    proxy.delay_replies(Duration::from_millis(300));
+    for _ in 0..3 {
+        let outcome = tokio::time::timeout(Duration::from_millis(100), call(&mut redis, get("k")));
+        assert!(outcome.await.is_err(), "no reply within 100 ms");
+    }
+    // Suspect now: this call waits for it, and goes out on it once the PING is answered
+    // (~300 ms), then waits its own reply (~300 ms). Not the whole `max_wait`.
+    let started = Instant::now();
+    call(&mut redis, get("k")).await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1200), "took {took:?}");
+    assert!(
+        took >= Duration::from_millis(500),
+        "took {took:?}: sent before the PING"
+    );
     assert_eq!(proxy.connections(), 1);
 }
 

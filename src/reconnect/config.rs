@@ -155,10 +155,16 @@ impl<S> ReconnectConfig<S> {
     /// busy with a slow command, far away. Its replies then still come, late. A new
     /// connection would be just as slow, and opening one every few timeouts (twice a
     /// second, measured against a Redis answering in 300 ms) adds handshakes, TLS ones
-    /// too, to a server that is already struggling. So the connection is kept while it
-    /// answers the `PING` within this time (the `PING` waits behind the calls already
-    /// sent on it), and replaced when it does not. Zero replaces it without asking, as
-    /// soon as it is suspect.
+    /// too, to a server that is already struggling. So a suspect connection is taken out
+    /// of use at once, and a `PING` is sent on it (it waits behind the calls already
+    /// sent). Calls meanwhile fail fast, unsent, with an
+    /// [unavailable](crate::Error::is_unavailable) error (or wait
+    /// [`max_wait`](Self::max_wait)), as while reconnecting, instead of each waiting out
+    /// its deadline; the [state](super::Reconnect::state) is
+    /// [`Suspect`](super::ConnectionState::Suspect). An answer within this time puts the
+    /// connection back (`Connected`: a breaker that follows the state probes at once,
+    /// as after a reconnect, since a stall may have ended); silence replaces it. Zero
+    /// replaces it at once, without asking.
     ///
     /// ```
     /// use std::time::Duration;

@@ -42,6 +42,12 @@ pub enum ConnectionState {
         /// The attempt under way.
         attempt: u32,
     },
+    /// Calls on the connection kept timing out
+    /// ([`stuck_after`](ReconnectConfig::stuck_after)): it is out of use, and calls fail
+    /// fast, while a `PING` asks whether it is stuck. `Connected` again if it answers
+    /// within [`stuck_ping_timeout`](ReconnectConfig::stuck_ping_timeout) (Redis is slow,
+    /// not unreachable), `Reconnecting` if not.
+    Suspect,
     /// The backoff schedule ran out (`max_attempts`/`max_elapsed`); calls fail until
     /// [`Reconnect::reconnect`] starts over.
     Failed,
@@ -79,7 +85,8 @@ pub struct ReconnectStats {
 ///   [`stuck_ping_timeout`](ReconnectConfig::stuck_ping_timeout) (a Redis that is only
 ///   slow answers it, and keeps its connection), or when the optional
 ///   [health check](ReconnectConfig::health_check) `PING` gets no reply.
-/// - **While reconnecting**, calls fail at once with an [unavailable](Error::is_unavailable)
+/// - **While reconnecting**, and while a `PING` asks whether the connection is stuck,
+///   calls fail at once with an [unavailable](Error::is_unavailable)
 ///   error ("reconnecting, attempt 3, next try in 20ms") that never reached Redis, or wait
 ///   at most [`max_wait`](ReconnectConfig::max_wait).
 /// - **Blocking commands** that wait for data (`BLPOP`, `XREAD BLOCK`...) run on

@@ -33,9 +33,6 @@ pub(super) struct Shared<M: MakeConnection> {
     pub generation: AtomicU64,
     /// Calls cancelled in a row with no reply in between.
     stuck: AtomicU32,
-    /// The generation of the connection a `PING` is asking whether it is stuck; 0 when
-    /// none is.
-    checking: AtomicU64,
     /// When a `READONLY` reply last replaced the connection: nanoseconds after `origin`,
     /// [`NEVER`] before the first time.
     readonly_reconnected_at: AtomicU64,
@@ -66,6 +63,9 @@ struct Idle<M: MakeConnection> {
 
 struct Slot<C> {
     connection: Option<C>,
+    /// The connection taken out of use while a `PING` asks whether it is stuck: put back
+    /// if it answers, dropped if not. Calls meanwhile find no connection.
+    suspect: Option<C>,
     looping: bool,
     failed: bool,
     attempt: u32,
@@ -92,11 +92,11 @@ impl<M: MakeConnection> Shared<M> {
                 config,
                 generation: AtomicU64::new(1),
                 stuck: AtomicU32::new(0),
-                checking: AtomicU64::new(0),
                 readonly_reconnected_at: AtomicU64::new(NEVER),
                 origin: Instant::now(),
                 slot: Mutex::new(Slot {
                     connection,
+                    suspect: None,
                     looping: false,
                     failed: false,
                     attempt: 0,
@@ -135,6 +135,12 @@ impl<M: MakeConnection> Shared<M> {
         let slot = self.slot();
         if let Some(error) = &slot.config_error {
             return error.clone();
+        }
+        if slot.suspect.is_some() {
+            return Error::unavailable(
+                "the last calls on the connection got no reply: a PING is asking whether \
+                 it is stuck or redis is slow",
+            );
         }
         if slot.failed {
             return Error::unavailable("reconnecting gave up; call Reconnect::reconnect to retry");
@@ -229,8 +235,13 @@ impl<M: MakeConnection> Shared<M> {
         }
     }
 
-    /// A call was dropped before its reply came.
+    /// A call on the connection of `generation` was dropped before its reply came.
     pub fn cancelled(&self, generation: u64) {
+        // One sent before the connection was suspected, or replaced, says nothing of the
+        // current one.
+        if self.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
         let threshold = self.config.stuck_after;
         let count = self.stuck.fetch_add(1, Ordering::Relaxed) + 1;
         if threshold > 0 && count >= threshold {
@@ -238,75 +249,97 @@ impl<M: MakeConnection> Shared<M> {
             if timeout.is_zero() {
                 self.connection_lost(generation, "calls keep timing out with no reply");
             } else {
-                self.ask_if_stuck(generation, timeout);
+                self.suspect(generation, timeout);
             }
         }
     }
 
-    /// Sends a `PING` on the suspect connection of `generation`, unless one is already
-    /// asking: an answer within `timeout` says Redis is slow, not unreachable, and the
-    /// connection stays; no answer replaces it. Calls go on meanwhile.
-    fn ask_if_stuck(&self, generation: u64, timeout: Duration) {
-        if self.checking.swap(generation, Ordering::AcqRel) == generation {
-            return;
-        }
+    /// Takes the connection of `generation` out of use, so calls fail fast (or wait
+    /// [`max_wait`](ReconnectConfig::max_wait)) instead of each waiting out its deadline,
+    /// and sends it a `PING`: an answer within `timeout` says Redis is slow, not
+    /// unreachable, and puts the connection back; silence replaces it.
+    fn suspect(&self, generation: u64, timeout: Duration) {
         let (Some(shared), Ok(runtime)) =
             (self.this.upgrade(), tokio::runtime::Handle::try_current())
         else {
-            self.checking.store(0, Ordering::Release);
             return self.connection_lost(generation, "calls keep timing out with no reply");
         };
-        runtime.spawn(async move {
-            let (current, connection) = shared.current();
-            if let (true, Some(connection)) = (current == generation, connection) {
-                shared
-                    .ping(generation, connection, timeout, Ping::Suspect)
-                    .await;
+        let (suspect_generation, connection) = {
+            let mut slot = self.slot();
+            if self.generation.load(Ordering::Acquire) != generation {
+                return;
             }
-            let _ = shared.checking.compare_exchange(
-                generation,
-                0,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
+            let Some(connection) = slot.connection.take() else {
+                return;
+            };
+            slot.suspect = Some(connection.clone());
+            self.stuck.store(0, Ordering::Relaxed);
+            self.set_state(ConnectionState::Suspect);
+            (
+                self.generation.fetch_add(1, Ordering::AcqRel) + 1,
+                connection,
+            )
+        };
+        tracing::warn!(
+            address = self.connector.address(),
+            "redis calls keep timing out; asking the connection a PING before replacing it"
+        );
+        runtime.spawn(async move {
+            let started = Instant::now();
+            match shared.ping(connection, timeout).await {
+                Ping::Answered | Ping::Unknown => {
+                    shared.reinstate(suspect_generation);
+                    tracing::info!(
+                        address = shared.connector.address(),
+                        answered_in = ?started.elapsed(),
+                        "the redis connection answered PING: redis is slow, not unreachable; \
+                         keeping the connection"
+                    );
+                }
+                Ping::Failed => shared.connection_lost(
+                    suspect_generation,
+                    "calls kept timing out, and a PING failed",
+                ),
+                Ping::Silent => shared.connection_lost(
+                    suspect_generation,
+                    "calls kept timing out, and a PING got no reply either",
+                ),
+            }
         });
     }
 
-    /// Sends a `PING` on `connection`, of `generation`, and acts on what comes of it: a
-    /// reply, an error one included, comes from a live server; a broken connection, or no
-    /// reply within `timeout`, is replaced. (Not on a cluster's, whose `PING` may wait on
-    /// one stalled node, which says nothing about the others: the rule calls follow.)
-    async fn ping(
-        &self,
-        generation: u64,
-        mut connection: Connection<M>,
-        timeout: Duration,
-        why: Ping,
-    ) {
-        let started = Instant::now();
+    /// Puts the suspect connection back in use, unless something else happened to it
+    /// meanwhile (lost, or a reconnect asked for).
+    fn reinstate(&self, suspect_generation: u64) {
+        let mut slot = self.slot();
+        if self.generation.load(Ordering::Acquire) != suspect_generation {
+            return;
+        }
+        let Some(connection) = slot.suspect.take() else {
+            return;
+        };
+        slot.connection = Some(connection);
+        self.stuck.store(0, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        // Wakes calls waiting for a connection, and has a breaker that follows the state
+        // probe at once: Redis answered, so it may serve again (a stall that ended).
+        self.set_state(ConnectionState::Connected);
+    }
+
+    /// Sends a `PING` on `connection` and says what came of it.
+    async fn ping(&self, mut connection: Connection<M>, timeout: Duration) -> Ping {
         let ping = async {
             std::future::poll_fn(|cx| connection.poll_ready(cx)).await?;
             connection.call(Request::from(redis::cmd("PING"))).await
         };
         match tokio::time::timeout(timeout, ping).await {
-            Ok(Err(error)) if error.breaks_connection() => {
-                self.connection_lost(generation, why.failed())
-            }
-            Ok(_) => {
-                self.alive();
-                if let Ping::Suspect = why {
-                    tracing::debug!(
-                        address = self.connector.address(),
-                        answered_in = ?started.elapsed(),
-                        "calls time out, but the connection answers PING: redis is slow, \
-                         not unreachable; keeping the connection"
-                    );
-                }
-            }
-            Err(_) if self.connector.hung_calls_mean_stuck(&connection) => {
-                self.connection_lost(generation, why.silent())
-            }
-            Err(_) => {}
+            Ok(Err(error)) if error.breaks_connection() => Ping::Failed,
+            // Any reply, an error one included, comes from a live server.
+            Ok(_) => Ping::Answered,
+            // A cluster's `PING` may wait on one stalled node, which says nothing about
+            // the others: the rule calls that time out follow.
+            Err(_) if self.connector.hung_calls_mean_stuck(&connection) => Ping::Silent,
+            Err(_) => Ping::Unknown,
         }
     }
 
@@ -392,10 +425,13 @@ impl<M: MakeConnection> Shared<M> {
     /// unless that connection was already replaced.
     pub fn connection_lost(&self, generation: u64, why: &'static str) {
         let mut slot = self.slot();
-        if self.generation.load(Ordering::Acquire) != generation || slot.connection.is_none() {
+        if self.generation.load(Ordering::Acquire) != generation
+            || (slot.connection.is_none() && slot.suspect.is_none())
+        {
             return;
         }
         slot.connection = None;
+        slot.suspect = None;
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.stuck.store(0, Ordering::Relaxed);
         tracing::warn!(
@@ -413,7 +449,7 @@ impl<M: MakeConnection> Shared<M> {
     /// Drops the connection if there is one and starts the loop if it is not running.
     pub fn reconnect_now(&self) {
         let mut slot = self.slot();
-        if slot.connection.take().is_some() {
+        if slot.connection.take().is_some() | slot.suspect.take().is_some() {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
         self.start_loop(&mut slot);
@@ -583,33 +619,23 @@ pub(super) async fn health_check<M: MakeConnection>(
         let (generation, Some(connection)) = shared.current() else {
             continue;
         };
-        shared
-            .ping(generation, connection, timeout, Ping::HealthCheck)
-            .await;
+        match shared.ping(connection, timeout).await {
+            Ping::Answered => shared.alive(),
+            Ping::Failed => shared.connection_lost(generation, "health check PING failed"),
+            Ping::Silent => shared.connection_lost(generation, "health check PING timed out"),
+            Ping::Unknown => {}
+        }
     }
 }
 
-/// Why a `PING` is sent on the connection, which its log lines say.
-#[derive(Clone, Copy)]
+/// What came of a `PING` on the connection.
 enum Ping {
-    /// The [health check](ReconnectConfig::health_check)'s, on its interval.
-    HealthCheck,
-    /// Calls on the connection keep timing out ([`ReconnectConfig::stuck_after`]).
-    Suspect,
-}
-
-impl Ping {
-    fn failed(self) -> &'static str {
-        match self {
-            Ping::HealthCheck => "health check PING failed",
-            Ping::Suspect => "calls keep timing out, and a PING failed",
-        }
-    }
-
-    fn silent(self) -> &'static str {
-        match self {
-            Ping::HealthCheck => "health check PING timed out",
-            Ping::Suspect => "calls keep timing out, and a PING got no reply either",
-        }
-    }
+    /// Redis answered, an error reply included: the connection works.
+    Answered,
+    /// The connection broke.
+    Failed,
+    /// No reply in time, on a connection where that means it is stuck.
+    Silent,
+    /// No reply in time, on a connection where that says nothing (a cluster's).
+    Unknown,
 }
