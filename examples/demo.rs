@@ -136,7 +136,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or_default();
             let max = latencies.last().copied().unwrap_or_default();
             let delta = |outcome| snapshot.overall.count(outcome) - last.overall.count(outcome);
-            phase.calls += latencies.len() as u64;
+            // From the same snapshot as the outcomes, so they add up to it.
+            phase.calls += snapshot.overall.calls() - last.overall.calls();
             for outcome in Outcome::ALL {
                 phase.outcomes[outcome as usize] += delta(outcome);
             }
