@@ -1,11 +1,14 @@
 //! What the crate is for, made visible: steady traffic through the default stack while
-//! Redis is killed, restarted, paused (SIGSTOP), resumed and failed over, with a line
-//! every half second and a summary proving that no call outlived its deadline.
+//! Redis is killed, restarted, paused (SIGSTOP), resumed, slowed down and failed over,
+//! with a line every half second and a summary proving that no call outlived its
+//! deadline.
 //!
 //! `cargo run --example demo` starts throwaway `redis-server`s on free loopback ports (it
 //! must be installed) and injects the faults itself. The client knows one address, a
-//! forwarding proxy standing in for a DNS name: the failover makes the first server a
-//! replica of a standby and points the address at the standby, as a cloud failover does.
+//! forwarding proxy standing in for a DNS name: it holds every reply 300 ms while Redis
+//! is "slow" (an overloaded server, a bad network), and the failover makes the first
+//! server a replica of a standby and points the address at the standby, as a cloud
+//! failover does.
 //! With `REDIS_URL` set it drives traffic at that server for a few seconds but injects no
 //! faults: it cannot kill a server it does not own.
 
@@ -43,6 +46,8 @@ struct Phase {
     calls: u64,
     outcomes: [u64; Outcome::ALL.len()],
     write_errors: u64,
+    /// Connections opened.
+    connections: u64,
     max: Duration,
 }
 
@@ -89,8 +94,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             (Duration::from_secs(4), Some(Fault::Restart), "restarted"),
             (Duration::from_secs(6), Some(Fault::Pause), "paused"),
             (Duration::from_secs(8), Some(Fault::Resume), "resumed"),
-            (Duration::from_secs(10), Some(Fault::FailOver), "failover"),
-            (Duration::from_secs(12), None, "end"),
+            (Duration::from_secs(10), Some(Fault::Slow), "slow"),
+            (Duration::from_secs(12), Some(Fault::Fast), "fast"),
+            (Duration::from_secs(14), Some(Fault::FailOver), "failover"),
+            (Duration::from_secs(16), None, "end"),
         ],
         None => {
             println!(
@@ -120,6 +127,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let mut phases: Vec<Phase> = Vec::new();
     let mut last = client.metrics().unwrap_or_else(empty);
+    let mut last_connections = client.reconnect_stats().successes;
     let mut next = 0;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now(), INTERVAL);
     'run: loop {
@@ -142,6 +150,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 phase.outcomes[outcome as usize] += delta(outcome);
             }
             phase.write_errors += interval.write_errors;
+            let connections = client.reconnect_stats().successes;
+            phase.connections += connections - last_connections;
+            last_connections = connections;
             phase.max = phase.max.max(max);
             println!(
                 "{:>4.1}s  {:<9} {:>6} {:>8} {:>8} {:>7} {:>7} {:>10} {:>8} {:>8}  {:<9} {:?}",
@@ -182,6 +193,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 calls: 0,
                 outcomes: [0; Outcome::ALL.len()],
                 write_errors: 0,
+                connections: 0,
                 max: Duration::ZERO,
             });
             next += 1;
@@ -189,7 +201,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     println!(
-        "\n{:<9} {:>7} {:>7} {:>8} {:>8} {:>7} {:>7} {:>10} {:>9}  within deadline + {GRACE:?}?",
+        "\n{:<9} {:>7} {:>7} {:>8} {:>8} {:>7} {:>7} {:>10} {:>9} {:>9}  within deadline + {GRACE:?}?",
         "phase",
         "calls",
         "ok",
@@ -198,6 +210,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "timeout",
         "unavail",
         "write-errs",
+        "new conns",
         "slowest"
     );
     let mut all_within = true;
@@ -205,7 +218,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let within = phase.max <= deadline + GRACE;
         all_within &= within;
         println!(
-            "{:<9} {:>7} {:>7} {:>8} {:>8} {:>7} {:>7} {:>10} {:>9}  {}",
+            "{:<9} {:>7} {:>7} {:>8} {:>8} {:>7} {:>7} {:>10} {:>9} {:>9}  {}",
             phase.name,
             phase.calls,
             phase.outcomes[Outcome::Ok as usize],
@@ -214,6 +227,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             phase.outcomes[Outcome::Timeout as usize],
             phase.outcomes[Outcome::Unavailable as usize],
             phase.write_errors,
+            phase.connections,
             format!("{:.1?}", phase.max),
             if within { "yes" } else { "NO" },
         );
@@ -271,6 +285,8 @@ enum Fault {
     Restart,
     Pause,
     Resume,
+    Slow,
+    Fast,
     FailOver,
 }
 
@@ -289,6 +305,11 @@ impl Fault {
             Fault::Restart => server.restart(),
             Fault::Pause => server.pause(),
             Fault::Resume => server.resume(),
+            // Every reply 300 ms late: past the 250 ms deadline, so every call times out,
+            // yet Redis answers. The connection is kept (it answers a PING), not reopened
+            // every few timeouts.
+            Fault::Slow => lab.proxy.delay_replies(Duration::from_millis(300)),
+            Fault::Fast => lab.proxy.delay_replies(Duration::ZERO),
             Fault::FailOver => {
                 // The standby is the master now, the old master its replica (it answers
                 // writes with READONLY at once, before it has synced), and the address
