@@ -89,7 +89,7 @@ impl Default for SubscriberConfig {
         SubscriberConfig {
             backoff: crate::reconnect::default_backoff(),
             ping_interval: Duration::from_secs(1),
-            reply_timeout: Duration::from_millis(500),
+            reply_timeout: crate::reconnect::DEFAULT_STUCK_PING_TIMEOUT,
             buffer: DEFAULT_EVENT_BUFFER,
         }
     }
@@ -97,7 +97,7 @@ impl Default for SubscriberConfig {
 
 impl SubscriberConfig {
     /// The defaults: the reconnect schedule of [`ReconnectConfig`](crate::reconnect::ReconnectConfig),
-    /// a `PING` every second answered within 500 ms, 1024 events buffered.
+    /// a `PING` every second answered within 1 s, 1024 events buffered.
     pub fn new() -> Self {
         SubscriberConfig::default()
     }
@@ -118,8 +118,12 @@ impl SubscriberConfig {
         self
     }
 
-    /// How long Redis has to answer a `PING` or confirm a subscription (default 500 ms)
-    /// before the connection is taken for lost.
+    /// How long Redis has to answer a `PING` or confirm a subscription before the
+    /// connection is taken for lost (default 1 s, the
+    /// [`DEFAULT_STUCK_PING_TIMEOUT`](crate::reconnect::DEFAULT_STUCK_PING_TIMEOUT) of
+    /// command connections). A slow Redis still delivers its messages, late; a reconnect
+    /// would lose those published meanwhile, and could not subscribe again either while
+    /// Redis takes longer than this to confirm.
     pub fn reply_timeout(mut self, timeout: Duration) -> Self {
         self.reply_timeout = timeout;
         self

@@ -137,6 +137,31 @@ async fn a_stalled_server_is_found_by_ping_and_the_subscriber_comes_back() {
     assert_eq!(message(&mut events).await.2, "back");
 }
 
+/// A slow Redis (every reply 700 ms late, through a proxy) still delivers: the subscriber
+/// keeps its connection, and its subscriptions, instead of taking each late `PING` for a
+/// lost connection, reconnecting, and losing what was published meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_server_keeps_its_subscriber_and_the_messages_come() {
+    let server = RedisServer::start();
+    let proxy = support::FaultProxy::start(server.port()).await;
+    let connector = Connector::from_url(&proxy.url()).unwrap();
+    let (subscriber, mut events) = Subscriber::connect(connector, SubscriberConfig::new())
+        .await
+        .unwrap();
+    subscriber.subscribe("news").await.unwrap();
+
+    proxy.delay_replies(Duration::from_millis(700));
+    // Three PINGs' time.
+    for n in 0..3 {
+        assert_eq!(publish(&server, "news", &n.to_string()), "1");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    for n in 0..3 {
+        assert_eq!(message(&mut events).await.2, n.to_string());
+    }
+    assert_eq!(proxy.connections(), 1, "never reconnected");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_application_that_falls_behind_is_told_how_many_messages_it_missed() {
     let server = RedisServer::start();
