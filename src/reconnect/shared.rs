@@ -288,13 +288,14 @@ impl<M: MakeConnection> Shared<M> {
             let started = Instant::now();
             match shared.ping(connection, timeout).await {
                 Ping::Answered | Ping::Unknown => {
-                    shared.reinstate(suspect_generation);
-                    tracing::info!(
-                        address = shared.connector.address(),
-                        answered_in = ?started.elapsed(),
-                        "the redis connection answered PING: redis is slow, not unreachable; \
-                         keeping the connection"
-                    );
+                    if shared.reinstate(suspect_generation) {
+                        tracing::info!(
+                            address = shared.connector.address(),
+                            answered_in = ?started.elapsed(),
+                            "the redis connection answered PING: redis is slow, not \
+                             unreachable; keeping the connection"
+                        );
+                    }
                 }
                 Ping::Failed => shared.connection_lost(
                     suspect_generation,
@@ -309,14 +310,14 @@ impl<M: MakeConnection> Shared<M> {
     }
 
     /// Puts the suspect connection back in use, unless something else happened to it
-    /// meanwhile (lost, or a reconnect asked for).
-    fn reinstate(&self, suspect_generation: u64) {
+    /// meanwhile (lost, or a reconnect asked for). Answers whether it did.
+    fn reinstate(&self, suspect_generation: u64) -> bool {
         let mut slot = self.slot();
         if self.generation.load(Ordering::Acquire) != suspect_generation {
-            return;
+            return false;
         }
         let Some(connection) = slot.suspect.take() else {
-            return;
+            return false;
         };
         slot.connection = Some(connection);
         self.stuck.store(0, Ordering::Relaxed);
@@ -324,6 +325,7 @@ impl<M: MakeConnection> Shared<M> {
         // Wakes calls waiting for a connection, and has a breaker that follows the state
         // probe at once: Redis answered, so it may serve again (a stall that ended).
         self.set_state(ConnectionState::Connected);
+        true
     }
 
     /// Sends a `PING` on `connection` and says what came of it.
