@@ -71,6 +71,9 @@ enum Detail {
     /// (Here, not in the kind, which would grow every `Result` the layers pass up by a
     /// word.)
     OwnDeadline,
+    /// The connection is out of use while a `PING` asks whether it is stuck
+    /// ([`ReconnectConfig::stuck_ping_timeout`](crate::reconnect::ReconnectConfig::stuck_ping_timeout)).
+    Suspect,
     /// Formatted when shown, so rejecting calls during an outage does not allocate.
     Reconnecting {
         attempt: u32,
@@ -241,6 +244,24 @@ impl Error {
             },
             Detail::Message(message),
         )
+    }
+
+    /// The connection is out of use while a `PING` asks whether it is stuck; the
+    /// request was not sent.
+    pub(crate) fn suspect() -> Self {
+        Error::new(
+            Kind::Unavailable {
+                may_have_run: false,
+            },
+            Detail::Suspect,
+        )
+    }
+
+    /// Refused unsent while the connection is [suspect](Self::suspect): Redis did not
+    /// answer the last calls within their deadlines, so a resend a few milliseconds
+    /// later, before the `PING` has its answer, would only be refused again.
+    pub(crate) fn is_suspect(&self) -> bool {
+        matches!(self.detail, Detail::Suspect)
     }
 
     /// The connection is being re-established; the request was not sent.
@@ -654,6 +675,10 @@ impl fmt::Display for Error {
         match &self.detail {
             Detail::None => Ok(()),
             Detail::OwnDeadline => f.write_str(", its own deadline"),
+            Detail::Suspect => f.write_str(
+                ": the last calls on the connection got no reply: a PING is asking whether \
+                 it is stuck or redis is slow",
+            ),
             Detail::Message(message) => write!(f, ": {message}"),
             Detail::Reconnecting {
                 attempt,

@@ -137,10 +137,7 @@ impl<M: MakeConnection> Shared<M> {
             return error.clone();
         }
         if slot.suspect.is_some() {
-            return Error::unavailable(
-                "the last calls on the connection got no reply: a PING is asking whether \
-                 it is stuck or redis is slow",
-            );
+            return Error::suspect();
         }
         if slot.failed {
             return Error::unavailable("reconnecting gave up; call Reconnect::reconnect to retry");

@@ -33,8 +33,10 @@ struct Shared<S> {
 /// refused, `TRYAGAIN`). An `INCR` whose connection broke after it was sent is never sent
 /// again. Timeouts, server errors, configuration errors and open circuits are never
 /// retried, nor are the refusals that last seconds (`LOADING`, `BUSY`, `MASTERDOWN`,
-/// `CLUSTERDOWN`): a resend a few milliseconds later would only be refused again, and
-/// the caller (a read's fallback) gets its answer at once instead.
+/// `CLUSTERDOWN`), nor calls refused while the connection is out of use for a `PING` to
+/// ask whether it is stuck (`ConnectionState::Suspect`): a resend a few milliseconds
+/// later would only be refused again, and the caller (a read's fallback) gets its answer
+/// at once instead.
 ///
 /// Retries wait a backoff step first (default 10 ms growing to 100 ms, full jitter, at
 /// most 2 retries) and draw from a [`RetryBudget`] shared by every service this layer
@@ -74,6 +76,7 @@ impl Settings {
         let info = request.info();
         error.is_unavailable()
             && !error.is_lasting_refusal()
+            && !error.is_suspect()
             && (!error.may_have_run()
                 || (info.is_idempotent() && (self.resend_counting || !info.reply_counts_changes())))
             && retries < self.max_retries

@@ -187,7 +187,8 @@ async fn a_multi_key_command_told_to_try_again_is_retried() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn timeouts_server_errors_open_circuits_and_lasting_refusals_are_not_retried() {
+async fn timeouts_server_errors_open_circuits_lasting_refusals_and_suspect_connections_are_not_retried()
+ {
     let wrongtype = crate::error::server(b"-WRONGTYPE x\r\n");
     for error in [
         Error::timed_out(Duration::from_millis(5)),
@@ -199,6 +200,9 @@ async fn timeouts_server_errors_open_circuits_and_lasting_refusals_are_not_retri
         crate::error::server(b"-BUSY Redis is busy running a script.\r\n"),
         crate::error::server(b"-MASTERDOWN Link with MASTER is down\r\n"),
         crate::error::server(b"-CLUSTERDOWN The cluster is down\r\n"),
+        // Unsent while a PING asks whether the connection is stuck: the answer takes
+        // longer than the calls that timed out did.
+        Error::suspect(),
     ] {
         let script = Script::new(vec![Err(error.clone())]);
         let mut service = layer().layer(script.clone());
