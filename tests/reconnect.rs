@@ -232,6 +232,62 @@ async fn a_call_waiting_for_a_suspect_connection_goes_out_on_it_once_it_answers(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_replica_while_the_connection_is_out_of_use() {
+    let master = RedisServer::start();
+    let replica = RedisServer::start();
+    replica.replicate(&master);
+    assert_eq!(master.raw_command(&["SET", "k", "v"]), "OK");
+    replica.catch_up(&master);
+    let to_replica = Reconnect::connect(
+        connector(&replica.url()),
+        ReconnectConfig::new().reconnect_on_readonly(None),
+    )
+    .await
+    .unwrap();
+    let config = ReconnectConfig::new().read_replica(to_replica);
+    let mut redis = Reconnect::connect(connector(&master.url()), config)
+        .await
+        .unwrap();
+    assert_eq!(
+        call(&mut redis, get("k")).await.unwrap(),
+        Value::BulkString(b"v".to_vec())
+    );
+
+    // Stalled: three calls time out, and the connection is out of use while a PING asks.
+    master.pause();
+    for _ in 0..3 {
+        let outcome = tokio::time::timeout(Duration::from_millis(100), call(&mut redis, get("k")));
+        assert!(outcome.await.is_err(), "a paused server cannot answer");
+    }
+    assert_eq!(*redis.state().borrow(), ConnectionState::Suspect);
+    // Reads are served by the replica, at once; writes are refused, unsent.
+    let started = Instant::now();
+    assert_eq!(
+        call(&mut redis, get("k")).await.unwrap(),
+        Value::BulkString(b"v".to_vec())
+    );
+    assert!(started.elapsed() < Duration::from_millis(50));
+    let set = Request::from(redis::cmd("SET").arg("k").arg("w").to_owned());
+    let err = call(&mut redis, set).await.unwrap_err();
+    assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+    // And once the connection is given up for lost, as well.
+    let mut state = redis.state();
+    wait_for_state(
+        &mut state,
+        Duration::from_secs(2),
+        "reconnecting",
+        |state| matches!(state, ConnectionState::Reconnecting { .. }),
+    )
+    .await;
+    assert_eq!(
+        call(&mut redis, get("k")).await.unwrap(),
+        Value::BulkString(b"v".to_vec())
+    );
+    assert_eq!(redis.stats().replica_reads, 2);
+    master.resume();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_tasks_through_a_three_second_outage() {
     let mut server = RedisServer::start();
     let proxy = FaultProxy::start(server.port()).await;

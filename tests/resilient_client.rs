@@ -619,3 +619,60 @@ async fn resp3_connections_serve_through_a_quiet_restart() {
     assert_eq!(n, 1);
     assert_eq!(protocol(&mut client).await, "resp=3");
 }
+
+/// A master that dies leaves its replica serving what it had (`replica-serve-stale-data`,
+/// Redis's default): with `read_replica`, reads get that data instead of misses while
+/// the master is being reconnected, and writes still fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_master_is_down_reads_are_served_by_its_replica() {
+    let mut master = RedisServer::start();
+    let mut replica = RedisServer::start();
+    replica.replicate(&master);
+    let mut client = ResilientClient::builder(&master.url())
+        .read_replica(Connector::from_url(&replica.url()).unwrap())
+        .connect()
+        .await
+        .unwrap();
+    for i in 0..10 {
+        let () = client.set(format!("k{i}"), i).await.unwrap();
+    }
+    replica.catch_up(&master);
+    assert_eq!(
+        client.reconnect_stats().replica_reads,
+        0,
+        "not while connected"
+    );
+
+    master.kill();
+    // Every read is served, from the first that finds the connection lost on.
+    for _ in 0..30 {
+        for i in 0..10 {
+            let started = Instant::now();
+            let value: Option<i64> = client.get(format!("k{i}")).await.unwrap();
+            assert_eq!(value, Some(i), "k{i}");
+            assert!(started.elapsed() < Duration::from_millis(300));
+        }
+    }
+    let mget: Vec<Option<i64>> = client.mget(&["k1", "k2", "nope"]).await.unwrap();
+    assert_eq!(mget, [Some(1), Some(2), None]);
+    let write = client.set::<_, _, ()>("k0", 100).await.unwrap_err();
+    assert!(Error::from(write).is_unavailable());
+    assert!(client.reconnect_stats().replica_reads >= 300);
+    assert_eq!(client.fallback().unwrap().fallbacks(), 0, "no misses");
+
+    // The replica gone too: misses, each within the deadline.
+    replica.kill();
+    let started = Instant::now();
+    let value: Option<i64> = client.get("k1").await.unwrap();
+    assert_eq!(value, None);
+    assert!(started.elapsed() < Duration::from_millis(300));
+
+    // The master back (empty: it kept nothing): served there.
+    master.restart();
+    eventually(Duration::from_secs(3), async || {
+        client.set::<_, _, ()>("k1", 7).await.is_ok()
+    })
+    .await;
+    let value: Option<i64> = client.get("k1").await.unwrap();
+    assert_eq!(value, Some(7));
+}

@@ -73,6 +73,7 @@ pub struct ResilientClientBuilder {
     breaker: Slot<CircuitBreakerConfig>,
     timeout: Slot<TimeoutLayer>,
     retry: Slot<RetryLayer>,
+    replica: Option<Connector>,
     health_timeout: Duration,
 }
 
@@ -97,6 +98,7 @@ impl ResilientClientBuilder {
             breaker: Slot::Default,
             timeout: Slot::Default,
             retry: Slot::Default,
+            replica: None,
             health_timeout: Duration::from_millis(250),
         }
     }
@@ -118,6 +120,30 @@ impl ResilientClientBuilder {
     /// No fallback: failed reads return their errors.
     pub fn without_fallback(mut self) -> Self {
         self.fallback = Slot::Off;
+        self
+    }
+
+    /// While there is no connection to Redis (it is down, or the connection is being
+    /// replaced), reads go to the replica `connector` leads to (a replica's address, or a
+    /// managed Redis's reader endpoint) instead of missing: see
+    /// [`ReconnectConfig::read_replica`]. The replica's connection is kept as this
+    /// client's is (the same [`reconnect`](Self::reconnect) settings, except that a
+    /// `READONLY` reply there is no failover), and opened in the background: a replica
+    /// that is down does not fail [`connect`](Self::connect). Count its reads in
+    /// [`ResilientClient::reconnect_stats`]'s `replica_reads`.
+    ///
+    /// ```no_run
+    /// use tower_redis_resilience::{Connector, ResilientClient};
+    ///
+    /// # async fn run() -> Result<(), tower_redis_resilience::Error> {
+    /// let client = ResilientClient::builder("redis://127.0.0.1:6379")
+    ///     .read_replica(Connector::from_url("redis://127.0.0.1:6380")?)
+    ///     .connect()
+    ///     .await?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    pub fn read_replica(mut self, connector: Connector) -> Self {
+        self.replica = Some(connector);
         self
     }
 
@@ -193,15 +219,27 @@ impl ResilientClientBuilder {
     /// Redis is reachable. Needs a tokio runtime.
     pub fn build(self) -> Result<ResilientClient, Error> {
         let connector = self.connector.clone()?;
-        let redis = Reconnect::lazy(connector.clone(), self.reconnect.clone())?;
+        let redis = Reconnect::lazy(connector.clone(), self.reconnect_config()?)?;
         self.assemble(&connector, redis)
     }
 
     /// Connects first and returns the error if Redis cannot be reached.
     pub async fn connect(self) -> Result<ResilientClient, Error> {
         let connector = self.connector.clone()?;
-        let redis = Reconnect::connect(connector.clone(), self.reconnect.clone()).await?;
+        let redis = Reconnect::connect(connector.clone(), self.reconnect_config()?).await?;
         self.assemble(&connector, redis)
+    }
+
+    /// The reconnect settings, with the replica's connection if there is one.
+    fn reconnect_config(&self) -> Result<ReconnectConfig, Error> {
+        let Some(replica) = &self.replica else {
+            return Ok(self.reconnect.clone());
+        };
+        let replica = Reconnect::lazy(
+            replica.clone(),
+            self.reconnect.clone().reconnect_on_readonly(None),
+        )?;
+        Ok(self.reconnect.clone().read_replica(replica))
     }
 
     fn assemble(self, connector: &Connector, redis: Reconnect) -> Result<ResilientClient, Error> {

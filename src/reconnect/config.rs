@@ -1,6 +1,9 @@
 use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
 
-use crate::{Error, RedisService, backoff::ExponentialBackoff};
+use redis::Value;
+use tower::{Service, util::BoxCloneSyncService};
+
+use crate::{Error, RedisService, Request, backoff::ExponentialBackoff};
 
 /// How many connections for blocking commands are kept open between calls, unless
 /// [`ReconnectConfig::dedicated_blocking_connections`] says otherwise.
@@ -59,7 +62,11 @@ pub struct ReconnectConfig<S = RedisService> {
     pub(super) blocking_idle: Option<usize>,
     pub(super) blocking_max: usize,
     pub(super) blocking_idle_timeout: Duration,
+    pub(super) replica: Option<Replica>,
 }
+
+/// Where reads go while there is no connection ([`ReconnectConfig::read_replica`]).
+pub(super) type Replica = BoxCloneSyncService<Request, Value, Error>;
 
 impl<S> Clone for ReconnectConfig<S> {
     fn clone(&self) -> Self {
@@ -74,6 +81,7 @@ impl<S> Clone for ReconnectConfig<S> {
             blocking_idle: self.blocking_idle,
             blocking_max: self.blocking_max,
             blocking_idle_timeout: self.blocking_idle_timeout,
+            replica: self.replica.clone(),
         }
     }
 }
@@ -91,6 +99,7 @@ impl<S> Default for ReconnectConfig<S> {
             blocking_idle: Some(DEFAULT_IDLE_BLOCKING_CONNECTIONS),
             blocking_max: DEFAULT_MAX_BLOCKING_CONNECTIONS,
             blocking_idle_timeout: DEFAULT_BLOCKING_IDLE_TIMEOUT,
+            replica: None,
         }
     }
 }
@@ -321,6 +330,51 @@ impl<S> ReconnectConfig<S> {
         self.blocking_idle_timeout = timeout;
         self
     }
+
+    /// While there is no connection (Redis is down and the connection is being
+    /// re-established, or it is out of use while a `PING` asks whether it is stuck),
+    /// send read-only commands and pipelines to `replica` instead of refusing them: a
+    /// [`Reconnect`](super::Reconnect) to a replica of this Redis, or to a managed Redis's
+    /// reader endpoint. Writes are still refused, and so are blocking reads
+    /// (`XREAD BLOCK`). If the replica cannot serve either, the read gets the refusal it
+    /// would have had without one. Counted in
+    /// [`ReconnectStats::replica_reads`](super::ReconnectStats::replica_reads).
+    ///
+    /// For the time a master is down: a Sentinel failover takes the master's
+    /// `down-after-milliseconds` (30 s by default) and more, a managed Redis's failover
+    /// tens of seconds, and meanwhile every read would miss and go to the database at
+    /// once, while a replica still serves what it had (Redis's
+    /// `replica-serve-stale-data`, on by default), as old as the replication lag.
+    ///
+    /// The layers above this one apply to what the replica does as to the rest: the
+    /// deadline bounds it, the metrics count it, a replica's answer is a success to the
+    /// breaker (so reads served there keep it closed; a read it turns away, after the
+    /// timeouts that began a stall opened it under heavy traffic, still misses until it
+    /// probes). Nothing is added to calls while there is a connection.
+    ///
+    /// ```no_run
+    /// use tower_redis_resilience::{Connector, reconnect::{Reconnect, ReconnectConfig}};
+    ///
+    /// # async fn run() -> Result<(), tower_redis_resilience::Error> {
+    /// let replica = Reconnect::lazy(
+    ///     Connector::from_url("redis://127.0.0.1:6380")?,
+    ///     // A write there is a mistake to report, not a failover to follow.
+    ///     ReconnectConfig::new().reconnect_on_readonly(None),
+    /// )?;
+    /// let master = Reconnect::lazy(
+    ///     Connector::from_url("redis://127.0.0.1:6379")?,
+    ///     ReconnectConfig::new().read_replica(replica),
+    /// )?;
+    /// # let _ = master; Ok(()) }
+    /// ```
+    pub fn read_replica<R>(mut self, replica: R) -> Self
+    where
+        R: Service<Request, Response = Value, Error = Error> + Clone + Send + Sync + 'static,
+        R::Future: Send + 'static,
+    {
+        self.replica = Some(BoxCloneSyncService::new(replica));
+        self
+    }
 }
 
 impl<S> fmt::Debug for ReconnectConfig<S> {
@@ -336,6 +390,7 @@ impl<S> fmt::Debug for ReconnectConfig<S> {
             .field("dedicated_blocking_connections", &self.blocking_idle)
             .field("max_blocking_connections", &self.blocking_max)
             .field("blocking_idle_timeout", &self.blocking_idle_timeout)
+            .field("read_replica", &self.replica.is_some())
             .finish()
     }
 }

@@ -68,6 +68,9 @@ pub struct ReconnectStats {
     /// ([`dedicated_blocking_connections`](ReconnectConfig::dedicated_blocking_connections)),
     /// not counted above.
     pub blocking_connections: u64,
+    /// Reads a [replica](ReconnectConfig::read_replica) answered while there was no
+    /// connection.
+    pub replica_reads: u64,
 }
 
 /// The bottom of a resilient stack: a [`tower::Service`] that keeps one Redis connection
@@ -251,6 +254,9 @@ impl<M: MakeConnection> Service<Request> for Reconnect<M> {
                 );
                 ResponseFuture::call(connection.call(request), tracker)
             }
+            None if self.shared.config.replica.is_some() && request.info().is_read_only() => {
+                ResponseFuture::wait(read_from_replica(self.shared.lease(), request))
+            }
             None if self.shared.config.max_wait.is_zero() => {
                 ResponseFuture::rejected(self.shared.lease(), request.info().name())
             }
@@ -296,6 +302,30 @@ async fn current_connection<M: MakeConnection>(
         match tokio::time::timeout_at(deadline, state.changed()).await {
             Ok(Ok(())) => continue,
             _ => return Err(shared.rejection().with_command(name)),
+        }
+    }
+}
+
+/// Sends a read to the replica while there is no connection. Its answer is the answer;
+/// if it cannot serve, the read gets the refusal it would have had without one.
+async fn read_from_replica<M: MakeConnection>(
+    shared: Lease<Shared<M>>,
+    request: Request,
+) -> Result<Value, Error> {
+    let Some(replica) = shared.config.replica.clone() else {
+        return Err(shared.rejection().with_command(request.info().name()));
+    };
+    let name = request.info().name();
+    match tower::ServiceExt::oneshot(replica, request).await {
+        Ok(value) => {
+            shared.read_from_replica();
+            Ok(value)
+        }
+        // Its own answer (`WRONGTYPE` there too).
+        Err(error) if error.is_server() => Err(error),
+        Err(error) => {
+            tracing::debug!(command = name, %error, "the replica could not serve the read either");
+            Err(shared.rejection().with_command(name))
         }
     }
 }

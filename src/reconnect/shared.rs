@@ -45,6 +45,7 @@ pub(super) struct Shared<M: MakeConnection> {
     /// Connections for blocking commands, between calls, the most recently used last.
     blocking_idle: Mutex<Vec<Idle<M>>>,
     blocking_opened: AtomicU64,
+    replica_reads: AtomicU64,
     /// One permit per blocking call that may run at once.
     blocking_turns: Semaphore,
     /// The owner the handles hold, for the reconnect loop: none is started once they are
@@ -109,6 +110,7 @@ impl<M: MakeConnection> Shared<M> {
                 failures: AtomicU64::new(0),
                 blocking_idle: Mutex::new(Vec::new()),
                 blocking_opened: AtomicU64::new(0),
+                replica_reads: AtomicU64::new(0),
                 blocking_turns: Semaphore::new(blocking_max),
                 this: this.clone(),
             })
@@ -158,6 +160,7 @@ impl<M: MakeConnection> Shared<M> {
             successes: self.successes.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             blocking_connections: self.blocking_opened.load(Ordering::Relaxed),
+            replica_reads: self.replica_reads.load(Ordering::Relaxed),
         }
     }
 
@@ -230,6 +233,11 @@ impl<M: MakeConnection> Shared<M> {
         if self.stuck.load(Ordering::Relaxed) != 0 {
             self.stuck.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// The replica answered a read while there was no connection.
+    pub fn read_from_replica(&self) {
+        self.replica_reads.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A call on the connection of `generation` was dropped before its reply came.
