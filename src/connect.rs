@@ -226,24 +226,77 @@ impl Connector {
         master_name: &str,
         master: impl IntoConnectionInfo,
     ) -> Result<Self, Error> {
-        let sentinels = Sentinels::new(
+        Connector::via_sentinel(sentinels, master_name, master, false)
+    }
+
+    /// A connector that asks `sentinels` for the master named `master_name`, or for one
+    /// of its replicas, and talks to it as `template` says.
+    fn via_sentinel<T: IntoConnectionInfo>(
+        sentinels: impl IntoIterator<Item = T>,
+        master_name: &str,
+        template: impl IntoConnectionInfo,
+        replicas: bool,
+    ) -> Result<Self, Error> {
+        let mut sentinels = Sentinels::new(
             addresses(sentinels, "Sentinel")?,
             master_name,
             OwnTls::default(),
         )?;
-        let mut connector = Connector::from_connection_info(master)?;
+        if replicas {
+            sentinels = sentinels.for_replicas();
+        }
+        let mut connector = Connector::from_connection_info(template)?;
         let user = match connector.connection_info().redis_settings().username() {
             Some(user) => format!("{user}@"),
             None => String::new(),
         };
         let db = connector.connection_info().redis_settings().db();
+        let which = if replicas { "a replica of " } else { "" };
         connector.display = format!(
-            "{user}{master_name}/{db} via Sentinel {}",
+            "{which}{user}{master_name}/{db} via Sentinel {}",
             sentinels.addresses()
         )
         .into();
         connector.sentinel = Some(Arc::new(sentinels));
         Ok(connector)
+    }
+
+    /// Asks Redis Sentinel for the replicas of the master named `master_name`, on every
+    /// connect, and connects to the first that answers `ROLE` as a replica (or as a
+    /// master: one being promoted in a failover), trying those Sentinel deems up first. For reads that must go on while the master cannot serve:
+    /// give it to [`ResilientClientBuilder::read_replica`](crate::ResilientClientBuilder::read_replica)
+    /// (or [`ReconnectConfig::read_replica`](crate::reconnect::ReconnectConfig::read_replica))
+    /// of a client built with [`sentinel`](Self::sentinel).
+    ///
+    /// Every Sentinel is asked at once and the first that knows the master answers, as
+    /// for the master. A replica that Sentinel promotes in a failover stays connected: it
+    /// serves reads as a master too. `replica` says how to talk to the replica (its
+    /// credentials, database, protocol and TLS); its host and port are not used.
+    ///
+    /// ```no_run
+    /// use tower_redis_resilience::{Connector, ResilientClient};
+    ///
+    /// # async fn run() -> Result<(), tower_redis_resilience::Error> {
+    /// let sentinels = ["redis://127.0.0.1:26379", "redis://127.0.0.1:26380"];
+    /// let client = ResilientClient::builder_with_connector(Connector::sentinel(
+    ///     sentinels,
+    ///     "mymaster",
+    ///     "redis://:secret@mymaster/0",
+    /// )?)
+    /// .read_replica(Connector::sentinel_replica(
+    ///     sentinels,
+    ///     "mymaster",
+    ///     "redis://:secret@mymaster/0",
+    /// )?)
+    /// .build()?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    pub fn sentinel_replica<T: IntoConnectionInfo>(
+        sentinels: impl IntoIterator<Item = T>,
+        master_name: &str,
+        replica: impl IntoConnectionInfo,
+    ) -> Result<Self, Error> {
+        Connector::via_sentinel(sentinels, master_name, replica, true)
     }
 
     /// Connects to a Redis Cluster through redis-rs's cluster client, which keeps a
@@ -381,11 +434,11 @@ impl Connector {
                 .map(certify)
                 .collect::<Result<Vec<_>, _>>()?;
             any_tls |= nodes.iter().any(is_tls);
-            self.sentinel = Some(Arc::new(Sentinels::new(
-                nodes,
-                sentinels.master_name(),
-                self.own_tls.clone(),
-            )?));
+            let mut renewed = Sentinels::new(nodes, sentinels.master_name(), self.own_tls.clone())?;
+            if sentinels.is_for_replicas() {
+                renewed = renewed.for_replicas();
+            }
+            self.sentinel = Some(Arc::new(renewed));
         }
         if !any_tls {
             return Err(Error::config(format!(

@@ -33,6 +33,8 @@ use crate::{
 /// The Sentinels of one master, shared by the clones of a connector.
 pub(crate) struct Sentinels {
     master_name: String,
+    /// Connects to one of the master's replicas, not to the master.
+    replicas: bool,
     nodes: Vec<Node>,
     /// How TLS connections to Sentinels and masters are opened.
     own_tls: OwnTls,
@@ -68,6 +70,7 @@ impl Sentinels {
         }
         Ok(Sentinels {
             master_name: master_name.to_owned(),
+            replicas: false,
             own_tls,
             nodes: nodes
                 .into_iter()
@@ -84,6 +87,17 @@ impl Sentinels {
 
     pub(crate) fn master_name(&self) -> &str {
         &self.master_name
+    }
+
+    /// The same Sentinels, asked for one of the master's replicas instead.
+    pub(crate) fn for_replicas(mut self) -> Self {
+        self.replicas = true;
+        self
+    }
+
+    #[cfg(feature = "tls")]
+    pub(crate) fn is_for_replicas(&self) -> bool {
+        self.replicas
     }
 
     /// The Sentinels' connection details, in the order given.
@@ -106,6 +120,9 @@ impl Sentinels {
         check_timeout: Duration,
         check_every: Duration,
     ) -> Result<RedisService, Error> {
+        if self.replicas {
+            return self.connect_to_a_replica(template).await;
+        }
         let master = self.master_address().await?;
         let info = template.clone().set_addr(at(template.addr(), &master));
         let display: Arc<str> = format!("{} at {}", self.master_name, describe(&info)).into();
@@ -165,13 +182,61 @@ impl Sentinels {
         Ok((pubsub, driver))
     }
 
+    /// Connects to a replica of the master, those Sentinel deems up first: the first that
+    /// takes the connection and answers `ROLE` as a replica, or as a master (promoted in
+    /// a failover under way). No connection is followed: a promoted replica still serves
+    /// reads.
+    async fn connect_to_a_replica(&self, template: &ConnectionInfo) -> Result<RedisService, Error> {
+        let replicas = self
+            .first_answer(|node| Box::pin(node.ask_replicas(&self.master_name, &self.own_tls)))
+            .await?;
+        let mut failure = None;
+        for replica in &replicas {
+            let info = template.clone().set_addr(at(template.addr(), replica));
+            let display: Arc<str> =
+                format!("a replica of {} at {}", self.master_name, describe(&info)).into();
+            let service = match open(&info, None, &self.own_tls, display).await {
+                Ok(service) => service,
+                Err(error) if error.is_config() => return Err(error),
+                Err(error) => {
+                    failure = Some(error);
+                    continue;
+                }
+            };
+            let role = service
+                .clone()
+                .oneshot(Request::from(redis::cmd("ROLE")))
+                .await?;
+            // A master too: a replica being promoted, which Sentinel still lists until
+            // the failover ends, and whose data is the freshest there is.
+            if is_replica(&role) || is_master(&role) {
+                return Ok(service);
+            }
+        }
+        Err(match failure {
+            Some(error) => Error::unavailable_because(format!(
+                "no replica of `{}` that Sentinel knows could be reached: {error}",
+                self.master_name
+            )),
+            None => Error::unavailable_because(format!(
+                "Sentinel knows no replica of `{}` that answers as one",
+                self.master_name
+            )),
+        })
+    }
+
     /// Asks every Sentinel at once; the first to name the master answers.
     async fn master_address(&self) -> Result<(String, u16), Error> {
-        let mut questions: Vec<_> = self
-            .nodes
-            .iter()
-            .map(|node| Box::pin(node.ask(&self.master_name, &self.own_tls)))
-            .collect();
+        self.first_answer(|node| Box::pin(node.ask(&self.master_name, &self.own_tls)))
+            .await
+    }
+
+    /// Asks every Sentinel at once; the first that knows the master answers.
+    async fn first_answer<'a, T>(
+        &'a self,
+        ask: impl Fn(&'a Node) -> Question<'a, T>,
+    ) -> Result<T, Error> {
+        let mut questions: Vec<_> = self.nodes.iter().map(ask).collect();
         let mut unknown = 0;
         let mut failure: Option<Error> = None;
         poll_fn(|cx| {
@@ -183,7 +248,7 @@ impl Sentinels {
                 };
                 drop(questions.swap_remove(index));
                 match answer {
-                    Ok(Some(master)) => return Poll::Ready(Ok(master)),
+                    Ok(Some(known)) => return Poll::Ready(Ok(known)),
                     Ok(None) => unknown += 1,
                     // An unavailable Sentinel says more than a misconfigured one: keep it.
                     Err(err) if failure.as_ref().is_none_or(|kept| kept.is_config()) => {
@@ -198,7 +263,7 @@ impl Sentinels {
             Poll::Ready(Err(match failure.take() {
                 Some(err) if err.is_config() => err,
                 Some(err) => Error::unavailable_because(format!(
-                    "no Sentinel answered where master `{}` is (asked {}; {} did not know it): {err}",
+                    "no Sentinel answered about master `{}` (asked {}; {} did not know it): {err}",
                     self.master_name,
                     self.addresses(),
                     unknown
@@ -392,6 +457,51 @@ impl Drop for Sentinels {
 }
 
 impl Node {
+    /// `SENTINEL REPLICAS`: the host and port of each replica of the master, those this
+    /// Sentinel deems up (not down, not disconnected) first, or `None` when it does not
+    /// know the name.
+    async fn ask_replicas(
+        &self,
+        master_name: &str,
+        own_tls: &OwnTls,
+    ) -> Result<Option<Vec<(String, u16)>>, Error> {
+        let kept = lock(&self.connection).take();
+        let service = match kept {
+            Some(service) => service,
+            None => open(&self.info, None, own_tls, self.display.clone()).await?,
+        };
+        let mut question = redis::cmd("SENTINEL");
+        question.arg("REPLICAS").arg(master_name);
+        let reply = service.clone().oneshot(Request::from(question)).await;
+        *lock(&self.connection) = Some(service);
+        let replicas = match reply {
+            // `ERR No such master with that name`.
+            Err(error) if error.is_server() => return Ok(None),
+            Err(error) => return Err(error),
+            Ok(Value::Array(replicas)) => replicas,
+            Ok(_) => return Err(unexpected("REPLICAS")),
+        };
+        let mut replicas: Vec<(bool, (String, u16))> = replicas
+            .iter()
+            .filter_map(|replica| {
+                let field = |name: &str| field(replica, name);
+                let flags = field("flags")?;
+                let down = flags
+                    .split(',')
+                    .any(|flag| matches!(flag, "s_down" | "o_down" | "disconnected"));
+                let port = field("port")?.parse().ok()?;
+                Some((down, (field("ip")?, port)))
+            })
+            .collect();
+        // Those Sentinel deems up first. The others are tried last, not left out: a
+        // replica being promoted shows as down and disconnected for a moment (Sentinel's
+        // own link to it is cut as it promotes it), and that is the one to read from.
+        replicas.sort_by_key(|(down, _)| *down);
+        Ok(Some(
+            replicas.into_iter().map(|(_, address)| address).collect(),
+        ))
+    }
+
     /// `SENTINEL GET-MASTER-ADDR-BY-NAME`: the master's host and port, or `None` when this
     /// Sentinel does not know the name.
     async fn ask(
@@ -413,17 +523,38 @@ impl Node {
             Value::Array(items) => match items.as_slice() {
                 [host, port] => match (text(host), text(port).and_then(|p| p.parse().ok())) {
                     (Some(host), Some(port)) => Ok(Some((host, port))),
-                    _ => Err(unexpected()),
+                    _ => Err(unexpected("GET-MASTER-ADDR-BY-NAME")),
                 },
-                _ => Err(unexpected()),
+                _ => Err(unexpected("GET-MASTER-ADDR-BY-NAME")),
             },
-            _ => Err(unexpected()),
+            _ => Err(unexpected("GET-MASTER-ADDR-BY-NAME")),
         }
     }
 }
 
-fn unexpected() -> Error {
-    Error::unavailable("Sentinel answered GET-MASTER-ADDR-BY-NAME with an unexpected reply")
+/// A question to one Sentinel, in flight.
+type Question<'a, T> = Pin<Box<dyn Future<Output = Result<Option<T>, Error>> + Send + 'a>>;
+
+fn unexpected(question: &'static str) -> Error {
+    Error::unavailable_because(format!(
+        "Sentinel answered {question} with an unexpected reply"
+    ))
+}
+
+/// The value of field `name` in one entry of a `SENTINEL REPLICAS` reply: a flat array
+/// of names and values (RESP2) or a map (RESP3).
+fn field(entry: &Value, name: &str) -> Option<String> {
+    match entry {
+        Value::Array(items) => items
+            .chunks_exact(2)
+            .find(|pair| text(&pair[0]).as_deref() == Some(name))
+            .and_then(|pair| text(&pair[1])),
+        Value::Map(pairs) => pairs
+            .iter()
+            .find(|(key, _)| text(key).as_deref() == Some(name))
+            .and_then(|(_, value)| text(value)),
+        _ => None,
+    }
 }
 
 fn text(value: &Value) -> Option<String> {
@@ -436,8 +567,17 @@ fn text(value: &Value) -> Option<String> {
 
 /// `ROLE` answers `master` first on a master.
 fn is_master(role: &Value) -> bool {
+    role_is(role, "master")
+}
+
+/// `ROLE` answers `slave` first on a replica.
+fn is_replica(role: &Value) -> bool {
+    role_is(role, "slave")
+}
+
+fn role_is(role: &Value, name: &str) -> bool {
     match role {
-        Value::Array(items) => items.first().and_then(text).as_deref() == Some("master"),
+        Value::Array(items) => items.first().and_then(text).as_deref() == Some(name),
         _ => false,
     }
 }
