@@ -333,10 +333,12 @@ impl<S> ReconnectConfig<S> {
 
     /// While there is no connection (Redis is down and the connection is being
     /// re-established, or it is out of use while a `PING` asks whether it is stuck),
-    /// send read-only commands and pipelines to `replica` instead of refusing them: a
-    /// [`Reconnect`](super::Reconnect) to a replica of this Redis, or to a managed Redis's
-    /// reader endpoint. Writes are still refused, and so are blocking reads
-    /// (`XREAD BLOCK`). If the replica cannot serve either, the read gets the refusal it
+    /// send read-only commands and pipelines to `replica` instead of refusing them (or
+    /// waiting [`max_wait`](Self::max_wait)): a [`Reconnect`](super::Reconnect) to a
+    /// replica of this Redis, or to a managed Redis's reader endpoint. Writes are still
+    /// refused, and so are blocking reads that take a connection of their own
+    /// (`XREAD BLOCK`, with [`dedicated_blocking_connections`](Self::dedicated_blocking_connections)
+    /// on, the default). If the replica cannot serve either, the read gets the refusal it
     /// would have had without one. Counted in
     /// [`ReconnectStats::replica_reads`](super::ReconnectStats::replica_reads).
     ///
