@@ -121,7 +121,7 @@ impl Sentinels {
         check_every: Duration,
     ) -> Result<RedisService, Error> {
         if self.replicas {
-            return self.connect_to_a_replica(template).await;
+            return self.connect_to_a_replica(template, check_timeout).await;
         }
         let master = self.master_address().await?;
         let info = template.clone().set_addr(at(template.addr(), &master));
@@ -186,20 +186,31 @@ impl Sentinels {
     /// takes the connection and answers `ROLE` as a replica, or as a master (promoted in
     /// a failover under way). No connection is followed: a promoted replica still serves
     /// reads.
-    async fn connect_to_a_replica(&self, template: &ConnectionInfo) -> Result<RedisService, Error> {
+    async fn connect_to_a_replica(
+        &self,
+        template: &ConnectionInfo,
+        connect_timeout: Duration,
+    ) -> Result<RedisService, Error> {
         let replicas = self
             .first_answer(|node| Box::pin(node.ask_replicas(&self.master_name, &self.own_tls)))
             .await?;
+        // A stalled one must leave time to try the next.
+        let each = connect_timeout / u32::try_from(replicas.len().clamp(1, 4)).unwrap_or(4);
         let mut failure = None;
         for replica in &replicas {
             let info = template.clone().set_addr(at(template.addr(), replica));
             let display: Arc<str> =
                 format!("a replica of {} at {}", self.master_name, describe(&info)).into();
-            let service = match open(&info, None, &self.own_tls, display).await {
-                Ok(service) => service,
-                Err(error) if error.is_config() => return Err(error),
-                Err(error) => {
+            let opened = tokio::time::timeout(each, open(&info, None, &self.own_tls, display));
+            let service = match opened.await {
+                Ok(Ok(service)) => service,
+                Ok(Err(error)) if error.is_config() => return Err(error),
+                Ok(Err(error)) => {
                     failure = Some(error);
+                    continue;
+                }
+                Err(_) => {
+                    failure = Some(Error::unavailable("connect timed out"));
                     continue;
                 }
             };
@@ -457,6 +468,22 @@ impl Drop for Sentinels {
 }
 
 impl Node {
+    /// Asks this Sentinel `question`, on the connection kept for it (opened if there is
+    /// none). The connection is put back once Redis answered, an error reply included,
+    /// so a stalled or broken one is not asked again.
+    async fn question(&self, question: redis::Cmd, own_tls: &OwnTls) -> Result<Value, Error> {
+        let kept = lock(&self.connection).take();
+        let service = match kept {
+            Some(service) => service,
+            None => open(&self.info, None, own_tls, self.display.clone()).await?,
+        };
+        let reply = service.clone().oneshot(Request::from(question)).await;
+        if reply.as_ref().map_or_else(Error::is_server, |_| true) {
+            *lock(&self.connection) = Some(service);
+        }
+        reply
+    }
+
     /// `SENTINEL REPLICAS`: the host and port of each replica of the master, those this
     /// Sentinel deems up (not down, not disconnected) first, or `None` when it does not
     /// know the name.
@@ -465,16 +492,9 @@ impl Node {
         master_name: &str,
         own_tls: &OwnTls,
     ) -> Result<Option<Vec<(String, u16)>>, Error> {
-        let kept = lock(&self.connection).take();
-        let service = match kept {
-            Some(service) => service,
-            None => open(&self.info, None, own_tls, self.display.clone()).await?,
-        };
         let mut question = redis::cmd("SENTINEL");
         question.arg("REPLICAS").arg(master_name);
-        let reply = service.clone().oneshot(Request::from(question)).await;
-        *lock(&self.connection) = Some(service);
-        let replicas = match reply {
+        let replicas = match self.question(question, own_tls).await {
             // `ERR No such master with that name`.
             Err(error) if error.is_server() => return Ok(None),
             Err(error) => return Err(error),
@@ -509,16 +529,9 @@ impl Node {
         master_name: &str,
         own_tls: &OwnTls,
     ) -> Result<Option<(String, u16)>, Error> {
-        let kept = lock(&self.connection).take();
-        let service = match kept {
-            Some(service) => service,
-            None => open(&self.info, None, own_tls, self.display.clone()).await?,
-        };
         let mut question = redis::cmd("SENTINEL");
         question.arg("GET-MASTER-ADDR-BY-NAME").arg(master_name);
-        let reply = service.clone().oneshot(Request::from(question)).await?;
-        *lock(&self.connection) = Some(service);
-        match reply {
+        match self.question(question, own_tls).await? {
             Value::Nil => Ok(None),
             Value::Array(items) => match items.as_slice() {
                 [host, port] => match (text(host), text(port).and_then(|p| p.parse().ok())) {
