@@ -127,9 +127,11 @@ impl ResilientClientBuilder {
     /// replaced), reads go to the replica `connector` leads to (a replica's address, or a
     /// managed Redis's reader endpoint) instead of missing: see
     /// [`ReconnectConfig::read_replica`]. The replica's connection is kept as this
-    /// client's is (the same [`reconnect`](Self::reconnect) settings, except that a
-    /// `READONLY` reply there is no failover), and opened in the background: a replica
-    /// that is down does not fail [`connect`](Self::connect). Count its reads in
+    /// client's is (the same [`reconnect`](Self::reconnect) settings, its `on_connect`
+    /// hook included, except that a `READONLY` reply there is no failover), and opened in
+    /// the background: a replica that is down does not fail [`connect`](Self::connect).
+    /// For a replica that Sentinel knows, give
+    /// [`Connector::sentinel_replica`](crate::Connector::sentinel_replica). Count its reads in
     /// [`ResilientClient::reconnect_stats`]'s `replica_reads`.
     ///
     /// ```no_run
