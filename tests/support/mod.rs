@@ -440,9 +440,13 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
+            // The port is checked too: a test's first connect was refused, twice in a day
+            // of runs, right after the log said ready. Whatever the cause, a server is
+            // only handed over once it takes a connection.
+            let listening = || TcpStream::connect(("127.0.0.1", self.port)).is_ok();
             let up = match ready {
-                Ready::Serving => text.contains("Ready to accept connections"),
-                Ready::Listening => TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+                Ready::Serving => text.contains("Ready to accept connections") && listening(),
+                Ready::Listening => listening(),
             };
             if up {
                 self.process = Some(process);
