@@ -440,13 +440,9 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            // The port is checked too: a test's first connect was refused, twice in a day
-            // of runs, right after the log said ready. Whatever the cause, a server is
-            // only handed over once it takes a connection.
-            let listening = || TcpStream::connect(("127.0.0.1", self.port)).is_ok();
             let up = match ready {
-                Ready::Serving => text.contains("Ready to accept connections") && listening(),
-                Ready::Listening => listening(),
+                Ready::Serving => text.contains("Ready to accept connections"),
+                Ready::Listening => TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
             };
             if up {
                 self.process = Some(process);
@@ -542,11 +538,27 @@ fn signal(pid: i32, signal: i32) {
     }
 }
 
+/// A port that no other server of this process was given, free now.
+///
+/// Not one the kernel picks (`127.0.0.1:0`): it hands out a port a test has just freed,
+/// and tests that restart a server on its port (`kill` then `restart`) then found another
+/// test's server there (`NOAUTH` from a server with a password, or a refused connection).
+/// These come from below the kernel's range for outgoing connections (32768–60999 by
+/// default), so no connection's local port takes them either; each test process starts
+/// at its own place in the range, and never hands one out twice.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+    const LOW: u32 = 10_000;
+    const COUNT: u32 = 22_000;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % COUNT;
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst) as u32;
+        let port = (LOW + (start + n) % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {}", LOW + COUNT);
 }
 
 fn write_command(out: &mut Vec<u8>, args: &[&str]) {
