@@ -254,13 +254,15 @@ impl<M: MakeConnection> Service<Request> for Reconnect<M> {
                 );
                 ResponseFuture::call(connection.call(request), tracker)
             }
-            None if self.shared.config.replica.is_some() && request.info().is_read_only() => {
-                ResponseFuture::wait(read_from_replica(self.shared.lease(), request))
-            }
-            None if self.shared.config.max_wait.is_zero() => {
-                ResponseFuture::rejected(self.shared.lease(), request.info().name())
-            }
-            None => ResponseFuture::wait(wait_then_call(self.shared.lease(), request)),
+            None => match &self.shared.config.replica {
+                Some(replica) if request.info().is_read_only() => ResponseFuture::wait(
+                    read_from_replica(self.shared.lease(), replica.clone(), request),
+                ),
+                _ if self.shared.config.max_wait.is_zero() => {
+                    ResponseFuture::rejected(self.shared.lease(), request.info().name())
+                }
+                _ => ResponseFuture::wait(wait_then_call(self.shared.lease(), request)),
+            },
         }
     }
 }
@@ -310,11 +312,9 @@ async fn current_connection<M: MakeConnection>(
 /// if it cannot serve, the read gets the refusal it would have had without one.
 async fn read_from_replica<M: MakeConnection>(
     shared: Lease<Shared<M>>,
+    replica: config::Replica,
     request: Request,
 ) -> Result<Value, Error> {
-    let Some(replica) = shared.config.replica.clone() else {
-        return Err(shared.rejection().with_command(request.info().name()));
-    };
     let name = request.info().name();
     match tower::ServiceExt::oneshot(replica, request).await {
         Ok(value) => {

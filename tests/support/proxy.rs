@@ -161,16 +161,15 @@ async fn forward(client: TcpStream, server: TcpStream, faults: Faults) {
     // in force then, so a delay holds replies without slowing the reading of later ones.
     let (queue, mut due) =
         tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-    let reader_faults = faults.clone();
     let reader = async move {
-        let budget = &reader_faults.budget;
+        let budget = &faults.budget;
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let n = match server_read.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if reader_faults.silenced() {
+            if faults.silenced() {
                 continue;
             }
             let allowed = budget.load(Ordering::SeqCst);
@@ -179,7 +178,7 @@ async fn forward(client: TcpStream, server: TcpStream, faults: Faults) {
                 budget.fetch_sub(pass as u64, Ordering::SeqCst);
             }
             let delay =
-                std::time::Duration::from_millis(reader_faults.delay_millis.load(Ordering::SeqCst));
+                std::time::Duration::from_millis(faults.delay_millis.load(Ordering::SeqCst));
             let at = tokio::time::Instant::now() + delay;
             if queue.send((at, buf[..pass].to_vec())).is_err() || pass < n {
                 return; // the writer closes the client connection after what it holds
