@@ -312,10 +312,19 @@ impl Connector {
     ///
     /// What this crate changes in redis-rs's client: it never resends a command by itself
     /// (`retries(0)`), since it cannot tell an `INCR` that may have run from one that did
-    /// not. A redirect (`MOVED`, `ASK`: the slot is served elsewhere, after a failover or
-    /// a resharding) comes back as an [unavailable](Error::is_unavailable) error that did
-    /// not run, which [`Retry`](crate::retry::Retry) sends again once the client has
-    /// refreshed its map of the slots; a node's lost connection, or calls to a stalled
+    /// not. A `MOVED` (the slot is served elsewhere now, after a failover or a resharding)
+    /// comes back as an [unavailable](Error::is_unavailable) error that did not run, which
+    /// [`Retry`](crate::retry::Retry) sends again once the client has refreshed its map
+    /// of the slots. An `ASK` (the slot is migrating, and the key has gone, or is new) is
+    /// followed at once: the command goes to the node named, after `ASKING`, in one
+    /// pipeline, as does a transaction (which Redis discarded, so nothing of it ran), on
+    /// redis-rs's connection to that node, or on one of this crate's own to a node the
+    /// client does not know yet (a master just added, before any slot is its). A plain
+    /// pipeline of several commands that meets an `ASK` fails: the commands on keys still
+    /// there ran, so the error says it [may have run](Error::may_have_run), and only a
+    /// pipeline of idempotent commands is sent again. A transaction or multi-key command
+    /// whose keys are split between the two nodes is refused by Redis (`TRYAGAIN`, did
+    /// not run) until the migration ends. A node's lost connection, or calls to a stalled
     /// node timing out one after another, do not make
     /// [`Reconnect`](crate::reconnect::Reconnect) replace the whole cluster connection
     /// (the client reconnects to that node, the others serve on); a connect leaves out a
@@ -518,7 +527,9 @@ impl Connector {
             .within_connect_timeout(async {
                 #[cfg(feature = "cluster")]
                 if let Some(cluster) = &self.cluster {
-                    return open_cluster(cluster, self.connect_timeout, self.display.clone()).await;
+                    let display = self.display.clone();
+                    return open_cluster(cluster, self.connect_timeout, &self.own_tls, display)
+                        .await;
                 }
                 match &self.sentinel {
                     None => {
@@ -672,6 +683,7 @@ impl ClusterNodes {
 async fn open_cluster(
     cluster: &ClusterNodes,
     connect_timeout: Duration,
+    own_tls: &OwnTls,
     display: Arc<str>,
 ) -> Result<RedisService, Error> {
     // No resends (an INCR may have run), no response timeout (the Timeout layer's), and
@@ -690,8 +702,14 @@ async fn open_cluster(
         Ok(connection) => connection,
         Err(err) => return Err(diagnose(cluster, connect_timeout, err).await),
     };
+    let template = cluster
+        .nodes
+        .first()
+        .cloned()
+        .ok_or_else(|| Error::config("a cluster connector needs at least one node"))?;
+    let unlisted = crate::service::Unlisted::new(template, own_tls.clone(), connect_timeout);
     Ok(RedisService::from_parts(
-        Conn::Cluster(connection),
+        Conn::Cluster(connection, unlisted),
         None,
         0,
         display,

@@ -7,9 +7,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
-use support::RedisCluster;
+use support::{RedisCluster, RedisServer, asking};
 use tower_redis_resilience::{
     Connector, Error, ResilientClient,
+    metrics::Outcome,
     pubsub::{Event, Events, Subscriber, SubscriberConfig},
     reconnect::ConnectionState,
 };
@@ -136,6 +137,138 @@ async fn writes_follow_a_cluster_failover_and_every_acknowledged_incr_counts_onc
         acknowledged >= 55,
         "only {acknowledged} of 60 INCRs went through"
     );
+}
+
+/// Moves `counter`'s slot from `from` to `to` the way a resharding does, and checks what
+/// the client does while it moves: commands on keys that have moved (or are new) are
+/// redirected with `ASK` and served by `to`, each run once; the rest are served by
+/// `from`; what cannot run while the slot's keys are split fails saying whether it ran.
+async fn through_a_slot_migration(
+    cluster: &RedisCluster,
+    connector: Connector,
+    from: &RedisServer,
+    to: &RedisServer,
+) {
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    let (moved, stays, list, new) = (
+        "counter",
+        "{counter}:stays",
+        "{counter}:list",
+        "{counter}:new",
+    );
+    let () = client.set(moved, 1).await.unwrap();
+    let () = client.set(stays, 7).await.unwrap();
+    let () = client.rpush(list, "a").await.unwrap();
+    cluster.begin_migration(moved, from, to);
+
+    // Served where they are, without a miss.
+    let value: Option<u64> = client.get(moved).await.unwrap();
+    assert_eq!(value, Some(1), "a moved key is read where it went");
+    let value: Option<u64> = client.get(stays).await.unwrap();
+    assert_eq!(value, Some(7), "a key not moved yet is read where it was");
+    let (value,): (Option<u64>,) = redis::pipe()
+        .get(moved)
+        .query_async(&mut client)
+        .await
+        .unwrap();
+    assert_eq!(value, Some(1), "so is a pipeline of one command");
+    // Writes of moved and of new keys go to `to`, once each.
+    assert_eq!(client.incr::<_, _, u64>(moved, 1).await.unwrap(), 2);
+    assert_eq!(client.incr::<_, _, u64>(new, 1).await.unwrap(), 1);
+    assert_eq!(asking(to, &["GET", moved]), "2");
+    assert_eq!(asking(to, &["GET", new]), "1");
+    let (value,): (u64,) = redis::pipe()
+        .atomic()
+        .incr(moved, 1)
+        .query_async(&mut client)
+        .await
+        .unwrap();
+    assert_eq!(value, 3, "a transaction on a moved key goes where it went");
+
+    // A plain pipeline whose keys are split: the command on the key still there ran, the
+    // other was redirected, and the error says it may have run; it is not sent again.
+    let err = redis::pipe()
+        .rpush("{counter}:gone", "a")
+        .rpush(list, "b")
+        .query_async::<(u64, u64)>(&mut client)
+        .await
+        .map(|_| ())
+        .map_err(Error::from)
+        .unwrap_err();
+    assert_eq!(from.raw_command(&["LLEN", list]), "2", "RPUSH ran once");
+    assert!(err.is_unavailable() && err.may_have_run(), "{err:?}");
+    // A transaction whose keys are split: Redis refuses it (TRYAGAIN), and nothing ran.
+    let err = redis::pipe()
+        .atomic()
+        .incr(moved, 1)
+        .incr(stays, 1)
+        .query_async::<(u64, u64)>(&mut client)
+        .await
+        .map(|_| ())
+        .map_err(Error::from)
+        .unwrap_err();
+    assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+    assert_eq!(
+        (
+            asking(to, &["GET", moved]),
+            from.raw_command(&["GET", stays])
+        ),
+        ("3".to_owned(), "7".to_owned())
+    );
+
+    // Once the slot is `to`'s, the client follows the `MOVED`.
+    cluster.finish_migration(moved, from, to);
+    assert_eq!(client.incr::<_, _, u64>(stays, 1).await.unwrap(), 8);
+    let value: Option<u64> = client.get(moved).await.unwrap();
+    assert_eq!(value, Some(3));
+    let metrics = client.metrics().unwrap();
+    assert_eq!(
+        metrics.overall.count(Outcome::Fallback),
+        0,
+        "no read missed"
+    );
+    assert_eq!(
+        client.reconnect_stats().attempts,
+        1,
+        "no reconnect of the whole client"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_slot_migrates_between_masters_its_keys_are_served_where_they_are() {
+    let cluster = RedisCluster::start(2, 0);
+    let from = cluster.master_index_of("counter");
+    let connector = Connector::cluster(cluster.urls()).unwrap();
+    let (from, to) = (&cluster.masters[from], &cluster.masters[1 - from]);
+    through_a_slot_migration(&cluster, connector, from, to).await;
+}
+
+/// The master the slot moves to joined the cluster just before, so redis-rs's cluster
+/// client has no connection to it (it serves no slot yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_slot_migrates_to_a_new_master_its_keys_are_served_where_they_are() {
+    let mut cluster = RedisCluster::start(2, 0);
+    let from = cluster.master_index_of("counter");
+    cluster.join_new_master();
+    let connector = Connector::cluster(cluster.urls()).unwrap();
+    let (from, to) = (&cluster.masters[from], &cluster.joined[0]);
+    through_a_slot_migration(&cluster, connector, from, to).await;
+}
+
+/// The same over TLS: the connection of our own to the new master is opened as the
+/// initial nodes' are, with the CA given to the connector.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_slot_of_a_tls_cluster_migrates_to_a_new_master_its_keys_are_served() {
+    let mut cluster = RedisCluster::start_tls(2, 0);
+    let from = cluster.master_index_of("counter");
+    let connector = tls_connector(&cluster);
+    cluster.join_new_master();
+    let (from, to) = (&cluster.masters[from], &cluster.joined[0]);
+    through_a_slot_migration(&cluster, connector, from, to).await;
 }
 
 /// Every key in `live` (set to "v") is read from its node while the third master is

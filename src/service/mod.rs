@@ -1,8 +1,12 @@
 //! The leaf service: one redis-rs multiplexed connection as a `tower::Service`.
 
+#[cfg(feature = "cluster")]
+mod ask;
 mod future;
 mod slots;
 
+#[cfg(feature = "cluster")]
+pub(crate) use ask::Unlisted;
 pub use future::ResponseFuture;
 
 use std::{
@@ -155,7 +159,7 @@ impl RedisService {
         match self.inner.connection {
             Conn::Single(_) => false,
             #[cfg(feature = "cluster")]
-            Conn::Cluster(_) => true,
+            Conn::Cluster(..) => true,
         }
     }
 
@@ -257,8 +261,9 @@ impl Drop for Driver {
 #[derive(Clone)]
 pub(crate) enum Conn {
     Single(MultiplexedConnection),
+    /// With how it reaches nodes an `ASK` names that redis-rs's client does not know.
     #[cfg(feature = "cluster")]
-    Cluster(redis::cluster_async::ClusterConnection),
+    Cluster(redis::cluster_async::ClusterConnection, Arc<ask::Unlisted>),
 }
 
 impl Conn {
@@ -266,13 +271,20 @@ impl Conn {
         match self {
             Conn::Single(connection) => connection.send_packed_command(cmd).await,
             #[cfg(feature = "cluster")]
-            Conn::Cluster(connection) => {
-                redis::aio::ConnectionLike::req_packed_command(connection, cmd).await
+            Conn::Cluster(connection, unlisted) => {
+                match redis::aio::ConnectionLike::req_packed_command(connection, cmd).await {
+                    Err(err) => match ask::asked_to(&err) {
+                        // Boxed: the rare path does not make every call's future larger.
+                        Some(to) => Box::pin(ask::command(connection, unlisted, to, cmd)).await,
+                        None => Err(err),
+                    },
+                    reply => reply,
+                }
             }
         }
     }
 
-    async fn commands(
+    pub(super) async fn commands(
         &mut self,
         pipeline: &Pipeline,
         offset: usize,
@@ -285,9 +297,26 @@ impl Conn {
                     .await
             }
             #[cfg(feature = "cluster")]
-            Conn::Cluster(connection) => {
-                redis::aio::ConnectionLike::req_packed_commands(connection, pipeline, offset, count)
-                    .await
+            Conn::Cluster(connection, unlisted) => {
+                let replies = redis::aio::ConnectionLike::req_packed_commands(
+                    connection, pipeline, offset, count,
+                )
+                .await;
+                match replies {
+                    Err(err) => match ask::asked_to(&err) {
+                        // A transaction that met an `ASK` was discarded: nothing ran, and
+                        // it may go to the node named. A plain pipeline's other commands
+                        // may have run where it went: what ran there cannot be told.
+                        Some(to) if pipeline.is_transaction() => {
+                            Box::pin(ask::transaction(connection, unlisted, to, pipeline)).await
+                        }
+                        Some(to) if pipeline.len() == 1 => {
+                            Box::pin(ask::lone_command(connection, unlisted, to, pipeline)).await
+                        }
+                        _ => Err(err),
+                    },
+                    replies => replies,
+                }
             }
         }
     }
@@ -300,7 +329,7 @@ impl Conn {
         match self {
             Conn::Single(_) => Error::from_request(err),
             #[cfg(feature = "cluster")]
-            Conn::Cluster(_) => Error::from_request(err).of_one_node(),
+            Conn::Cluster(..) => Error::from_request(err).of_one_node(),
         }
     }
 }
@@ -371,7 +400,13 @@ async fn send_pipeline(connection: &mut Conn, pipeline: &Pipeline) -> Result<Val
     };
     let mut replies = match connection.commands(pipeline, offset, count).await {
         Ok(replies) => replies,
-        Err(err) => return Err(connection.error(err)),
+        // A cluster node redirected a command of a plain pipeline with `ASK` (its slot is
+        // migrating): the commands whose keys the node still held ran there.
+        Err(err) => {
+            let error = connection.error(err);
+            let partly = !atomic && pipeline.len() > 1 && error.server_code() == Some("ASK");
+            return Err(if partly { error.ran_partially() } else { error });
+        }
     };
     // A plain pipeline keeps each command's server error in its slot, like redis-rs, unless
     // Redis could not serve at all: then the pipeline failed as a whole. Commands before

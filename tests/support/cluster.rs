@@ -3,7 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use super::{RedisServer, TempDir, free_port};
+use std::{
+    io::{BufReader, Write},
+    net::TcpStream,
+};
+
+use super::{RedisServer, TempDir, free_port, read_reply, write_command};
 
 /// The 16384 hash slots of Redis Cluster.
 const SLOTS: usize = 16384;
@@ -12,6 +17,8 @@ const SLOTS: usize = 16384;
 pub struct RedisCluster {
     pub masters: Vec<RedisServer>,
     pub replicas: Vec<RedisServer>,
+    /// Masters that joined later, serving no slot until some migrate to them.
+    pub joined: Vec<RedisServer>,
     /// The CA and certificate every node of a TLS cluster serves.
     certificates: Option<TempDir>,
 }
@@ -33,30 +40,18 @@ impl RedisCluster {
     }
 
     fn start_with(masters: usize, replicas: usize, certificates: Option<TempDir>) -> RedisCluster {
-        let node = || {
-            let config = match &certificates {
-                Some(dir) => RedisServer::config()
-                    .tls_beside_plain(dir.path())
-                    .arg("tls-cluster", "yes")
-                    .arg("tls-replication", "yes"),
-                None => RedisServer::config(),
-            };
-            config
-                .arg("cluster-enabled", "yes")
-                .arg("cluster-config-file", "nodes.conf")
-                .arg("cluster-node-timeout", "500")
-                // A failed master costs only its own slots (by default Redis refuses every
-                // key, CLUSTERDOWN, once a master fails with no replica to take over).
-                .arg("cluster-require-full-coverage", "no")
-                // The bus port of its own: port + 10000 may be past 65535 or taken.
-                .arg("cluster-port", &free_port().to_string())
-                .start()
-        };
-        let cluster = RedisCluster {
-            masters: (0..masters).map(|_| node()).collect(),
-            replicas: (0..masters * replicas).map(|_| node()).collect(),
+        let mut cluster = RedisCluster {
+            masters: Vec::new(),
+            replicas: Vec::new(),
+            joined: Vec::new(),
             certificates,
         };
+        cluster.masters = (0..masters)
+            .map(|_| cluster_node(cluster.node_config()))
+            .collect();
+        cluster.replicas = (0..masters * replicas)
+            .map(|_| cluster_node(cluster.node_config()))
+            .collect();
         for (i, master) in cluster.masters.iter().enumerate() {
             let slots: Vec<String> = (i * SLOTS / masters..(i + 1) * SLOTS / masters)
                 .map(|slot| slot.to_string())
@@ -103,19 +98,102 @@ impl RedisCluster {
         cluster
     }
 
+    /// How a node of this cluster is configured before it is made a cluster node: over
+    /// TLS for a TLS cluster.
+    fn node_config(&self) -> super::ServerConfig {
+        match &self.certificates {
+            Some(dir) => RedisServer::config()
+                .tls_beside_plain(dir.path())
+                .arg("tls-cluster", "yes")
+                .arg("tls-replication", "yes"),
+            None => RedisServer::config(),
+        }
+    }
+
     /// The PEM of the CA of a [TLS cluster](Self::start_tls).
     pub fn ca_certificate(&self) -> Vec<u8> {
         let dir = self.certificates.as_ref().expect("a TLS cluster");
         std::fs::read(dir.path().join("ca.crt")).expect("the CA certificate")
     }
 
-    /// Every node, masters first.
+    /// Every node, masters first, those that joined later last.
     pub fn nodes(&self) -> impl Iterator<Item = &RedisServer> {
-        self.masters.iter().chain(&self.replicas)
+        self.masters
+            .iter()
+            .chain(&self.replicas)
+            .chain(&self.joined)
     }
 
     fn len(&self) -> usize {
-        self.masters.len() + self.replicas.len()
+        self.masters.len() + self.replicas.len() + self.joined.len()
+    }
+
+    /// Starts a node, introduces it to the cluster and waits until every node knows it:
+    /// a master that serves no slot, as an operator adds one before moving slots to it.
+    /// Returns it, in [`joined`](Self::joined).
+    pub fn join_new_master(&mut self) -> &RedisServer {
+        let node = cluster_node(self.node_config());
+        let bus = node.raw_command(&["CONFIG", "GET", "cluster-port"]);
+        let bus = bus
+            .lines()
+            .nth(1)
+            .expect("the cluster-port setting")
+            .to_owned();
+        let port = node.port().to_string();
+        let met = self.masters[0].raw_command(&["CLUSTER", "MEET", "127.0.0.1", &port, &bus]);
+        assert_eq!(met, "OK");
+        self.joined.push(node);
+        self.wait_for(|node| {
+            node.raw_command(&["CLUSTER", "NODES"]).lines().count() == self.len()
+                && node
+                    .raw_command(&["CLUSTER", "INFO"])
+                    .contains("cluster_state:ok")
+        });
+        self.joined.last().expect("just joined")
+    }
+
+    /// Begins moving `key`'s slot from the master `from` serves it on to `to`, and
+    /// moves `key` (only): the slot is `MIGRATING` on the one and `IMPORTING` on the
+    /// other, as a resharding leaves it while it moves the slot's keys one batch at a
+    /// time. Until [`finish_migration`](Self::finish_migration), `from` redirects
+    /// commands on `key` (and on keys of the slot it does not hold) with `ASK`.
+    pub fn begin_migration(&self, key: &str, from: &RedisServer, to: &RedisServer) {
+        let slot = from.raw_command(&["CLUSTER", "KEYSLOT", key]);
+        let from_id = from.raw_command(&["CLUSTER", "MYID"]);
+        let to_id = to.raw_command(&["CLUSTER", "MYID"]);
+        let importing = to.raw_command(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
+        assert_eq!(importing, "OK");
+        let migrating = from.raw_command(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+        assert_eq!(migrating, "OK");
+        let port = to.port().to_string();
+        let moved = from.raw_command(&["MIGRATE", "127.0.0.1", &port, key, "0", "5000"]);
+        assert_eq!(moved, "OK");
+    }
+
+    /// Ends the migration [`begin_migration`](Self::begin_migration) began, moving the
+    /// slot's other keys first: `to` serves the slot, and `from` redirects it with
+    /// `MOVED`. Every node is told, as `redis-cli --cluster reshard` does.
+    pub fn finish_migration(&self, key: &str, from: &RedisServer, to: &RedisServer) {
+        let slot = from.raw_command(&["CLUSTER", "KEYSLOT", key]);
+        let port = to.port().to_string();
+        loop {
+            let keys = from.raw_command(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|key| !key.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            assert_eq!(from.raw_command(&args), "OK");
+        }
+        let to_id = to.raw_command(&["CLUSTER", "MYID"]);
+        for node in [to, from] {
+            let set = node.raw_command(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+            assert_eq!(set, "OK");
+        }
+        for node in self.nodes() {
+            node.raw_command(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        }
     }
 
     /// `redis://` URLs of every node, for a client's list of initial nodes.
@@ -147,4 +225,36 @@ impl RedisCluster {
             .find(|i| slot < (i + 1) * SLOTS / masters)
             .unwrap()
     }
+}
+
+/// What `node` answers `args` with after `ASKING`, as a client an `ASK` redirected to it
+/// asks: for a key of a slot it imports, which it redirects otherwise. Plain TCP, no
+/// password (a TLS node's plain port).
+pub fn asking(node: &RedisServer, args: &[&str]) -> String {
+    let port = node.plain_port.unwrap_or(node.port());
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut request = Vec::new();
+    write_command(&mut request, &["ASKING"]);
+    write_command(&mut request, args);
+    stream.write_all(&request).unwrap();
+    let mut reader = BufReader::new(stream);
+    assert_eq!(read_reply(&mut reader), "OK", "ASKING");
+    read_reply(&mut reader)
+}
+
+/// A cluster-enabled node. Nodes deem an unreachable peer failed after 500 ms.
+fn cluster_node(config: super::ServerConfig) -> RedisServer {
+    config
+        .arg("cluster-enabled", "yes")
+        .arg("cluster-config-file", "nodes.conf")
+        .arg("cluster-node-timeout", "500")
+        // A failed master costs only its own slots (by default Redis refuses every key,
+        // CLUSTERDOWN, once a master fails with no replica to take over).
+        .arg("cluster-require-full-coverage", "no")
+        // The bus port of its own: port + 10000 may be past 65535 or taken.
+        .arg("cluster-port", &free_port().to_string())
+        .start()
 }

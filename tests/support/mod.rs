@@ -10,7 +10,7 @@
 mod cluster;
 mod proxy;
 #[allow(unused_imports)] // only the cluster tests use it
-pub use cluster::RedisCluster;
+pub use cluster::{RedisCluster, asking};
 #[allow(unused_imports)] // not every test binary injects network faults
 pub use proxy::FaultProxy;
 

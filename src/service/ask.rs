@@ -1,0 +1,260 @@
+//! Following a cluster's `ASK` redirects, which redis-rs's cluster client (its own resends
+//! turned off, see [`Connector::cluster`](crate::Connector::cluster)) hands back.
+//!
+//! While a slot migrates to another node (a resharding, a node added), the node it is
+//! leaving answers `ASK <slot> <host:port>` for each key it no longer holds, new keys
+//! included, without running the command: only that one command may go to the node
+//! named, preceded by `ASKING`. Refreshing the map of the slots does not help (the slot
+//! is still the first node's until the migration ends), so a plain resend meets the same
+//! `ASK`, and every write of a moved key failed until then. Sent with `ASKING` on its
+//! own, the command could meet another caller's command between the two on the shared
+//! connection; sent as one pipeline, the two go out together.
+//!
+//! The node named may be one redis-rs's client has no connection to: a master just added
+//! to the cluster serves no slot until the first migration to it ends, so the client has
+//! not heard of it. Then the command goes on a connection of this crate's own to that
+//! node, opened on the first `ASK` naming it and kept for the next.
+
+use std::{sync::Arc, time::Duration};
+
+use redis::{
+    Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, Pipeline, RedisError, RedisResult, Value,
+    cluster_async::ClusterConnection, cluster_routing::SingleNodeRoutingInfo,
+};
+
+use super::RedisService;
+use crate::{Error, connect::OwnTls};
+
+/// The node an `ASK` redirect names.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct Asked {
+    host: String,
+    port: u16,
+}
+
+impl Asked {
+    fn route(&self) -> SingleNodeRoutingInfo {
+        SingleNodeRoutingInfo::ByAddress {
+            host: self.host.clone(),
+            port: self.port,
+        }
+    }
+}
+
+/// How a cluster connection reaches the nodes an `ASK` names that redis-rs's client has
+/// no connection to: with the initial nodes' credentials, protocol and TLS, within the
+/// connector's connect timeout. Each cluster connection (the shared one, each one for
+/// blocking commands) has its own, and closes its connections when it goes.
+pub(crate) struct Unlisted {
+    /// An initial node: where to connect is replaced, the rest is kept.
+    template: ConnectionInfo,
+    own_tls: OwnTls,
+    connect_timeout: Duration,
+    /// One per node, once opened; few (nodes that slots migrated to).
+    open: tokio::sync::Mutex<Vec<(Asked, RedisService)>>,
+}
+
+impl Unlisted {
+    pub(crate) fn new(
+        template: ConnectionInfo,
+        own_tls: OwnTls,
+        connect_timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Unlisted {
+            template,
+            own_tls,
+            connect_timeout,
+            open: tokio::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The open connection of our own to `node`, if there is one.
+    async fn find(&self, node: &Asked) -> Option<RedisService> {
+        let open = self.open.lock().await;
+        let (_, service) = open.iter().find(|(asked, _)| asked == node)?;
+        (!service.is_closed()).then(|| service.clone())
+    }
+
+    /// A connection of our own to `node`: the open one, or a new one (replacing one that
+    /// closed). Callers that find none open wait for the first one's connect.
+    async fn connect(&self, node: &Asked) -> Result<RedisService, Error> {
+        let mut open = self.open.lock().await;
+        let position = open.iter().position(|(asked, _)| asked == node);
+        if let Some(at) = position
+            && !open[at].1.is_closed()
+        {
+            return Ok(open[at].1.clone());
+        }
+        let address = match self.template.addr() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host: node.host.clone(),
+                port: node.port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(node.host.clone(), node.port),
+        };
+        let info = self.template.clone().set_addr(address);
+        let display = crate::connect::describe(&info);
+        let opening = crate::connect::open(&info, None, &self.own_tls, display.into());
+        let service = match tokio::time::timeout(self.connect_timeout, opening).await {
+            Ok(opened) => opened?,
+            Err(_) => {
+                return Err(Error::unavailable(
+                    "connect to the node an ASK named timed out",
+                ));
+            }
+        };
+        match position {
+            Some(at) => open[at].1 = service.clone(),
+            None => open.push((node.clone(), service.clone())),
+        }
+        Ok(service)
+    }
+}
+
+/// Where `err` redirects with `ASK`: for one command, its error; for a transaction,
+/// the errors Redis queued it with, all of them `ASK`s to one node (a transaction with
+/// another error would fail there too).
+pub(super) fn asked_to(err: &RedisError) -> Option<Asked> {
+    let errors = err.clone().into_server_errors()?;
+    let mut node = None::<(&str, u16)>;
+    for (_, error) in errors.iter() {
+        if error.code() != "ASK" {
+            return None;
+        }
+        // "3999 127.0.0.1:6381": the slot, then the node.
+        let address = error.details()?.split_ascii_whitespace().nth(1)?;
+        let (host, port) = address.rsplit_once(':')?;
+        let port = port.parse().ok()?;
+        match node {
+            Some(seen) if seen != (host, port) => return None,
+            _ => node = Some((host, port)),
+        }
+    }
+    let (host, port) = node?;
+    Some(Asked {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// Sends `cmd`, which the node serving its slot redirected with `ASK`, to the node
+/// named, after `ASKING`.
+pub(super) async fn command(
+    connection: &mut ClusterConnection,
+    unlisted: &Unlisted,
+    to: Asked,
+    cmd: &Cmd,
+) -> RedisResult<Value> {
+    let mut pipeline = redis::pipe();
+    pipeline.cmd("ASKING").add_command(cmd.clone());
+    let mut replies = follow(connection, unlisted, &to, pipeline, 1, 1).await?;
+    replies.pop().ok_or_else(short)
+}
+
+/// Sends the one command of a plain pipeline as [`command`] does.
+pub(super) async fn lone_command(
+    connection: &mut ClusterConnection,
+    unlisted: &Unlisted,
+    to: Asked,
+    lone: &Pipeline,
+) -> RedisResult<Vec<Value>> {
+    let mut pipeline = redis::pipe();
+    pipeline.cmd("ASKING");
+    for cmd in lone.cmd_iter() {
+        pipeline.add_command(cmd.clone());
+    }
+    follow(connection, unlisted, &to, pipeline, 1, lone.len()).await
+}
+
+/// Sends `transaction`, whose commands the node serving its slot redirected with `ASK`
+/// (so it discarded the transaction, and nothing ran), to the node named: `ASKING`,
+/// then the transaction (Redis keeps the `ASKING` for the commands between `MULTI` and
+/// `EXEC`). Answers `EXEC`'s reply alone, as redis-rs does for a transaction. If the
+/// keys are split between the two nodes, the node named refuses it (`TRYAGAIN`).
+pub(super) async fn transaction(
+    connection: &mut ClusterConnection,
+    unlisted: &Unlisted,
+    to: Asked,
+    transaction: &Pipeline,
+) -> RedisResult<Vec<Value>> {
+    let mut pipeline = redis::pipe();
+    pipeline.cmd("ASKING").cmd("MULTI");
+    for cmd in transaction.cmd_iter() {
+        pipeline.add_command(cmd.clone());
+    }
+    pipeline.cmd("EXEC");
+    let exec = transaction.len() + 2;
+    follow(connection, unlisted, &to, pipeline, exec, 1).await
+}
+
+/// Sends `pipeline` to `to`: through redis-rs's client when it has a connection there,
+/// else on one of our own.
+async fn follow(
+    connection: &mut ClusterConnection,
+    unlisted: &Unlisted,
+    to: &Asked,
+    pipeline: Pipeline,
+    offset: usize,
+    count: usize,
+) -> RedisResult<Vec<Value>> {
+    let own = match unlisted.find(to).await {
+        Some(own) => own,
+        None => {
+            let listed = connection
+                .route_pipeline(pipeline.clone(), offset, count, to.route())
+                .await;
+            match listed {
+                Err(err) if err.kind() == ErrorKind::ClusterConnectionNotFound => {
+                    unlisted.connect(to).await?
+                }
+                replies => return replies,
+            }
+        }
+    };
+    own.inner
+        .connection
+        .clone()
+        .commands(&pipeline, offset, count)
+        .await
+}
+
+fn short() -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::Parse,
+        "the node an ASK redirect named answered no reply",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(text: &[u8]) -> RedisError {
+        match redis::parse_redis_value(text) {
+            Ok(Value::ServerError(err)) => err.into(),
+            other => panic!("not an error reply: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_ask_names_its_node_and_other_errors_name_none() {
+        let asked = asked_to(&reply(b"-ASK 3999 127.0.0.1:6381\r\n")).unwrap();
+        assert_eq!((asked.host.as_str(), asked.port), ("127.0.0.1", 6381));
+        let asked = asked_to(&reply(b"-ASK 3999 ::1:6381\r\n")).unwrap();
+        assert_eq!((asked.host.as_str(), asked.port), ("::1", 6381));
+        for other in [
+            &b"-MOVED 3999 127.0.0.1:6381\r\n"[..],
+            b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+            b"-ASK 3999\r\n",
+            b"-ASK 3999 127.0.0.1:port\r\n",
+        ] {
+            assert!(asked_to(&reply(other)).is_none(), "{other:?}");
+        }
+    }
+}
