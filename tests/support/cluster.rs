@@ -158,41 +158,44 @@ impl RedisCluster {
     /// time. Until [`finish_migration`](Self::finish_migration), `from` redirects
     /// commands on `key` (and on keys of the slot it does not hold) with `ASK`.
     pub fn begin_migration(&self, key: &str, from: &RedisServer, to: &RedisServer) {
-        let slot = from.raw_command(&["CLUSTER", "KEYSLOT", key]);
-        let from_id = from.raw_command(&["CLUSTER", "MYID"]);
-        let to_id = to.raw_command(&["CLUSTER", "MYID"]);
-        let importing = to.raw_command(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
-        assert_eq!(importing, "OK");
-        let migrating = from.raw_command(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
-        assert_eq!(migrating, "OK");
-        let port = to.port().to_string();
-        let moved = from.raw_command(&["MIGRATE", "127.0.0.1", &port, key, "0", "5000"]);
-        assert_eq!(moved, "OK");
+        mark_migrating(key, from, to);
+        move_keys(&[key], from, to);
     }
 
     /// Ends the migration [`begin_migration`](Self::begin_migration) began, moving the
     /// slot's other keys first: `to` serves the slot, and `from` redirects it with
-    /// `MOVED`. Every node is told, as `redis-cli --cluster reshard` does.
+    /// `MOVED`.
     pub fn finish_migration(&self, key: &str, from: &RedisServer, to: &RedisServer) {
         let slot = from.raw_command(&["CLUSTER", "KEYSLOT", key]);
-        let port = to.port().to_string();
-        loop {
-            let keys = from.raw_command(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
-            let keys: Vec<&str> = keys.lines().filter(|key| !key.is_empty()).collect();
-            if keys.is_empty() {
-                break;
-            }
-            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
-            args.extend(keys);
-            assert_eq!(from.raw_command(&args), "OK");
+        while move_batch(&slot, 100, from, to) {}
+        self.assign(&slot, to);
+    }
+
+    /// Moves `key`'s slot from `from` to `to` as `redis-cli --cluster reshard` does: marks
+    /// it migrating, moves its keys `batch` at a time with a `pause` after each batch, and
+    /// tells every node that `to` serves it. Blocks until it has.
+    pub fn reshard(
+        &self,
+        key: &str,
+        from: &RedisServer,
+        to: &RedisServer,
+        batch: usize,
+        pause: Duration,
+    ) {
+        let slot = mark_migrating(key, from, to);
+        while move_batch(&slot, batch, from, to) {
+            std::thread::sleep(pause);
         }
+        self.assign(&slot, to);
+    }
+
+    /// Tells every node that `to` serves `slot`, `to` first.
+    fn assign(&self, slot: &str, to: &RedisServer) {
         let to_id = to.raw_command(&["CLUSTER", "MYID"]);
-        for node in [to, from] {
-            let set = node.raw_command(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
-            assert_eq!(set, "OK");
-        }
+        let set = to.raw_command(&["CLUSTER", "SETSLOT", slot, "NODE", &to_id]);
+        assert_eq!(set, "OK");
         for node in self.nodes() {
-            node.raw_command(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+            node.raw_command(&["CLUSTER", "SETSLOT", slot, "NODE", &to_id]);
         }
     }
 
@@ -243,6 +246,36 @@ pub fn asking(node: &RedisServer, args: &[&str]) -> String {
     let mut reader = BufReader::new(stream);
     assert_eq!(read_reply(&mut reader), "OK", "ASKING");
     read_reply(&mut reader)
+}
+
+/// Marks `key`'s slot `IMPORTING` on `to` and `MIGRATING` on `from`; returns the slot.
+fn mark_migrating(key: &str, from: &RedisServer, to: &RedisServer) -> String {
+    let slot = from.raw_command(&["CLUSTER", "KEYSLOT", key]);
+    let from_id = from.raw_command(&["CLUSTER", "MYID"]);
+    let to_id = to.raw_command(&["CLUSTER", "MYID"]);
+    let importing = to.raw_command(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
+    assert_eq!(importing, "OK");
+    let migrating = from.raw_command(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+    assert_eq!(migrating, "OK");
+    slot
+}
+
+/// Moves up to `batch` of `slot`'s keys from `from` to `to`; false when none was left.
+fn move_batch(slot: &str, batch: usize, from: &RedisServer, to: &RedisServer) -> bool {
+    let keys = from.raw_command(&["CLUSTER", "GETKEYSINSLOT", slot, &batch.to_string()]);
+    let keys: Vec<&str> = keys.lines().filter(|key| !key.is_empty()).collect();
+    if !keys.is_empty() {
+        move_keys(&keys, from, to);
+    }
+    !keys.is_empty()
+}
+
+/// `MIGRATE`s `keys` from `from` to `to`.
+fn move_keys(keys: &[&str], from: &RedisServer, to: &RedisServer) {
+    let port = to.port().to_string();
+    let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+    args.extend(keys);
+    assert_eq!(from.raw_command(&args), "OK");
 }
 
 /// A cluster-enabled node. Nodes deem an unreachable peer failed after 500 ms.
