@@ -22,10 +22,11 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::future::join_all;
 use redis::{
-    AsyncCommands, AsyncConnectionConfig,
+    AsyncCommands, AsyncConnectionConfig, IntoConnectionInfo,
     aio::{ConnectionManager, MultiplexedConnection},
+    io::tcp::TcpSettings,
 };
-use support::RedisServer;
+use support::{FaultProxy, RedisServer};
 use tokio::runtime::{Builder, Runtime};
 use tower::Layer;
 use tower::{Service, ServiceExt};
@@ -139,7 +140,12 @@ const VARIANTS: usize = 11;
 /// opened starting from the `rotate`-th variant, so which variant has the first socket
 /// (which shows in latency) changes with `rotate`.
 async fn variants(url: &str, rotate: usize) -> Vec<Variant> {
-    let client = redis::Client::open(url).unwrap();
+    let settings = TcpSettings::default().set_nodelay(!nagle());
+    let info = url
+        .into_connection_info()
+        .unwrap()
+        .set_tcp_settings(settings);
+    let client = redis::Client::open(info).unwrap();
     let mut seed = client.get_multiplexed_async_connection().await.unwrap();
     let () = seed.set("bench:key", vec![b'v'; 64]).await.unwrap();
     let mut made: Vec<Option<Variant>> = vec![None; VARIANTS];
@@ -160,14 +166,19 @@ async fn variant(k: usize, url: &str, client: &redis::Client) -> Variant {
             .await
             .unwrap()
     };
-    let resilient = || async { ResilientClient::builder(url).connect().await.unwrap() };
+    let resilient = || async {
+        ResilientClient::builder_with_connector(connector(url))
+            .connect()
+            .await
+            .unwrap()
+    };
     match k {
         0 => Variant::Raw(raw().await),
         1 => Variant::RawDefault(client.get_multiplexed_async_connection().await.unwrap()),
         // As users get it: its default 500 ms response timeout included.
         2 => Variant::Manager(ConnectionManager::new(client.clone()).await.unwrap()),
-        3 => Variant::Leaf(RedisService::connect(url).await.unwrap()),
-        4 => Variant::Client(Client::new(RedisService::connect(url).await.unwrap())),
+        3 => Variant::Leaf(connector(url).connect().await.unwrap()),
+        4 => Variant::Client(Client::new(connector(url).connect().await.unwrap())),
         5 => Variant::RetryReconnect(RetryLayer::default().layer(reconnect(url).await)),
         6 => Variant::BreakerRetryReconnect(
             CircuitBreakerLayer::default().layer(RetryLayer::default().layer(reconnect(url).await)),
@@ -175,7 +186,7 @@ async fn variant(k: usize, url: &str, client: &redis::Client) -> Variant {
         7 => Variant::Resilient(resilient().await),
         8 => Variant::ResilientService(resilient().await),
         9 => Variant::Trimmed(
-            ResilientClient::builder(url)
+            ResilientClient::builder_with_connector(connector(url))
                 .without_fallback()
                 .without_trace()
                 .connect()
@@ -187,9 +198,22 @@ async fn variant(k: usize, url: &str, client: &redis::Client) -> Variant {
 }
 
 async fn reconnect(url: &str) -> Reconnect {
-    Reconnect::connect(Connector::from_url(url).unwrap(), ReconnectConfig::new())
+    Reconnect::connect(connector(url), ReconnectConfig::new())
         .await
         .unwrap()
+}
+
+/// Whether every variant runs with Nagle's algorithm on (`BENCH_NAGLE=1`), as redis-rs
+/// 1.x sets its sockets, instead of with `TCP_NODELAY`, as this crate's connectors do
+/// by default (and redis-rs 2.0). Either way every variant has the same socket option,
+/// raw redis-rs included.
+fn nagle() -> bool {
+    std::env::var_os("BENCH_NAGLE").is_some()
+}
+
+/// This crate's connector to `url`, with every variant's socket option.
+fn connector(url: &str) -> Connector {
+    Connector::from_url(url).unwrap().tcp_nodelay(!nagle())
 }
 
 fn runtimes() -> Vec<(&'static str, Runtime)> {
@@ -229,6 +253,75 @@ fn bench(c: &mut Criterion) {
             print_latency(flavour, &rt, &server.url());
         }
     }
+    if std::env::var_os("BENCH_CRITERION_ONLY").is_none() {
+        print_over_a_slow_link(&server);
+    }
+}
+
+/// GETs from `CALLERS` callers at once through a proxy that holds every reply 1 ms, as
+/// a network between the app and Redis does, with `TCP_NODELAY` and with Nagle's
+/// algorithm: raw redis-rs and the default stack, each way. On loopback with no delay,
+/// Nagle's fewer, larger packets win; over a network, every request written while
+/// another is unacknowledged waits for the server's acknowledgement.
+fn print_over_a_slow_link(server: &RedisServer) {
+    const CALLERS: usize = 32;
+    let rt = Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let proxy = FaultProxy::start(server.port()).await;
+        proxy.delay_replies(Duration::from_millis(1));
+        println!(
+            "\nGET, {CALLERS} callers, multi_thread(2), through a proxy that holds each reply 1 ms"
+        );
+        for nodelay in [true, false] {
+            let settings = TcpSettings::default().set_nodelay(nodelay);
+            let info = proxy.url().into_connection_info().unwrap();
+            let raw = redis::Client::open(info.set_tcp_settings(settings))
+                .unwrap()
+                .get_multiplexed_async_connection_with_config(
+                    &AsyncConnectionConfig::new().set_response_timeout(None),
+                )
+                .await
+                .unwrap();
+            let connector = Connector::from_url(&proxy.url()).unwrap();
+            let stack = ResilientClient::builder_with_connector(connector.tcp_nodelay(nodelay))
+                .connect()
+                .await
+                .unwrap();
+            let socket = if nodelay { "TCP_NODELAY" } else { "Nagle" };
+            for variant in [Variant::Raw(raw), Variant::ResilientService(stack)] {
+                let (rate, p50) = callers(&variant, CALLERS, Duration::from_secs(2)).await;
+                let name = format!("{}, {socket}", variant.name());
+                println!("  {name:<46} {rate:>7.0} GET/s   p50 {p50:>6.2} ms");
+            }
+        }
+    });
+}
+
+/// `callers` callers making GETs one after another for `period`: GETs per second, and
+/// the median GET's milliseconds.
+async fn callers(variant: &Variant, callers: usize, period: Duration) -> (f64, f64) {
+    let end = Instant::now() + period;
+    let each = join_all((0..callers).map(|_| {
+        let mut variant = variant.clone();
+        async move {
+            let mut took = Vec::new();
+            while Instant::now() < end {
+                let started = Instant::now();
+                variant.get().await;
+                took.push(started.elapsed());
+            }
+            took
+        }
+    }))
+    .await;
+    let mut all: Vec<Duration> = each.into_iter().flatten().collect();
+    all.sort_unstable();
+    let p50 = all[all.len() / 2].as_secs_f64() * 1e3;
+    (all.len() as f64 / period.as_secs_f64(), p50)
 }
 
 /// One GET at a time: p50 and p99 of each variant, and its overhead over raw redis-rs.

@@ -172,6 +172,7 @@ impl Connector {
     /// Uses a `redis::Client` you built. (For TLS certificates of your own,
     /// `tls_certificates`, with feature `tls`, does better than `Client::build_with_tls`.)
     pub fn from_client(client: redis::Client) -> Self {
+        let client = with_nodelay(client, true);
         let display = describe(client.get_connection_info()).into();
         Connector {
             client,
@@ -359,7 +360,10 @@ impl Connector {
     pub fn cluster<T: IntoConnectionInfo>(
         nodes: impl IntoIterator<Item = T>,
     ) -> Result<Self, Error> {
-        let nodes = addresses(nodes, "cluster node")?;
+        let nodes: Vec<ConnectionInfo> = addresses(nodes, "cluster node")?
+            .into_iter()
+            .map(|node| info_with_nodelay(node, true))
+            .collect();
         let Some(first) = nodes.first() else {
             return Err(Error::config("a cluster connector needs at least one node"));
         };
@@ -465,6 +469,46 @@ impl Connector {
     #[must_use]
     pub fn sentinel_check_interval(mut self, interval: Duration) -> Self {
         self.sentinel_check_interval = interval;
+        self
+    }
+
+    /// Whether connections set `TCP_NODELAY` (default: yes), so each request leaves at
+    /// once instead of waiting for the server's acknowledgement of the one before
+    /// (Nagle's algorithm). On one connection that many callers share, Nagle holds every
+    /// request written while another is unacknowledged until the reply or a delayed
+    /// acknowledgement comes: measured with 8 to 32 callers through a proxy that delays
+    /// replies by 1 ms, half the throughput and twice the median latency of `TCP_NODELAY`.
+    /// redis-rs 1.x leaves Nagle on (its 2.0 turns it off). Pass `false` (Nagle on) only
+    /// for a Redis on the same host under heavy load, where fewer, larger packets are
+    /// worth more than the wait (measured on loopback with 32 callers: ~1.4 times the
+    /// throughput). Applies to every connection this connector opens: to the server, to
+    /// a cluster's nodes, to the master or replica Sentinel names, and subscribers'.
+    ///
+    /// ```
+    /// use tower_redis_resilience::Connector;
+    ///
+    /// let connector = Connector::from_url("redis://127.0.0.1:6379")?;
+    /// assert!(connector.connection_info().tcp_settings().nodelay());
+    /// let nagle = connector.tcp_nodelay(false);
+    /// assert!(!nagle.connection_info().tcp_settings().nodelay());
+    /// # Ok::<(), tower_redis_resilience::Error>(())
+    /// ```
+    #[must_use]
+    pub fn tcp_nodelay(mut self, on: bool) -> Self {
+        self.client = with_nodelay(self.client, on);
+        #[cfg(feature = "cluster")]
+        if let Some(cluster) = &self.cluster {
+            self.cluster = Some(Arc::new(ClusterNodes {
+                nodes: cluster
+                    .nodes
+                    .iter()
+                    .map(|node| info_with_nodelay(node.clone(), on))
+                    .collect(),
+                #[cfg(feature = "tls")]
+                certificates: cluster.certificates.clone(),
+                next_pubsub_node: std::sync::atomic::AtomicUsize::new(0),
+            }));
+        }
         self
     }
 
@@ -603,6 +647,22 @@ impl Connector {
     }
 }
 
+/// `client` with `TCP_NODELAY` on or off in its connection details.
+fn with_nodelay(client: redis::Client, on: bool) -> redis::Client {
+    if client.get_connection_info().tcp_settings().nodelay() == on {
+        return client;
+    }
+    let info = info_with_nodelay(client.get_connection_info().clone(), on);
+    // A client is its connection details: opening them again cannot fail.
+    redis::Client::open(info).unwrap_or(client)
+}
+
+/// `info` with `TCP_NODELAY` on or off.
+fn info_with_nodelay(info: ConnectionInfo, on: bool) -> ConnectionInfo {
+    let settings = info.tcp_settings().clone().set_nodelay(on);
+    info.set_tcp_settings(settings)
+}
+
 /// Parses a list of addresses; a malformed one is a config error naming `what` it was.
 fn addresses<T: IntoConnectionInfo>(
     nodes: impl IntoIterator<Item = T>,
@@ -692,6 +752,11 @@ async fn open_cluster(
     let builder = redis::cluster::ClusterClient::builder(cluster.nodes.to_vec())
         .retries(0)
         .connection_timeout(connect_timeout / 4);
+    // redis-rs's cluster client takes TCP settings apart from the nodes' addresses.
+    let builder = match cluster.nodes.first() {
+        Some(first) => builder.tcp_settings(first.tcp_settings().clone()),
+        None => builder,
+    };
     #[cfg(feature = "tls")]
     let builder = match &cluster.certificates {
         Some(certificates) => builder.certs(certificates.clone()),

@@ -676,3 +676,37 @@ async fn while_the_master_is_down_reads_are_served_by_its_replica() {
     let value: Option<i64> = client.get("k1").await.unwrap();
     assert_eq!(value, Some(7));
 }
+
+/// The shared connection, a blocking command's own and a subscriber's: each with
+/// `TCP_NODELAY` (read from the sockets), or each without when the connector says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_sets_tcp_nodelay_unless_the_connector_says_not_to() {
+    for nodelay in [true, false] {
+        let server = RedisServer::start();
+        let connector = Connector::from_url(&server.url()).unwrap();
+        let connector = if nodelay {
+            connector
+        } else {
+            connector.tcp_nodelay(false)
+        };
+        let mut client = ResilientClient::builder_with_connector(connector)
+            .connect()
+            .await
+            .unwrap();
+        let () = client.set("k", "v").await.unwrap();
+        let nothing: Option<(String, String)> = client.blpop("queue", 0.01).await.unwrap();
+        assert_eq!(nothing, None);
+        let (subscriber, _events) = client
+            .subscriber(tower_redis_resilience::pubsub::SubscriberConfig::new())
+            .unwrap();
+        subscriber.subscribe("news").await.unwrap();
+        let mut state = subscriber.state();
+        state
+            .wait_for(|state| *state == ConnectionState::Connected)
+            .await
+            .unwrap();
+        let found = support::nodelay_of_connections_to(server.port());
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found.iter().all(|&on| on == nodelay), "{found:?}");
+    }
+}

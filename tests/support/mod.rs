@@ -531,6 +531,61 @@ pub fn redis_server_binary() -> PathBuf {
         })
 }
 
+/// For each TCP socket of this process connected to `port` on loopback, whether it sets
+/// `TCP_NODELAY`: read from the sockets themselves (`/proc/self/fd`, `getpeername`,
+/// `getsockopt`), so it covers connections redis-rs opens too.
+pub fn nodelay_of_connections_to(port: u16) -> Vec<bool> {
+    let mut found = Vec::new();
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return found;
+    };
+    for entry in fds.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: getpeername and getsockopt write at most the lengths given into
+        // buffers of those sizes; an fd that is not a socket (or closed meanwhile) fails.
+        unsafe {
+            let mut peer: libc::sockaddr_storage = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            if libc::getpeername(fd, (&raw mut peer).cast(), &raw mut len) != 0 {
+                continue;
+            }
+            let peer_port = match i32::from(peer.ss_family) {
+                libc::AF_INET => {
+                    let v4 = &*(&raw const peer).cast::<libc::sockaddr_in>();
+                    u16::from_be(v4.sin_port)
+                }
+                libc::AF_INET6 => {
+                    let v6 = &*(&raw const peer).cast::<libc::sockaddr_in6>();
+                    u16::from_be(v6.sin6_port)
+                }
+                _ => continue,
+            };
+            if peer_port != port {
+                continue;
+            }
+            let mut on: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            let got = libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&raw mut on).cast(),
+                &raw mut len,
+            );
+            if got == 0 {
+                found.push(on != 0);
+            }
+        }
+    }
+    found
+}
+
 fn signal(pid: i32, signal: i32) {
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe {
