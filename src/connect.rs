@@ -316,7 +316,9 @@ impl Connector {
     /// not. A `MOVED` (the slot is served elsewhere now, after a failover or a resharding)
     /// comes back as an [unavailable](Error::is_unavailable) error that did not run, which
     /// [`Retry`](crate::retry::Retry) sends again once the client has refreshed its map
-    /// of the slots. An `ASK` (the slot is migrating, and the key has gone, or is new) is
+    /// of the slots; a transaction that meets one (which Redis discards) goes to the node
+    /// named at once, and a read of one of its keys makes the client refresh its map,
+    /// which it does not for a transaction by itself. An `ASK` (the slot is migrating, and the key has gone, or is new) is
     /// followed at once: the command goes to the node named, after `ASKING`, in one
     /// pipeline, as does a transaction (which Redis discarded, so nothing of it ran), on
     /// redis-rs's connection to that node, or on one of this crate's own to a node the

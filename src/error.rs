@@ -304,10 +304,35 @@ impl Error {
         }
     }
 
+    /// Why Redis refused: the error's own code, or for a transaction Redis discarded
+    /// (`EXECABORT`), the first of its commands' refusals that says Redis could not serve
+    /// them (`READONLY`: a demoted master; `MOVED`: the slot moved; `LOADING`...), as
+    /// that is what refused the whole. The predicates below read this, so a transaction
+    /// refused by a replica is the failover signal as a lone write is.
+    fn cause_code(&self) -> Option<&str> {
+        let Detail::Redis(err) = &self.detail else {
+            return None;
+        };
+        if err.kind() != ErrorKind::Server(ServerErrorKind::ExecAbort) {
+            return err.code();
+        }
+        let refusals = err.clone().into_server_errors();
+        refusals
+            .iter()
+            .flat_map(|refusals| refusals.iter())
+            .find_map(|(_, refusal)| {
+                UNAVAILABLE_CODES
+                    .iter()
+                    .copied()
+                    .find(|&code| code == refusal.code())
+            })
+            .or_else(|| err.code())
+    }
+
     /// A cluster node redirected the command (`MOVED`, `ASK`): the slot is served
     /// elsewhere. Not an outage.
     pub(crate) fn is_redirect(&self) -> bool {
-        matches!(self.server_code(), Some("MOVED" | "ASK"))
+        matches!(self.cause_code(), Some("MOVED" | "ASK"))
     }
 
     /// Redis is up and refused the command at once, as it refuses every command for now:
@@ -315,7 +340,7 @@ impl Error {
     /// its master (`MASTERDOWN`), a cluster that cannot serve (`CLUSTERDOWN`,
     /// `TRYAGAIN`). The command did not run.
     pub(crate) fn is_refusal_of_a_live_server(&self) -> bool {
-        self.is_lasting_refusal() || self.server_code() == Some("TRYAGAIN")
+        self.is_lasting_refusal() || self.cause_code() == Some("TRYAGAIN")
     }
 
     /// Such a refusal that lasts seconds, as loading a dataset, a script past its time
@@ -324,7 +349,7 @@ impl Error {
     /// slot moves, is meant to be retried soon.)
     pub(crate) fn is_lasting_refusal(&self) -> bool {
         matches!(
-            self.server_code(),
+            self.cause_code(),
             Some("LOADING" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN")
         )
     }
@@ -332,7 +357,7 @@ impl Error {
     /// A replica refused a write (`READONLY`): the server is up and serves reads, but
     /// this connection does not lead to the master (after a failover, say).
     pub(crate) fn is_replica_refusal(&self) -> bool {
-        self.server_code() == Some("READONLY")
+        self.cause_code() == Some("READONLY")
     }
 
     /// An up server refused a write and would serve reads: a replica (`READONLY`), a
@@ -341,7 +366,7 @@ impl Error {
     /// (`MISCONF`). The write did not run.
     pub(crate) fn is_write_refusal(&self) -> bool {
         matches!(
-            self.server_code(),
+            self.cause_code(),
             Some("READONLY" | "NOREPLICAS" | "MISCONF")
         )
     }

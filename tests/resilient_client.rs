@@ -179,11 +179,15 @@ async fn through_a_kill_reads_miss_within_the_deadline_the_breaker_opens_then_al
     assert_eq!(client.fallback().unwrap().fallbacks(), 40);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_follow_a_failover_and_every_acknowledged_incr_counts_once() {
+/// 50 counting writes through a failover behind one address: the address the app knows
+/// (as a DNS name or a virtual IP) moves to the new master, the open connection stays on
+/// the old one. The first write finds the demoted master: `READONLY`, so it did not run;
+/// the retry resends it once the connection is replaced. Whatever a call reports, the
+/// count on the new master must match the writes acknowledged.
+async fn writes_through_a_failover(
+    mut write: impl AsyncFnMut(&mut ResilientClient) -> redis::RedisResult<u64>,
+) {
     let (old, new) = (RedisServer::start(), RedisServer::start());
-    // The address the app knows, as a DNS name or a virtual IP: it moves to the new
-    // master, the open connection stays on the old one.
     let proxy = FaultProxy::start(old.port()).await;
     let mut client = ResilientClient::builder(&proxy.url())
         .connect()
@@ -194,16 +198,13 @@ async fn writes_follow_a_failover_and_every_acknowledged_incr_counts_once() {
     old.replicate(&new);
     proxy.retarget(new.port());
 
-    // The first INCR finds the demoted master: READONLY, so it did not run; the retry
-    // resends it once the connection is replaced. Whatever a call reports, the count on
-    // the new master must match the INCRs acknowledged.
     let mut acknowledged = 0u64;
     let started = Instant::now();
     for _ in 0..50 {
-        match client.incr::<_, _, u64>("counter", 1).await {
+        match write(&mut client).await {
             Ok(value) => {
                 acknowledged += 1;
-                assert_eq!(value, acknowledged, "each acknowledged INCR ran once");
+                assert_eq!(value, acknowledged, "each acknowledged write ran once");
             }
             Err(err) => {
                 let err = Error::from(err);
@@ -213,7 +214,7 @@ async fn writes_follow_a_failover_and_every_acknowledged_incr_counts_once() {
     }
     assert!(
         acknowledged >= 45,
-        "only {acknowledged} of 50 INCRs went through"
+        "only {acknowledged} of 50 writes went through"
     );
     assert!(started.elapsed() < Duration::from_secs(2));
     let on_new = tokio::task::spawn_blocking(move || new.raw_command(&["GET", "counter"]))
@@ -221,7 +222,30 @@ async fn writes_follow_a_failover_and_every_acknowledged_incr_counts_once() {
         .unwrap();
     assert_eq!(on_new, acknowledged.to_string());
     assert_eq!(proxy.connections(), 2, "one new connection");
+    let breaker = client.health().await.breaker.unwrap();
+    assert_eq!(breaker.state, BreakerState::Closed, "{breaker:?}");
     drop(old);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_follow_a_failover_and_every_acknowledged_incr_counts_once() {
+    writes_through_a_failover(async |client| client.incr("counter", 1).await).await;
+}
+
+/// A transaction that reaches the demoted master is discarded (`EXECABORT`) because
+/// Redis refused its commands (`READONLY`): the same failover signal. Before, the
+/// connection was kept, every transaction failed, and the breaker opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_follow_a_failover_and_every_acknowledged_one_counts_once() {
+    writes_through_a_failover(async |client| {
+        let (value,): (u64,) = redis::pipe()
+            .atomic()
+            .incr("counter", 1)
+            .query_async(client)
+            .await?;
+        Ok(value)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,13 +1,13 @@
 //! The leaf service: one redis-rs multiplexed connection as a `tower::Service`.
 
-#[cfg(feature = "cluster")]
-mod ask;
 mod future;
+#[cfg(feature = "cluster")]
+mod redirect;
 mod slots;
 
-#[cfg(feature = "cluster")]
-pub(crate) use ask::Unlisted;
 pub use future::ResponseFuture;
+#[cfg(feature = "cluster")]
+pub(crate) use redirect::Unlisted;
 
 use std::{
     fmt,
@@ -263,7 +263,10 @@ pub(crate) enum Conn {
     Single(MultiplexedConnection),
     /// With how it reaches nodes an `ASK` names that redis-rs's client does not know.
     #[cfg(feature = "cluster")]
-    Cluster(redis::cluster_async::ClusterConnection, Arc<ask::Unlisted>),
+    Cluster(
+        redis::cluster_async::ClusterConnection,
+        Arc<redirect::Unlisted>,
+    ),
 }
 
 impl Conn {
@@ -273,10 +276,13 @@ impl Conn {
             #[cfg(feature = "cluster")]
             Conn::Cluster(connection, unlisted) => {
                 match redis::aio::ConnectionLike::req_packed_command(connection, cmd).await {
-                    Err(err) => match ask::asked_to(&err) {
+                    // A `MOVED` is Retry's to resend, once redis-rs has refreshed its map.
+                    Err(err) => match redirect::redirected(&err) {
                         // Boxed: the rare path does not make every call's future larger.
-                        Some(to) => Box::pin(ask::command(connection, unlisted, to, cmd)).await,
-                        None => Err(err),
+                        Some(to) if to.kind == redirect::Kind::Ask => {
+                            Box::pin(redirect::command(connection, unlisted, to, cmd)).await
+                        }
+                        _ => Err(err),
                     },
                     reply => reply,
                 }
@@ -303,15 +309,18 @@ impl Conn {
                 )
                 .await;
                 match replies {
-                    Err(err) => match ask::asked_to(&err) {
-                        // A transaction that met an `ASK` was discarded: nothing ran, and
-                        // it may go to the node named. A plain pipeline's other commands
-                        // may have run where it went: what ran there cannot be told.
+                    Err(err) => match redirect::redirected(&err) {
+                        // A transaction that met a redirect was discarded: nothing ran,
+                        // and it may go to the node named. A plain pipeline's other
+                        // commands may have run where it went: what ran cannot be told.
                         Some(to) if pipeline.is_transaction() => {
-                            Box::pin(ask::transaction(connection, unlisted, to, pipeline)).await
+                            let transaction =
+                                redirect::transaction(connection, unlisted, to, pipeline);
+                            Box::pin(transaction).await
                         }
-                        Some(to) if pipeline.len() == 1 => {
-                            Box::pin(ask::lone_command(connection, unlisted, to, pipeline)).await
+                        Some(to) if to.kind == redirect::Kind::Ask && pipeline.len() == 1 => {
+                            let lone = redirect::lone_command(connection, unlisted, to, pipeline);
+                            Box::pin(lone).await
                         }
                         _ => Err(err),
                     },
