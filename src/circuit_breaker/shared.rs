@@ -270,11 +270,19 @@ impl Shared {
         }
     }
 
-    /// A new connection after an outage: an open breaker probes at once.
-    pub(super) fn on_reconnected(&self) {
+    /// The connection serves again: an open breaker probes at once. On a new connection
+    /// (not one put back after answering a `PING`), a closed breaker also forgets the
+    /// calls it counted: they were the lost connection's, and with few calls a second the
+    /// window would otherwise reach `minimum_calls` only after Redis is back, and open
+    /// on an outage that has ended.
+    pub(super) fn on_reconnected(&self, new_connection: bool) {
         let word = self.state.load(Acquire);
-        if matches!(code(word), OPEN | OPEN_UNDRIVEN) {
-            self.change(Some(word), HALF_OPEN, "redis reconnected");
+        match code(word) {
+            OPEN | OPEN_UNDRIVEN => {
+                self.change(Some(word), HALF_OPEN, "redis reconnected");
+            }
+            CLOSED if new_connection => self.window.clear(),
+            _ => {}
         }
     }
 
@@ -475,26 +483,30 @@ impl Drop for DriverGone {
     }
 }
 
-/// Moves the breaker to half-open whenever the connection comes back. Ends when either
-/// side is dropped.
+/// Tells the breaker whenever the connection serves again (see
+/// [`Shared::on_reconnected`]). Ends when either side is dropped.
 pub(super) async fn follow_connection(
     breaker: Weak<Leased<Shared>>,
     mut states: watch::Receiver<BreakerState>,
     mut connection: watch::Receiver<ConnectionState>,
 ) {
-    connection.mark_unchanged();
+    let mut before = *connection.borrow_and_update();
     loop {
         tokio::select! {
             changed = connection.changed() => {
                 if changed.is_err() {
                     return;
                 }
-                if *connection.borrow_and_update() == ConnectionState::Connected {
+                // A change to `Connected` from `Connected` had others in between that
+                // this task did not see: taken for a new connection.
+                let now = *connection.borrow_and_update();
+                if now == ConnectionState::Connected {
                     let Some(shared) = breaker.upgrade() else {
                         return;
                     };
-                    shared.on_reconnected();
+                    shared.on_reconnected(before != ConnectionState::Suspect);
                 }
+                before = now;
             }
             changed = states.changed() => if changed.is_err() { return },
         }

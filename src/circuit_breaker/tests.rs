@@ -554,6 +554,43 @@ async fn a_reconnect_ends_the_open_wait_at_once() {
     assert_eq!(layer.state(), BreakerState::Closed);
 }
 
+/// A closed breaker forgets the calls of a connection that was lost once a new one is
+/// up: with few calls a second they would reach `minimum_calls` only after Redis is
+/// back, and open it on an outage that has ended. A connection put back because it
+/// answered a `PING` (Redis slow, not gone) keeps them.
+#[tokio::test(start_paused = true)]
+async fn a_new_connection_clears_the_lost_ones_calls_and_one_put_back_keeps_them() {
+    use ConnectionState::{Connected, Reconnecting, Suspect};
+    let (layer, mut service, _) = breaker(count_window(100, 20));
+    let (connection, state) = tokio::sync::watch::channel(Connected);
+    layer.half_open_on_reconnect(state).unwrap();
+    connection.send_replace(Reconnecting { attempt: 1 });
+    settle().await;
+    repeat(&mut service, 12, "fail", 0).await;
+    connection.send_replace(Connected);
+    settle().await;
+    assert_eq!(
+        layer.metrics().calls,
+        0,
+        "the lost connection's calls are gone"
+    );
+    repeat(&mut service, 8, "ok", 0).await;
+    assert_eq!(
+        layer.state(),
+        BreakerState::Closed,
+        "12 failures in 20 calls would have opened it"
+    );
+
+    connection.send_replace(Suspect);
+    settle().await;
+    repeat(&mut service, 10, "fail", 0).await;
+    connection.send_replace(Connected);
+    settle().await;
+    assert_eq!(layer.metrics().calls, 18, "kept");
+    repeat(&mut service, 2, "fail", 0).await;
+    assert_eq!(layer.state(), BreakerState::Open, "12 failures in 20 calls");
+}
+
 #[test]
 fn without_a_runtime_the_callers_end_the_open_wait() {
     let (layer, mut service, _) = breaker(
