@@ -734,3 +734,29 @@ async fn every_connection_sets_tcp_nodelay_unless_the_connector_says_not_to() {
         assert!(found.iter().all(|&on| on == nodelay), "{found:?}");
     }
 }
+
+/// A connection a NAT or load balancer dropped while the app was quiet (its packets
+/// vanish, neither end is told) is found by the default client's own `PING` and
+/// replaced before the app's next call, which is served at once. Without it, that call
+/// would time out, and a write would be reported as one that may have run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_silently_while_idle_is_replaced_before_the_next_call() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port()).await;
+    let mut client = ResilientClient::builder(&proxy.url())
+        .connect()
+        .await
+        .unwrap();
+    let () = client.set("k", "v").await.unwrap();
+    proxy.silence_open_connections();
+    // One health-check interval (5 s), its PING's second, and the reconnect.
+    let took = eventually(Duration::from_secs(8), async || {
+        proxy.connections() == 2 && client.connection_state() == ConnectionState::Connected
+    })
+    .await;
+    eprintln!("replaced {took:?} after the drop");
+    let started = Instant::now();
+    assert_eq!(client.incr::<_, _, u64>("n", 1).await.unwrap(), 1);
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert_eq!(client.metrics().unwrap().overall.count(Outcome::Timeout), 0);
+}

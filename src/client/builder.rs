@@ -43,7 +43,7 @@ impl<T> Slot<T> {
 /// | [circuit breaker](CircuitBreakerConfig) | opens at 50 % failures over the last 100 calls (20 at least); half-open as soon as Redis reconnects |
 /// | [timeout](TimeoutLayer) | 250 ms, blocking commands their block time plus 250 ms |
 /// | [retry](RetryLayer) | up to 2 retries of what is safe to resend, within a budget |
-/// | [reconnect](ReconnectConfig) | every ~25 ms for the first 2 s of an outage, then exponential to 1 s; a `READONLY` reply (a failover) replaces the connection, at most once a second; blocking commands that wait for data (`BLPOP`, `XREAD BLOCK`...) on connections of their own, up to 4 kept between calls |
+/// | [reconnect](ReconnectConfig) | every ~25 ms for the first 2 s of an outage, then exponential to 1 s; a `PING` every 5 s replaces a connection that does not answer it within 1 s; a `READONLY` reply (a failover) replaces the connection, at most once a second; blocking commands that wait for data (`BLPOP`, `XREAD BLOCK`...) on connections of their own, up to 4 kept between calls |
 ///
 /// ```no_run
 /// use std::time::Duration;

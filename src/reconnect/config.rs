@@ -21,6 +21,11 @@ pub const DEFAULT_BLOCKING_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// replaced, unless [`ReconnectConfig::stuck_ping_timeout`] says otherwise.
 pub const DEFAULT_STUCK_PING_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How often the connection is asked a `PING`, unless
+/// [`ReconnectConfig::health_check`] says otherwise: each gets
+/// [`DEFAULT_STUCK_PING_TIMEOUT`] to answer.
+pub const DEFAULT_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
 type OnConnect<S> =
     Arc<dyn Fn(S) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> + Send + Sync>;
 
@@ -93,7 +98,7 @@ impl<S> Default for ReconnectConfig<S> {
             stuck_after: 3,
             stuck_ping_timeout: DEFAULT_STUCK_PING_TIMEOUT,
             max_wait: Duration::ZERO,
-            health_check: None,
+            health_check: Some((DEFAULT_HEALTH_CHECK_INTERVAL, DEFAULT_STUCK_PING_TIMEOUT)),
             on_connect: None,
             readonly_reconnect: Some(Duration::from_secs(1)),
             blocking_idle: Some(DEFAULT_IDLE_BLOCKING_CONNECTIONS),
@@ -200,8 +205,25 @@ impl<S> ReconnectConfig<S> {
     /// `timeout`, so a dead connection is found before a user request finds it. On a
     /// cluster's connection a `PING` that times out may be waiting on one stalled node,
     /// so only a failed one (the whole connection lost) replaces it, as for calls.
+    ///
+    /// Default: every [`DEFAULT_HEALTH_CHECK_INTERVAL`] (5 s), within
+    /// [`DEFAULT_STUCK_PING_TIMEOUT`] (1 s). Besides finding a connection that died while
+    /// the app was quiet (a host gone, a connection a NAT or load balancer dropped
+    /// without telling either end), before the next call does, it keeps the connection
+    /// from going quiet at all, so such middle boxes do not drop it for being idle: the
+    /// shortest idle timeouts of the common ones are minutes. Without it, the first calls
+    /// after a silent drop time out (a write then may or may not have run) until three
+    /// in a row make the connection suspect. A `PING` every 5 s is one command per
+    /// client per 5 s, whatever the traffic.
     pub fn health_check(mut self, interval: Duration, timeout: Duration) -> Self {
         self.health_check = Some((interval, timeout));
+        self
+    }
+
+    /// No [`health_check`](Self::health_check): the connection is asked nothing while
+    /// the app is quiet.
+    pub fn without_health_check(mut self) -> Self {
+        self.health_check = None;
         self
     }
 
