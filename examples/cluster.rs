@@ -1,6 +1,6 @@
 //! Redis Cluster through the default stack: `INCR`s on keys all over the slots while a
-//! replica takes over from its master, then the count on the cluster against the `INCR`s
-//! acknowledged.
+//! replica takes over from its master, and while a slot moves to a master just added (a
+//! resharding), then the count on the cluster against the `INCR`s acknowledged.
 //!
 //! `cargo run --example cluster --features cluster` starts a throwaway cluster of three
 //! masters, each with a replica, on free loopback ports (`redis-server` must be installed).
@@ -8,7 +8,10 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use redis::AsyncCommands;
 use support::RedisCluster;
@@ -18,8 +21,11 @@ const KEYS: usize = 12;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let cluster = RedisCluster::start(3, 1);
-    println!("a cluster of 3 masters and 3 replicas is up");
+    let mut cluster = RedisCluster::start(3, 1);
+    // A fourth master, serving no slot until the resharding below moves one to it.
+    cluster.join_new_master();
+    let cluster = Arc::new(cluster);
+    println!("a cluster of 3 masters and 3 replicas is up, and a 4th master with no slot");
     let connector = Connector::cluster(cluster.urls())?;
     let mut client = ResilientClient::builder_with_connector(connector)
         .connect()
@@ -29,7 +35,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let (mut acknowledged, mut refused, mut ambiguous) = (0u64, 0u64, 0u64);
     let mut slowest = Duration::ZERO;
+    let mut resharding = None;
     for round in 0..100 {
+        if round == 70 {
+            // The slot of a counter on the second master moves to the fourth, key by key
+            // as `redis-cli --cluster reshard` moves them: while it moves, its old master
+            // redirects (ASK) the keys that have gone.
+            let moved = keys
+                .iter()
+                .find(|key| cluster.master_index_of(key) == 1)
+                .expect("a counter on the second master")
+                .clone();
+            println!(
+                "{:>5} ms  the slot of {moved} moves to the 4th master",
+                started.elapsed().as_millis()
+            );
+            let cluster = cluster.clone();
+            resharding = Some(std::thread::spawn(move || {
+                let (from, to) = (&cluster.masters[1], &cluster.joined[0]);
+                cluster.reshard(&moved, from, to, 1, Duration::from_millis(20));
+            }));
+        }
         if round == 40 {
             // The replica of the first master takes over, coordinated; the old master then
             // redirects (MOVED) its slots to it.
@@ -51,6 +77,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
+    if let Some(resharding) = resharding {
+        resharding.join().expect("the resharding ran");
+        let held = cluster.joined[0].raw_command(&["DBSIZE"]);
+        println!("the 4th master holds {held} counter(s) now");
+    }
     let mut counted = 0u64;
     for key in &keys {
         counted += client.get::<_, Option<u64>>(key).await?.unwrap_or(0);
