@@ -127,7 +127,7 @@ impl Unlisted {
             Ok(opened) => opened?,
             Err(_) => {
                 return Err(Error::unavailable(
-                    "connect to the node an ASK named timed out",
+                    "connect to the node a redirect named timed out",
                 ));
             }
         };
