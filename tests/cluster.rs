@@ -169,7 +169,9 @@ async fn writes_follow_a_cluster_failover_and_every_acknowledged_incr_counts_onc
 /// refresh its map of the slots for it, so before, every later transaction on the slot
 /// went to the old master and failed, and the breaker opened. Now it goes to the node
 /// named, and redis-rs is made to refresh its map: the old master redirects only the
-/// first (two `MOVED`s for its two commands, one for the read that refreshes the map).
+/// first few (two `MOVED`s for a transaction's two commands, one for the read that
+/// refreshes the map; a refresh may ask a node that has not heard of the failover yet,
+/// so it can take a few), where without the refresh it redirects every one (80).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_follow_a_cluster_failover_and_every_acknowledged_one_counts_once() {
     let moved = writes_through_a_cluster_failover(async |client| {
@@ -182,7 +184,7 @@ async fn transactions_follow_a_cluster_failover_and_every_acknowledged_one_count
         Ok(value)
     })
     .await;
-    assert!(moved <= 6, "the old master redirected {moved} commands");
+    assert!(moved <= 15, "the old master redirected {moved} commands");
 }
 
 /// Moves `counter`'s slot from `from` to `to` the way a resharding does, and checks what
