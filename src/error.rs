@@ -109,6 +109,10 @@ const UNAVAILABLE_CODES: &[&str] = &[
     // command goes to the node that now serves it.
     "MOVED",
     "ASK",
+    // A blocking command (`BLPOP`...) Redis gave up on without serving it: its server
+    // turned replica in a failover, or someone sent `CLIENT UNBLOCK .. ERROR`. Nothing
+    // was popped; sent again, it waits where the address now leads.
+    "UNBLOCKED",
 ];
 
 /// Server error codes that mean the credentials are wrong.
@@ -117,8 +121,9 @@ const AUTH_CODES: &[&str] = &["WRONGPASS", "NOAUTH"];
 impl Error {
     /// Redis could not serve the request: connection refused, reset or closed, not
     /// connected, reconnecting, or the server refused it as `LOADING`, `BUSY`,
-    /// `MASTERDOWN`, `TRYAGAIN`, `CLUSTERDOWN`, `READONLY`, `MISCONF` or `NOREPLICAS`, or a
-    /// cluster node redirected it (`MOVED`, `ASK`).
+    /// `MASTERDOWN`, `TRYAGAIN`, `CLUSTERDOWN`, `READONLY`, `MISCONF` or `NOREPLICAS`, a
+    /// cluster node redirected it (`MOVED`, `ASK`), or Redis gave up on a blocking command
+    /// without serving it (`UNBLOCKED`: its server turned replica, or `CLIENT UNBLOCK`).
     /// Transient: the same request may succeed later.
     pub fn is_unavailable(&self) -> bool {
         matches!(self.kind, Kind::Unavailable { .. })
@@ -362,12 +367,13 @@ impl Error {
 
     /// An up server refused a write and would serve reads: a replica (`READONLY`), a
     /// master short of the replicas `min-replicas-to-write` asks for (`NOREPLICAS`, as
-    /// an old master is once a failover took its replica), or one that cannot persist
-    /// (`MISCONF`). The write did not run.
+    /// an old master is once a failover took its replica), one that cannot persist
+    /// (`MISCONF`), or one that gave up on a blocking pop when it turned replica
+    /// (`UNBLOCKED`). The write did not run.
     pub(crate) fn is_write_refusal(&self) -> bool {
         matches!(
             self.cause_code(),
-            Some("READONLY" | "NOREPLICAS" | "MISCONF")
+            Some("READONLY" | "NOREPLICAS" | "MISCONF" | "UNBLOCKED")
         )
     }
 
@@ -792,6 +798,7 @@ mod tests {
             b"-READONLY You can't write against a read only replica.\r\n",
             b"-MOVED 3999 127.0.0.1:6381\r\n",
             b"-ASK 3999 127.0.0.1:6381\r\n",
+            b"-UNBLOCKED force unblock from blocking operation, instance state changed (master -> replica?)\r\n",
         ] {
             let err = server(reply);
             assert!(err.is_unavailable(), "{err}");
@@ -799,6 +806,9 @@ mod tests {
         }
         assert!(server(b"-MOVED 3999 127.0.0.1:6381\r\n").is_redirect());
         assert!(!server(b"-READONLY You can't write.\r\n").is_redirect());
+        // A blocking pop Redis gave up on as it turned replica: a write refused by an up
+        // server, not an outage.
+        assert!(server(b"-UNBLOCKED client unblocked via CLIENT UNBLOCK\r\n").is_write_refusal());
     }
 
     #[test]

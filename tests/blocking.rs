@@ -264,6 +264,37 @@ async fn a_blpop_follows_a_failover_behind_one_address() {
     assert_eq!(new.raw_command(&["GET", "k"]), "v");
 }
 
+/// A `BLPOP` waiting on the master when a failover demotes it: Redis gives up on it
+/// (`UNBLOCKED ... instance state changed (master -> replica?)`) without popping. Before,
+/// the app got that as a server error, its bug's kind of error; now it is unavailable
+/// and not run, so the retry waits on the new master and pops what is pushed there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blpop_waiting_through_a_failover_goes_on_waiting_on_the_new_master() {
+    let (old, new) = (RedisServer::start(), RedisServer::start());
+    let proxy = FaultProxy::start(old.port()).await;
+    let client = ResilientClient::builder(&proxy.url())
+        .connect()
+        .await
+        .unwrap();
+    let mut waiting = client.clone();
+    let waiter = tokio::spawn(async move {
+        waiting
+            .blpop::<_, Option<(String, String)>>("queue", 3.0)
+            .await
+    });
+    eventually(Duration::from_secs(2), async || blocked_clients(&old) == 1).await;
+
+    old.replicate(&new);
+    proxy.retarget(new.port());
+    eventually(Duration::from_secs(2), async || blocked_clients(&new) == 1).await;
+    assert_eq!(new.raw_command(&["RPUSH", "queue", "job"]), "1");
+    let popped = waiter.await.unwrap().unwrap();
+    assert_eq!(popped, Some(("queue".to_owned(), "job".to_owned())));
+    assert_eq!(new.raw_command(&["LLEN", "queue"]), "0");
+    let breaker = client.health().await.breaker.unwrap();
+    assert_eq!(breaker.failed_calls, 0, "{breaker:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_calls_beyond_the_limit_wait_for_a_connection() {
     let server = RedisServer::start();

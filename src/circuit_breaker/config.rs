@@ -70,7 +70,7 @@ pub(super) type OnTransition = Arc<dyn Fn(Transition) + Send + Sync>;
 /// | [`wait_in_open`](Self::wait_in_open) | 2 s | a stall rarely ends sooner, and a reconnect ends the wait at once (see [`half_open_on_reconnect`](super::CircuitBreakerLayer::half_open_on_reconnect)) |
 /// | [`permitted_calls_in_half_open`](Self::permitted_calls_in_half_open) | 5 | one probe landing in a stray stall must not keep the app dark |
 /// | [`on_cancel`](Self::on_cancel) | [`CancelPolicy::FailureIfSlow`] | an outer timeout cannot hide an outage |
-/// | classifier | unavailable, timeout and configuration errors fail; server errors and write refusals (`READONLY`, `NOREPLICAS`, `MISCONF`) succeed | `WRONGTYPE` is a bug in the app, not an outage; a write refusal (a write that reached a replica after a failover, or a master short of replicas) comes from an up server that refuses writes only, and opening would refuse the reads it serves |
+/// | classifier | unavailable, timeout and configuration errors fail; server errors and write refusals (`READONLY`, `NOREPLICAS`, `MISCONF`, `UNBLOCKED`) succeed | `WRONGTYPE` is a bug in the app, not an outage; a write refusal (a write that reached a replica after a failover, or a master short of replicas) comes from an up server that refuses writes only, and opening would refuse the reads it serves |
 ///
 /// Blocking commands (`BLPOP k 5`, `XREAD BLOCK`) are never slow calls and are not
 /// recorded when cancelled: waiting is what they are for.
