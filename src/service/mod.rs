@@ -3,11 +3,15 @@
 mod future;
 #[cfg(feature = "cluster")]
 mod redirect;
+#[cfg(feature = "cluster")]
+mod replicas;
 mod slots;
 
 pub use future::ResponseFuture;
 #[cfg(feature = "cluster")]
 pub(crate) use redirect::Unlisted;
+#[cfg(feature = "cluster")]
+pub(crate) use replicas::ReplicaReads;
 
 use std::{
     fmt,
@@ -159,7 +163,7 @@ impl RedisService {
         match self.inner.connection {
             Conn::Single(_) => false,
             #[cfg(feature = "cluster")]
-            Conn::Cluster(..) => true,
+            Conn::Cluster { .. } => true,
         }
     }
 
@@ -261,12 +265,14 @@ impl Drop for Driver {
 #[derive(Clone)]
 pub(crate) enum Conn {
     Single(MultiplexedConnection),
-    /// With how it reaches nodes an `ASK` names that redis-rs's client does not know.
     #[cfg(feature = "cluster")]
-    Cluster(
-        redis::cluster_async::ClusterConnection,
-        Arc<redirect::Unlisted>,
-    ),
+    Cluster {
+        connection: redis::cluster_async::ClusterConnection,
+        /// How it reaches nodes a redirect names that redis-rs's client does not know.
+        unlisted: Arc<redirect::Unlisted>,
+        /// Where reads the masters cannot serve go, when asked for.
+        replicas: Option<Arc<replicas::ReplicaReads>>,
+    },
 }
 
 impl Conn {
@@ -274,17 +280,28 @@ impl Conn {
         match self {
             Conn::Single(connection) => connection.send_packed_command(cmd).await,
             #[cfg(feature = "cluster")]
-            Conn::Cluster(connection, unlisted) => {
-                match redis::aio::ConnectionLike::req_packed_command(connection, cmd).await {
-                    // A `MOVED` is Retry's to resend, once redis-rs has refreshed its map.
-                    Err(err) => match redirect::redirected(&err) {
-                        // Boxed: the rare path does not make every call's future larger.
-                        Some(to) if to.kind == redirect::Kind::Ask => {
-                            Box::pin(redirect::command(connection, unlisted, to, cmd)).await
-                        }
-                        _ => Err(err),
-                    },
-                    reply => reply,
+            Conn::Cluster {
+                connection,
+                unlisted,
+                replicas,
+            } => {
+                let reply =
+                    match redis::aio::ConnectionLike::req_packed_command(connection, cmd).await {
+                        // A `MOVED` is Retry's to resend, once redis-rs has refreshed its map.
+                        Err(err) => match redirect::redirected(&err) {
+                            // Boxed: the rare path does not make every call's future larger.
+                            Some(to) if to.kind == redirect::Kind::Ask => {
+                                Box::pin(redirect::command(connection, unlisted, to, cmd)).await
+                            }
+                            _ => Err(err),
+                        },
+                        reply => reply,
+                    };
+                match (reply, replicas) {
+                    (Err(err), Some(replicas)) => {
+                        Box::pin(replicas.command(cmd, &err)).await.ok_or(err)
+                    }
+                    (reply, _) => reply,
                 }
             }
         }
@@ -303,12 +320,16 @@ impl Conn {
                     .await
             }
             #[cfg(feature = "cluster")]
-            Conn::Cluster(connection, unlisted) => {
+            Conn::Cluster {
+                connection,
+                unlisted,
+                replicas,
+            } => {
                 let replies = redis::aio::ConnectionLike::req_packed_commands(
                     connection, pipeline, offset, count,
                 )
                 .await;
-                match replies {
+                let replies = match replies {
                     Err(err) => match redirect::redirected(&err) {
                         // A transaction that met a redirect was discarded: nothing ran,
                         // and it may go to the node named. A plain pipeline's other
@@ -325,6 +346,13 @@ impl Conn {
                         _ => Err(err),
                     },
                     replies => replies,
+                };
+                match (replies, replicas) {
+                    (Err(err), Some(replicas)) if !pipeline.is_transaction() => {
+                        let reads = replicas.commands(pipeline, offset, count, &err);
+                        Box::pin(reads).await.ok_or(err)
+                    }
+                    (replies, _) => replies,
                 }
             }
         }
@@ -338,7 +366,7 @@ impl Conn {
         match self {
             Conn::Single(_) => Error::from_request(err),
             #[cfg(feature = "cluster")]
-            Conn::Cluster(..) => Error::from_request(err).of_one_node(),
+            Conn::Cluster { .. } => Error::from_request(err).of_one_node(),
         }
     }
 }
