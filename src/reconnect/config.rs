@@ -221,7 +221,8 @@ impl<S> ReconnectConfig<S> {
     }
 
     /// No [`health_check`](Self::health_check): the connection is asked nothing while
-    /// the app is quiet.
+    /// the app is quiet. For a custom [`MakeConnection`](crate::MakeConnection) whose
+    /// service does not answer `PING`, this keeps it from being replaced every interval.
     pub fn without_health_check(mut self) -> Self {
         self.health_check = None;
         self
