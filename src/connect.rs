@@ -152,6 +152,10 @@ struct ClusterNodes {
     next_pubsub_node: std::sync::atomic::AtomicUsize,
     /// Reads a master cannot serve go to its replicas ([`Connector::read_replicas`]).
     read_replicas: bool,
+    /// The connection for them, one for every connection this connector opens (the
+    /// shared one, each for blocking commands, and those after a reconnect); `None`
+    /// inside if it could not be set up.
+    replicas: std::sync::OnceLock<Option<Arc<crate::service::ReplicaReads>>>,
 }
 
 #[cfg(feature = "cluster")]
@@ -168,7 +172,36 @@ impl ClusterNodes {
             certificates: certificates.or_else(|| self.certificates.clone()),
             next_pubsub_node: std::sync::atomic::AtomicUsize::new(0),
             read_replicas: self.read_replicas,
+            replicas: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The connection for replica reads, if they are asked for: set up by the first
+    /// connection this connector opens, and opened in the background then, so that
+    /// connection neither waits for it nor fails with it.
+    fn replicas(&self, connect_timeout: Duration) -> Option<Arc<crate::service::ReplicaReads>> {
+        if !self.read_replicas {
+            return None;
+        }
+        self.replicas
+            .get_or_init(|| {
+                let client = cluster_builder(self, connect_timeout)
+                    .read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy)
+                    .build();
+                match client {
+                    Ok(client) => {
+                        let replicas = crate::service::ReplicaReads::new(client, connect_timeout);
+                        let opening = replicas.clone();
+                        tokio::spawn(async move { opening.open().await });
+                        Some(replicas)
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "redis cluster: no connection for replica reads");
+                        None
+                    }
+                }
+            })
+            .clone()
     }
 }
 
@@ -338,11 +371,12 @@ impl Connector {
     /// [`Retry`](crate::retry::Retry) sends again once the client has refreshed its map
     /// of the slots; a transaction that meets one (which Redis discards) goes to the node
     /// named at once, and a read of one of its keys makes the client refresh its map,
-    /// which it does not for a transaction by itself. An `ASK` (the slot is migrating, and the key has gone, or is new) is
-    /// followed at once: the command goes to the node named, after `ASKING`, in one
-    /// pipeline, as does a transaction (which Redis discarded, so nothing of it ran), on
-    /// redis-rs's connection to that node, or on one of this crate's own to a node the
-    /// client does not know yet (a master just added, before any slot is its). A plain
+    /// which it does not for a transaction by itself. An `ASK` (the slot is migrating, and
+    /// the key has gone, or is new) is followed at once: the command goes to the node
+    /// named, after `ASKING`, in one pipeline, as does a transaction (which Redis
+    /// discarded, so nothing of it ran), on redis-rs's connection to that node, or on one
+    /// of this crate's own to a node the client does not know yet (a master just added,
+    /// before any slot is its). A plain
     /// pipeline of several commands that meets an `ASK` fails: the commands on keys still
     /// there ran, so the error says it [may have run](Error::may_have_run), and only a
     /// pipeline of idempotent commands is sent again. A transaction or multi-key command
@@ -398,6 +432,7 @@ impl Connector {
             certificates: None,
             next_pubsub_node: std::sync::atomic::AtomicUsize::new(0),
             read_replicas: false,
+            replicas: std::sync::OnceLock::new(),
         }));
         Ok(connector)
     }
@@ -535,8 +570,9 @@ impl Connector {
 
     /// For a [cluster](Self::cluster): reads that a master cannot serve go to a replica
     /// of its slots, on a second cluster connection that reads from replicas (so a
-    /// connection more to every node), opened with the first. A master that dies (or that its node's connection lost)
-    /// leaves its slots without a master until the cluster fails it over, which begins
+    /// connection more to every node, whatever the connections this connector opens),
+    /// opened in the background beside the first. A master that dies leaves
+    /// its slots without a master until the cluster fails it over, which begins
     /// after `cluster-node-timeout` (15 s by default): meanwhile every read of its keys
     /// missed. Its replicas still hold what it had (`replica-serve-stale-data`, Redis's
     /// default), a moment behind. Read-only commands and pipelines that fail as
@@ -822,17 +858,7 @@ async fn open_cluster(
         .cloned()
         .ok_or_else(|| Error::config("a cluster connector needs at least one node"))?;
     let unlisted = crate::service::Unlisted::new(template, own_tls.clone(), connect_timeout);
-    let replicas = if cluster.read_replicas {
-        let client = cluster_builder(cluster, connect_timeout)
-            .read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy)
-            .build()
-            .map_err(Error::from_connect)?;
-        let replicas = crate::service::ReplicaReads::new(client, connect_timeout);
-        replicas.open().await;
-        Some(replicas)
-    } else {
-        None
-    };
+    let replicas = cluster.replicas(connect_timeout);
     Ok(RedisService::from_parts(
         Conn::Cluster {
             connection,

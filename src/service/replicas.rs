@@ -10,8 +10,9 @@ use redis::{
 
 use crate::{CommandInfo, Error};
 
-/// A second cluster connection, which redis-rs routes reads on to replicas, opened with
-/// the first.
+/// A second cluster connection, which redis-rs routes reads on to replicas, one for
+/// every connection a connector opens, opened in the background beside the first (or by
+/// the first read that needs it).
 pub(crate) struct ReplicaReads {
     /// Built with `read_from_replicas`, and otherwise as the main connection's.
     client: ClusterClient,
