@@ -58,6 +58,14 @@ pub trait MakeConnection: Send + Sync + 'static {
         let _ = connection;
         true
     }
+
+    /// Reads its connections sent to a replica by themselves, which
+    /// [`ReconnectStats::replica_reads`](crate::reconnect::ReconnectStats::replica_reads)
+    /// adds to those [`Reconnect`](crate::reconnect::Reconnect) sent: a cluster's, with
+    /// [`Connector::read_replicas`]. 0 by default.
+    fn replica_reads(&self) -> u64 {
+        0
+    }
 }
 
 impl MakeConnection for Connector {
@@ -81,6 +89,17 @@ impl MakeConnection for Connector {
 
     fn hung_calls_mean_stuck(&self, connection: &RedisService) -> bool {
         !connection.is_cluster()
+    }
+
+    fn replica_reads(&self) -> u64 {
+        #[cfg(feature = "cluster")]
+        if let Some(cluster) = &self.cluster {
+            return match cluster.replicas.get() {
+                Some(Some(replicas)) => replicas.served(),
+                _ => 0,
+            };
+        }
+        0
     }
 }
 

@@ -70,7 +70,9 @@ pub struct ReconnectStats {
     /// not counted above.
     pub blocking_connections: u64,
     /// Reads a [replica](ReconnectConfig::read_replica) answered while there was no
-    /// connection.
+    /// connection, and for a cluster with
+    /// [`read_replicas`](crate::Connector::read_replicas), reads a replica served when
+    /// their master could not.
     pub replica_reads: u64,
 }
 

@@ -160,7 +160,8 @@ impl<M: MakeConnection> Shared<M> {
             successes: self.successes.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             blocking_connections: self.blocking_opened.load(Ordering::Relaxed),
-            replica_reads: self.replica_reads.load(Ordering::Relaxed),
+            replica_reads: self.replica_reads.load(Ordering::Relaxed)
+                + self.connector.replica_reads(),
         }
     }
 

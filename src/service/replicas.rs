@@ -1,7 +1,10 @@
 //! Reads a cluster's master cannot serve, sent to its replicas
 //! ([`Connector::read_replicas`](crate::Connector::read_replicas)).
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
 
 use redis::{
     Cmd, Pipeline, RedisError, RedisResult, Value, cluster::ClusterClient,
@@ -18,6 +21,8 @@ pub(crate) struct ReplicaReads {
     client: ClusterClient,
     connect_timeout: Duration,
     connection: tokio::sync::OnceCell<ClusterConnection>,
+    /// Reads a replica served.
+    served: AtomicU64,
 }
 
 impl ReplicaReads {
@@ -26,7 +31,13 @@ impl ReplicaReads {
             client,
             connect_timeout,
             connection: tokio::sync::OnceCell::new(),
+            served: AtomicU64::new(0),
         })
+    }
+
+    /// How many reads a replica served.
+    pub(crate) fn served(&self) -> u64 {
+        self.served.load(Relaxed)
     }
 
     /// Opens the connection now, while the masters are up, so that the client knows
@@ -61,7 +72,7 @@ impl ReplicaReads {
         }
         let mut connection = self.connection().await?;
         let reply = redis::aio::ConnectionLike::req_packed_command(&mut connection, cmd).await;
-        answered(reply)
+        self.count(answered(reply))
     }
 
     /// The same for a plain pipeline of reads.
@@ -84,6 +95,15 @@ impl ReplicaReads {
         )
         .await;
         answered(replies)
+    }
+}
+
+impl ReplicaReads {
+    fn count<T>(&self, served: Option<T>) -> Option<T> {
+        if served.is_some() {
+            self.served.fetch_add(1, Relaxed);
+        }
+        served
     }
 }
 
