@@ -588,9 +588,14 @@ impl Connector {
     }
 
     /// For a [cluster](Self::cluster): reads that a master cannot serve go to a replica
-    /// of its slots, on a second cluster connection that reads from replicas (so a
+    /// of its slots, on a second cluster connection set up for replica reads (so a
     /// connection more to every node, whatever the connections this connector opens),
-    /// opened in the background beside the first. A master that dies leaves
+    /// opened in the background beside the first. Its connections to the replicas are
+    /// in `READONLY` mode, and when it has lost its connection to a slot's master it
+    /// sends the slot's reads to a replica of that slot. (In redis-rs 1.8.1 its
+    /// replica read routing otherwise still sends reads to the masters, as seen in a
+    /// probe: so a read goes there only once the master's connection is lost, not while
+    /// the master is merely slow.) A master that dies leaves
     /// its slots without a master until the cluster fails it over, which begins
     /// after `cluster-node-timeout` (15 s by default): meanwhile every read of its keys
     /// missed. Its replicas still hold what it had (`replica-serve-stale-data`, Redis's

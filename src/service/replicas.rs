@@ -13,9 +13,10 @@ use redis::{
 
 use crate::{CommandInfo, Error};
 
-/// A second cluster connection, which redis-rs routes reads on to replicas, one for
-/// every connection a connector opens, opened in the background beside the first (or by
-/// the first read that needs it).
+/// A second cluster connection, set up for replica reads (its connections to replicas
+/// in `READONLY` mode), one for every connection a connector opens, opened in the
+/// background beside the first (or by the first read that needs it). Once it has lost
+/// its connection to a slot's master, it sends the slot's reads to a replica.
 pub(crate) struct ReplicaReads {
     /// Built with `read_from_replicas`, and otherwise as the main connection's.
     client: ClusterClient,
