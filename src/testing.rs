@@ -7,7 +7,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -181,6 +181,24 @@ where
     S: Service<Request, Response = Value, Error = Error>,
 {
     call(service, get(behaviour, millis)).await
+}
+
+/// Sends `calls` GETs through `service` one after another, each failing at once, as an
+/// app's loop that retries until Redis answers; answers whether another task of the
+/// runtime got its turn meanwhile (a task that never yields starves the rest, the
+/// reconnect loop included).
+pub(crate) async fn others_run_while_failing<S>(service: &mut S, calls: usize) -> bool
+where
+    S: Service<Request, Response = Value, Error = Error>,
+{
+    let ran = Arc::new(AtomicBool::new(false));
+    let other = ran.clone();
+    tokio::spawn(async move { other.store(true, Ordering::SeqCst) });
+    for _ in 0..calls {
+        let error = send(service, "ok", 0).await.unwrap_err();
+        assert!(!error.may_have_run(), "{error}");
+    }
+    ran.load(Ordering::SeqCst)
 }
 
 /// A `tracing` subscriber that keeps every span's and event's fields, for tests that

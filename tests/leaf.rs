@@ -406,6 +406,32 @@ async fn a_call_after_the_connection_closed_says_it_was_not_sent() {
     assert_eq!(server.raw_command(&["GET", "n"]), "1");
 }
 
+/// Sends `request()` 1000 times in a row, each refused at once, as an app's loop that
+/// tries until it works: answers whether another task of the runtime got its turn.
+async fn others_run_while_refused(redis: &mut RedisService, request: impl Fn() -> Request) -> bool {
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let other = ran.clone();
+    tokio::spawn(async move { other.store(true, std::sync::atomic::Ordering::SeqCst) });
+    for _ in 0..1000 {
+        let err = call(redis, request()).await.unwrap_err();
+        assert!(!err.may_have_run(), "{err:?}");
+    }
+    ran.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// A call refused unsent is answered without waiting on anything; it still takes its unit
+/// of the task's Tokio budget, so a loop of them yields now and then and the runtime's
+/// other tasks (a reconnect loop among them) get to run.
+#[tokio::test]
+async fn a_loop_of_calls_refused_unsent_lets_the_runtime_run_its_other_tasks() {
+    let server = RedisServer::start();
+    let mut redis = RedisService::connect(&server.url()).await.unwrap();
+    assert!(others_run_while_refused(&mut redis, || cmd(&["SELECT", "3"])).await);
+    server.raw_command(&["CLIENT", "KILL", "TYPE", "normal"]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(others_run_while_refused(&mut redis, || cmd(&["INCR", "n"])).await);
+}
+
 #[tokio::test]
 async fn a_unix_socket_serves_calls_and_tells_a_closed_connection() {
     let dir = support::TempDir::new();

@@ -12,7 +12,10 @@ use super::{
     config::{CancelPolicy, Outcome},
     shared::{Rejection, Shared, Ticket},
 };
-use crate::{Error, clock, sync::Lease};
+use crate::{
+    Error, clock,
+    sync::{self, Lease},
+};
 
 /// The future of [`CircuitBreaker`](super::CircuitBreaker).
 #[pin_project(project = Proj)]
@@ -64,10 +67,14 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Called { future, call } => poll_called(future, call, cx),
-            KindProj::Rejected { rejection } => Poll::Ready(Err(match rejection.take() {
-                Some((rejection, command)) => rejection.into_error().with_command(command),
-                None => Error::polled_after_completion(),
-            })),
+            KindProj::Rejected { rejection } => {
+                // An answer given without waiting takes its unit of the task's budget.
+                std::task::ready!(sync::proceed(cx));
+                Poll::Ready(Err(match rejection.take() {
+                    Some((rejection, command)) => rejection.into_error().with_command(command),
+                    None => Error::polled_after_completion(),
+                }))
+            }
         }
     }
 }

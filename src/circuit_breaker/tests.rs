@@ -18,7 +18,7 @@ use super::*;
 use crate::{
     backoff::ExponentialBackoff,
     reconnect::ConnectionState,
-    testing::{Leaf, get, send},
+    testing::{self, Leaf, get, send},
 };
 
 /// Lets spawned tasks (the breaker's timer) run after the clock moved.
@@ -197,6 +197,18 @@ async fn open_breaker_rejects_without_calling_redis() {
     assert_eq!(err.to_string(), "GET: circuit open, next probe in 2s");
     repeat(&mut service, 99, "ok", 0).await;
     assert_eq!(leaf.calls(), 5, "rejections never reach the inner service");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_loop_of_rejected_calls_lets_the_runtime_run_its_other_tasks() {
+    let (layer, mut service, _) =
+        breaker(count_window(10, 5).wait_in_open(Duration::from_secs(3600)));
+    repeat(&mut service, 5, "fail", 0).await;
+    assert_eq!(layer.state(), BreakerState::Open);
+    assert!(
+        testing::others_run_while_failing(&mut service, 1000).await,
+        "1000 rejections in a row never yielded"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -8,7 +8,10 @@ use pin_project::pin_project;
 use redis::Value;
 
 use super::shared::Shared;
-use crate::{Error, MakeConnection, sync::Lease};
+use crate::{
+    Error, MakeConnection,
+    sync::{self, Lease},
+};
 
 /// The future of [`Reconnect`](super::Reconnect): the connection's future `F`, watched.
 #[pin_project]
@@ -73,10 +76,14 @@ where
                 tracker.finish(&result);
                 Poll::Ready(result)
             }
-            KindProj::Rejected { rejection } => Poll::Ready(Err(match rejection.take() {
-                Some((shared, command)) => shared.rejection().with_command(command),
-                None => Error::polled_after_completion(),
-            })),
+            KindProj::Rejected { rejection } => {
+                // An answer given without waiting takes its unit of the task's budget.
+                ready!(sync::proceed(cx));
+                Poll::Ready(Err(match rejection.take() {
+                    Some((shared, command)) => shared.rejection().with_command(command),
+                    None => Error::polled_after_completion(),
+                }))
+            }
             KindProj::Wait { inner } => inner.as_mut().poll(cx),
         }
     }

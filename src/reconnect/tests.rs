@@ -36,6 +36,30 @@ impl MakeConnection for Counting {
     }
 }
 
+/// Redis away: every connect fails.
+struct Down;
+
+impl MakeConnection for Down {
+    type Connection = Leaf;
+
+    async fn connect(&self) -> Result<Leaf, Error> {
+        Err(Error::unavailable("connection refused"))
+    }
+
+    fn address(&self) -> &str {
+        "memory"
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_loop_of_calls_failed_while_reconnecting_lets_the_reconnect_loop_run() {
+    let mut redis = Reconnect::lazy(Down, ReconnectConfig::default()).unwrap();
+    assert!(
+        testing::others_run_while_failing(&mut redis, 1000).await,
+        "1000 calls failed fast in a row never yielded"
+    );
+}
+
 async fn connected(interval: Option<Duration>) -> (Reconnect<Counting>, Counting) {
     let connector = Counting::default();
     let config = ReconnectConfig::default().reconnect_on_readonly(interval);

@@ -402,6 +402,9 @@ async fn send(job: Job) -> Result<Value, Error> {
         refusal,
     } = job;
     if let Some(refusal) = refusal {
+        // An answer given without waiting takes its unit of the task's budget (see
+        // `sync::proceed`), as the calls that go out do in redis-rs's channels.
+        tokio::task::coop::consume_budget().await;
         let batch = matches!(body, Body::Pipeline(_));
         let why = match refusal {
             Refusal::ChangesConnection => changes_connection(name, batch),
@@ -410,6 +413,7 @@ async fn send(job: Job) -> Result<Value, Error> {
         return Err(Error::refused(why).with_command(name));
     }
     if driver.as_deref().is_some_and(Driver::has_ended) {
+        tokio::task::coop::consume_budget().await;
         return Err(Error::not_sent().with_command(name));
     }
     match body {
