@@ -590,26 +590,38 @@ impl Connector {
     /// For a [cluster](Self::cluster): reads that a master cannot serve go to a replica
     /// of its slots, on a second cluster connection set up for replica reads (so a
     /// connection more to every node, whatever the connections this connector opens),
-    /// opened in the background beside the first. Its connections to the replicas are
-    /// in `READONLY` mode, and when it has lost its connection to a slot's master it
-    /// sends the slot's reads to a replica of that slot. (In redis-rs 1.8.1 its
-    /// replica read routing otherwise still sends reads to the masters, as seen in a
-    /// probe: so a read goes there only once the master's connection is lost, not while
-    /// the master is merely slow.) A master that dies leaves
-    /// its slots without a master until the cluster fails it over, which begins
-    /// after `cluster-node-timeout` (15 s by default): meanwhile every read of its keys
-    /// missed. Its replicas still hold what it had (`replica-serve-stale-data`, Redis's
-    /// default), a moment behind. Read-only commands and pipelines that fail as
+    /// opened in the background beside the first, its connections to the replicas in
+    /// `READONLY` mode.
+    ///
+    /// Read-only commands and plain pipelines that fail as
     /// [unavailable](Error::is_unavailable) on the master's connection are sent once to
-    /// a replica; if it cannot serve either, the read gets the master's error (a miss
+    /// a replica of their key's slot, by its address. It is found in a map of the slots'
+    /// replicas that this connection reads itself (`CLUSTER NODES`, from up to three
+    /// nodes, since a node learns of a replica by gossip), and reads again when a replica
+    /// cannot serve or none is known for the slot (at most ten times a second): after a
+    /// failover, the map names the old roles until then. redis-rs's own routing is not
+    /// used for this: it goes by its map from `CLUSTER SLOTS`, which leaves out a replica
+    /// until the node asked has heard that the replica's replication offset is above 0
+    /// (in a cluster just built, and while a replica syncs again with a master that
+    /// restarted), and with no replica in its map it sends a slot's reads to the master.
+    /// If the replica cannot serve either, the read gets the master's error (a miss
     /// through the fallback). Writes are never sent there. A read that times out on a
-    /// stalled master is not sent again: the deadline is the caller's. For a moment after
-    /// a master goes (seen: up to 0.2 s), redis-rs's client may route such a read to a
-    /// node that redirects it to the master that is gone, until it has refreshed its map:
-    /// those miss. Tested with a killed master: after those 0.3 s, every read of its keys
-    /// served by its replica until the failover (~250 of ~250 in 0.5 s; without, all
-    /// missed). Not for a managed cluster that does not route reads to replicas (Azure
-    /// Managed Redis, per redis-rs). No effect on other connectors. Default: off.
+    /// stalled master is not sent again: the deadline is the caller's.
+    ///
+    /// When a master cannot serve: one that died leaves its slots without a master until
+    /// the cluster fails it over, which begins after `cluster-node-timeout` (15 s by
+    /// default); one that restarted answers `CLUSTERDOWN` for ~2 s while it rejoins (and
+    /// `LOADING` first while it loads a large dataset), though it accepts connections.
+    /// Its replicas still hold what it had (`replica-serve-stale-data`, Redis's default),
+    /// a moment behind. For a moment after a master dies (seen: up to 0.2 s), redis-rs's
+    /// client may route a read to a node that redirects it to the master that is gone,
+    /// until it has refreshed its map: those miss. Tested with a killed master (after
+    /// those 0.3 s, every read of its keys served by its replica until the failover;
+    /// without, all missed), with a restarted one (every read served while it answered
+    /// `CLUSTERDOWN`; before this connection routed by address, 0 to 9 of ~390), and with
+    /// a restarted one after a failover (the map read again). Not for a managed cluster
+    /// that does not route reads to replicas (Azure Managed Redis, per redis-rs). No
+    /// effect on other connectors. Default: off.
     ///
     /// ```no_run
     /// use tower_redis_resilience::{Connector, ResilientClient};

@@ -404,6 +404,115 @@ async fn while_a_master_is_down_its_keys_are_read_from_its_replica() {
     assert!(!pipeline);
 }
 
+/// Kills `master` and starts it again at once, as a crash and its supervisor do, then
+/// reads `keys` (its slots') for a second while it rejoins: it accepts connections and
+/// answers `CLUSTERDOWN` for ~2 s (`LOADING` first, were its dataset large). Answers the
+/// reads served and missed.
+async fn reads_while_a_restarted_master_rejoins(
+    master: &mut RedisServer,
+    replica: &RedisServer,
+    client: &mut ResilientClient,
+    keys: &[&String],
+) -> (u32, u32) {
+    let offset = master.info_field("master_repl_offset");
+    eventually(Duration::from_secs(5), async || {
+        replica.info_field("master_repl_offset") == offset
+    })
+    .await;
+    master.kill();
+    master.restart();
+    assert!(
+        master
+            .raw_command(&["GET", keys[0]])
+            .starts_with("-CLUSTERDOWN"),
+        "the restarted master serves at once"
+    );
+    let (mut served, mut missed) = (0, 0);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(1) {
+        for key in keys {
+            match client.get::<_, Option<String>>(*key).await.unwrap() {
+                Some(value) => {
+                    assert_eq!(value, "v");
+                    served += 1;
+                }
+                None => missed += 1,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        master
+            .raw_command(&["GET", keys[0]])
+            .starts_with("-CLUSTERDOWN"),
+        "the window ended after the master had rejoined"
+    );
+    (served, missed)
+}
+
+/// With `read_replicas(true)`, a master that is up but cannot serve (restarted, it
+/// answers `CLUSTERDOWN` until it has rejoined) has its keys read from its replica: the
+/// second connection sends each read to a replica of the key's slot by address, from a
+/// map of the replicas it reads itself (`CLUSTER NODES`). Before, it sent them where
+/// redis-rs's routing does, which is the master when its map from `CLUSTER SLOTS` names
+/// no replica (as here: the map was read before any write reached the replicas): most
+/// missed (measured: 0 to 9 of ~390 served in the second). The same after a failover,
+/// which left the map naming the old roles: a replica that cannot serve makes it read
+/// the map again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_restarted_master_rejoins_its_keys_are_read_from_its_replica() {
+    let mut cluster = RedisCluster::start_durable(3, 1);
+    let connector = Connector::cluster(cluster.urls())
+        .unwrap()
+        .read_replicas(true);
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..30).map(|n| format!("key:{n}")).collect();
+    for key in &keys {
+        let () = client.set(key, "v").await.unwrap();
+    }
+    let on: Vec<&String> = keys
+        .iter()
+        .filter(|key| cluster.master_index_of(key) == 0)
+        .collect();
+    cluster.wait_for_every_node_to_name_the_replicas();
+    let (master, replica) = (&mut cluster.masters[0], &cluster.replicas[0]);
+    let (served, missed) =
+        reads_while_a_restarted_master_rejoins(master, replica, &mut client, &on).await;
+    eprintln!("restarted master: {served} reads served by its replica, {missed} missed");
+    assert!(
+        served > 100 && missed * 20 <= served,
+        "{served} served, {missed} missed"
+    );
+
+    // The replica takes over; then the new master restarts, and the old one, now its
+    // replica, serves its keys.
+    assert_eq!(
+        cluster.replicas[0].raw_command(&["CLUSTER", "FAILOVER"]),
+        "OK"
+    );
+    eventually(Duration::from_secs(5), async || {
+        cluster.replicas[0]
+            .raw_command(&["ROLE"])
+            .starts_with("master")
+    })
+    .await;
+    cluster.wait_for_every_node_to_name_the_replicas();
+    let (master, replica) = (&mut cluster.replicas[0], &cluster.masters[0]);
+    let (served, missed) =
+        reads_while_a_restarted_master_rejoins(master, replica, &mut client, &on).await;
+    eprintln!("after a failover: {served} reads served by the old master, {missed} missed");
+    // For a moment after the restart, every node may list the old master as a master of
+    // no slot rather than as the replica (seen: ~0.25 s of one run in five): no replica
+    // to send to then.
+    assert!(
+        served > 200 && missed * 2 < served,
+        "{served} served, {missed} missed"
+    );
+}
+
 /// Four tasks `INCR` and `GET` keys of one slot while it moves to a master just added,
 /// ten keys at a time as `redis-cli --cluster reshard` moves them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

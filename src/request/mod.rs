@@ -6,6 +6,8 @@ mod spec;
 mod table;
 
 pub(crate) use info::canonical_name;
+#[cfg(feature = "cluster")]
+pub(crate) use info::simple_args;
 pub use info::{Blocking, CommandInfo, PIPELINE, TRANSACTION, UNKNOWN_COMMAND};
 pub(crate) use shared_cmd::SharedCmd;
 

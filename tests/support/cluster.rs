@@ -21,6 +21,8 @@ pub struct RedisCluster {
     pub joined: Vec<RedisServer>,
     /// The CA and certificate every node of a TLS cluster serves.
     certificates: Option<TempDir>,
+    /// Every node keeps every write in its append-only file, fsynced before it answers.
+    durable: bool,
 }
 
 impl RedisCluster {
@@ -28,7 +30,14 @@ impl RedisCluster {
     /// node. Nodes deem an unreachable peer failed after 500 ms; without full coverage the
     /// cluster still serves the slots of the masters that are up.
     pub fn start(masters: usize, replicas: usize) -> RedisCluster {
-        RedisCluster::start_with(masters, replicas, None)
+        RedisCluster::start_with(masters, replicas, None, false)
+    }
+
+    /// [`start`](Self::start), every node writing every write to its append-only file
+    /// and fsyncing it before it answers, so a node killed and restarted keeps every
+    /// write it acknowledged.
+    pub fn start_durable(masters: usize, replicas: usize) -> RedisCluster {
+        RedisCluster::start_with(masters, replicas, None, true)
     }
 
     /// [`start`](Self::start), every node serving clients, its replicas and the cluster
@@ -36,15 +45,21 @@ impl RedisCluster {
     /// so `CLUSTER SLOTS` names TLS ports to TLS clients. Each node also serves plain
     /// TCP on a port of its own, for the harness's commands.
     pub fn start_tls(masters: usize, replicas: usize) -> RedisCluster {
-        RedisCluster::start_with(masters, replicas, Some(super::certificates()))
+        RedisCluster::start_with(masters, replicas, Some(super::certificates()), false)
     }
 
-    fn start_with(masters: usize, replicas: usize, certificates: Option<TempDir>) -> RedisCluster {
+    fn start_with(
+        masters: usize,
+        replicas: usize,
+        certificates: Option<TempDir>,
+        durable: bool,
+    ) -> RedisCluster {
         let mut cluster = RedisCluster {
             masters: Vec::new(),
             replicas: Vec::new(),
             joined: Vec::new(),
             certificates,
+            durable,
         };
         cluster.masters = (0..masters)
             .map(|_| cluster_node(cluster.node_config()))
@@ -99,14 +114,19 @@ impl RedisCluster {
     }
 
     /// How a node of this cluster is configured before it is made a cluster node: over
-    /// TLS for a TLS cluster.
+    /// TLS for a TLS cluster, with an fsynced append-only file for a durable one.
     fn node_config(&self) -> super::ServerConfig {
-        match &self.certificates {
+        let config = match &self.certificates {
             Some(dir) => RedisServer::config()
                 .tls_beside_plain(dir.path())
                 .arg("tls-cluster", "yes")
                 .arg("tls-replication", "yes"),
             None => RedisServer::config(),
+        };
+        if self.durable {
+            config.arg("appendonly", "yes").arg("appendfsync", "always")
+        } else {
+            config
         }
     }
 
@@ -202,6 +222,23 @@ impl RedisCluster {
     /// `redis://` URLs of every node, for a client's list of initial nodes.
     pub fn urls(&self) -> Vec<String> {
         self.nodes().map(RedisServer::url).collect()
+    }
+
+    /// Blocks until every node's `CLUSTER SLOTS` names every replica. A node leaves out a
+    /// replica until it has heard (by gossip) that the replica's replication offset is
+    /// above 0, so until some write has reached it: call this after one.
+    pub fn wait_for_every_node_to_name_the_replicas(&self) {
+        let replicas: Vec<String> = self
+            .nodes()
+            .filter(|node| node.raw_command(&["ROLE"]).starts_with("slave"))
+            .map(|node| node.port().to_string())
+            .collect();
+        self.wait_for(|node| {
+            let slots = node.raw_command(&["CLUSTER", "SLOTS"]);
+            replicas
+                .iter()
+                .all(|port| slots.lines().any(|line| line == port))
+        });
     }
 
     /// Blocks until `check` holds on every node (10 s at most).
