@@ -307,19 +307,6 @@ fn fault_sequence(seed: u64) -> Vec<(Fault, Duration, Duration)> {
         .collect()
 }
 
-/// The seeds to run: `CHAOS_SEEDS=1,2,3` for more than the one CI runs.
-fn chaos_seeds() -> Vec<u64> {
-    std::env::var("CHAOS_SEEDS")
-        .ok()
-        .map(|seeds| {
-            seeds
-                .split(',')
-                .map(|s| s.trim().parse().unwrap())
-                .collect()
-        })
-        .unwrap_or_else(|| vec![6])
-}
-
 /// The default client, through the address apps know (a proxy standing in for a DNS
 /// name), to a master with a replica, both fsyncing every write, while 8 callers `INCR`,
 /// run transactions and read, and the master is killed, paused, slowed, silenced, cut
@@ -328,7 +315,7 @@ fn chaos_seeds() -> Vec<u64> {
 /// after the last fault ended every call is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_client_keeps_its_promises_through_every_fault_in_turn() {
-    for seed in chaos_seeds() {
+    for seed in support::chaos_seeds(6) {
         through_the_faults(seed).await;
     }
 }

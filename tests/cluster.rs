@@ -319,12 +319,12 @@ async fn while_a_slot_of_a_tls_cluster_migrates_to_a_new_master_its_keys_are_ser
     through_a_slot_migration(&cluster, connector, from, to).await;
 }
 
-/// Reads of a dead master's keys for 0.8 s, before the cluster has failed it over
-/// (`cluster-node-timeout` 500 ms here, 15 s by Redis's default): how many were served,
-/// and how many missed after the first 0.3 s; and whether a pipeline of reads was served
-/// then.
-async fn reads_while_a_master_is_down(read_replicas: bool) -> (u32, u32, bool) {
-    let mut cluster = RedisCluster::start(3, 1);
+/// The default client to `cluster`, reading from replicas or not, and 30 keys it set to
+/// `"v"`, `key:0`...
+async fn with_keys_set(
+    cluster: &RedisCluster,
+    read_replicas: bool,
+) -> (ResilientClient, Vec<String>) {
     let connector = Connector::cluster(cluster.urls())
         .unwrap()
         .read_replicas(read_replicas);
@@ -336,6 +336,16 @@ async fn reads_while_a_master_is_down(read_replicas: bool) -> (u32, u32, bool) {
     for key in &keys {
         let () = client.set(key, "v").await.unwrap();
     }
+    (client, keys)
+}
+
+/// Reads of a dead master's keys for 0.8 s, before the cluster has failed it over
+/// (`cluster-node-timeout` 500 ms here, 15 s by Redis's default): how many were served,
+/// and how many missed after the first 0.3 s; and whether a pipeline of reads was served
+/// then.
+async fn reads_while_a_master_is_down(read_replicas: bool) -> (u32, u32, bool) {
+    let mut cluster = RedisCluster::start(3, 1);
+    let (mut client, keys) = with_keys_set(&cluster, read_replicas).await;
     let (master, replica) = (&cluster.masters[0], &cluster.replicas[0]);
     let offset = master.info_field("master_repl_offset");
     eventually(Duration::from_secs(5), async || {
@@ -462,17 +472,7 @@ async fn reads_while_a_restarted_master_rejoins(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_a_restarted_master_rejoins_its_keys_are_read_from_its_replica() {
     let mut cluster = RedisCluster::start_durable(3, 1);
-    let connector = Connector::cluster(cluster.urls())
-        .unwrap()
-        .read_replicas(true);
-    let mut client = ResilientClient::builder_with_connector(connector)
-        .connect()
-        .await
-        .unwrap();
-    let keys: Vec<String> = (0..30).map(|n| format!("key:{n}")).collect();
-    for key in &keys {
-        let () = client.set(key, "v").await.unwrap();
-    }
+    let (mut client, keys) = with_keys_set(&cluster, true).await;
     let on: Vec<&String> = keys
         .iter()
         .filter(|key| cluster.master_index_of(key) == 0)

@@ -487,6 +487,25 @@ impl Drop for RedisServer {
     }
 }
 
+/// The seeds a seeded fault test runs: those in `CHAOS_SEEDS` (`CHAOS_SEEDS=1,2,3`), or
+/// `default`, the one CI runs.
+#[allow(dead_code)] // only the fault-sequence tests use it
+pub fn chaos_seeds(default: u64) -> Vec<u64> {
+    std::env::var("CHAOS_SEEDS")
+        .ok()
+        .map(|seeds| {
+            seeds
+                .split(',')
+                .map(|s| {
+                    s.trim()
+                        .parse()
+                        .expect("CHAOS_SEEDS: numbers, comma-separated")
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| vec![default])
+}
+
 /// Polls `check` every 5 ms until it holds, for at most `limit` (then panics); answers how
 /// long it took.
 pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
