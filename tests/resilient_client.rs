@@ -789,3 +789,52 @@ async fn a_connection_dropped_silently_while_idle_is_replaced_before_the_next_ca
     assert!(started.elapsed() < Duration::from_millis(100));
     assert_eq!(client.metrics().unwrap().overall.count(Outcome::Timeout), 0);
 }
+
+/// A client made on one runtime and used on another, as a static client shared by
+/// `#[tokio::test]`s is (each test has a runtime of its own): its calls are served after
+/// a reconnect on the second, and its health check runs there too. Before, the health
+/// check ended with the runtime that started it, and a connection dropped silently on
+/// the second went unnoticed until calls timed out on it.
+#[test]
+fn a_client_used_on_a_second_runtime_is_health_checked_there() {
+    let server = RedisServer::start();
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let every = Duration::from_millis(50);
+    let config = tower_redis_resilience::reconnect::ReconnectConfig::new()
+        .health_check(every, Duration::from_secs(1));
+    let client = runtime().block_on(async {
+        ResilientClient::builder(&server.url())
+            .reconnect(config)
+            .connect()
+            .await
+            .unwrap()
+    });
+    // `cmdstat_ping:calls=N,...`, absent before the first.
+    let pings = || -> u64 {
+        let stats = server.raw_command(&["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix("cmdstat_ping:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    // The first runtime is gone, and the tasks it ran with it.
+    runtime().block_on(async {
+        let mut client = client.clone();
+        let () = client.set("k", "v").await.unwrap();
+        let before = pings();
+        tokio::time::sleep(every * 10).await;
+        let after = pings();
+        assert!(
+            after >= before + 5,
+            "{} health-check PINGs in {:?}",
+            after - before,
+            every * 10
+        );
+    });
+}

@@ -168,13 +168,7 @@ impl<M: MakeConnection> Reconnect<M> {
     }
 
     fn start(shared: Arc<Leased<Shared<M>>>) -> Self {
-        if let Some((interval, timeout)) = shared.config.health_check {
-            tokio::spawn(shared::health_check(
-                Arc::downgrade(&shared),
-                interval,
-                timeout,
-            ));
-        }
+        shared.keep_health_checked();
         Reconnect {
             shared,
             cached_generation: 0,

@@ -5,7 +5,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -51,6 +51,11 @@ pub(super) struct Shared<M: MakeConnection> {
     /// The owner the handles hold, for the reconnect loop: none is started once they are
     /// gone.
     this: Weak<Leased<Shared<M>>>,
+    /// Whether a health-check task runs. It runs on the runtime that started it, and ends
+    /// with it: a client made on one runtime and used on another (a static client shared
+    /// by `#[tokio::test]`s, each with a runtime of its own) gets one started again by
+    /// the next connection made on the runtime in use.
+    health_checking: AtomicBool,
 }
 
 /// A connection kept for blocking commands between calls.
@@ -113,8 +118,25 @@ impl<M: MakeConnection> Shared<M> {
                 replica_reads: AtomicU64::new(0),
                 blocking_turns: Semaphore::new(blocking_max),
                 this: this.clone(),
+                health_checking: AtomicBool::new(false),
             })
         })
+    }
+
+    /// Starts the health-check task on the runtime in use, if one is configured and none
+    /// runs (never started, or ended with the runtime that started it).
+    pub fn keep_health_checked(&self) {
+        let Some((interval, timeout)) = self.config.health_check else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.health_checking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let running = HealthChecking(self.this.clone());
+        runtime.spawn(health_check(running, interval, timeout));
     }
 
     fn slot(&self) -> MutexGuard<'_, Slot<Connection<M>>> {
@@ -570,6 +592,7 @@ async fn reconnect_loop<M: MakeConnection>(this: Weak<Leased<Shared<M>>>) {
                 }
                 shared.stuck.store(0, Ordering::Relaxed);
                 shared.successes.fetch_add(1, Ordering::Relaxed);
+                shared.keep_health_checked();
                 shared.set_state(ConnectionState::Connected);
                 tracing::info!(
                     address = shared.connector.address(),
@@ -613,11 +636,12 @@ async fn reconnect_loop<M: MakeConnection>(this: Weak<Leased<Shared<M>>>) {
 
 /// Pings on an interval and reports a connection that does not answer in time. Holds only
 /// a weak reference, so it ends when the last handle is dropped.
-pub(super) async fn health_check<M: MakeConnection>(
-    shared: Weak<Leased<Shared<M>>>,
+async fn health_check<M: MakeConnection>(
+    running: HealthChecking<M>,
     interval: Duration,
     timeout: Duration,
 ) {
+    let shared = running.0.clone();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -634,6 +658,19 @@ pub(super) async fn health_check<M: MakeConnection>(
             Ping::Failed => shared.connection_lost(generation, "health check PING failed"),
             Ping::Silent => shared.connection_lost(generation, "health check PING timed out"),
             Ping::Unknown => {}
+        }
+    }
+}
+
+/// Held by the health-check task's future: dropped with it however it ends (its runtime
+/// shut down, even before it first ran), it says none runs, so the next connection made
+/// starts another.
+struct HealthChecking<M: MakeConnection>(Weak<Leased<Shared<M>>>);
+
+impl<M: MakeConnection> Drop for HealthChecking<M> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.health_checking.store(false, Ordering::Release);
         }
     }
 }
