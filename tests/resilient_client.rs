@@ -838,3 +838,49 @@ fn a_client_used_on_a_second_runtime_is_health_checked_there() {
         );
     });
 }
+
+/// The same client's breaker, on the second runtime: after an outage there, it goes
+/// half-open as soon as Redis is back and the connection is made again, as on the
+/// runtime that made it, instead of waiting out `wait_in_open` (2 s). Before, the task
+/// that follows the connection had ended with the first runtime.
+#[test]
+fn a_client_used_on_a_second_runtime_has_its_breaker_follow_the_connection_there() {
+    let mut server = RedisServer::start();
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let client = runtime().block_on(async {
+        ResilientClient::builder(&server.url())
+            .connect()
+            .await
+            .unwrap()
+    });
+    runtime().block_on(async {
+        let mut client = client.clone();
+        let () = client.set("k", "v").await.unwrap();
+        server.kill();
+        let breaker = client.circuit_breaker().unwrap().clone();
+        let killed = Instant::now();
+        while breaker.state() != BreakerState::Open {
+            assert!(killed.elapsed() < Duration::from_secs(5), "never opened");
+            let _ = client.set::<_, _, ()>("k", "v").await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A rejection on this runtime, which starts the task there.
+        assert!(client.set::<_, _, ()>("k", "v").await.is_err());
+        server.restart();
+        let restarted = Instant::now();
+        while client.set::<_, _, ()>("k", "v").await.is_err() {
+            assert!(restarted.elapsed() < Duration::from_secs(5), "never served");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let served_after = restarted.elapsed();
+        assert!(
+            served_after < Duration::from_secs(1),
+            "served {served_after:?} after the restart: the breaker waited out its open period"
+        );
+    });
+}

@@ -3,10 +3,7 @@ use std::{fmt, sync::Arc};
 use tokio::sync::watch;
 use tower::Layer;
 
-use super::{
-    BreakerMetrics, BreakerState, CircuitBreaker, CircuitBreakerConfig,
-    shared::{self, Shared},
-};
+use super::{BreakerMetrics, BreakerState, CircuitBreaker, CircuitBreakerConfig, shared::Shared};
 use crate::{Error, reconnect::ConnectionState, sync::Leased};
 
 /// A circuit breaker for Redis calls: after enough evidence of an outage it rejects calls
@@ -145,7 +142,8 @@ impl CircuitBreakerLayer {
     /// dropped: it opened 0.6 s after calls were served again, and refused them for 2 s).
     /// A connection put back because it answered a `PING` (Redis slow, not gone) keeps
     /// them. Spawns a task on the current tokio runtime that ends when the breaker or
-    /// the connection is dropped; without a runtime it is a
+    /// the connection is dropped (or the runtime shuts down: a rejection on another
+    /// runtime then starts one there); without a runtime it is a
     /// [configuration](Error::is_config) error.
     pub fn half_open_on_reconnect(
         &self,
@@ -154,11 +152,7 @@ impl CircuitBreakerLayer {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::config("half_open_on_reconnect must be called within a tokio runtime")
         })?;
-        runtime.spawn(shared::follow_connection(
-            Arc::downgrade(&self.shared),
-            self.shared.subscribe(),
-            connection,
-        ));
+        self.shared.follow(&runtime, connection);
         Ok(())
     }
 

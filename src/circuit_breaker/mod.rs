@@ -111,6 +111,7 @@ where
             )),
             Admission::Pass => None,
             Admission::Reject(word) => {
+                self.shared.keep_following();
                 return ResponseFuture::rejected(
                     self.shared.rejection(word),
                     request.info().name(),

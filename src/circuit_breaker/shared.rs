@@ -4,7 +4,7 @@
 use std::{
     sync::{
         Arc, Mutex, PoisonError, Weak,
-        atomic::{AtomicU32, AtomicU64, Ordering::*},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*},
     },
     time::Duration,
 };
@@ -93,6 +93,12 @@ pub(super) struct Shared {
     /// The owner the services hold, for the task that ends an open wait: it stops when
     /// the services are gone.
     this: Weak<Leased<Shared>>,
+    /// Whether a connection was given to follow ([`follow_connection`]).
+    follows: AtomicBool,
+    /// How many tasks follow it. One runs on the runtime that started it and ends with
+    /// it; a rejection on another runtime, finding none, starts one there (a client
+    /// shared by runtimes, as `#[tokio::test]`s share a static one).
+    following: AtomicU32,
 }
 
 /// What only state changes touch.
@@ -101,6 +107,10 @@ struct Control {
     /// The growing wait of repeated opens, when configured; reset by a close.
     reopen_delays: Option<Delays>,
     driver: Option<JoinHandle<()>>,
+    /// The connection state followed, when one is ([`half_open_on_reconnect`]).
+    ///
+    /// [`half_open_on_reconnect`]: super::CircuitBreakerLayer::half_open_on_reconnect
+    connection: Option<watch::Receiver<ConnectionState>>,
 }
 
 impl Shared {
@@ -138,6 +148,8 @@ impl Shared {
             control: Mutex::new(Control::default()),
             states: watch::channel(public(state)).0,
             this,
+            follows: AtomicBool::new(false),
+            following: AtomicU32::new(0),
             config,
         }
     }
@@ -402,6 +414,59 @@ impl Shared {
         self.states.subscribe()
     }
 
+    /// Follows `connection` from now on, with a task on the current runtime; the last
+    /// connection given is the one a task started again on another runtime follows.
+    pub(super) fn follow(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        connection: watch::Receiver<ConnectionState>,
+    ) {
+        self.control
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .connection = Some(connection.clone());
+        self.follows.store(true, Release);
+        self.following.fetch_add(1, AcqRel);
+        let following = Following(self.this.clone());
+        runtime.spawn(follow_connection(following, self.subscribe(), connection));
+    }
+
+    /// Starts a task that follows the connection on the current runtime if none runs (the
+    /// one that did ended with the runtime that started it). Called on a rejection: two
+    /// relaxed loads while one runs.
+    #[inline]
+    pub(super) fn keep_following(&self) {
+        if !self.follows.load(Relaxed) || self.following.load(Relaxed) > 0 {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let connection = self
+            .control
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .connection
+            .clone();
+        let Some(connection) = connection else {
+            return;
+        };
+        if connection.has_changed().is_err() {
+            // The connection is gone: nothing to follow any more.
+            self.follows.store(false, Release);
+            return;
+        }
+        if self
+            .following
+            .compare_exchange(0, 1, AcqRel, Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let following = Following(self.this.clone());
+        runtime.spawn(follow_connection(following, self.subscribe(), connection));
+    }
+
     pub(super) fn metrics(&self) -> BreakerMetrics {
         let counts = self.window.counts();
         let rate = |part: u64| {
@@ -485,11 +550,12 @@ impl Drop for DriverGone {
 
 /// Tells the breaker whenever the connection serves again (see
 /// [`Shared::on_reconnected`]). Ends when either side is dropped.
-pub(super) async fn follow_connection(
-    breaker: Weak<Leased<Shared>>,
+async fn follow_connection(
+    following: Following,
     mut states: watch::Receiver<BreakerState>,
     mut connection: watch::Receiver<ConnectionState>,
 ) {
+    let breaker = following.0.clone();
     let mut before = *connection.borrow_and_update();
     loop {
         tokio::select! {
@@ -509,6 +575,18 @@ pub(super) async fn follow_connection(
                 before = now;
             }
             changed = states.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Held by the future of a task that follows the connection: dropped with it however it
+/// ends (its runtime shut down, even before it first ran), it counts the task out.
+struct Following(Weak<Leased<Shared>>);
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.following.fetch_sub(1, AcqRel);
         }
     }
 }
