@@ -605,8 +605,11 @@ impl Connector {
     /// (in a cluster just built, and while a replica syncs again with a master that
     /// restarted), and with no replica in its map it sends a slot's reads to the master.
     /// If the replica cannot serve either, the read gets the master's error (a miss
-    /// through the fallback). Writes are never sent there. A read that times out on a
-    /// stalled master is not sent again: the deadline is the caller's.
+    /// through the fallback). Writes are never sent there. A read the master has not
+    /// answered within 100 ms (a master that stalls: a long command, a fork, a slow disk)
+    /// is sent to a replica too, and the first answer wins, so it is served within its
+    /// deadline instead of waiting it out (a timer for each read while this is on; a
+    /// healthy master answers long before it fires).
     ///
     /// When a master cannot serve: one that died leaves its slots without a master until
     /// the cluster fails it over, which begins after `cluster-node-timeout` (15 s by
@@ -618,8 +621,10 @@ impl Connector {
     /// until it has refreshed its map: those miss. Tested with a killed master (after
     /// those 0.3 s, every read of its keys served by its replica until the failover;
     /// without, all missed), with a restarted one (every read served while it answered
-    /// `CLUSTERDOWN`; before this connection routed by address, 0 to 9 of ~390), and with
-    /// a restarted one after a failover (the map read again). Not for a managed cluster
+    /// `CLUSTERDOWN`; before this connection routed by address, 0 to 9 of ~390), with a
+    /// restarted one after a failover (the map read again), and with a paused one (every
+    /// read served, in ~103 ms; without the second request, every one missed at its
+    /// 250 ms deadline). Not for a managed cluster
     /// that does not route reads to replicas (Azure Managed Redis, per redis-rs). No
     /// effect on other connectors. Default: off.
     ///

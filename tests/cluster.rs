@@ -513,6 +513,68 @@ async fn while_a_restarted_master_rejoins_its_keys_are_read_from_its_replica() {
     );
 }
 
+/// With `read_replicas(true)`, a master that stalls (a paused process here; a long
+/// command, a fork, a slow disk) has its reads answered by its replica: a read the
+/// master has not answered within 100 ms is sent to the replica too, and the first
+/// answer wins. Before, every read of its keys waited out its deadline and missed until
+/// the cluster failed the master over (or it answered again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_master_stalls_its_keys_are_read_from_its_replica() {
+    let cluster = RedisCluster::start(3, 1);
+    let (_, keys) = with_keys_set(&cluster, false).await;
+    // A cluster that has served writes, as a long-lived one has: redis-rs's map of the
+    // slots names the replicas (in one just built, none), and its connections reach them.
+    cluster.wait_for_every_node_to_name_the_replicas();
+    let connector = Connector::cluster(cluster.urls())
+        .unwrap()
+        .read_replicas(true);
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    let on: Vec<&String> = keys
+        .iter()
+        .filter(|key| cluster.master_index_of(key) == 0)
+        .collect();
+    let offset = cluster.masters[0].info_field("master_repl_offset");
+    eventually(Duration::from_secs(5), async || {
+        cluster.replicas[0].info_field("master_repl_offset") == offset
+    })
+    .await;
+    cluster.masters[0].pause();
+    let (mut served, mut missed, mut slowest) = (0, 0, Duration::ZERO);
+    let started = Instant::now();
+    // Below `cluster-node-timeout` (500 ms here): no failover begins.
+    while started.elapsed() < Duration::from_millis(400) {
+        for key in &on {
+            let asked = Instant::now();
+            match client.get::<_, Option<String>>(*key).await.unwrap() {
+                Some(value) => {
+                    assert_eq!(value, "v");
+                    served += 1;
+                }
+                None => missed += 1,
+            }
+            slowest = slowest.max(asked.elapsed());
+        }
+    }
+    cluster.masters[0].resume();
+    eprintln!(
+        "a stalled master: {served} reads served by its replica, {missed} missed, slowest {slowest:?}"
+    );
+    assert_eq!(missed, 0);
+    assert!(served >= 3, "only {served} reads");
+    assert!(slowest < Duration::from_millis(250), "{slowest:?}");
+    // The other masters' keys never waited.
+    let other = keys
+        .iter()
+        .find(|key| cluster.master_index_of(key) == 1)
+        .unwrap();
+    let asked = Instant::now();
+    let _: Option<String> = client.get(other).await.unwrap();
+    assert!(asked.elapsed() < Duration::from_millis(50));
+}
+
 /// Four tasks `INCR` and `GET` keys of one slot while it moves to a master just added,
 /// ten keys at a time as `redis-cli --cluster reshard` moves them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -285,18 +285,24 @@ impl Conn {
                 unlisted,
                 replicas,
             } => {
-                let reply =
-                    match redis::aio::ConnectionLike::req_packed_command(connection, cmd).await {
-                        // A `MOVED` is Retry's to resend, once redis-rs has refreshed its map.
-                        Err(err) => match redirect::redirected(&err) {
-                            // Boxed: the rare path does not make every call's future larger.
-                            Some(to) if to.kind == redirect::Kind::Ask => {
-                                Box::pin(redirect::command(connection, unlisted, to, cmd)).await
-                            }
-                            _ => Err(err),
-                        },
-                        reply => reply,
-                    };
+                let main = redis::aio::ConnectionLike::req_packed_command(connection, cmd);
+                let reply = match replicas {
+                    Some(replicas) if crate::CommandInfo::of_cmd(cmd).is_read_only() => {
+                        Box::pin(replicas.hedged(cmd, main)).await
+                    }
+                    _ => main.await,
+                };
+                let reply = match reply {
+                    // A `MOVED` is Retry's to resend, once redis-rs has refreshed its map.
+                    Err(err) => match redirect::redirected(&err) {
+                        // Boxed: the rare path does not make every call's future larger.
+                        Some(to) if to.kind == redirect::Kind::Ask => {
+                            Box::pin(redirect::command(connection, unlisted, to, cmd)).await
+                        }
+                        _ => Err(err),
+                    },
+                    reply => reply,
+                };
                 match (reply, replicas) {
                     (Err(err), Some(replicas)) => {
                         Box::pin(replicas.command(cmd, &err)).await.ok_or(err)

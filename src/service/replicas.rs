@@ -2,6 +2,7 @@
 //! ([`Connector::read_replicas`](crate::Connector::read_replicas)).
 
 use std::{
+    future::Future,
     sync::{
         Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
@@ -47,10 +48,19 @@ pub(crate) struct ReplicaReads {
     served: AtomicU64,
 }
 
+/// How long a read waits for a master before a replica is asked too
+/// ([`ReplicaReads::hedged`]): far beyond a healthy master's answer (a millisecond or
+/// two), and early enough in the default 250 ms deadline for the replica's.
+pub(crate) const HEDGE_AFTER: Duration = Duration::from_millis(100);
+
 /// How old the map must be before a read that found no replica, or a replica that could
 /// not serve it, reads it again: at most ten `CLUSTER NODES` a second while replicas
 /// cannot serve, and a map that a failover made wrong is read again within this.
 const REREAD_AFTER: Duration = Duration::from_millis(100);
+
+/// How long one node is given to answer `CLUSTER NODES` (a millisecond or two when it
+/// is well), so that asking a stalled one, as a random pick may, holds a read up little.
+const MAP_QUESTION_TIMEOUT: Duration = Duration::from_millis(30);
 
 /// How many nodes are asked for the map at most, when the first's lacks a slot's
 /// replica: a node learns of a replica by gossip, and one may not have heard yet.
@@ -278,7 +288,7 @@ impl ReplicaReads {
                 redis::cmd("CLUSTER").arg("NODES").clone(),
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
             );
-            let Ok(Ok(reply)) = tokio::time::timeout(self.connect_timeout, ask).await else {
+            let Ok(Ok(reply)) = tokio::time::timeout(MAP_QUESTION_TIMEOUT, ask).await else {
                 continue;
             };
             let Some(read) = SlotReplicas::parse(&reply) else {
@@ -342,6 +352,38 @@ impl ReplicaReads {
         if !CommandInfo::of_cmd(cmd).is_read_only() || !for_a_replica(err) {
             return None;
         }
+        self.read_on_a_replica(cmd).await
+    }
+
+    /// `main`'s reply to `cmd`, a read, unless the master is slow to give it: after
+    /// [`HEDGE_AFTER`] a replica is asked too, and the first answer wins (a replica's
+    /// only if it could answer). A master that stalls (a long command, a fork, a slow
+    /// disk, a paused process) would otherwise have its reads wait out their deadline,
+    /// and miss, until the cluster fails it over.
+    pub(super) async fn hedged(
+        &self,
+        cmd: &Cmd,
+        main: impl Future<Output = RedisResult<Value>>,
+    ) -> RedisResult<Value> {
+        let mut main = std::pin::pin!(main);
+        tokio::select! {
+            biased;
+            reply = &mut main => return reply,
+            () = tokio::time::sleep(HEDGE_AFTER) => {}
+        }
+        let replica = std::pin::pin!(self.read_on_a_replica(cmd));
+        tokio::select! {
+            biased;
+            reply = &mut main => reply,
+            Some(reply) = replica => {
+                tracing::debug!("redis cluster: a read the master was slow to answer was served by a replica");
+                Ok(reply)
+            }
+        }
+    }
+
+    /// `cmd`'s reply from a replica of its key's slot, if one answers.
+    async fn read_on_a_replica(&self, cmd: &Cmd) -> Option<Value> {
         let mut connection = self.connection().await?;
         let Some(key) = key_of(cmd) else {
             // A read of no key: wherever redis-rs sends it.
