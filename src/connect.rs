@@ -605,9 +605,9 @@ impl Connector {
     /// (in a cluster just built, and while a replica syncs again with a master that
     /// restarted), and with no replica in its map it sends a slot's reads to the master.
     /// If the replica cannot serve either, the read gets the master's error (a miss
-    /// through the fallback). Writes are never sent there. A read the master has not
-    /// answered within 100 ms (a master that stalls: a long command, a fork, a slow disk)
-    /// is sent to a replica too, and the first answer wins, so it is served within its
+    /// through the fallback). Writes are never sent there. A read command (not a
+    /// pipeline) the master has not answered within 100 ms (a master that stalls: a long
+    /// command, a fork, a slow disk) is sent to a replica too, and the first answer wins, so it is served within its
     /// deadline instead of waiting it out (a timer for each read while this is on; a
     /// healthy master answers long before it fires).
     ///
