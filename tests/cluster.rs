@@ -319,19 +319,23 @@ async fn while_a_slot_of_a_tls_cluster_migrates_to_a_new_master_its_keys_are_ser
     through_a_slot_migration(&cluster, connector, from, to).await;
 }
 
-/// The default client to `cluster`, reading from replicas or not, and 30 keys it set to
-/// `"v"`, `key:0`...
+/// The default client to `cluster`, reading from replicas or not.
+async fn client_reading_replicas(cluster: &RedisCluster, read_replicas: bool) -> ResilientClient {
+    let connector = Connector::cluster(cluster.urls())
+        .unwrap()
+        .read_replicas(read_replicas);
+    ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// [`client_reading_replicas`], and 30 keys it set to `"v"`, `key:0`...
 async fn with_keys_set(
     cluster: &RedisCluster,
     read_replicas: bool,
 ) -> (ResilientClient, Vec<String>) {
-    let connector = Connector::cluster(cluster.urls())
-        .unwrap()
-        .read_replicas(read_replicas);
-    let mut client = ResilientClient::builder_with_connector(connector)
-        .connect()
-        .await
-        .unwrap();
+    let mut client = client_reading_replicas(cluster, read_replicas).await;
     let keys: Vec<String> = (0..30).map(|n| format!("key:{n}")).collect();
     for key in &keys {
         let () = client.set(key, "v").await.unwrap();
@@ -525,13 +529,7 @@ async fn while_a_master_stalls_its_keys_are_read_from_its_replica() {
     // A cluster that has served writes, as a long-lived one has: redis-rs's map of the
     // slots names the replicas (in one just built, none), and its connections reach them.
     cluster.wait_for_every_node_to_name_the_replicas();
-    let connector = Connector::cluster(cluster.urls())
-        .unwrap()
-        .read_replicas(true);
-    let mut client = ResilientClient::builder_with_connector(connector)
-        .connect()
-        .await
-        .unwrap();
+    let mut client = client_reading_replicas(&cluster, true).await;
     let on: Vec<&String> = keys
         .iter()
         .filter(|key| cluster.master_index_of(key) == 0)

@@ -51,7 +51,7 @@ pub(crate) struct ReplicaReads {
 /// How long a read waits for a master before a replica is asked too
 /// ([`ReplicaReads::hedged`]): far beyond a healthy master's answer (a millisecond or
 /// two), and early enough in the default 250 ms deadline for the replica's.
-pub(crate) const HEDGE_AFTER: Duration = Duration::from_millis(100);
+const HEDGE_AFTER: Duration = Duration::from_millis(100);
 
 /// How old the map must be before a read that found no replica, or a replica that could
 /// not serve it, reads it again: at most ten `CLUSTER NODES` a second while replicas
