@@ -198,7 +198,12 @@ impl ClusterNodes {
     /// The connection for replica reads, if they are asked for: set up by the first
     /// connection this connector opens, and opened in the background then, so that
     /// connection neither waits for it nor fails with it.
-    fn replicas(&self, connect_timeout: Duration) -> Option<Arc<crate::service::ReplicaReads>> {
+    fn replicas(
+        &self,
+        connect_timeout: Duration,
+        template: &ConnectionInfo,
+        own_tls: &OwnTls,
+    ) -> Option<Arc<crate::service::ReplicaReads>> {
         if !self.read_replicas {
             return None;
         }
@@ -209,7 +214,13 @@ impl ClusterNodes {
                     .build();
                 match client {
                     Ok(client) => {
-                        let replicas = crate::service::ReplicaReads::new(client, connect_timeout);
+                        let unlisted = crate::service::Unlisted::replicas(
+                            template.clone(),
+                            own_tls.clone(),
+                            connect_timeout,
+                        );
+                        let replicas =
+                            crate::service::ReplicaReads::new(client, connect_timeout, unlisted);
                         let opening = replicas.clone();
                         tokio::spawn(async move { opening.open().await });
                         Some(replicas)
@@ -599,7 +610,11 @@ impl Connector {
     /// replicas that this connection reads itself (`CLUSTER NODES`, from up to three
     /// nodes, since a node learns of a replica by gossip), and reads again when a replica
     /// cannot serve or none is known for the slot (at most ten times a second): after a
-    /// failover, the map names the old roles until then. redis-rs's own routing is not
+    /// failover, the map names the old roles until then. The read goes on redis-rs's
+    /// connection to that replica, or, when it has none, on a connection of this crate's
+    /// own (`READONLY`, opened as the initial nodes' are, kept for the next read). A
+    /// replica that has not answered within 50 ms counts as one that cannot serve.
+    /// redis-rs's own routing is not
     /// used for this: it goes by its map from `CLUSTER SLOTS`, which leaves out a replica
     /// until the node asked has heard that the replica's replication offset is above 0
     /// (in a cluster just built, and while a replica syncs again with a master that
@@ -898,8 +913,8 @@ async fn open_cluster(
         .first()
         .cloned()
         .ok_or_else(|| Error::config("a cluster connector needs at least one node"))?;
+    let replicas = cluster.replicas(connect_timeout, &template, own_tls);
     let unlisted = crate::service::Unlisted::new(template, own_tls.clone(), connect_timeout);
-    let replicas = cluster.replicas(connect_timeout);
     Ok(RedisService::from_parts(
         Conn::Cluster {
             connection,

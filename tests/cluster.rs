@@ -335,12 +335,19 @@ async fn with_keys_set(
     cluster: &RedisCluster,
     read_replicas: bool,
 ) -> (ResilientClient, Vec<String>) {
-    let mut client = client_reading_replicas(cluster, read_replicas).await;
+    let client = client_reading_replicas(cluster, read_replicas).await;
+    let keys = set_keys(&client).await;
+    (client, keys)
+}
+
+/// Sets 30 keys to `"v"` through `client`: `key:0`...
+async fn set_keys(client: &ResilientClient) -> Vec<String> {
+    let mut client = client.clone();
     let keys: Vec<String> = (0..30).map(|n| format!("key:{n}")).collect();
     for key in &keys {
         let () = client.set(key, "v").await.unwrap();
     }
-    (client, keys)
+    keys
 }
 
 /// Reads of a dead master's keys for 0.8 s, before the cluster has failed it over
@@ -527,19 +534,97 @@ async fn while_a_master_stalls_its_keys_are_read_from_its_replica() {
     let cluster = RedisCluster::start(3, 1);
     let (_, keys) = with_keys_set(&cluster, false).await;
     // A cluster that has served writes, as a long-lived one has: redis-rs's map of the
-    // slots names the replicas (in one just built, none), and its connections reach them.
+    // slots names the replicas, and its connections reach them.
     cluster.wait_for_every_node_to_name_the_replicas();
-    let mut client = client_reading_replicas(&cluster, true).await;
+    let client = client_reading_replicas(&cluster, true).await;
+    replica_reads_opened(&cluster).await;
+    reads_while_a_master_stalls(
+        &cluster,
+        (&cluster.masters[0], &cluster.replicas[0]),
+        client,
+        &keys,
+    )
+    .await;
+}
+
+/// The same in a cluster just built, whose replicas redis-rs's client has no connection
+/// to: its map, from `CLUSTER SLOTS` when the client connected, named none (a replica is
+/// left out until its replication offset is above 0). Such a read goes on a `READONLY`
+/// connection of this crate's own to the replica. Before, the first reads missed
+/// (`ClusterConnectionNotFound`) until something made redis-rs read its map again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_just_built_a_stalled_masters_keys_are_read_from_its_replica() {
+    let cluster = RedisCluster::start(3, 1);
+    let client = client_reading_replicas(&cluster, true).await;
+    replica_reads_opened(&cluster).await;
+    let keys = set_keys(&client).await;
+    reads_while_a_master_stalls(
+        &cluster,
+        (&cluster.masters[0], &cluster.replicas[0]),
+        client,
+        &keys,
+    )
+    .await;
+}
+
+/// The same over TLS: the connection of our own to the replica is opened as the initial
+/// nodes' are, with the CA given to the connector.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_tls_cluster_just_built_a_stalled_masters_keys_are_read_from_its_replica() {
+    let cluster = RedisCluster::start_tls(3, 1);
+    let connector = tls_connector(&cluster).read_replicas(true);
+    let client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    replica_reads_opened(&cluster).await;
+    let keys = set_keys(&client).await;
+    reads_while_a_master_stalls(
+        &cluster,
+        (&cluster.masters[0], &cluster.replicas[0]),
+        client,
+        &keys,
+    )
+    .await;
+}
+
+/// Waits until the connection for replica reads of a client of `cluster` is open and has
+/// read its map of the replicas, as it does in the background when the client connects:
+/// its connections are in `READONLY` mode (flag `r`), and it reads the map with
+/// `CLUSTER NODES`.
+async fn replica_reads_opened(cluster: &RedisCluster) {
+    eventually(Duration::from_secs(5), async || {
+        cluster.nodes().any(|node| {
+            node.raw_command(&["CLIENT", "LIST", "TYPE", "normal"])
+                .lines()
+                .any(|client| {
+                    client.contains(" flags=r ") && client.contains(" cmd=cluster|nodes ")
+                })
+        })
+    })
+    .await;
+}
+
+/// Reads `keys` of the first shard (its master `master`, its replica `replica`) while
+/// `master` is paused for 400 ms: each is served by the replica, within 250 ms; and the
+/// other masters' keys do not wait meanwhile.
+async fn reads_while_a_master_stalls(
+    cluster: &RedisCluster,
+    (master, replica): (&RedisServer, &RedisServer),
+    mut client: ResilientClient,
+    keys: &[String],
+) {
     let on: Vec<&String> = keys
         .iter()
         .filter(|key| cluster.master_index_of(key) == 0)
         .collect();
-    let offset = cluster.masters[0].info_field("master_repl_offset");
+    let offset = master.info_field("master_repl_offset");
     eventually(Duration::from_secs(5), async || {
-        cluster.replicas[0].info_field("master_repl_offset") == offset
+        replica.info_field("master_repl_offset") == offset
     })
     .await;
-    cluster.masters[0].pause();
+    master.pause();
     let (mut served, mut missed, mut slowest) = (0, 0, Duration::ZERO);
     let started = Instant::now();
     // Below `cluster-node-timeout` (500 ms here): no failover begins.
@@ -556,7 +641,7 @@ async fn while_a_master_stalls_its_keys_are_read_from_its_replica() {
             slowest = slowest.max(asked.elapsed());
         }
     }
-    cluster.masters[0].resume();
+    master.resume();
     eprintln!(
         "a stalled master: {served} reads served by its replica, {missed} missed, slowest {slowest:?}"
     );
@@ -571,6 +656,30 @@ async fn while_a_master_stalls_its_keys_are_read_from_its_replica() {
     let asked = Instant::now();
     let _: Option<String> = client.get(other).await.unwrap();
     assert!(asked.elapsed() < Duration::from_millis(50));
+}
+
+/// The same for a master that a failover promoted after the client read its map of the
+/// replicas, so the map names the old roles: the paused master as the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_a_stalled_masters_keys_are_read_from_its_replica() {
+    let cluster = RedisCluster::start(3, 1);
+    let (_, keys) = with_keys_set(&cluster, false).await;
+    cluster.wait_for_every_node_to_name_the_replicas();
+    let client = client_reading_replicas(&cluster, true).await;
+    replica_reads_opened(&cluster).await;
+    assert_eq!(
+        cluster.replicas[0].raw_command(&["CLUSTER", "FAILOVER"]),
+        "OK"
+    );
+    eventually(Duration::from_secs(5), async || {
+        cluster.replicas[0]
+            .raw_command(&["ROLE"])
+            .starts_with("master")
+    })
+    .await;
+    cluster.wait_for_every_node_to_name_the_replicas();
+    let shard = (&cluster.replicas[0], &cluster.masters[0]);
+    reads_while_a_master_stalls(&cluster, shard, client, &keys).await;
 }
 
 /// Four tasks `INCR` and `GET` keys of one slot while it moves to a master just added,

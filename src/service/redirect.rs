@@ -23,15 +23,19 @@
 //! not heard of it. Then the command goes on a connection of this crate's own to that
 //! node, opened on the first redirect naming it and kept for the next.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, PoisonError},
+    time::Duration,
+};
 
 use redis::{
     Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, Pipeline, RedisError, RedisResult, Value,
+    aio::MultiplexedConnection,
     cluster_async::ClusterConnection,
-    cluster_routing::{SingleNodeRoutingInfo, Slot},
+    cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot},
 };
 
-use super::RedisService;
+use super::{Conn, RedisService};
 use crate::{Error, connect::OwnTls};
 
 /// Which redirect, to which node, for which slot.
@@ -55,6 +59,10 @@ pub(super) struct Node {
 }
 
 impl Node {
+    pub(super) fn new(host: String, port: u16) -> Self {
+        Node { host, port }
+    }
+
     fn route(&self) -> SingleNodeRoutingInfo {
         SingleNodeRoutingInfo::ByAddress {
             host: self.host.clone(),
@@ -66,14 +74,21 @@ impl Node {
 /// How a cluster connection reaches the nodes a redirect names that redis-rs's client has
 /// no connection to: with the initial nodes' credentials, protocol and TLS, within the
 /// connector's connect timeout. Each cluster connection (the shared one, each one for
-/// blocking commands) has its own, and closes its connections when it goes.
+/// blocking commands) has its own, and closes its connections when it goes. Replica reads
+/// have one too, whose connections are in `READONLY` mode
+/// ([`Unlisted::replicas`]).
 pub(crate) struct Unlisted {
     /// An initial node: where to connect is replaced, the rest is kept.
     template: ConnectionInfo,
     own_tls: OwnTls,
     connect_timeout: Duration,
-    /// One per node, once opened; few (nodes that slots migrated to).
-    open: tokio::sync::Mutex<Vec<(Node, RedisService)>>,
+    /// Whether each connection is told `READONLY` before use, so a replica serves the
+    /// reads of its master's slots instead of redirecting them there.
+    readonly: bool,
+    /// One per node, once asked for; few (nodes that slots migrated to, replicas
+    /// redis-rs's client did not know). Each node's lock is held while its connection
+    /// opens, so a connect to one node holds up no other's.
+    nodes: std::sync::Mutex<Vec<(Node, Arc<OwnConnection>)>>,
 }
 
 impl Unlisted {
@@ -86,26 +101,66 @@ impl Unlisted {
             template,
             own_tls,
             connect_timeout,
-            open: tokio::sync::Mutex::new(Vec::new()),
+            readonly: false,
+            nodes: std::sync::Mutex::new(Vec::new()),
         })
     }
 
-    /// The open connection of our own to `node`, if there is one.
-    async fn find(&self, node: &Node) -> Option<RedisService> {
-        let open = self.open.lock().await;
-        let (_, service) = open.iter().find(|(asked, _)| asked == node)?;
-        (!service.is_closed()).then(|| service.clone())
+    /// For reads sent to replicas by address: each connection is in `READONLY` mode.
+    pub(crate) fn replicas(
+        template: ConnectionInfo,
+        own_tls: OwnTls,
+        connect_timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Unlisted {
+            template,
+            own_tls,
+            connect_timeout,
+            readonly: true,
+            nodes: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The lock of `node`'s connection, made the first time `node` is asked for.
+    fn own(&self, node: &Node) -> Arc<OwnConnection> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, own)) = nodes.iter().find(|(asked, _)| asked == node) {
+            return Arc::clone(own);
+        }
+        let own = Arc::new(OwnConnection::default());
+        nodes.push((node.clone(), Arc::clone(&own)));
+        own
+    }
+
+    /// The open connection of our own to `node`, if there is one (not one being opened).
+    fn find(&self, node: &Node) -> Option<RedisService> {
+        let own = {
+            let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+            let (_, own) = nodes.iter().find(|(asked, _)| asked == node)?;
+            Arc::clone(own)
+        };
+        let open = own.try_lock().ok()?;
+        open.as_ref()
+            .filter(|service| !service.is_closed())
+            .cloned()
     }
 
     /// A connection of our own to `node`: the open one, or a new one (replacing one that
-    /// closed). Callers that find none open wait for the first one's connect.
-    async fn connect(&self, node: &Node) -> Result<RedisService, Error> {
-        let mut open = self.open.lock().await;
-        let position = open.iter().position(|(asked, _)| asked == node);
-        if let Some(at) = position
-            && !open[at].1.is_closed()
-        {
-            return Ok(open[at].1.clone());
+    /// closed). Callers that find none open wait for the first one's connect. The connect
+    /// runs in a task of its own, so a caller that stops waiting (its deadline passed)
+    /// leaves it to finish for the next.
+    async fn connect(self: &Arc<Self>, node: &Node) -> Result<RedisService, Error> {
+        let (this, node) = (Arc::clone(self), node.clone());
+        tokio::spawn(async move { this.open_to(&node).await })
+            .await
+            .unwrap_or_else(|_| Err(Error::unavailable("the connect to a node was cancelled")))
+    }
+
+    async fn open_to(&self, node: &Node) -> Result<RedisService, Error> {
+        let own = self.own(node);
+        let mut open = own.lock().await;
+        if let Some(service) = open.as_ref().filter(|service| !service.is_closed()) {
+            return Ok(service.clone());
         }
         let address = match self.template.addr() {
             ConnectionAddr::TcpTls {
@@ -122,22 +177,33 @@ impl Unlisted {
         };
         let info = self.template.clone().set_addr(address);
         let display = crate::connect::describe(&info);
-        let opening = crate::connect::open(&info, None, &self.own_tls, display.into());
+        let readonly = self.readonly;
+        let opening = async move {
+            let service = crate::connect::open(&info, None, &self.own_tls, display.into()).await?;
+            if readonly {
+                let mut connection = single(&service)?;
+                let told = connection
+                    .send_packed_command(&redis::cmd("READONLY"))
+                    .await;
+                told.map_err(Error::from_connect)?;
+            }
+            Ok::<_, Error>(service)
+        };
         let service = match tokio::time::timeout(self.connect_timeout, opening).await {
             Ok(opened) => opened?,
             Err(_) => {
                 return Err(Error::unavailable(
-                    "connect to the node a redirect named timed out",
+                    "connect to a node redis-rs's cluster client has no connection to timed out",
                 ));
             }
         };
-        match position {
-            Some(at) => open[at].1 = service.clone(),
-            None => open.push((node.clone(), service.clone())),
-        }
+        *open = Some(service.clone());
         Ok(service)
     }
 }
+
+/// A node's connection of our own, once opened, behind the lock its connect holds.
+type OwnConnection = tokio::sync::Mutex<Option<RedisService>>;
 
 /// Where `err` redirects: for one command, its error; for a transaction, the errors
 /// Redis queued its commands with, all of them the same redirect to one node (a
@@ -176,7 +242,7 @@ pub(super) fn redirected(err: &RedisError) -> Option<Redirect> {
 /// named, after `ASKING`.
 pub(super) async fn command(
     connection: &mut ClusterConnection,
-    unlisted: &Unlisted,
+    unlisted: &Arc<Unlisted>,
     to: Redirect,
     cmd: &Cmd,
 ) -> RedisResult<Value> {
@@ -189,7 +255,7 @@ pub(super) async fn command(
 /// Sends the one command of a plain pipeline as [`command`] does.
 pub(super) async fn lone_command(
     connection: &mut ClusterConnection,
-    unlisted: &Unlisted,
+    unlisted: &Arc<Unlisted>,
     to: Redirect,
     lone: &Pipeline,
 ) -> RedisResult<Vec<Value>> {
@@ -209,7 +275,7 @@ pub(super) async fn lone_command(
 /// the node named refuses it (`TRYAGAIN`).
 pub(super) async fn transaction(
     connection: &mut ClusterConnection,
-    unlisted: &Unlisted,
+    unlisted: &Arc<Unlisted>,
     to: Redirect,
     transaction: &Pipeline,
 ) -> RedisResult<Vec<Value>> {
@@ -250,35 +316,72 @@ async fn refresh_slots(connection: &mut ClusterConnection, transaction: &Pipelin
     }
 }
 
-/// Sends `pipeline` to `to`: through redis-rs's client when it has a connection there,
-/// else on one of our own.
-async fn follow(
+/// Sends `pipeline` to `to`, as [`to_node`] does.
+pub(super) async fn follow(
     connection: &mut ClusterConnection,
-    unlisted: &Unlisted,
+    unlisted: &Arc<Unlisted>,
     to: &Node,
     pipeline: Pipeline,
     offset: usize,
     count: usize,
 ) -> RedisResult<Vec<Value>> {
-    let own = match unlisted.find(to).await {
-        Some(own) => own,
-        None => {
-            let listed = connection
-                .route_pipeline(pipeline.clone(), offset, count, to.route())
-                .await;
-            match listed {
-                Err(err) if err.kind() == ErrorKind::ClusterConnectionNotFound => {
-                    unlisted.connect(to).await?
-                }
-                replies => return replies,
-            }
-        }
+    let pipeline = &pipeline;
+    let listed = async move {
+        let to = to.route();
+        connection
+            .route_pipeline(pipeline.clone(), offset, count, to)
+            .await
     };
-    own.inner
-        .connection
-        .clone()
-        .commands(&pipeline, offset, count)
-        .await
+    let own = async |service: RedisService| {
+        let mut own = single(&service)?;
+        own.send_packed_commands(pipeline, offset, count).await
+    };
+    to_node(unlisted, to, listed, own).await
+}
+
+/// Sends `cmd` to `to`, as [`to_node`] does.
+pub(super) async fn follow_command(
+    connection: &mut ClusterConnection,
+    unlisted: &Arc<Unlisted>,
+    to: &Node,
+    cmd: &Cmd,
+) -> RedisResult<Value> {
+    let listed = async move {
+        let to = RoutingInfo::SingleNode(to.route());
+        connection.route_command(cmd.clone(), to).await
+    };
+    let own = async |service: RedisService| single(&service)?.send_packed_command(cmd).await;
+    to_node(unlisted, to, listed, own).await
+}
+
+/// Sends a request to `to`: on our own connection there if one is open, else through
+/// redis-rs's client (`listed`, not polled otherwise), and when that has no connection
+/// there, on a new one of our own (`own`).
+async fn to_node<T>(
+    unlisted: &Arc<Unlisted>,
+    to: &Node,
+    listed: impl Future<Output = RedisResult<T>>,
+    own: impl AsyncFnOnce(RedisService) -> RedisResult<T>,
+) -> RedisResult<T> {
+    if let Some(service) = unlisted.find(to) {
+        return own(service).await;
+    }
+    match listed.await {
+        Err(err) if err.kind() == ErrorKind::ClusterConnectionNotFound => {
+            own(unlisted.connect(to).await?).await
+        }
+        reply => reply,
+    }
+}
+
+/// The multiplexed connection of a service [`Unlisted`] opened: one node's.
+fn single(own: &RedisService) -> Result<MultiplexedConnection, Error> {
+    match &own.inner.connection {
+        Conn::Single(connection) => Ok(connection.clone()),
+        Conn::Cluster { .. } => Err(Error::config(
+            "a node of a cluster was opened as a cluster of its own",
+        )),
+    }
 }
 
 fn short() -> RedisError {

@@ -18,14 +18,17 @@ use redis::{
 };
 use tokio::time::Instant;
 
+use super::redirect::{Node, Unlisted, follow, follow_command};
 use crate::{CommandInfo, Error, request::simple_args};
 
 /// A second cluster connection, set up for replica reads (its connections to replicas
 /// in `READONLY` mode), one for every connection a connector opens, opened in the
 /// background beside the first (or by the first read that needs it).
 ///
-/// A read goes to a replica of its key's slot by the replica's address, from a map of the
-/// slots' replicas that this reads itself (`CLUSTER NODES`), not by redis-rs's routing:
+/// A read goes to a replica of its key's slot by the replica's address (on redis-rs's
+/// connection to it, or, when redis-rs has none, on a `READONLY` connection of this
+/// crate's own), from a map of the slots' replicas that this reads itself
+/// (`CLUSTER NODES`), not by redis-rs's routing:
 /// that goes by its map from `CLUSTER SLOTS`, which leaves out a replica until the node
 /// asked has heard its replication offset is above 0 (a cluster just built, a replica
 /// syncing again with a master that restarted), and sends a slot's reads to its master
@@ -46,6 +49,10 @@ pub(crate) struct ReplicaReads {
     turn: AtomicUsize,
     /// Reads a replica served.
     served: AtomicU64,
+    /// Connections of our own to the replicas redis-rs's client has none to: its map
+    /// (from `CLUSTER SLOTS`) may name none, as in a cluster just built, until something
+    /// makes it read the map again.
+    unlisted: std::sync::Arc<Unlisted>,
 }
 
 /// How long a read waits for a master before a replica is asked too
@@ -57,6 +64,15 @@ const HEDGE_AFTER: Duration = Duration::from_millis(100);
 /// not serve it, reads it again: at most ten `CLUSTER NODES` a second while replicas
 /// cannot serve, and a map that a failover made wrong is read again within this.
 const REREAD_AFTER: Duration = Duration::from_millis(100);
+
+/// How long a replica is given to answer a read before the map is read again (if old
+/// enough) and the read sent to the replica it names, once: a healthy replica answers
+/// within a millisecond or two. A failover since the map was read leaves it naming the
+/// old roles, so a read of a slot whose new master stalls goes first to that same
+/// master, as the slot's replica, and no error shows the map is wrong. After a hedge
+/// (100 ms), the second try comes at ~150 ms (~180 ms if the node asked for the map is
+/// the stalled one), within the default 250 ms deadline.
+const REPLICA_PATIENCE: Duration = Duration::from_millis(50);
 
 /// How long one node is given to answer `CLUSTER NODES` (a millisecond or two when it
 /// is well), so that asking a stalled one, as a random pick may, holds a read up little.
@@ -226,7 +242,11 @@ fn slot_of(key: &[u8]) -> u16 {
 }
 
 impl ReplicaReads {
-    pub(crate) fn new(client: ClusterClient, connect_timeout: Duration) -> std::sync::Arc<Self> {
+    pub(crate) fn new(
+        client: ClusterClient,
+        connect_timeout: Duration,
+        unlisted: std::sync::Arc<Unlisted>,
+    ) -> std::sync::Arc<Self> {
         std::sync::Arc::new(ReplicaReads {
             client,
             connect_timeout,
@@ -235,6 +255,7 @@ impl ReplicaReads {
             reading_map: AtomicBool::new(false),
             turn: AtomicUsize::new(0),
             served: AtomicU64::new(0),
+            unlisted,
         })
     }
 
@@ -393,8 +414,9 @@ impl ReplicaReads {
         let slot = slot_of(key);
         for first in [true, false] {
             let (host, port) = self.replica_of(slot, &mut connection).await?;
-            let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-            match connection.route_command(cmd.clone(), to).await {
+            let to = Node::new(host, port);
+            let read = follow_command(&mut connection, &self.unlisted, &to, cmd);
+            match patiently(read).await {
                 Ok(reply) => return self.count(answered(Ok(reply))),
                 Err(error) => {
                     tracing::debug!(%error, "redis cluster: a replica could not serve a read the master could not either");
@@ -431,11 +453,16 @@ impl ReplicaReads {
         };
         for first in [true, false] {
             let (host, port) = self.replica_of(slot, &mut connection).await?;
-            let to = SingleNodeRoutingInfo::ByAddress { host, port };
-            match connection
-                .route_pipeline(pipeline.clone(), offset, count, to)
-                .await
-            {
+            let to = Node::new(host, port);
+            let reads = follow(
+                &mut connection,
+                &self.unlisted,
+                &to,
+                pipeline.clone(),
+                offset,
+                count,
+            );
+            match patiently(reads).await {
                 Ok(replies) => return answered(Ok(replies)),
                 Err(error) => {
                     tracing::debug!(%error, "redis cluster: a replica could not serve reads the master could not either");
@@ -456,6 +483,18 @@ impl ReplicaReads {
         }
         served
     }
+}
+
+/// `read`'s reply, or an error if the replica gives none within [`REPLICA_PATIENCE`].
+async fn patiently<T>(read: impl Future<Output = RedisResult<T>>) -> RedisResult<T> {
+    tokio::time::timeout(REPLICA_PATIENCE, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(RedisError::from((
+                redis::ErrorKind::Io,
+                "the replica did not answer in time",
+            )))
+        })
 }
 
 /// Whether a read that failed so may be served by a replica: the master could not serve
