@@ -31,6 +31,13 @@ pub trait MakeConnection: Send + Sync + 'static {
     /// Opens one connection, within whatever deadline the implementation sets.
     fn connect(&self) -> impl Future<Output = Result<Self::Connection, Error>> + Send;
 
+    /// Opens a connection for blocking commands alone (`BLPOP q 0` may wait for good), as
+    /// [`connect`](Self::connect) by default. A cluster's gives up on no node's reply,
+    /// where the shared one does after the connect timeout.
+    fn connect_blocking(&self) -> impl Future<Output = Result<Self::Connection, Error>> + Send {
+        self.connect()
+    }
+
     /// Where it connects, for logs: no credentials.
     fn address(&self) -> &str;
 
@@ -73,6 +80,10 @@ impl MakeConnection for Connector {
 
     fn connect(&self) -> impl Future<Output = Result<RedisService, Error>> + Send {
         Connector::connect(self)
+    }
+
+    fn connect_blocking(&self) -> impl Future<Output = Result<RedisService, Error>> + Send {
+        self.connect_for(Use::Blocking)
     }
 
     fn address(&self) -> &str {
@@ -209,7 +220,8 @@ impl ClusterNodes {
         }
         self.replicas
             .get_or_init(|| {
-                let client = cluster_builder(self, connect_timeout)
+                let builder = cluster_builder(self, connect_timeout);
+                let client = with_node_response_timeout(builder, connect_timeout)
                     .read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy)
                     .build();
                 match client {
@@ -669,6 +681,14 @@ impl Connector {
 
     /// Bounds each connection attempt, handshake included. Default:
     /// [`DEFAULT_CONNECT_TIMEOUT`].
+    ///
+    /// For a [cluster](Self::cluster), it also bounds how long the shared connection waits
+    /// for a node's reply before giving up on it (an [unavailable](Error::is_unavailable)
+    /// error that [may have run](Error::may_have_run)): redis-rs's cluster client reads its
+    /// map of the slots one node at a time while every request waits, so a stalled node
+    /// would otherwise hold up every node's requests. Calls with a deadline beyond it (set
+    /// with [`TimeoutLayer`](crate::timeout::TimeoutLayer) or `with_deadline`) end at it
+    /// instead; blocking commands, on connections of their own, are not bounded by it.
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
@@ -722,13 +742,19 @@ impl Connector {
     /// when it rejects the handshake (`WRONGPASS`, a database index out of range, TLS
     /// mismatch) or no Sentinel knows the master's name.
     pub async fn connect(&self) -> Result<RedisService, Error> {
+        self.connect_for(Use::Shared).await
+    }
+
+    async fn connect_for(&self, used: Use) -> Result<RedisService, Error> {
+        #[cfg(not(feature = "cluster"))]
+        let _ = used;
         let service = self
             .within_connect_timeout(async {
                 #[cfg(feature = "cluster")]
                 if let Some(cluster) = &self.cluster {
                     let display = self.display.clone();
-                    return open_cluster(cluster, self.connect_timeout, &self.own_tls, display)
-                        .await;
+                    let timeout = self.connect_timeout;
+                    return open_cluster(cluster, timeout, &self.own_tls, display, used).await;
                 }
                 match &self.sentinel {
                     None => {
@@ -892,6 +918,15 @@ impl ClusterNodes {
     }
 }
 
+/// What a connection is opened for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Shared by every call but blocking ones.
+    Shared,
+    /// A blocking command's own: it may wait for its reply as long as the command says.
+    Blocking,
+}
+
 /// Connects to a cluster: to a node of `nodes` that answers, and through it to every
 /// node that serves slots.
 #[cfg(feature = "cluster")]
@@ -900,10 +935,14 @@ async fn open_cluster(
     connect_timeout: Duration,
     own_tls: &OwnTls,
     display: Arc<str>,
+    used: Use,
 ) -> Result<RedisService, Error> {
-    let client = cluster_builder(cluster, connect_timeout)
-        .build()
-        .map_err(Error::from_connect)?;
+    let builder = cluster_builder(cluster, connect_timeout);
+    let builder = match used {
+        Use::Shared => with_node_response_timeout(builder, connect_timeout),
+        Use::Blocking => builder,
+    };
+    let client = builder.build().map_err(Error::from_connect)?;
     let connection = match client.get_async_connection().await {
         Ok(connection) => connection,
         Err(err) => return Err(diagnose(cluster, connect_timeout, err).await),
@@ -917,6 +956,7 @@ async fn open_cluster(
     let unlisted = crate::service::Unlisted::new(template, own_tls.clone(), connect_timeout);
     Ok(RedisService::from_parts(
         Conn::Cluster {
+            topology: crate::service::Topology::new(connection.clone()),
             connection,
             unlisted,
             replicas,
@@ -950,6 +990,23 @@ fn cluster_builder(
         None => builder,
     };
     builder
+}
+
+/// Has redis-rs's cluster client give up on a node's reply after the connect timeout (an
+/// I/O error for that request). Without it, a stalled node held up every request to every
+/// node whenever the client read its map of the slots again (after a `MOVED`, say): it
+/// asks the nodes it knows one at a time, the stalled one perhaps first, and every
+/// request waits for it (measured: a master paused, then a slot moved between two
+/// others; not one read of the other masters' keys served until the paused one resumed).
+/// No overall limit on top: the Timeout layer sets the call's deadline.
+#[cfg(feature = "cluster")]
+fn with_node_response_timeout(
+    builder: redis::cluster::ClusterClientBuilder,
+    connect_timeout: Duration,
+) -> redis::cluster::ClusterClientBuilder {
+    builder
+        .response_timeout(connect_timeout)
+        .overall_response_timeout(None)
 }
 
 /// The error of a cluster connect that failed. redis-rs's cluster client reports a

@@ -810,6 +810,132 @@ async fn a_stalled_master_costs_only_its_own_slots() {
     served_without_a_whole_reconnect(&mut client, &cluster, live).await;
 }
 
+/// redis-rs's cluster client reads its map of the slots again when a node answers
+/// `MOVED`, asking the nodes it knows one at a time, and every request waits for it. A
+/// stalled node among them held up every request to every node until it answered again:
+/// not one read of the other masters' keys was served while master 0 stayed paused. Now
+/// a node's reply is given up on after the connect timeout (1 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_while_a_master_stalls_holds_up_the_other_masters_at_most_a_moment() {
+    let cluster = RedisCluster::start(3, 0);
+    let (mut client, keys) = with_keys_set(&cluster, false).await;
+    let others: Vec<&String> = keys
+        .iter()
+        .filter(|key| cluster.master_index_of(key) != 0)
+        .collect();
+    // A slot with no key, moved from master 1 to master 2 while master 0 is paused (told
+    // to the two, as a resharding's last step does; not to the paused one).
+    let moving = (0..1000)
+        .map(|n| format!("moving:{n}"))
+        .find(|key| cluster.master_index_of(key) == 1)
+        .unwrap();
+    let slot = cluster.masters[1].raw_command(&["CLUSTER", "KEYSLOT", &moving]);
+    let to = cluster.masters[2].raw_command(&["CLUSTER", "MYID"]);
+    cluster.masters[0].pause();
+    for node in [&cluster.masters[2], &cluster.masters[1]] {
+        assert_eq!(
+            node.raw_command(&["CLUSTER", "SETSLOT", &slot, "NODE", &to]),
+            "OK"
+        );
+    }
+    // Its `MOVED` makes redis-rs read its map again.
+    let _: Option<String> = client.get(&moving).await.unwrap();
+    let moved = Instant::now();
+    let mut first_served = None;
+    let mut missed_after = 0;
+    while moved.elapsed() < Duration::from_secs(4) {
+        for key in &others {
+            let served = client
+                .get::<_, Option<String>>(*key)
+                .await
+                .unwrap()
+                .is_some();
+            match (served, first_served) {
+                (true, None) => first_served = Some(moved.elapsed()),
+                (false, Some(_)) => missed_after += 1,
+                _ => {}
+            }
+        }
+    }
+    cluster.masters[0].resume();
+    eprintln!(
+        "the other masters' keys served again {first_served:?} after the MOVED; {missed_after} missed after"
+    );
+    let first_served = first_served.expect("the other masters' keys served while one stalls");
+    // Each question the map read asks the paused node waits 1 s for it (seen: served
+    // again after 1.0 or 2.0 s).
+    assert!(first_served < Duration::from_secs(3), "{first_served:?}");
+    assert!(missed_after <= 8, "{missed_after} missed after");
+}
+
+/// A master that stalls past `cluster-node-timeout` is failed over by the cluster, but
+/// redis-rs reads its map of the slots again only on a `MOVED`, which a node that answers
+/// nothing never sends: before, its slots' requests went on timing out for as long as it
+/// stalled (measured: not one served in the 5.5 s after the failover). Now a request that
+/// goes unanswered has the client ask the cluster where each master's slots are, and
+/// make redis-rs read its map again when it routes them to a node that does not answer
+/// while the cluster's master for them does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_stalls_past_its_failover_has_its_slots_served_by_the_new_one() {
+    let cluster = RedisCluster::start(3, 1);
+    let (mut client, keys) = with_keys_set(&cluster, false).await;
+    cluster.wait_for_every_node_to_name_the_replicas();
+    let on: Vec<&String> = keys
+        .iter()
+        .filter(|key| cluster.master_index_of(key) == 0)
+        .collect();
+    let other = keys
+        .iter()
+        .find(|key| cluster.master_index_of(key) == 1)
+        .unwrap();
+    let offset = cluster.masters[0].info_field("master_repl_offset");
+    eventually(Duration::from_secs(5), async || {
+        cluster.replicas[0].info_field("master_repl_offset") == offset
+    })
+    .await;
+    cluster.masters[0].pause();
+    let paused = Instant::now();
+    let (mut promoted, mut served) = (None, None);
+    let mut others_missed = 0;
+    while served.is_none() && paused.elapsed() < Duration::from_secs(8) {
+        if promoted.is_none()
+            && cluster.replicas[0]
+                .raw_command(&["ROLE"])
+                .starts_with("master")
+        {
+            promoted = Some(paused.elapsed());
+        }
+        let wrote = client.set::<_, _, ()>(on[0], "after").await.is_ok();
+        let read: Option<String> = client.get(on[1]).await.unwrap();
+        if wrote && read.as_deref() == Some("v") {
+            served = Some(paused.elapsed());
+        }
+        if client
+            .get::<_, Option<String>>(other)
+            .await
+            .unwrap()
+            .is_none()
+        {
+            others_missed += 1;
+        }
+    }
+    cluster.masters[0].resume();
+    eprintln!(
+        "master 0 paused: its replica promoted after {promoted:?}, its keys served after {served:?}; {others_missed} reads of another master's missed"
+    );
+    let promoted = promoted.expect("the cluster failed the paused master over");
+    let served = served.expect("its keys served by the new master while it stalls");
+    // The check runs at most every 250 ms, and redis-rs's map read may wait 1 s for the
+    // paused node (seen: served 0.02 to 0.6 s after the promotion was seen).
+    assert!(
+        served.saturating_sub(promoted) < Duration::from_secs(2),
+        "promoted after {promoted:?}, served after {served:?}"
+    );
+    assert!(others_missed <= 4, "{others_missed}");
+    let value: Option<String> = client.get(on[0]).await.unwrap();
+    assert_eq!(value.as_deref(), Some("after"));
+}
+
 /// How many connections of `node` are subscribed to `channel` (a node's own count).
 fn subscribers_on(node: &support::RedisServer, channel: &str) -> usize {
     let reply = node.raw_command(&["PUBSUB", "NUMSUB", channel]);

@@ -223,7 +223,7 @@ impl<M: MakeConnection> Shared<M> {
 
     /// Opens a connection for a blocking command, with the user's hook run on it.
     pub async fn open_blocking(&self) -> Result<Connection<M>, Error> {
-        let connection = open(&self.connector, &self.config).await?;
+        let connection = open_with(|| self.connector.connect_blocking(), &self.config).await?;
         self.blocking_opened.fetch_add(1, Ordering::Relaxed);
         Ok(connection)
     }
@@ -520,8 +520,16 @@ pub(super) async fn open<M: MakeConnection>(
     connector: &M,
     config: &ReconnectConfig<Connection<M>>,
 ) -> Result<Connection<M>, Error> {
+    open_with(|| connector.connect(), config).await
+}
+
+/// [`open`], with the connector's way of opening (`connect`) given.
+async fn open_with<C: Clone, F: Future<Output = Result<C, Error>>>(
+    connect: impl FnOnce() -> F,
+    config: &ReconnectConfig<C>,
+) -> Result<C, Error> {
     CatchPanic(async {
-        let connection = connector.connect().await?;
+        let connection = connect().await?;
         if let Some(hook) = &config.on_connect {
             hook(connection.clone()).await?;
         }

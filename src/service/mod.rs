@@ -6,12 +6,16 @@ mod redirect;
 #[cfg(feature = "cluster")]
 mod replicas;
 mod slots;
+#[cfg(feature = "cluster")]
+mod topology;
 
 pub use future::ResponseFuture;
 #[cfg(feature = "cluster")]
 pub(crate) use redirect::Unlisted;
 #[cfg(feature = "cluster")]
 pub(crate) use replicas::ReplicaReads;
+#[cfg(feature = "cluster")]
+pub(crate) use topology::Topology;
 
 use std::{
     fmt,
@@ -272,6 +276,9 @@ pub(crate) enum Conn {
         unlisted: Arc<redirect::Unlisted>,
         /// Where reads the masters cannot serve go, when asked for.
         replicas: Option<Arc<replicas::ReplicaReads>>,
+        /// Checks, when requests go unanswered, that redis-rs's map of the slots still
+        /// names each master.
+        topology: Arc<topology::Topology>,
     },
 }
 
@@ -284,7 +291,10 @@ impl Conn {
                 connection,
                 unlisted,
                 replicas,
+                topology,
             } => {
+                let request = topology::Request::Command(cmd);
+                let unanswered = topology::Unanswered::new(topology, request);
                 let main = redis::aio::ConnectionLike::req_packed_command(connection, cmd);
                 let reply = match replicas {
                     Some(replicas) if crate::CommandInfo::of_cmd(cmd).is_read_only() => {
@@ -292,6 +302,7 @@ impl Conn {
                     }
                     _ => main.await,
                 };
+                unanswered.answered();
                 let reply = match reply {
                     // A `MOVED` is Retry's to resend, once redis-rs has refreshed its map.
                     Err(err) => match redirect::redirected(&err) {
@@ -330,11 +341,15 @@ impl Conn {
                 connection,
                 unlisted,
                 replicas,
+                topology,
             } => {
+                let request = topology::Request::Pipeline(pipeline);
+                let unanswered = topology::Unanswered::new(topology, request);
                 let replies = redis::aio::ConnectionLike::req_packed_commands(
                     connection, pipeline, offset, count,
                 )
                 .await;
+                unanswered.answered();
                 let replies = match replies {
                     Err(err) => match redirect::redirected(&err) {
                         // A transaction that met a redirect was discarded: nothing ran,

@@ -5,7 +5,7 @@ use std::{
     future::Future,
     sync::{
         Mutex, PoisonError,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -18,7 +18,10 @@ use redis::{
 };
 use tokio::time::Instant;
 
-use super::redirect::{Node, Unlisted, follow, follow_command};
+use super::{
+    redirect::{Node, Unlisted, follow, follow_command},
+    topology::{self, Address, QUESTION_TIMEOUT, SOURCES},
+};
 use crate::{CommandInfo, Error, request::simple_args};
 
 /// A second cluster connection, set up for replica reads (its connections to replicas
@@ -42,9 +45,11 @@ pub(crate) struct ReplicaReads {
     connection: tokio::sync::OnceCell<ClusterConnection>,
     /// The slots' replicas as the cluster last told, and when.
     map: Mutex<Option<(SlotReplicas, Instant)>>,
-    /// Set while a read of the map is under way: the reads that would start another
-    /// meanwhile go on with the map there is.
-    reading_map: AtomicBool,
+    /// Held while a read of the map is under way: the reads that would start another
+    /// meanwhile wait for it (at most [`SOURCES`] × [`QUESTION_TIMEOUT`]) and go
+    /// on with what it read, so that a failover's new roles reach every read that met
+    /// the old ones.
+    reading_map: tokio::sync::Mutex<()>,
     /// Turns among a slot's replicas.
     turn: AtomicUsize,
     /// Reads a replica served.
@@ -73,17 +78,6 @@ const REREAD_AFTER: Duration = Duration::from_millis(100);
 /// (100 ms), the second try comes at ~150 ms (~180 ms if the node asked for the map is
 /// the stalled one), within the default 250 ms deadline.
 const REPLICA_PATIENCE: Duration = Duration::from_millis(50);
-
-/// How long one node is given to answer `CLUSTER NODES` (a millisecond or two when it
-/// is well), so that asking a stalled one, as a random pick may, holds a read up little.
-const MAP_QUESTION_TIMEOUT: Duration = Duration::from_millis(30);
-
-/// How many nodes are asked for the map at most, when the first's lacks a slot's
-/// replica: a node learns of a replica by gossip, and one may not have heard yet.
-const MAP_SOURCES: usize = 3;
-
-/// A node's host (as `CLUSTER NODES` gives it) and port.
-type Address = (String, u16);
 
 /// Each range of slots (first, last), with the addresses of its replicas.
 #[derive(Clone, Default)]
@@ -118,57 +112,17 @@ impl SlotReplicas {
         }
     }
 
-    /// `CLUSTER NODES`' reply: a line per node, `<id> <ip:port@bus[,hostname]> <flags>
-    /// <master id> <ping> <pong> <epoch> <link> <slot ranges...>`. Each master's ranges
-    /// get the replicas whose master it is, but for those flagged failed or without an
-    /// address. (`CLUSTER SLOTS` would not do: it leaves out a replica whose replication
-    /// offset it has not heard is above 0, as while the replica syncs again with a master
-    /// that restarted, which is when it is wanted.)
+    /// The replicas of each master's ranges in `CLUSTER NODES`' reply, but for those
+    /// flagged failed or without an address. (`CLUSTER SLOTS` would not do: it leaves out
+    /// a replica whose replication offset it has not heard is above 0, as while the
+    /// replica syncs again with a master that restarted, which is when it is wanted.)
     fn parse(reply: &Value) -> Option<SlotReplicas> {
-        let text = match reply {
-            Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?,
-            Value::VerbatimString { text, .. } => text.as_str(),
-            Value::SimpleString(text) => text.as_str(),
-            _ => return None,
-        };
-        struct Node<'a> {
-            id: &'a str,
-            address: Option<Address>,
-            master: Option<&'a str>,
-            usable: bool,
-            ranges: Vec<(u16, u16)>,
-        }
-        let nodes: Vec<Node> = text
-            .lines()
-            .filter_map(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                let flags = *fields.get(2)?;
-                let ranges = fields
-                    .iter()
-                    .skip(8)
-                    .filter(|range| !range.starts_with('['))
-                    .filter_map(|range| match range.split_once('-') {
-                        Some((first, last)) => Some((first.parse().ok()?, last.parse().ok()?)),
-                        None => range.parse().ok().map(|slot| (slot, slot)),
-                    })
-                    .collect();
-                Some(Node {
-                    id: fields.first()?,
-                    address: address(fields.get(1)?),
-                    master: flags
-                        .contains("slave")
-                        .then(|| fields.get(3).copied())
-                        .flatten(),
-                    usable: !flags.contains("fail") && !flags.contains("noaddr"),
-                    ranges,
-                })
-            })
-            .collect();
+        let nodes = topology::parse(reply)?;
         let mut map = Vec::new();
         for master in nodes.iter().filter(|node| node.master.is_none()) {
             let replicas: Vec<Address> = nodes
                 .iter()
-                .filter(|node| node.usable && node.master == Some(master.id))
+                .filter(|node| node.usable && node.master.as_ref() == Some(&master.id))
                 .filter_map(|node| node.address.clone())
                 .collect();
             for &(first, last) in &master.ranges {
@@ -179,22 +133,22 @@ impl SlotReplicas {
     }
 }
 
-/// A node's address in `CLUSTER NODES` (`127.0.0.1:7001@17001,hostname`); `None` for one
-/// Redis has none for (`:0@0`, or no host).
-fn address(field: &str) -> Option<Address> {
-    let (host, port) = field.split(['@', ',']).next()?.rsplit_once(':')?;
-    let port: u16 = port.parse().ok()?;
-    (!host.is_empty() && port != 0).then(|| (host.to_owned(), port))
-}
-
-/// The key a read-only command is routed by, as redis-rs routes it: the first argument
-/// after the name, but for the few reads whose key comes later. `None` for a read of no
-/// key.
-fn key_of(cmd: &Cmd) -> Option<&[u8]> {
+/// The key a command is routed by, as redis-rs routes it: the first argument after the
+/// name, but for scripts and the few reads whose key comes later. `None` for a command of
+/// no key (and for one of the rare others whose key comes later: only an estimate then).
+pub(super) fn key_of(cmd: &Cmd) -> Option<&[u8]> {
     let mut args = simple_args(cmd);
     let name = args.next()?;
     let is = |word: &str| name.eq_ignore_ascii_case(word.as_bytes());
-    if is("EVAL_RO") || is("EVALSHA_RO") || is("FCALL_RO") {
+    let script = [
+        "EVAL",
+        "EVALSHA",
+        "FCALL",
+        "EVAL_RO",
+        "EVALSHA_RO",
+        "FCALL_RO",
+    ];
+    if script.into_iter().any(is) {
         // script numkeys key...
         let numkeys = args.nth(1)?;
         return (numkeys != b"0").then(|| args.next()).flatten();
@@ -210,14 +164,14 @@ fn key_of(cmd: &Cmd) -> Option<&[u8]> {
     args.next()
 }
 
-/// The slot a plain pipeline of reads is routed by: its first command's with a key.
-fn slot_of_pipeline(pipeline: &Pipeline) -> Option<u16> {
+/// The slot a pipeline is routed by: its first command's with a key.
+pub(super) fn slot_of_pipeline(pipeline: &Pipeline) -> Option<u16> {
     pipeline.cmd_iter().find_map(key_of).map(slot_of)
 }
 
 /// The hash slot of `key`, as Redis Cluster computes it (CRC16-XMODEM of the key, or of
 /// its hash tag, modulo 16384): redis-rs's `Slot::for_key` gives no number back.
-fn slot_of(key: &[u8]) -> u16 {
+pub(super) fn slot_of(key: &[u8]) -> u16 {
     let hashed = key
         .iter()
         .position(|&b| b == b'{')
@@ -252,7 +206,7 @@ impl ReplicaReads {
             connect_timeout,
             connection: tokio::sync::OnceCell::new(),
             map: Mutex::new(None),
-            reading_map: AtomicBool::new(false),
+            reading_map: tokio::sync::Mutex::const_new(()),
             turn: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             unlisted,
@@ -292,24 +246,24 @@ impl ReplicaReads {
     /// Reads the map of the slots' replicas from a node, and from another or two if its
     /// map lacks a slot's replica; keeps it if one was read.
     async fn read_map(&self, connection: &mut ClusterConnection) {
-        if self.reading_map.swap(true, Relaxed) {
+        let asked = Instant::now();
+        let _reading = self.reading_map.lock().await;
+        let read_meanwhile = self
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|(_, read)| *read >= asked);
+        if read_meanwhile {
             return;
         }
-        /// Lets the next read of the map start, however this one ends.
-        struct Done<'a>(&'a AtomicBool);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Relaxed);
-            }
-        }
-        let _done = Done(&self.reading_map);
         let mut map: Option<SlotReplicas> = None;
-        for _ in 0..MAP_SOURCES {
+        for _ in 0..SOURCES {
             let ask = connection.route_command(
                 redis::cmd("CLUSTER").arg("NODES").clone(),
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
             );
-            let Ok(Ok(reply)) = tokio::time::timeout(MAP_QUESTION_TIMEOUT, ask).await else {
+            let Ok(Ok(reply)) = tokio::time::timeout(QUESTION_TIMEOUT, ask).await else {
                 continue;
             };
             let Some(read) = SlotReplicas::parse(&reply) else {
@@ -566,6 +520,11 @@ mod tests {
         );
         assert_eq!(key(&["EVAL_RO", "script", "0", "arg"]), None);
         assert_eq!(
+            key(&["EVAL", "script", "2", "k", "k2", "arg"]).as_deref(),
+            Some("k")
+        );
+        assert_eq!(key(&["SET", "k", "v"]).as_deref(), Some("k"));
+        assert_eq!(
             key(&["XREAD", "COUNT", "2", "STREAMS", "s", "0"]).as_deref(),
             Some("s")
         );
@@ -601,9 +560,9 @@ mod tests {
         assert_eq!(map.of(5461), at(7004));
         assert!(map.complete());
         assert_eq!(
-            address("127.0.0.1:7001@17001,redis-1"),
+            topology::address("127.0.0.1:7001@17001,redis-1"),
             Some(at(7001)[0].clone())
         );
-        assert_eq!(address(":0@0"), None);
+        assert_eq!(topology::address(":0@0"), None);
     }
 }
