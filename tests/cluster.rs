@@ -74,6 +74,34 @@ async fn commands_reach_the_node_that_serves_their_key() {
     assert_eq!(client.reconnect_stats().blocking_connections, 1);
 }
 
+/// A blocking command waits as long as it says, past the connect timeout that bounds a
+/// node's reply on the shared cluster connection: its own connection has no such bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_command_on_a_cluster_waits_past_the_connect_timeout() {
+    let cluster = RedisCluster::start(3, 0);
+    let connector = Connector::cluster(cluster.urls())
+        .unwrap()
+        .connect_timeout(Duration::from_millis(400));
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    let mut pusher = client.clone();
+    let push = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let _: u64 = pusher.rpush("jobs", "job-1").await.unwrap();
+    });
+    let asked = Instant::now();
+    let popped: Option<(String, String)> = client.blpop("jobs", 3.0).await.unwrap();
+    push.await.unwrap();
+    assert_eq!(popped, Some(("jobs".to_owned(), "job-1".to_owned())));
+    assert!(
+        asked.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        asked.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_hears_what_is_published_on_any_node() {
     let cluster = RedisCluster::start(3, 0);
