@@ -528,17 +528,7 @@ async fn while_a_restarted_master_rejoins_its_keys_are_read_from_its_replica() {
 
     // The replica takes over; then the new master restarts, and the old one, now its
     // replica, serves its keys.
-    assert_eq!(
-        cluster.replicas[0].raw_command(&["CLUSTER", "FAILOVER"]),
-        "OK"
-    );
-    eventually(Duration::from_secs(5), async || {
-        cluster.replicas[0]
-            .raw_command(&["ROLE"])
-            .starts_with("master")
-    })
-    .await;
-    cluster.wait_for_every_node_to_name_the_replicas();
+    replica_0_takes_over(&cluster).await;
     let (master, replica) = (&mut cluster.replicas[0], &cluster.masters[0]);
     let (served, missed) =
         reads_while_a_restarted_master_rejoins(master, replica, &mut client, &on).await;
@@ -583,16 +573,10 @@ async fn while_a_master_stalls_its_keys_are_read_from_its_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_cluster_just_built_a_stalled_masters_keys_are_read_from_its_replica() {
     let cluster = RedisCluster::start(3, 1);
-    let client = client_reading_replicas(&cluster, true).await;
-    replica_reads_opened(&cluster).await;
-    let keys = set_keys(&client).await;
-    reads_while_a_master_stalls(
-        &cluster,
-        (&cluster.masters[0], &cluster.replicas[0]),
-        client,
-        &keys,
-    )
-    .await;
+    let connector = Connector::cluster(cluster.urls())
+        .unwrap()
+        .read_replicas(true);
+    just_built_and_stalled(&cluster, connector).await;
 }
 
 /// The same over TLS: the connection of our own to the replica is opened as the initial
@@ -602,19 +586,37 @@ async fn in_a_cluster_just_built_a_stalled_masters_keys_are_read_from_its_replic
 async fn in_a_tls_cluster_just_built_a_stalled_masters_keys_are_read_from_its_replica() {
     let cluster = RedisCluster::start_tls(3, 1);
     let connector = tls_connector(&cluster).read_replicas(true);
+    just_built_and_stalled(&cluster, connector).await;
+}
+
+/// A client through `connector` to `cluster`, just built: the connection for replica
+/// reads opened before any write reached a replica, then keys set, then
+/// [`reads_while_a_master_stalls`] of master 0.
+async fn just_built_and_stalled(cluster: &RedisCluster, connector: Connector) {
     let client = ResilientClient::builder_with_connector(connector)
         .connect()
         .await
         .unwrap();
-    replica_reads_opened(&cluster).await;
+    replica_reads_opened(cluster).await;
     let keys = set_keys(&client).await;
-    reads_while_a_master_stalls(
-        &cluster,
-        (&cluster.masters[0], &cluster.replicas[0]),
-        client,
-        &keys,
-    )
+    let shard = (&cluster.masters[0], &cluster.replicas[0]);
+    reads_while_a_master_stalls(cluster, shard, client, &keys).await;
+}
+
+/// A coordinated failover (`CLUSTER FAILOVER`) of master 0 to replica 0, once every node
+/// names the replicas again.
+async fn replica_0_takes_over(cluster: &RedisCluster) {
+    assert_eq!(
+        cluster.replicas[0].raw_command(&["CLUSTER", "FAILOVER"]),
+        "OK"
+    );
+    eventually(Duration::from_secs(5), async || {
+        cluster.replicas[0]
+            .raw_command(&["ROLE"])
+            .starts_with("master")
+    })
     .await;
+    cluster.wait_for_every_node_to_name_the_replicas();
 }
 
 /// Waits until the connection for replica reads of a client of `cluster` is open and has
@@ -695,17 +697,7 @@ async fn after_a_failover_a_stalled_masters_keys_are_read_from_its_replica() {
     cluster.wait_for_every_node_to_name_the_replicas();
     let client = client_reading_replicas(&cluster, true).await;
     replica_reads_opened(&cluster).await;
-    assert_eq!(
-        cluster.replicas[0].raw_command(&["CLUSTER", "FAILOVER"]),
-        "OK"
-    );
-    eventually(Duration::from_secs(5), async || {
-        cluster.replicas[0]
-            .raw_command(&["ROLE"])
-            .starts_with("master")
-    })
-    .await;
-    cluster.wait_for_every_node_to_name_the_replicas();
+    replica_0_takes_over(&cluster).await;
     let shard = (&cluster.replicas[0], &cluster.masters[0]);
     reads_while_a_master_stalls(&cluster, shard, client, &keys).await;
 }

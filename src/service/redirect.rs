@@ -97,13 +97,7 @@ impl Unlisted {
         own_tls: OwnTls,
         connect_timeout: Duration,
     ) -> Arc<Self> {
-        Arc::new(Unlisted {
-            template,
-            own_tls,
-            connect_timeout,
-            readonly: false,
-            nodes: std::sync::Mutex::new(Vec::new()),
-        })
+        Unlisted::with_mode(template, own_tls, connect_timeout, false)
     }
 
     /// For reads sent to replicas by address: each connection is in `READONLY` mode.
@@ -112,11 +106,20 @@ impl Unlisted {
         own_tls: OwnTls,
         connect_timeout: Duration,
     ) -> Arc<Self> {
+        Unlisted::with_mode(template, own_tls, connect_timeout, true)
+    }
+
+    fn with_mode(
+        template: ConnectionInfo,
+        own_tls: OwnTls,
+        connect_timeout: Duration,
+        readonly: bool,
+    ) -> Arc<Self> {
         Arc::new(Unlisted {
             template,
             own_tls,
             connect_timeout,
-            readonly: true,
+            readonly,
             nodes: std::sync::Mutex::new(Vec::new()),
         })
     }
