@@ -272,9 +272,15 @@ async fn answers_as(
 /// `MOVED` makes redis-rs read its map of the slots again. A read: it changes nothing,
 /// whatever the node.
 async fn moved(connection: &mut ClusterConnection, nodes: &[Node], master: &Node) {
-    let Some((host, port)) = nodes
-        .iter()
-        .filter(|node| node.usable && node.id != master.id)
+    // Another master first: it serves slots of its own, and redirects the rest.
+    let others = || {
+        nodes
+            .iter()
+            .filter(|node| node.usable && node.id != master.id)
+    };
+    let Some((host, port)) = others()
+        .filter(|node| node.master.is_none() && !node.ranges.is_empty())
+        .chain(others())
         .find_map(|node| node.address.clone())
     else {
         return;
