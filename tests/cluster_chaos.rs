@@ -1,7 +1,8 @@
 //! The default client on a Redis Cluster (3 masters, a replica each, every write fsynced)
 //! with replica reads on, while 8 callers `INCR`, run transactions and read, and the
 //! cluster goes through a seeded random sequence of faults: masters killed and restarted
-//! at once, masters paused, slots resharded, coordinated failovers, replicas killed.
+//! at once, masters paused, slots resharded, coordinated failovers, replicas killed,
+//! masters stalled until the cluster has failed them over and a while longer.
 //! Every call answers within its deadline, every reply is the value or a miss, every
 //! count adds up, reads miss (but for a handful) only while their master holds writes for
 //! a failover, and every call is served from 2 s after the last fault.
@@ -40,6 +41,9 @@ enum Fault {
     Failover,
     /// SIGKILL a replica, start it again after a while.
     KillReplica,
+    /// SIGSTOP a master until the cluster has failed it over, and a while longer: it
+    /// answers nothing, so no `MOVED` tells redis-rs.
+    StallPastFailover,
 }
 
 /// What the callers saw.
@@ -71,7 +75,14 @@ impl Plan {
 
     fn faults(&mut self) -> Vec<Fault> {
         use Fault::*;
-        let kinds = [RestartMaster, PauseMaster, Reshard, Failover, KillReplica];
+        let kinds = [
+            RestartMaster,
+            PauseMaster,
+            Reshard,
+            Failover,
+            KillReplica,
+            StallPastFailover,
+        ];
         let mut faults = kinds.to_vec();
         for i in (1..faults.len()).rev() {
             faults.swap(i, self.next(i as u64 + 1) as usize);
@@ -131,6 +142,17 @@ fn view(node: &RedisServer) -> Vec<NodeView> {
         .collect()
 }
 
+/// A replica of the master `master` (in [`nodes`]), as that master sees them. Replica
+/// migration (or a moment after a restart) can leave a master without one.
+fn replica_of(cluster: &RedisCluster, master: usize) -> Option<usize> {
+    let all = nodes(cluster);
+    let seen = view(all[master]);
+    let id = &seen.iter().find(|n| n.0 == all[master].port())?.1;
+    seen.iter()
+        .find(|n| n.2.as_ref() == Some(id))
+        .map(|n| index_of(cluster, n.0))
+}
+
 fn index_of(cluster: &RedisCluster, port: u16) -> usize {
     nodes(cluster)
         .iter()
@@ -138,13 +160,18 @@ fn index_of(cluster: &RedisCluster, port: u16) -> usize {
         .unwrap()
 }
 
-/// Blocks until every node says the cluster is up, with 3 masters.
+/// Blocks until every node says the cluster is up, with 3 masters that take writes (a
+/// coordinated failover that did not complete leaves its master holding writes until
+/// Redis's manual-failover timeout, 5 s, as seen after a stall past a failover).
 fn settle(cluster: &RedisCluster) {
     let started = Instant::now();
     while !(nodes(cluster).iter().all(|node| {
         node.raw_command(&["CLUSTER", "INFO"])
             .contains("cluster_state:ok")
-    }) && masters_now(cluster).len() == 3)
+    }) && masters_now(cluster).len() == 3
+        && masters_now(cluster)
+            .into_iter()
+            .all(|master| nodes(cluster)[master].takes_writes(Duration::from_millis(100))))
     {
         assert!(
             started.elapsed() < Duration::from_secs(15),
@@ -197,15 +224,7 @@ fn apply(cluster: &mut RedisCluster, fault: Fault, pick: u64, millis: u64) -> (S
         }
         Fault::Failover => {
             let all = nodes(cluster);
-            let seen = view(all[master]);
-            let id = &seen.iter().find(|n| n.0 == all[master].port()).unwrap().1;
-            // Replica migration (or a moment after a restart) can leave a master without
-            // one in this node's view.
-            let Some(replica) = seen
-                .iter()
-                .find(|n| n.2.as_ref() == Some(id))
-                .map(|n| index_of(cluster, n.0))
-            else {
+            let Some(replica) = replica_of(cluster, master) else {
                 return (
                     format!("no failover: master {master} has no replica"),
                     false,
@@ -222,6 +241,29 @@ fn apply(cluster: &mut RedisCluster, fault: Fault, pick: u64, millis: u64) -> (S
                 std::thread::sleep(Duration::from_millis(5));
             }
             format!("failover of master {master} to {replica}")
+        }
+        Fault::StallPastFailover => {
+            let all = nodes(cluster);
+            let Some(replica) = replica_of(cluster, master) else {
+                return (format!("no stall: master {master} has no replica"), false);
+            };
+            all[master].pause();
+            let started = Instant::now();
+            while !all[replica].raw_command(&["ROLE"]).starts_with("master") {
+                assert!(started.elapsed() < Duration::from_secs(10), "no failover");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let promoted = started.elapsed();
+            std::thread::sleep(Duration::from_millis(millis));
+            all[master].resume();
+            settle(cluster);
+            return (
+                format!(
+                    "stall master {master}: {replica} promoted after {} ms, resumed {millis} ms later",
+                    promoted.as_millis()
+                ),
+                true,
+            );
         }
         Fault::KillReplica => {
             let replicas: Vec<usize> = (0..nodes(cluster).len())

@@ -305,6 +305,26 @@ impl RedisServer {
     /// Sends one command over a plain socket (RESP) and returns the reply's text. For
     /// arranging state from outside the code under test. Not for TLS servers, unless they
     /// serve plain TCP beside it.
+    /// Whether this server runs a write within `within`: `PUBLISH` (a write as far as
+    /// `CLIENT PAUSE WRITE` goes, and keyless, so a cluster node runs it whatever slots
+    /// it serves). `false` while it holds writes, as a master does during a coordinated
+    /// failover until it ends or times out. Plain TCP, no password.
+    pub fn takes_writes(&self, within: Duration) -> bool {
+        let Ok(mut stream) =
+            TcpStream::connect(("127.0.0.1", self.plain_port.unwrap_or(self.port)))
+        else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(within));
+        let mut request = Vec::new();
+        write_command(&mut request, &["PUBLISH", "harness:probe", "1"]);
+        if stream.write_all(&request).is_err() {
+            return false;
+        }
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with(':')
+    }
+
     pub fn raw_command(&self, args: &[&str]) -> String {
         let port = match (self.config.tls, self.plain_port) {
             (false, _) => self.port,
