@@ -11,16 +11,14 @@ use std::{
 };
 
 use redis::{
-    Cmd, Pipeline, RedisError, RedisResult, Value,
-    cluster::ClusterClient,
+    Cmd, Pipeline, RedisError, RedisResult, Value, cluster::ClusterClient,
     cluster_async::ClusterConnection,
-    cluster_routing::{RoutingInfo, SingleNodeRoutingInfo},
 };
 use tokio::time::Instant;
 
 use super::{
     redirect::{Node, Unlisted, follow, follow_command},
-    topology::{self, Address, QUESTION_TIMEOUT, SOURCES},
+    topology::{self, Address, SOURCES},
 };
 use crate::{CommandInfo, Error, request::simple_args};
 
@@ -46,7 +44,7 @@ pub(crate) struct ReplicaReads {
     /// The slots' replicas as the cluster last told, and when.
     map: Mutex<Option<(SlotReplicas, Instant)>>,
     /// Held while a read of the map is under way: the reads that would start another
-    /// meanwhile wait for it (at most [`SOURCES`] × [`QUESTION_TIMEOUT`]) and go
+    /// meanwhile wait for it (at most [`SOURCES`] × [`topology::QUESTION_TIMEOUT`]) and go
     /// on with what it read, so that a failover's new roles reach every read that met
     /// the old ones.
     reading_map: tokio::sync::Mutex<()>,
@@ -112,12 +110,12 @@ impl SlotReplicas {
         }
     }
 
-    /// The replicas of each master's ranges in `CLUSTER NODES`' reply, but for those
-    /// flagged failed or without an address. (`CLUSTER SLOTS` would not do: it leaves out
-    /// a replica whose replication offset it has not heard is above 0, as while the
-    /// replica syncs again with a master that restarted, which is when it is wanted.)
-    fn parse(reply: &Value) -> Option<SlotReplicas> {
-        let nodes = topology::parse(reply)?;
+    /// The replicas of each master's ranges among the nodes of `CLUSTER NODES`, but for
+    /// those flagged failed or without an address. (`CLUSTER SLOTS` would not do: it
+    /// leaves out a replica whose replication offset it has not heard is above 0, as
+    /// while the replica syncs again with a master that restarted, which is when it is
+    /// wanted.)
+    fn of_nodes(nodes: &[topology::Node]) -> SlotReplicas {
         let mut map = Vec::new();
         for master in nodes.iter().filter(|node| node.master.is_none()) {
             let replicas: Vec<Address> = nodes
@@ -129,7 +127,7 @@ impl SlotReplicas {
                 map.push((first, last, replicas.clone()));
             }
         }
-        Some(SlotReplicas(map))
+        SlotReplicas(map)
     }
 }
 
@@ -259,16 +257,10 @@ impl ReplicaReads {
         }
         let mut map: Option<SlotReplicas> = None;
         for _ in 0..SOURCES {
-            let ask = connection.route_command(
-                redis::cmd("CLUSTER").arg("NODES").clone(),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-            );
-            let Ok(Ok(reply)) = tokio::time::timeout(QUESTION_TIMEOUT, ask).await else {
+            let Some(nodes) = topology::ask_a_node(connection).await else {
                 continue;
             };
-            let Some(read) = SlotReplicas::parse(&reply) else {
-                continue;
-            };
+            let read = SlotReplicas::of_nodes(&nodes);
             match &mut map {
                 Some(map) => map.merge(read),
                 None => map = Some(read),
@@ -543,7 +535,7 @@ mod tests {
             "r1b 127.0.0.1:7006@17006 slave,fail m1 0 0 1 disconnected",
             "r2 :0@0 slave,noaddr m2 0 0 2 disconnected",
         ]);
-        let mut map = SlotReplicas::parse(&first).unwrap();
+        let mut map = SlotReplicas::of_nodes(&topology::parse(&first).unwrap());
         let at = |port| [("127.0.0.1".to_owned(), port)];
         assert_eq!(map.of(100), at(7003), "a failed one left out");
         assert!(map.of(6000).is_empty(), "no address");
@@ -555,7 +547,7 @@ mod tests {
             "r3 127.0.0.1:7005@17005 slave m3 0 0 3 connected",
             "r2 127.0.0.1:7004@17004 slave m2 0 0 2 connected",
         ]);
-        map.merge(SlotReplicas::parse(&second).unwrap());
+        map.merge(SlotReplicas::of_nodes(&topology::parse(&second).unwrap()));
         assert_eq!(map.of(16383), at(7005));
         assert_eq!(map.of(5461), at(7004));
         assert!(map.complete());

@@ -102,17 +102,25 @@ pub(super) fn address(field: &str) -> Option<Address> {
     (!host.is_empty() && port != 0).then(|| (host.to_owned(), port))
 }
 
-/// `CLUSTER NODES` from a node, or from another if it does not answer within
-/// [`QUESTION_TIMEOUT`] (up to [`SOURCES`]).
+/// `CLUSTER NODES` from a node picked at random, if it answers within
+/// [`QUESTION_TIMEOUT`].
+pub(super) async fn ask_a_node(connection: &mut ClusterConnection) -> Option<Vec<Node>> {
+    let asked = connection.route_command(
+        redis::cmd("CLUSTER").arg("NODES").clone(),
+        RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+    );
+    let reply = tokio::time::timeout(QUESTION_TIMEOUT, asked)
+        .await
+        .ok()?
+        .ok()?;
+    parse(&reply)
+}
+
+/// `CLUSTER NODES` from a node, or from another if it does not answer (up to
+/// [`SOURCES`]).
 async fn ask_nodes(connection: &mut ClusterConnection) -> Option<Vec<Node>> {
     for _ in 0..SOURCES {
-        let asked = connection.route_command(
-            redis::cmd("CLUSTER").arg("NODES").clone(),
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-        );
-        if let Ok(Ok(reply)) = tokio::time::timeout(QUESTION_TIMEOUT, asked).await
-            && let Some(nodes) = parse(&reply)
-        {
+        if let Some(nodes) = ask_a_node(connection).await {
             return Some(nodes);
         }
     }
