@@ -797,6 +797,10 @@ impl TempDir {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
+        // A process that had this pid before may have left its directory (killed before
+        // its drops ran): a server's old log there would say "Ready to accept
+        // connections" before the new server is (seen once: a connect refused).
+        let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create temp dir");
         TempDir(path)
     }
