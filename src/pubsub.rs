@@ -63,7 +63,10 @@ use tokio::{
 use std::sync::Arc;
 
 use crate::{
-    Connector, Error, backoff::ExponentialBackoff, reconnect::ConnectionState, service::Driver,
+    Connector, Error,
+    backoff::{Delays, ExponentialBackoff},
+    reconnect::{ConnectionState, Young},
+    service::Driver,
 };
 
 /// A Pub/Sub connection, and through Sentinel the handle retired when Sentinel names
@@ -104,7 +107,10 @@ impl SubscriberConfig {
 
     /// The delays between connection attempts. When the schedule ends
     /// (`max_attempts`, `max_elapsed`), attempts go on at its longest delay: a
-    /// subscriber has no caller to report to, and gives up only when dropped.
+    /// subscriber has no caller to report to, and gives up only when dropped. A
+    /// connection lost within a second of opening, before it delivered a message or
+    /// answered a `PING`, is followed by the schedule's next step, not by an attempt at
+    /// once, as for [`ReconnectConfig::backoff`](crate::reconnect::ReconnectConfig::backoff).
     pub fn backoff(mut self, backoff: ExponentialBackoff) -> Self {
         self.backoff = backoff;
         self
@@ -248,6 +254,7 @@ impl Subscriber {
             patterns: BTreeSet::new(),
             missed: 0,
             pending: VecDeque::new(),
+            young: None,
         };
         tokio::spawn(task.run(pubsub));
         (Subscriber { control, state }, Events { events })
@@ -343,6 +350,10 @@ struct Task {
     /// task goes on (reconnects) meanwhile, and messages behind them are counted as
     /// missed, so the order holds.
     pending: VecDeque<Event>,
+    /// The schedule the connection in use was opened on, while it is young and has
+    /// delivered nothing: lost before it settled, the next connection waits the schedule's
+    /// next step.
+    young: Option<Young>,
 }
 
 /// Why the task stops: nobody reads its events any more.
@@ -376,7 +387,9 @@ impl Task {
                     return;
                 }
             }
-            match self.reconnect().await {
+            // The schedule was forgotten if the connection delivered or answered anything.
+            let unsettled = self.young.take().and_then(|young| young.lost(false));
+            match self.reconnect(unsettled.map(|(delays, _)| delays)).await {
                 Ok(connection) => pubsub = Some(connection),
                 Err(Stop) => return,
             }
@@ -395,7 +408,10 @@ impl Task {
                 () = self.events.closed() => return Err(Stop),
                 room = room_in(&self.events), if self.is_owed() => self.hand_over(room)?,
                 message = next_message(&mut stream) => match message {
-                    Some(message) => self.deliver(message),
+                    Some(message) => {
+                        self.young = None;
+                        self.deliver(message);
+                    }
                     None => return Ok(Error::unavailable("the connection closed")),
                 },
                 control = recv(&mut self.control) => match control {
@@ -412,7 +428,7 @@ impl Task {
                     }
                     let reply = self.config.reply_timeout;
                     match tokio::time::timeout(reply, sink.ping::<Value>()).await {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(_)) => self.young = None,
                         Ok(Err(error)) => return Ok(Error::from_request(error)),
                         Err(_) => return Ok(Error::timed_out(reply).with_command("PING")),
                     }
@@ -422,16 +438,26 @@ impl Task {
     }
 
     /// Connects with backoff, recording subscription changes meanwhile, and subscribes to
-    /// everything on the new connection.
-    async fn reconnect(&mut self) -> Result<Opened, Stop> {
-        let mut delays = self.config.backoff.iter();
+    /// everything on the new connection: at once with a fresh schedule, or, going on with
+    /// `unsettled` (that of a connection lost before it settled), after its next step.
+    async fn reconnect(&mut self, unsettled: Option<Delays>) -> Result<Opened, Stop> {
+        let wait_first = unsettled.is_some();
+        let mut delays = unsettled.unwrap_or_else(|| self.config.backoff.iter());
+        if wait_first {
+            // Past the end of the schedule: on at its longest delay.
+            let delay = delays.next().unwrap_or(self.config.backoff.max());
+            self.wait(delay).await?;
+        }
         let mut attempt = 0u32;
         loop {
             attempt = attempt.saturating_add(1);
             self.state
                 .send_replace(ConnectionState::Reconnecting { attempt });
             let error = match self.attempt().await? {
-                Ok(connection) => return Ok(connection),
+                Ok(connection) => {
+                    self.young = Some(Young::new(delays));
+                    return Ok(connection);
+                }
                 Err(error) => error,
             };
             // Past the end of the schedule: on at its longest delay.
@@ -442,17 +468,23 @@ impl Task {
             } else {
                 tracing::debug!(address = self.connector.address(), attempt, %error, retry_in = ?delay, "redis subscriber connection attempt failed");
             }
-            let wake = Instant::now() + delay;
-            loop {
-                tokio::select! {
-                    () = self.events.closed() => return Err(Stop),
-                    room = room_in(&self.events), if self.is_owed() => self.hand_over(room)?,
-                    () = tokio::time::sleep_until(wake) => break,
-                    control = recv(&mut self.control) => match control {
-                        Some(control) => self.record(control),
-                        None => self.control = None,
-                    },
-                }
+            self.wait(delay).await?;
+        }
+    }
+
+    /// Waits `delay` before the next attempt, handing events over and recording
+    /// subscription changes meanwhile.
+    async fn wait(&mut self, delay: Duration) -> Result<(), Stop> {
+        let wake = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                () = self.events.closed() => return Err(Stop),
+                room = room_in(&self.events), if self.is_owed() => self.hand_over(room)?,
+                () = tokio::time::sleep_until(wake) => return Ok(()),
+                control = recv(&mut self.control) => match control {
+                    Some(control) => self.record(control),
+                    None => self.control = None,
+                },
             }
         }
     }

@@ -25,6 +25,8 @@ pub(crate) enum Behaviour {
     Ok,
     /// Unavailable (a lost connection).
     Fail,
+    /// The connection broke under the call (an I/O error): it is replaced.
+    Broken,
     /// A timeout error from below.
     Timeout,
     /// A timeout on the request's own deadline.
@@ -108,6 +110,7 @@ fn script(cmd: &redis::Cmd) -> (Behaviour, Duration) {
     let behaviour = match args.next().as_deref() {
         Some("ok") => Behaviour::Ok,
         Some("fail") => Behaviour::Fail,
+        Some("broken") => Behaviour::Broken,
         Some("timeout") => Behaviour::Timeout,
         Some("own-timeout") => Behaviour::OwnTimeout,
         Some("server") => Behaviour::Server,
@@ -130,6 +133,9 @@ async fn answer(behaviour: Behaviour) -> Result<Value, Error> {
     match behaviour {
         Behaviour::Ok => Ok(Value::Okay),
         Behaviour::Fail => Err(Error::unavailable("connection lost")),
+        Behaviour::Broken => Err(Error::from_request(redis::RedisError::from(
+            std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+        ))),
         Behaviour::Timeout => Err(Error::timed_out(Duration::from_millis(250))),
         Behaviour::OwnTimeout => Err(Error::timed_out_on_own_deadline(Duration::from_millis(10))),
         Behaviour::Server => Err(crate::error::server(b"-WRONGTYPE x\r\n")),

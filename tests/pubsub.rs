@@ -9,6 +9,7 @@ use std::time::Duration;
 use support::{RedisServer, eventually};
 use tower_redis_resilience::{
     Connector, ResilientClient,
+    backoff::{ExponentialBackoff, Jitter},
     pubsub::{Event, Events, Subscriber, SubscriberConfig},
     reconnect::ConnectionState,
 };
@@ -337,4 +338,40 @@ async fn over_tls_messages_arrive_and_the_subscription_comes_back_after_a_restar
     ));
     assert_eq!(publish(&server, "news", "b"), "1");
     assert_eq!(message(&mut events).await.2, "b");
+}
+
+/// A load balancer or firewall that lets connections open and resets each at its first
+/// request (here the subscriber's first `PING`): each connection breaks before it
+/// delivered anything, so the next is opened at the schedule's pace (50, 100, 200, 400,
+/// 800 ms, then 1 s steps, no jitter), not at once, as it was: one every `PING` interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_reset_at_their_first_request_are_opened_at_the_backoff_pace() {
+    let server = RedisServer::start();
+    let proxy = support::FaultProxy::start(server.port()).await;
+    let connector = || Connector::from_url(&proxy.url()).unwrap();
+    // The handshake's bytes, from a first connection.
+    drop(
+        Subscriber::connect(connector(), SubscriberConfig::new())
+            .await
+            .unwrap(),
+    );
+    let handshake = proxy.first_connection_bytes();
+    assert!(handshake > 0);
+    proxy.cut_each_connection_after(handshake);
+
+    let backoff = ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
+        .jitter(Jitter::None);
+    let config = SubscriberConfig::new()
+        .backoff(backoff)
+        .ping_interval(Duration::from_millis(20));
+    let (subscriber, mut events) = Subscriber::connect(connector(), config).await.unwrap();
+    let drained = tokio::spawn(async move { while events.recv().await.is_some() {} });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The first connection measured the handshake. The subscriber's first is replaced at
+    // once; the next ones opened at ~90, ~210, ~430, ~850 ms, ~1.67 and ~2.69 s. Before:
+    // one every ~20 ms, ~150.
+    let opened = proxy.connections() - 1;
+    assert!((6..=10).contains(&opened), "{opened} connections in 3 s");
+    drop(subscriber);
+    drained.abort();
 }

@@ -850,3 +850,47 @@ async fn a_server_that_stays_a_replica_costs_one_new_connection_per_interval_not
     assert_eq!(proxy.connections(), 1);
     drop(master);
 }
+
+/// A load balancer or firewall that lets connections open and resets each at its first
+/// request: each one breaks before it answered a call, so the next is opened at the
+/// schedule's pace (here 50, 100, 200, 400, 800 ms, then 1 s steps, no jitter), not at
+/// the next call, as it was: one connection per failed call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_reset_at_their_first_request_are_opened_at_the_backoff_pace() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port()).await;
+    // The handshake's bytes, from a first connection.
+    drop(connector(&proxy.url()).connect().await.unwrap());
+    let handshake = proxy.first_connection_bytes();
+    assert!(handshake > 0);
+    proxy.cut_each_connection_after(handshake);
+    let backoff = ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
+        .jitter(Jitter::None);
+    let config = ReconnectConfig::new()
+        .backoff(backoff)
+        .without_health_check();
+    let redis = Reconnect::connect(connector(&proxy.url()), config)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut redis = redis.clone();
+            tokio::spawn(async move {
+                while started.elapsed() < Duration::from_secs(3) {
+                    let error = call(&mut redis, get("k")).await.unwrap_err();
+                    assert!(error.is_unavailable(), "{error}");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    // The first connection measured the handshake. The client's first is replaced at
+    // once; the next ones opened at ~50, ~150, ~350, ~750 ms, ~1.55 and ~2.55 s. Before:
+    // one per failed call, hundreds.
+    let opened = proxy.connections() - 1;
+    assert!((6..=10).contains(&opened), "{opened} connections in 3 s");
+}

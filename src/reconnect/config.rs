@@ -19,7 +19,7 @@ pub const DEFAULT_BLOCKING_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a connection suspected of being stuck has to answer a `PING` before it is
 /// replaced, unless [`ReconnectConfig::stuck_ping_timeout`] says otherwise.
-pub const DEFAULT_STUCK_PING_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_STUCK_PING_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// How often the connection is asked a `PING`, unless
 /// [`ReconnectConfig::health_check`] says otherwise: each gets
@@ -116,6 +116,42 @@ pub(crate) fn default_backoff() -> ExponentialBackoff {
         .fast_phase(Duration::from_millis(25), Duration::from_secs(2))
 }
 
+/// How long a connection must have lived for its loss to count as a new outage, met by an
+/// attempt at once and a fresh schedule, unless it answered a call. One lost sooner with
+/// no call answered goes on with the schedule of the outage it ended, as if its opening
+/// had been one more failed attempt.
+///
+/// Without it, a server or a middlebox that accepts connections and drops them at once
+/// (a load balancer whose backend is down, a proxy or firewall that resets flows, a
+/// connection reaper) had one opened per failed call, the schedule starting afresh each
+/// time (measured: 1,689 connections in 3 s from one client with 8 callers), a storm for
+/// the server and the client's ports alike. A connection that answers, however briefly,
+/// is of use, and is replaced at once.
+pub(crate) const SETTLED: Duration = Duration::from_secs(1);
+
+/// The schedule a connection was opened on, kept while it is young.
+pub(crate) struct Young {
+    opened: tokio::time::Instant,
+    delays: crate::backoff::Delays,
+}
+
+impl Young {
+    /// A connection opened now, after the attempts `delays` has paced.
+    pub(crate) fn new(delays: crate::backoff::Delays) -> Self {
+        Young {
+            opened: tokio::time::Instant::now(),
+            delays,
+        }
+    }
+
+    /// The connection is lost, having `answered` a call or not: the schedule to go on
+    /// with, and how long it lived, if it had neither answered nor [settled](SETTLED).
+    pub(crate) fn lost(self, answered: bool) -> Option<(crate::backoff::Delays, Duration)> {
+        let lived = self.opened.elapsed();
+        (!answered && lived < SETTLED).then_some((self.delays, lived))
+    }
+}
+
 /// The delay before the next connection attempt after one failed with `error`, `None`
 /// when the schedule has ended: configuration and credential errors wait at least the
 /// schedule's longest delay, so a wrong password never turns into a hot loop.
@@ -143,7 +179,11 @@ impl ReconnectConfig<RedisService> {
 impl<S> ReconnectConfig<S> {
     /// The schedule of delays between connection attempts. A fresh schedule starts with
     /// each outage; when it ends (`max_attempts`, `max_elapsed`) the state becomes
-    /// [`Failed`](super::ConnectionState::Failed).
+    /// [`Failed`](super::ConnectionState::Failed). A connection lost within a second of
+    /// opening, before any call had a reply on it, does not end the outage: the schedule
+    /// goes on (its opening counted as one more failed attempt), so connections that a
+    /// middlebox or server drops as soon as they open are opened at the schedule's pace,
+    /// not at each call, and count towards `max_attempts`.
     pub fn backoff(mut self, backoff: ExponentialBackoff) -> Self {
         self.backoff = backoff;
         self

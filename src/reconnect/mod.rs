@@ -10,7 +10,7 @@ pub use config::{
     DEFAULT_IDLE_BLOCKING_CONNECTIONS, DEFAULT_MAX_BLOCKING_CONNECTIONS,
     DEFAULT_STUCK_PING_TIMEOUT, ReconnectConfig,
 };
-pub(crate) use config::{default_backoff, delay_after};
+pub(crate) use config::{Young, default_backoff, delay_after};
 pub use future::ResponseFuture;
 
 use std::{
@@ -101,6 +101,11 @@ pub struct ReconnectStats {
 ///   ([`dedicated_blocking_connections`](ReconnectConfig::dedicated_blocking_connections)).
 /// - **Wrong credentials or settings** are retried at the slowest rate of the schedule
 ///   with a warning, never in a hot loop.
+/// - **Connections dropped as soon as they open** (a load balancer or proxy whose
+///   backend is gone, a firewall that resets flows) are opened at the schedule's pace:
+///   one lost within a second of opening, before any call had a reply on it, is
+///   followed by the schedule's next step, not by an attempt at once. One that answered
+///   is replaced at once.
 /// - **State** is observable through [`state`](Reconnect::state) (a `watch` channel) and
 ///   [`stats`](Reconnect::stats), and logged with `tracing` (never the password).
 ///

@@ -17,13 +17,21 @@ use tokio::{
 };
 use tower::Service;
 
-use super::{ConnectionState, ReconnectConfig, ReconnectStats, config::delay_after};
-use crate::{Error, MakeConnection, Request, sync::Leased};
+use super::{
+    ConnectionState, ReconnectConfig, ReconnectStats,
+    config::{Young, delay_after},
+};
+use crate::{Error, MakeConnection, Request, backoff::Delays, sync::Leased};
 
 type Connection<M> = <M as MakeConnection>::Connection;
 
 /// `readonly_reconnected_at` before a `READONLY` reply ever replaced the connection.
 const NEVER: u64 = u64::MAX;
+
+/// In `stuck`, beside the count: no call has had a reply on the connection the loop
+/// opened last. Cleared by the first reply at no cost to the others, which only read
+/// `stuck` (it is not 0 until then).
+const UNANSWERED: u32 = 1 << 31;
 
 pub(super) struct Shared<M: MakeConnection> {
     pub connector: M,
@@ -31,7 +39,7 @@ pub(super) struct Shared<M: MakeConnection> {
     /// Bumped (under the slot lock) whenever the connection is lost or replaced, so a
     /// handle refreshes its cached connection with one atomic load per call.
     pub generation: AtomicU64,
-    /// Calls cancelled in a row with no reply in between.
+    /// Calls cancelled in a row with no reply in between, and [`UNANSWERED`].
     stuck: AtomicU32,
     /// When a `READONLY` reply last replaced the connection: nanoseconds after `origin`,
     /// [`NEVER`] before the first time.
@@ -79,6 +87,10 @@ struct Slot<C> {
     /// The last attempt's error when it was about configuration or credentials: calls
     /// get it instead of a bare "reconnecting", since it says what to fix.
     config_error: Option<Error>,
+    /// The schedule the reconnect loop opened the connection in use on, while it is
+    /// young: lost before it [settled](super::config::SETTLED) with no call answered,
+    /// the next loop goes on with it.
+    young: Option<Young>,
 }
 
 impl<M: MakeConnection> Shared<M> {
@@ -108,6 +120,7 @@ impl<M: MakeConnection> Shared<M> {
                     attempt: 0,
                     next_try_at: None,
                     config_error: None,
+                    young: None,
                 }),
                 state: watch::Sender::new(state),
                 attempts: AtomicU64::new(0),
@@ -251,7 +264,7 @@ impl<M: MakeConnection> Shared<M> {
         self.successes.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A reply came back on the connection: it is not stuck.
+    /// A reply came back on the connection: it is not stuck, and it answered.
     pub fn alive(&self) {
         if self.stuck.load(Ordering::Relaxed) != 0 {
             self.stuck.store(0, Ordering::Relaxed);
@@ -271,8 +284,11 @@ impl<M: MakeConnection> Shared<M> {
             return;
         }
         let threshold = self.config.stuck_after;
-        let count = self.stuck.fetch_add(1, Ordering::Relaxed) + 1;
-        if threshold > 0 && count >= threshold {
+        if threshold == 0 {
+            return;
+        }
+        let count = (self.stuck.fetch_add(1, Ordering::Relaxed) + 1) & !UNANSWERED;
+        if count >= threshold {
             let timeout = self.config.stuck_ping_timeout;
             if timeout.is_zero() {
                 self.connection_lost(generation, "calls keep timing out with no reply");
@@ -439,6 +455,7 @@ impl<M: MakeConnection> Shared<M> {
                     && slot.connection.is_some();
                 if current {
                     slot.connection = Some(connection);
+                    slot.young = None;
                     shared.generation.fetch_add(1, Ordering::AcqRel);
                 }
                 current
@@ -465,13 +482,23 @@ impl<M: MakeConnection> Shared<M> {
         slot.connection = None;
         slot.suspect = None;
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.stuck.store(0, Ordering::Relaxed);
-        tracing::warn!(
-            address = self.connector.address(),
-            reason = why,
-            "redis connection lost; reconnecting"
-        );
-        self.start_loop(&mut slot);
+        let answered = self.stuck.swap(0, Ordering::Relaxed) & UNANSWERED == 0;
+        let unsettled = slot.young.take().and_then(|young| young.lost(answered));
+        match &unsettled {
+            Some((_, lived)) => tracing::warn!(
+                address = self.connector.address(),
+                reason = why,
+                ?lived,
+                "redis connection lost soon after it opened, before it answered a call; \
+                 reconnecting on the backoff schedule, not at once"
+            ),
+            None => tracing::warn!(
+                address = self.connector.address(),
+                reason = why,
+                "redis connection lost; reconnecting"
+            ),
+        }
+        self.start_loop(&mut slot, unsettled.map(|(delays, _)| delays));
         drop(slot);
         // Most likely lost with it (a restart): closed now, not kept for later.
         let idle = std::mem::take(&mut *self.blocking_idle());
@@ -484,10 +511,13 @@ impl<M: MakeConnection> Shared<M> {
         if slot.connection.take().is_some() | slot.suspect.take().is_some() {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
-        self.start_loop(&mut slot);
+        slot.young = None;
+        self.start_loop(&mut slot, None);
     }
 
-    fn start_loop(&self, slot: &mut Slot<Connection<M>>) {
+    /// Starts the reconnect loop unless it runs: with a fresh schedule, or going on with
+    /// `unsettled`, that of a connection lost before it settled.
+    fn start_loop(&self, slot: &mut Slot<Connection<M>>, unsettled: Option<Delays>) {
         if slot.looping {
             return;
         }
@@ -500,7 +530,18 @@ impl<M: MakeConnection> Shared<M> {
         slot.attempt = 0;
         slot.next_try_at = None;
         self.set_state(ConnectionState::Reconnecting { attempt: 0 });
-        tokio::spawn(reconnect_loop(self.this.clone()));
+        tokio::spawn(reconnect_loop(self.this.clone(), unsettled));
+    }
+
+    /// The schedule ended without a connection: calls fail until
+    /// [`reconnect_now`](Self::reconnect_now).
+    fn give_up(&self, attempts: u32, error: &dyn std::fmt::Display) {
+        let mut slot = self.slot();
+        slot.looping = false;
+        slot.failed = true;
+        drop(slot);
+        self.set_state(ConnectionState::Failed);
+        tracing::error!(address = self.connector.address(), attempts, %error, "gave up reconnecting to redis");
     }
 
     fn set_state(&self, state: ConnectionState) {
@@ -568,13 +609,34 @@ where
 
 /// The one loop that re-establishes the connection: an attempt at once, then one per
 /// backoff step. Configuration errors wait the longest delay, so a wrong password never
-/// turns into a hot loop. It holds the state only while it makes an attempt: once every
-/// handle is gone (a client dropped during an outage), it stops instead of knocking on a
-/// server no one will use, for as long as that server stays away.
-async fn reconnect_loop<M: MakeConnection>(this: Weak<Leased<Shared<M>>>) {
-    let Some(mut delays) = this.upgrade().map(|shared| shared.config.backoff.iter()) else {
+/// turns into a hot loop. After a connection lost before it settled, with no call
+/// answered, it goes on with that connection's schedule (`unsettled`) and waits its next
+/// step first, so connections that break as soon as they open are opened at the
+/// schedule's pace, not once per call.
+/// It holds the state only while it makes an attempt: once every handle is gone (a client
+/// dropped during an outage), it stops instead of knocking on a server no one will use,
+/// for as long as that server stays away.
+async fn reconnect_loop<M: MakeConnection>(
+    this: Weak<Leased<Shared<M>>>,
+    unsettled: Option<Delays>,
+) {
+    let wait_first = unsettled.is_some();
+    let Some(mut delays) =
+        unsettled.or_else(|| this.upgrade().map(|shared| shared.config.backoff.iter()))
+    else {
         return;
     };
+    if wait_first {
+        let Some(shared) = this.upgrade() else {
+            return;
+        };
+        let Some(delay) = delays.next() else {
+            return shared.give_up(0, &"connections kept breaking as soon as they opened");
+        };
+        shared.slot().next_try_at = Some(Instant::now() + delay);
+        drop(shared);
+        tokio::time::sleep(delay).await;
+    }
     let mut attempt = 0u32;
     loop {
         let Some(shared) = this.upgrade() else {
@@ -596,9 +658,10 @@ async fn reconnect_loop<M: MakeConnection>(this: Weak<Leased<Shared<M>>>) {
                     slot.looping = false;
                     slot.attempt = 0;
                     slot.config_error = None;
+                    slot.young = Some(Young::new(delays));
                     shared.generation.fetch_add(1, Ordering::AcqRel);
                 }
-                shared.stuck.store(0, Ordering::Relaxed);
+                shared.stuck.store(UNANSWERED, Ordering::Relaxed);
                 shared.successes.fetch_add(1, Ordering::Relaxed);
                 shared.keep_health_checked();
                 shared.set_state(ConnectionState::Connected);
@@ -613,13 +676,7 @@ async fn reconnect_loop<M: MakeConnection>(this: Weak<Leased<Shared<M>>>) {
         };
         shared.failures.fetch_add(1, Ordering::Relaxed);
         let Some(delay) = delay_after(&mut delays, &shared.config.backoff, &error) else {
-            let mut slot = shared.slot();
-            slot.looping = false;
-            slot.failed = true;
-            drop(slot);
-            shared.set_state(ConnectionState::Failed);
-            tracing::error!(address = shared.connector.address(), attempts = attempt, %error, "gave up reconnecting to redis");
-            return;
+            return shared.give_up(attempt, &error);
         };
         if error.is_config() {
             tracing::warn!(

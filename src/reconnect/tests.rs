@@ -124,3 +124,55 @@ async fn other_server_errors_keep_the_connection() {
     }
     assert_eq!(connector.opened(), 1);
 }
+
+/// Calls `behaviour` on `redis` once a millisecond for `period` of the paused clock.
+async fn call_every_millisecond(
+    redis: &mut Reconnect<Counting>,
+    behaviour: &str,
+    period: Duration,
+) {
+    let end = tokio::time::Instant::now() + period;
+    while tokio::time::Instant::now() < end {
+        let _ = testing::call(redis, testing::get(behaviour, 0)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn connections_that_break_as_soon_as_they_open_are_opened_at_the_schedules_pace() {
+    let connector = Counting::default();
+    let backoff =
+        crate::backoff::ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
+            .jitter(crate::backoff::Jitter::None);
+    let config = ReconnectConfig::default().backoff(backoff);
+    let mut redis = Reconnect::connect(connector.clone(), config).await.unwrap();
+
+    // Every connection breaks at its first call. The first one had lived since the start
+    // of the outage it ended, as far as anyone knows: it is replaced at once. Each later
+    // one broke within a millisecond of opening, so the schedule goes on: 50, 100, 200,
+    // 400, 800 ms, then 1 s steps.
+    call_every_millisecond(&mut redis, "broken", Duration::from_secs(5)).await;
+    // Opened at 0, ~0, ~51 ms, ~152, ~353, ~754, ~1.55 s, ~2.56, ~3.56 and ~4.56 s.
+    assert_eq!(connector.opened(), 10, "one per step, not one per call");
+
+    // The next opens at ~5.56 s. One that lived a second ends a new outage: it is
+    // replaced at once.
+    call_every_millisecond(&mut redis, "ok", Duration::from_millis(560)).await;
+    assert_eq!(connector.opened(), 11);
+    let before = connector.opened();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let _ = testing::call(&mut redis, testing::get("broken", 0)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(connector.opened(), before + 1, "at once");
+
+    // So is one that answered a call, however young: it was of use.
+    testing::call(&mut redis, testing::get("ok", 0))
+        .await
+        .unwrap();
+    let _ = testing::call(&mut redis, testing::get("broken", 0)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(connector.opened(), before + 2, "at once");
+    testing::call(&mut redis, testing::get("ok", 0))
+        .await
+        .unwrap();
+}

@@ -30,6 +30,10 @@ pub struct FaultProxy {
     silenced_below: Arc<AtomicU64>,
     /// Milliseconds every reply is held before it goes on to the client.
     delay_millis: Arc<AtomicU64>,
+    /// Bytes each connection accepted now passes from the server before it is closed.
+    each_budget: Arc<AtomicU64>,
+    /// Bytes the first connection passed from the server to the client.
+    first_bytes: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -46,6 +50,10 @@ impl FaultProxy {
         let silenced_below = Arc::new(AtomicU64::new(0));
         let delay_millis = Arc::new(AtomicU64::new(0));
         let delay = delay_millis.clone();
+        let each_budget = Arc::new(AtomicU64::new(UNLIMITED));
+        let each = each_budget.clone();
+        let first_bytes = Arc::new(AtomicU64::new(0));
+        let first = first_bytes.clone();
         let shared = budget.clone();
         let counter = accepted.clone();
         let target = upstream.clone();
@@ -57,6 +65,8 @@ impl FaultProxy {
                     budget: shared.clone(),
                     silenced_below: silence.clone(),
                     delay_millis: delay.clone(),
+                    own_budget: each.load(Ordering::SeqCst),
+                    passed: (number == 0).then(|| first.clone()),
                     number,
                 };
                 let upstream_port = target.load(Ordering::SeqCst);
@@ -74,6 +84,8 @@ impl FaultProxy {
             upstream,
             silenced_below,
             delay_millis,
+            each_budget,
+            first_bytes,
             task,
         }
     }
@@ -111,6 +123,20 @@ impl FaultProxy {
             .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
+    /// Close every connection accepted from now on once `bytes` have gone from the server
+    /// to the client on it: with the bytes of the connection's handshake (see
+    /// [`first_connection_bytes`](Self::first_connection_bytes)), a load balancer or
+    /// firewall that lets connections open and resets them at their first request.
+    pub fn cut_each_connection_after(&self, bytes: u64) {
+        self.each_budget.store(bytes, Ordering::SeqCst);
+    }
+
+    /// How many bytes the first connection has passed from the server to the client: the
+    /// handshake's, right after the client opened it.
+    pub fn first_connection_bytes(&self) -> u64 {
+        self.first_bytes.load(Ordering::SeqCst)
+    }
+
     /// From now on, hold every reply `delay` before passing it on, in order, on every
     /// connection: a server that is slow but alive, or a slow network. Zero ends it.
     pub fn delay_replies(&self, delay: std::time::Duration) {
@@ -124,6 +150,10 @@ struct Faults {
     budget: Arc<AtomicU64>,
     silenced_below: Arc<AtomicU64>,
     delay_millis: Arc<AtomicU64>,
+    /// Bytes this connection passes from the server before it is closed.
+    own_budget: u64,
+    /// Counts the bytes it passed from the server (the first connection's alone).
+    passed: Option<Arc<AtomicU64>>,
     /// This connection's place in the order of acceptance, from 0.
     number: u64,
 }
@@ -163,6 +193,7 @@ async fn forward(client: TcpStream, server: TcpStream, faults: Faults) {
         tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
     let reader = async move {
         let budget = &faults.budget;
+        let mut own_left = faults.own_budget;
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let n = match server_read.read(&mut buf).await {
@@ -172,10 +203,14 @@ async fn forward(client: TcpStream, server: TcpStream, faults: Faults) {
             if faults.silenced() {
                 continue;
             }
-            let allowed = budget.load(Ordering::SeqCst);
+            let allowed = budget.load(Ordering::SeqCst).min(own_left);
             let pass = (n as u64).min(allowed) as usize;
-            if allowed != UNLIMITED {
+            if budget.load(Ordering::SeqCst) != UNLIMITED {
                 budget.fetch_sub(pass as u64, Ordering::SeqCst);
+            }
+            own_left = own_left.saturating_sub(pass as u64);
+            if let Some(passed) = &faults.passed {
+                passed.fetch_add(pass as u64, Ordering::SeqCst);
             }
             let delay =
                 std::time::Duration::from_millis(faults.delay_millis.load(Ordering::SeqCst));
