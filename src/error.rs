@@ -404,9 +404,24 @@ impl Error {
     /// one, while the shared connection works: unavailable, not sent, and no sign that
     /// Redis is down (see [`is_no_connection_of_its_own`](Self::is_no_connection_of_its_own)).
     pub(crate) fn no_connection_of_its_own(cause: &Error) -> Self {
-        let text = format!(
-            "could not open a connection of its own (the shared connection works): {cause}"
-        );
+        Error::no_connection_of_its_own_until(cause, None)
+    }
+
+    /// [`no_connection_of_its_own`](Self::no_connection_of_its_own), with the time left
+    /// before the next try to open one, when tries are paced after failures.
+    pub(crate) fn no_connection_of_its_own_until(
+        cause: &Error,
+        next_try_in: Option<Duration>,
+    ) -> Self {
+        let text = match next_try_in {
+            Some(next) => format!(
+                "could not open a connection of its own (the shared connection works; next \
+                 try in {next:?}): {cause}"
+            ),
+            None => format!(
+                "could not open a connection of its own (the shared connection works): {cause}"
+            ),
+        };
         Error::new(
             Kind::Unavailable {
                 may_have_run: false,

@@ -4,11 +4,15 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use support::{FaultProxy, RedisServer, eventually};
-use tower_redis_resilience::{ResilientClient, reconnect::ReconnectConfig};
+use tower_redis_resilience::{
+    ResilientClient,
+    backoff::{ExponentialBackoff, Jitter},
+    reconnect::ReconnectConfig,
+};
 
 async fn client(server: &RedisServer) -> ResilientClient {
     ResilientClient::builder(&server.url())
@@ -393,4 +397,77 @@ async fn blocking_calls_redis_has_no_room_for_leave_the_breaker_closed_and_reads
         client.circuit_breaker().unwrap().state(),
         tower_redis_resilience::circuit_breaker::BreakerState::Closed
     );
+}
+
+/// `INFO stats`' `rejected_connections` (refused at `maxclients`), asked on the client's
+/// shared connection: Redis has no room for another.
+async fn rejected_connections(client: &mut ResilientClient) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(client)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("rejected_connections:"))
+        .expect("INFO stats has rejected_connections")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A worker's `BLPOP` loop against a Redis at `maxclients`, which closes new connections
+/// at once: every call fails saying so, and connections are tried at the backoff
+/// schedule's pace (here 50, 100, 200, 400, 800 ms, no jitter), not once per call, as
+/// they were (measured: ~720 a second, each refused). Once Redis has room, the next try
+/// opens one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_for_blocking_calls_redis_has_no_room_for_are_tried_at_the_backoff_pace() {
+    let server = RedisServer::start();
+    let backoff = ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
+        .jitter(Jitter::None);
+    let mut client = ResilientClient::builder(&server.url())
+        .reconnect(ReconnectConfig::new().backoff(backoff))
+        .connect()
+        .await
+        .unwrap();
+    // Room for the client's shared connection only (the one that sets this goes).
+    assert_eq!(
+        server.raw_command(&["CONFIG", "SET", "maxclients", "1"]),
+        "OK"
+    );
+    let before = rejected_connections(&mut client).await;
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        let error = client
+            .blpop::<_, Option<(String, String)>>("queue", 0.01)
+            .await
+            .unwrap_err();
+        let error = tower_redis_resilience::Error::from(error);
+        assert!(
+            error.is_unavailable() && error.to_string().contains("connection of its own"),
+            "{error}"
+        );
+        calls += 1;
+    }
+    // Tried at ~0, 50, 150, 350 and 750 ms, and ~1.55 s.
+    let tried = rejected_connections(&mut client).await - before;
+    assert!(
+        tried <= 8,
+        "{tried} connections tried for {calls} calls in 2 s"
+    );
+
+    let () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxclients", "100"])
+        .query_async(&mut client)
+        .await
+        .unwrap();
+    let () = client.rpush("queue", "a").await.unwrap();
+    eventually(Duration::from_secs(2), async || {
+        client
+            .blpop::<_, Option<(String, String)>>("queue", 0.01)
+            .await
+            .is_ok_and(|popped| popped.is_some())
+    })
+    .await;
 }

@@ -342,7 +342,12 @@ impl<S> ReconnectConfig<S> {
     /// for one to come free, within their deadline. If one cannot be opened while the
     /// shared connection works (Redis at `maxclients`, most likely), the call fails as
     /// unavailable and not sent, and says so; the default breaker classifier ignores
-    /// that failure, since the calls on the shared connection are served.
+    /// that failure, since the calls on the shared connection are served. Opening is
+    /// then tried again at the pace of the [`backoff`](Self::backoff) schedule, not at
+    /// each call (a worker's `BLPOP` loop made one try per call), until a new one opens
+    /// and answers; the calls in between fail at once the same way, saying when the next
+    /// try is. One that opens and breaks within a second, before it answered, counts as
+    /// a failed try.
     ///
     /// `WAIT` and `WAITAOF` stay on the shared connection: they wait for the writes made
     /// before them on their own connection. (A pipeline that writes and then `WAIT`s goes

@@ -363,6 +363,8 @@ async fn call_blocking<M: MakeConnection>(
     // Held for the call: at most `max_blocking_connections` run at once.
     let _turn = shared.blocking_turn().await;
     let (generation, _) = current_connection(&shared, name).await?;
+    // When this call opened its connection.
+    let mut opened_at = None;
     let mut connection = loop {
         if let Some(mut idle) = shared.idle_blocking(generation) {
             // One that closed while idle (Redis's `timeout`, say) is dropped: the next.
@@ -373,13 +375,19 @@ async fn call_blocking<M: MakeConnection>(
             }
             continue;
         }
+        if let Some(refusal) = shared.blocking_paced() {
+            return Err(refusal.with_command(name));
+        }
         let opening = async {
             let mut opened = shared.open_blocking().await?;
             std::future::poll_fn(|cx| opened.poll_ready(cx)).await?;
             Ok::<_, Error>(opened)
         };
         match opening.await {
-            Ok(opened) => break opened,
+            Ok(opened) => {
+                opened_at = Some(tokio::time::Instant::now());
+                break opened;
+            }
             // The shared connection went down meanwhile: that is the news.
             Err(error) if shared.generation.load(Ordering::Acquire) != generation => {
                 return Err(error.with_command(name));
@@ -387,12 +395,27 @@ async fn call_blocking<M: MakeConnection>(
             // The shared connection works and no other could be opened: a limit, not an
             // outage (Redis at `maxclients` closes new connections at once).
             Err(error) if !error.is_config() => {
+                shared.blocking_open_failed(&error);
                 return Err(Error::no_connection_of_its_own(&error).with_command(name));
             }
-            Err(error) => return Err(error.with_command(name)),
+            Err(error) => {
+                shared.blocking_open_failed(&error);
+                return Err(error.with_command(name));
+            }
         }
     };
     let result = connection.call(request).await;
+    if let Some(opened_at) = opened_at {
+        match &result {
+            // Broke before it answered, as soon as it opened: as good as not opened.
+            Err(error) if error.breaks_connection() => {
+                if opened_at.elapsed() < config::SETTLED {
+                    shared.blocking_open_failed(error);
+                }
+            }
+            _ => shared.blocking_opened(),
+        }
+    }
     match &result {
         Err(error) if error.breaks_connection() => {}
         // A replica answered: a failover behind the address. The shared connection is
