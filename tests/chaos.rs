@@ -271,6 +271,9 @@ enum Fault {
     Silence,
     /// Every connection closed after a few hundred bytes more, for the time.
     Cut,
+    /// The open connections closed, and for the time every new one reset at its first
+    /// request (it passes the handshake's bytes): a middlebox whose backend flaps.
+    Reset,
     /// `FAILOVER`: the replica takes over (Redis pauses writes until it has caught up),
     /// the master turns replica, and the address moves to the new master.
     Failover,
@@ -291,6 +294,7 @@ fn fault_sequence(seed: u64) -> Vec<(Fault, Duration, Duration)> {
         Fault::Slow,
         Fault::Silence,
         Fault::Cut,
+        Fault::Reset,
         Fault::Failover,
     ];
     for i in (1..faults.len()).rev() {
@@ -309,8 +313,8 @@ fn fault_sequence(seed: u64) -> Vec<(Fault, Duration, Duration)> {
 
 /// The default client, through the address apps know (a proxy standing in for a DNS
 /// name), to a master with a replica, both fsyncing every write, while 8 callers `INCR`,
-/// run transactions and read, and the master is killed, paused, slowed, silenced, cut
-/// and failed over. Every call answers within its deadline (and a grace for a debug build
+/// run transactions and read, and the master is killed, paused, slowed, silenced, cut,
+/// reset at every connection's first request and failed over. Every call answers within its deadline (and a grace for a debug build
 /// on 2 cores), every reply is the value or a miss, the counts add up, and a second
 /// after the last fault ended every call is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,6 +340,15 @@ async fn through_the_faults(seed: u64) {
     };
     let servers = [durable(), durable()];
     let proxy = Arc::new(FaultProxy::start(servers[0].port()).await);
+    // The handshake's bytes, from a first connection.
+    drop(
+        Connector::from_url(&proxy.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let handshake = proxy.first_connection_bytes();
     let mut servers = tokio::task::spawn_blocking(move || {
         servers[1].replicate(&servers[0]);
         servers
@@ -464,6 +477,19 @@ async fn through_the_faults(seed: u64) {
                     std::thread::sleep(lasts);
                     proxy.cut_replies_after(u64::MAX);
                     format!("cut after {bytes} bytes for {lasts:?}")
+                }
+                Fault::Reset => {
+                    let before = proxy.connections();
+                    proxy.cut_each_connection_after(handshake);
+                    // The open connections close at their next reply (new ones too,
+                    // for this moment).
+                    proxy.cut_replies_after(0);
+                    std::thread::sleep(Duration::from_millis(20));
+                    proxy.cut_replies_after(u64::MAX);
+                    std::thread::sleep(lasts);
+                    proxy.cut_each_connection_after(u64::MAX);
+                    let opened = proxy.connections() - before;
+                    format!("reset at the first request for {lasts:?} ({opened} connections)")
                 }
                 Fault::Failover => {
                     let started = Instant::now();
