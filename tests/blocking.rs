@@ -471,3 +471,45 @@ async fn connections_for_blocking_calls_redis_has_no_room_for_are_tried_at_the_b
     })
     .await;
 }
+
+/// A middlebox that lets connections open and resets each at its first request, while
+/// the shared connection, opened before, works: each blocking call's connection breaks
+/// before it answered, which counts as a failed try, so they are opened at the backoff
+/// schedule's pace (50, 100, 200, 400, 800 ms, no jitter), not one per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_for_blocking_calls_reset_at_their_first_request_are_opened_at_the_backoff_pace()
+ {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port()).await;
+    let backoff = ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
+        .jitter(Jitter::None);
+    let mut client = ResilientClient::builder(&proxy.url())
+        .reconnect(ReconnectConfig::new().backoff(backoff))
+        .connect()
+        .await
+        .unwrap();
+    let () = client.set("k", "v").await.unwrap();
+    // The shared connection's handshake, then the SET's reply.
+    let handshake = proxy.first_connection_bytes() - "+OK\r\n".len() as u64;
+    proxy.cut_each_connection_after(handshake);
+
+    let before = proxy.connections();
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        let error = client
+            .blpop::<_, Option<(String, String)>>("queue", 0.01)
+            .await
+            .unwrap_err();
+        assert!(tower_redis_resilience::Error::from(error).is_unavailable());
+        calls += 1;
+    }
+    // Opened at ~0, 50, 150, 350 and 750 ms, and ~1.55 s.
+    let opened = proxy.connections() - before;
+    assert!(
+        opened <= 8,
+        "{opened} connections opened for {calls} calls in 2 s"
+    );
+    let value: Option<String> = client.get("k").await.unwrap();
+    assert_eq!(value.as_deref(), Some("v"), "the shared connection serves");
+}
