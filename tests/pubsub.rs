@@ -340,24 +340,23 @@ async fn over_tls_messages_arrive_and_the_subscription_comes_back_after_a_restar
     assert_eq!(message(&mut events).await.2, "b");
 }
 
-/// A load balancer or firewall that lets connections open and resets each at its first
-/// request (here the subscriber's first `PING`): each connection breaks before it
-/// delivered anything, so the next is opened at the schedule's pace (50, 100, 200, 400,
-/// 800 ms, then 1 s steps, no jitter), not at once, as it was: one every `PING` interval.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_reset_at_their_first_request_are_opened_at_the_backoff_pace() {
+/// How many connections a subscriber that sends a `PING` every 20 ms opens in 3 s through
+/// a load balancer or firewall that lets connections open and resets each one once it
+/// has answered `pings` of them (0: at its first request). The backoff schedule is 50,
+/// 100, 200, 400, 800 ms, then 1 s steps, with no jitter.
+async fn connections_opened_when_reset_after(pings: u64) -> u64 {
     let server = RedisServer::start();
     let proxy = support::FaultProxy::start(server.port()).await;
     let connector = || Connector::from_url(&proxy.url()).unwrap();
-    // The handshake's bytes, from a first connection.
-    drop(
-        Subscriber::connect(connector(), SubscriberConfig::new())
-            .await
-            .unwrap(),
-    );
+    // The handshake's bytes and a `PING`'s reply, from a first connection.
+    let measuring = SubscriberConfig::new().ping_interval(Duration::from_millis(100));
+    let (first, _events) = Subscriber::connect(connector(), measuring).await.unwrap();
     let handshake = proxy.first_connection_bytes();
-    assert!(handshake > 0);
-    proxy.cut_each_connection_after(handshake);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let pong = proxy.first_connection_bytes() - handshake;
+    assert!(handshake > 0 && pong > 0);
+    drop(first);
+    proxy.cut_each_connection_after(handshake + pings * pong);
 
     let backoff = ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
         .jitter(Jitter::None);
@@ -367,11 +366,27 @@ async fn connections_reset_at_their_first_request_are_opened_at_the_backoff_pace
     let (subscriber, mut events) = Subscriber::connect(connector(), config).await.unwrap();
     let drained = tokio::spawn(async move { while events.recv().await.is_some() {} });
     tokio::time::sleep(Duration::from_secs(3)).await;
-    // The first connection measured the handshake. The subscriber's first is replaced at
-    // once; the next ones opened at ~90, ~210, ~430, ~850 ms, ~1.67 and ~2.69 s. Before:
-    // one every ~20 ms, ~150.
-    let opened = proxy.connections() - 1;
-    assert!((6..=10).contains(&opened), "{opened} connections in 3 s");
     drop(subscriber);
     drained.abort();
+    // Not the first, which measured.
+    proxy.connections() - 1
+}
+
+/// Each connection breaks before it delivered anything, so the next is opened at the
+/// schedule's pace, not at once, as it was: one every `PING` interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_reset_at_their_first_request_are_opened_at_the_backoff_pace() {
+    // The subscriber's first is replaced at once; the next ones opened at ~90, ~210,
+    // ~430, ~850 ms, ~1.67 and ~2.69 s. Before: one every ~20 ms, ~150.
+    let opened = connections_opened_when_reset_after(0).await;
+    assert!((6..=10).contains(&opened), "{opened} connections in 3 s");
+}
+
+/// Each connection answers a `PING`, then breaks at the next: it was of use, so the next
+/// is opened at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_reset_after_answering_are_opened_again_at_once() {
+    // One every ~40 ms.
+    let opened = connections_opened_when_reset_after(1).await;
+    assert!(opened >= 30, "{opened} connections in 3 s");
 }
