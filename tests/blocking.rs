@@ -399,6 +399,39 @@ async fn blocking_calls_redis_has_no_room_for_leave_the_breaker_closed_and_reads
     );
 }
 
+/// The default client to `url`, with a backoff schedule of 50, 100, 200, 400, 800 ms,
+/// then 1 s steps, without jitter, to count the tries by.
+async fn paced_client(url: &str) -> ResilientClient {
+    let backoff = ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
+        .jitter(Jitter::None);
+    ResilientClient::builder(url)
+        .reconnect(ReconnectConfig::new().backoff(backoff))
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// A worker's loop of `BLPOP`s for 2 s, each of which must fail as unavailable: how many,
+/// and the last error.
+async fn failing_blpops_for_2_s(
+    client: &mut ResilientClient,
+) -> (u32, tower_redis_resilience::Error) {
+    let started = Instant::now();
+    let mut calls = 0;
+    loop {
+        let error = client
+            .blpop::<_, Option<(String, String)>>("queue", 0.01)
+            .await
+            .unwrap_err();
+        let error = tower_redis_resilience::Error::from(error);
+        assert!(error.is_unavailable(), "{error}");
+        calls += 1;
+        if started.elapsed() >= Duration::from_secs(2) {
+            return (calls, error);
+        }
+    }
+}
+
 /// `INFO stats`' `rejected_connections` (refused at `maxclients`), asked on the client's
 /// shared connection: Redis has no room for another.
 async fn rejected_connections(client: &mut ResilientClient) -> u64 {
@@ -423,33 +456,18 @@ async fn rejected_connections(client: &mut ResilientClient) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_for_blocking_calls_redis_has_no_room_for_are_tried_at_the_backoff_pace() {
     let server = RedisServer::start();
-    let backoff = ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
-        .jitter(Jitter::None);
-    let mut client = ResilientClient::builder(&server.url())
-        .reconnect(ReconnectConfig::new().backoff(backoff))
-        .connect()
-        .await
-        .unwrap();
+    let mut client = paced_client(&server.url()).await;
     // Room for the client's shared connection only (the one that sets this goes).
     assert_eq!(
         server.raw_command(&["CONFIG", "SET", "maxclients", "1"]),
         "OK"
     );
     let before = rejected_connections(&mut client).await;
-    let started = Instant::now();
-    let mut calls = 0;
-    while started.elapsed() < Duration::from_secs(2) {
-        let error = client
-            .blpop::<_, Option<(String, String)>>("queue", 0.01)
-            .await
-            .unwrap_err();
-        let error = tower_redis_resilience::Error::from(error);
-        assert!(
-            error.is_unavailable() && error.to_string().contains("connection of its own"),
-            "{error}"
-        );
-        calls += 1;
-    }
+    let (calls, error) = failing_blpops_for_2_s(&mut client).await;
+    assert!(
+        error.to_string().contains("connection of its own"),
+        "{error}"
+    );
     // Tried at ~0, 50, 150, 350 and 750 ms, and ~1.55 s.
     let tried = rejected_connections(&mut client).await - before;
     assert!(
@@ -481,29 +499,14 @@ async fn connections_for_blocking_calls_reset_at_their_first_request_are_opened_
  {
     let server = RedisServer::start();
     let proxy = FaultProxy::start(server.port()).await;
-    let backoff = ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1))
-        .jitter(Jitter::None);
-    let mut client = ResilientClient::builder(&proxy.url())
-        .reconnect(ReconnectConfig::new().backoff(backoff))
-        .connect()
-        .await
-        .unwrap();
+    let mut client = paced_client(&proxy.url()).await;
     let () = client.set("k", "v").await.unwrap();
     // The shared connection's handshake, then the SET's reply.
     let handshake = proxy.first_connection_bytes() - "+OK\r\n".len() as u64;
     proxy.cut_each_connection_after(handshake);
 
     let before = proxy.connections();
-    let started = Instant::now();
-    let mut calls = 0;
-    while started.elapsed() < Duration::from_secs(2) {
-        let error = client
-            .blpop::<_, Option<(String, String)>>("queue", 0.01)
-            .await
-            .unwrap_err();
-        assert!(tower_redis_resilience::Error::from(error).is_unavailable());
-        calls += 1;
-    }
+    let (calls, _) = failing_blpops_for_2_s(&mut client).await;
     // Opened at ~0, 50, 150, 350 and 750 ms, and ~1.55 s.
     let opened = proxy.connections() - before;
     assert!(
