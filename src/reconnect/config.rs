@@ -19,7 +19,7 @@ pub const DEFAULT_BLOCKING_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a connection suspected of being stuck has to answer a `PING` before it is
 /// replaced, unless [`ReconnectConfig::stuck_ping_timeout`] says otherwise.
-pub const DEFAULT_STUCK_PING_TIMEOUT: Duration = Duration::from_millis(1500);
+pub const DEFAULT_STUCK_PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How often the connection is asked a `PING`, unless
 /// [`ReconnectConfig::health_check`] says otherwise: each gets
