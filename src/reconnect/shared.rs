@@ -674,10 +674,9 @@ where
 /// turns into a hot loop. After a connection lost before it settled, with no call
 /// answered, it goes on with that connection's schedule (`unsettled`) and waits its next
 /// step first, so connections that break as soon as they open are opened at the
-/// schedule's pace, not once per call.
-/// It holds the state only while it makes an attempt: once every handle is gone (a client
-/// dropped during an outage), it stops instead of knocking on a server no one will use,
-/// for as long as that server stays away.
+/// schedule's pace, not once per call. It holds the state only while it makes an attempt:
+/// once every handle is gone (a client dropped during an outage), it stops instead of
+/// knocking on a server no one will use, for as long as that server stays away.
 async fn reconnect_loop<M: MakeConnection>(
     this: Weak<Leased<Shared<M>>>,
     unsettled: Option<Delays>,
