@@ -22,6 +22,7 @@ use std::{
 
 use futures_core::Stream;
 use redis::{ConnectionAddr, ConnectionInfo, Value};
+use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::{
@@ -354,11 +355,18 @@ impl Sentinels {
 /// Sentinel announces the switch (`+switch-master`), and also asks every `check_every`, in
 /// case a switch went unheard (no subscription, or a silent one). Holds the Sentinels only
 /// between waits, so dropping the connector ends it (its `Drop` also aborts it at once).
+///
+/// A subscription that ended before it [settled](crate::reconnect::SETTLED) is made again
+/// only after that, asking meanwhile, so a Sentinel that drops it as soon as it is made
+/// (or something in front of one) does not have it made in a loop (measured: ~65 new
+/// connections a second).
 async fn follow(sentinels: Weak<Sentinels>, check_timeout: Duration, check_every: Duration) {
     let mut announcements: Option<Announcements> = None;
+    let mut subscribed_at: Option<Instant> = None;
     let mut next_node = 0;
     loop {
-        if announcements.is_none() {
+        let settled = subscribed_at.is_none_or(|at| at.elapsed() >= crate::reconnect::SETTLED);
+        if announcements.is_none() && settled {
             let Some(sentinels) = sentinels.upgrade() else {
                 return;
             };
@@ -369,6 +377,9 @@ async fn follow(sentinels: Weak<Sentinels>, check_timeout: Duration, check_every
                 .await
                 .ok()
                 .and_then(Result::ok);
+            if announcements.is_some() {
+                subscribed_at = Some(Instant::now());
+            }
         }
         let heard = match announcements.as_mut() {
             Some(heard) => tokio::time::timeout(check_every, heard.next())
@@ -469,10 +480,13 @@ impl Drop for Sentinels {
 
 impl Node {
     /// Asks this Sentinel `question`, on the connection kept for it (opened if there is
-    /// none). The connection is put back once Redis answered, an error reply included,
-    /// so a stalled or broken one is not asked again.
+    /// none, or if it closed meanwhile: a Sentinel restarted, or something between that
+    /// closes idle connections). The connection is put back once Redis answered, an error
+    /// reply included, so a stalled or broken one is not asked again.
     async fn question(&self, question: redis::Cmd, own_tls: &OwnTls) -> Result<Value, Error> {
-        let kept = lock(&self.connection).take();
+        let kept = lock(&self.connection)
+            .take()
+            .filter(|service| !service.is_closed());
         let service = match kept {
             Some(service) => service,
             None => open(&self.info, None, own_tls, self.display.clone()).await?,

@@ -647,3 +647,43 @@ async fn while_the_master_is_down_and_failed_over_reads_are_served_by_its_replic
     .await;
     assert_eq!(replica.raw_command(&["GET", "k0"]), "100");
 }
+
+/// Something in front of the Sentinel closes every connection 20 ms after it opened (a
+/// load balancer with a limit on a connection's age, a reaper): the task that follows
+/// the master subscribes to the Sentinel's announcements again at most once a second,
+/// not as soon as each subscription ends, and its questions are asked on a connection
+/// that is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_to_a_sentinel_that_ends_at_once_is_not_made_again_at_once() {
+    let master = RedisServer::start();
+    let sentinel = RedisServer::sentinel_of(&master, MASTER);
+    let proxy = support::FaultProxy::start(sentinel.port()).await;
+    proxy.close_connections_after(Duration::from_millis(20));
+    let connector = Connector::sentinel([proxy.url()], MASTER, "redis://cache/0").unwrap();
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    let before = proxy.connections();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let opened = proxy.connections() - before;
+    // About one subscription and one question a second.
+    assert!(opened <= 10, "{opened} connections to the Sentinel in 3 s");
+    let () = client.set("k", "v").await.unwrap();
+}
+
+/// The connection kept for questions to a Sentinel was closed while idle (here by
+/// something in front of it that closes connections 20 ms after they open; a Sentinel
+/// restarted, or a middlebox's idle timeout): the next connect asks on a new one
+/// instead of failing on the closed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_connection_closed_while_idle_is_opened_again() {
+    let master = RedisServer::start();
+    let sentinel = RedisServer::sentinel_of(&master, MASTER);
+    let proxy = support::FaultProxy::start(sentinel.port()).await;
+    proxy.close_connections_after(Duration::from_millis(20));
+    let connector = Connector::sentinel([proxy.url()], MASTER, "redis://cache/0").unwrap();
+    drop(connector.connect().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(connector.connect().await.unwrap());
+}

@@ -10,7 +10,7 @@ pub use config::{
     DEFAULT_IDLE_BLOCKING_CONNECTIONS, DEFAULT_MAX_BLOCKING_CONNECTIONS,
     DEFAULT_STUCK_PING_TIMEOUT, ReconnectConfig,
 };
-pub(crate) use config::{Young, default_backoff, delay_after};
+pub(crate) use config::{SETTLED, Young, default_backoff, delay_after};
 pub use future::ResponseFuture;
 
 use std::{

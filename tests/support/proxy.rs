@@ -34,6 +34,8 @@ pub struct FaultProxy {
     each_budget: Arc<AtomicU64>,
     /// Bytes the first connection passed from the server to the client.
     first_bytes: Arc<AtomicU64>,
+    /// Milliseconds after which a connection accepted now is closed; 0: never.
+    lifetime_millis: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -54,6 +56,8 @@ impl FaultProxy {
         let each = each_budget.clone();
         let first_bytes = Arc::new(AtomicU64::new(0));
         let first = first_bytes.clone();
+        let lifetime_millis = Arc::new(AtomicU64::new(0));
+        let lifetime = lifetime_millis.clone();
         let shared = budget.clone();
         let counter = accepted.clone();
         let target = upstream.clone();
@@ -70,9 +74,17 @@ impl FaultProxy {
                     number,
                 };
                 let upstream_port = target.load(Ordering::SeqCst);
+                let lifetime = lifetime.load(Ordering::SeqCst);
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await {
-                        forward(client, server, faults).await;
+                        let forwarding = forward(client, server, faults);
+                        if lifetime == 0 {
+                            forwarding.await;
+                        } else {
+                            // Dropping it closes both connections.
+                            let lifetime = std::time::Duration::from_millis(lifetime);
+                            let _ = tokio::time::timeout(lifetime, forwarding).await;
+                        }
                     }
                 });
             }
@@ -86,6 +98,7 @@ impl FaultProxy {
             delay_millis,
             each_budget,
             first_bytes,
+            lifetime_millis,
             task,
         }
     }
@@ -129,6 +142,14 @@ impl FaultProxy {
     /// firewall that lets connections open and resets them at their first request.
     pub fn cut_each_connection_after(&self, bytes: u64) {
         self.each_budget.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Close every connection accepted from now on `lifetime` after accepting it, as a
+    /// load balancer with a limit on a connection's age, or a reaper of connections,
+    /// would. Zero ends it.
+    pub fn close_connections_after(&self, lifetime: std::time::Duration) {
+        let millis = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
+        self.lifetime_millis.store(millis, Ordering::SeqCst);
     }
 
     /// How many bytes the first connection has passed from the server to the client: the
