@@ -720,9 +720,11 @@ async fn reconnect_loop<M: MakeConnection>(
                     slot.attempt = 0;
                     slot.config_error = None;
                     slot.young = Some(Young::new(delays));
+                    // Before the generation is published: a call that sees the new
+                    // connection sees the mark too, and its reply clears it.
+                    shared.stuck.store(UNANSWERED, Ordering::Relaxed);
                     shared.generation.fetch_add(1, Ordering::AcqRel);
                 }
-                shared.stuck.store(UNANSWERED, Ordering::Relaxed);
                 shared.successes.fetch_add(1, Ordering::Relaxed);
                 shared.keep_health_checked();
                 shared.set_state(ConnectionState::Connected);
