@@ -648,6 +648,18 @@ async fn while_the_master_is_down_and_failed_over_reads_are_served_by_its_replic
     assert_eq!(replica.raw_command(&["GET", "k0"]), "100");
 }
 
+/// A master and its Sentinel, and a connector that reaches the Sentinel through a proxy
+/// that closes every connection 20 ms after it opened.
+async fn behind_a_proxy_that_closes_connections_at_20_ms()
+-> ([RedisServer; 2], support::FaultProxy, Connector) {
+    let master = RedisServer::start();
+    let sentinel = RedisServer::sentinel_of(&master, MASTER);
+    let proxy = support::FaultProxy::start(sentinel.port()).await;
+    proxy.close_connections_after(Duration::from_millis(20));
+    let connector = Connector::sentinel([proxy.url()], MASTER, "redis://cache/0").unwrap();
+    ([master, sentinel], proxy, connector)
+}
+
 /// Something in front of the Sentinel closes every connection 20 ms after it opened (a
 /// load balancer with a limit on a connection's age, a reaper): the task that follows
 /// the master subscribes to the Sentinel's announcements again at most once a second,
@@ -655,11 +667,7 @@ async fn while_the_master_is_down_and_failed_over_reads_are_served_by_its_replic
 /// that is open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_to_a_sentinel_that_ends_at_once_is_not_made_again_at_once() {
-    let master = RedisServer::start();
-    let sentinel = RedisServer::sentinel_of(&master, MASTER);
-    let proxy = support::FaultProxy::start(sentinel.port()).await;
-    proxy.close_connections_after(Duration::from_millis(20));
-    let connector = Connector::sentinel([proxy.url()], MASTER, "redis://cache/0").unwrap();
+    let (_servers, proxy, connector) = behind_a_proxy_that_closes_connections_at_20_ms().await;
     let mut client = ResilientClient::builder_with_connector(connector)
         .connect()
         .await
@@ -678,11 +686,7 @@ async fn a_subscription_to_a_sentinel_that_ends_at_once_is_not_made_again_at_onc
 /// instead of failing on the closed one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_question_connection_closed_while_idle_is_opened_again() {
-    let master = RedisServer::start();
-    let sentinel = RedisServer::sentinel_of(&master, MASTER);
-    let proxy = support::FaultProxy::start(sentinel.port()).await;
-    proxy.close_connections_after(Duration::from_millis(20));
-    let connector = Connector::sentinel([proxy.url()], MASTER, "redis://cache/0").unwrap();
+    let (_servers, _proxy, connector) = behind_a_proxy_that_closes_connections_at_20_ms().await;
     drop(connector.connect().await.unwrap());
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(connector.connect().await.unwrap());
