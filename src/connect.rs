@@ -287,7 +287,9 @@ impl Connector {
     ///
     /// Every Sentinel is asked at once and the first answer is taken, so one that is down
     /// or stalled does not hold a connect up; the server it names must answer `ROLE` as a
-    /// master. While connections are open, the connector listens for a Sentinel's
+    /// master, unless the user may not run `ROLE` (it is `@dangerous`, which
+    /// least-privilege users often lack): a server that refuses it is taken for what
+    /// Sentinel named. While connections are open, the connector listens for a Sentinel's
     /// `+switch-master` announcement, and also asks every
     /// [`sentinel_check_interval`](Self::sentinel_check_interval) (1 s) in case one went
     /// unheard. After a failover it retires the connections to the old master: requests
@@ -359,7 +361,9 @@ impl Connector {
 
     /// Asks Redis Sentinel for the replicas of the master named `master_name`, on every
     /// connect, and connects to the first that answers `ROLE` as a replica (or as a
-    /// master: one being promoted in a failover), trying those Sentinel deems up first. For reads that must go on while the master cannot serve:
+    /// master: one being promoted in a failover; or refuses `ROLE` to a user that may
+    /// not run it), trying those Sentinel deems up first. For reads that must go on while
+    /// the master cannot serve:
     /// give it to [`ResilientClientBuilder::read_replica`](crate::ResilientClientBuilder::read_replica)
     /// (or [`ReconnectConfig::read_replica`](crate::reconnect::ReconnectConfig::read_replica))
     /// of a client built with [`sentinel`](Self::sentinel).

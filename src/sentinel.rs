@@ -128,11 +128,7 @@ impl Sentinels {
         let info = template.clone().set_addr(at(template.addr(), &master));
         let display: Arc<str> = format!("{} at {}", self.master_name, describe(&info)).into();
         let service = open(&info, None, &self.own_tls, display).await?;
-        let role = service
-            .clone()
-            .oneshot(Request::from(redis::cmd("ROLE")))
-            .await?;
-        if !is_master(&role) {
+        if !role_of(&service).await?.may_be(Role::Master) {
             // Sentinel's answer is stale (a failover under way): ask again on the next try.
             return Err(Error::unavailable_because(format!(
                 "Sentinel named {}:{} as master `{}`, but it is not a master",
@@ -215,13 +211,10 @@ impl Sentinels {
                     continue;
                 }
             };
-            let role = service
-                .clone()
-                .oneshot(Request::from(redis::cmd("ROLE")))
-                .await?;
+            let role = role_of(&service).await?;
             // A master too: a replica being promoted, which Sentinel still lists until
             // the failover ends, and whose data is the freshest there is.
-            if is_replica(&role) || is_master(&role) {
+            if role.may_be(Role::Replica) || role.may_be(Role::Master) {
                 return Ok(service);
             }
         }
@@ -592,20 +585,54 @@ fn text(value: &Value) -> Option<String> {
     }
 }
 
-/// `ROLE` answers `master` first on a master.
-fn is_master(role: &Value) -> bool {
-    role_is(role, "master")
+/// What a server said it is, asked with `ROLE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Master,
+    Replica,
+    /// Something else (a Sentinel), or a reply not understood.
+    Other,
+    /// The server refused to say: the user may not run `ROLE` (an ACL user without
+    /// `@dangerous`, a common least-privilege setting), or the command was renamed away.
+    /// Sentinel's answer is then all there is to go on.
+    Unknown,
 }
 
-/// `ROLE` answers `slave` first on a replica.
-fn is_replica(role: &Value) -> bool {
-    role_is(role, "slave")
+impl Role {
+    /// What a `ROLE` reply says: `master` or `slave` first.
+    fn of(reply: &Value) -> Role {
+        let first = match reply {
+            Value::Array(items) => items.first().and_then(text),
+            _ => None,
+        };
+        match first.as_deref() {
+            Some("master") => Role::Master,
+            Some("slave") => Role::Replica,
+            _ => Role::Other,
+        }
+    }
+
+    /// Whether the server may be `role`: it said so, or it would not say.
+    fn may_be(self, role: Role) -> bool {
+        self == role || self == Role::Unknown
+    }
 }
 
-fn role_is(role: &Value, name: &str) -> bool {
-    match role {
-        Value::Array(items) => items.first().and_then(text).as_deref() == Some(name),
-        _ => false,
+/// Asks the server on `service` its role. A server that answers with an error about the
+/// command (`NOPERM`, an unknown command) is [`Role::Unknown`], not a failure: it is up
+/// and may well be what Sentinel named. Any other error (unavailable, `LOADING`) fails.
+async fn role_of(service: &RedisService) -> Result<Role, Error> {
+    match service
+        .clone()
+        .oneshot(Request::from(redis::cmd("ROLE")))
+        .await
+    {
+        Ok(reply) => Ok(Role::of(&reply)),
+        Err(error) if error.is_server() => {
+            tracing::debug!(%error, "the server would not answer ROLE; going by what Sentinel said");
+            Ok(Role::Unknown)
+        }
+        Err(error) => Err(error),
     }
 }
 
@@ -664,16 +691,19 @@ mod tests {
     }
 
     #[test]
-    fn only_a_role_reply_that_says_master_is_a_master() {
+    fn a_role_reply_says_master_or_replica_first_and_an_unknown_role_may_be_either() {
         let role = |first: &str| {
             Value::Array(vec![
                 Value::BulkString(first.as_bytes().to_vec()),
                 Value::Int(0),
             ])
         };
-        assert!(is_master(&role("master")));
-        assert!(!is_master(&role("slave")));
-        assert!(!is_master(&role("sentinel")));
-        assert!(!is_master(&Value::Nil));
+        assert_eq!(Role::of(&role("master")), Role::Master);
+        assert_eq!(Role::of(&role("slave")), Role::Replica);
+        assert_eq!(Role::of(&role("sentinel")), Role::Other);
+        assert_eq!(Role::of(&Value::Nil), Role::Other);
+        assert!(!Role::Other.may_be(Role::Master));
+        assert!(!Role::Replica.may_be(Role::Master));
+        assert!(Role::Unknown.may_be(Role::Master));
     }
 }

@@ -15,7 +15,7 @@ use tower_redis_resilience::{
     Connector, Error, HealthStatus, Request, ResilientClient,
     circuit_breaker::{BreakerState, CircuitBreakerConfig},
     metrics::Outcome,
-    reconnect::ConnectionState,
+    reconnect::{ConnectionState, ReconnectConfig},
     timeout::TimeoutLayer,
 };
 
@@ -70,6 +70,48 @@ async fn the_default_stack_serves_redis_rs_commands_and_reports_health() {
     let snapshot = client.metrics().unwrap();
     assert!(snapshot.command("PING").is_none());
     assert_eq!(snapshot.command("PIPELINE").unwrap().count(Outcome::Ok), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_that_may_not_run_ping_is_reported_up_and_its_connection_kept() {
+    let server = RedisServer::start();
+    // A least-privilege ACL user: its keys' commands, not `PING`.
+    let reply = server.raw_command(&["ACL", "SETUSER", "app", "on", ">pw", "~*", "+get", "+set"]);
+    assert_eq!(reply, "OK");
+    let url = server.url().replace("redis://", "redis://app:pw@");
+    let mut client = ResilientClient::builder(&url)
+        .reconnect(
+            ReconnectConfig::default()
+                .health_check(Duration::from_millis(50), Duration::from_millis(500)),
+        )
+        .connect()
+        .await
+        .unwrap();
+    let () = client.set("k", "v").await.unwrap();
+
+    let health = client.health().await;
+    assert_eq!(health.status, HealthStatus::Up, "{health:?}");
+    assert!(
+        health.ping.is_some() && health.ping_error.is_none(),
+        "{health:?}"
+    );
+    // The health checks' `PING`s are refused too, and answered: the connection stays.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // One entry, its fields a line each, name then value.
+    let log = server.raw_command(&["ACL", "LOG"]);
+    let lines: Vec<&str> = log.lines().collect();
+    let field = |name: &str| {
+        lines
+            .iter()
+            .position(|l| *l == name)
+            .map(|at| lines[at + 1])
+    };
+    assert_eq!(field("object"), Some("ping"), "{log}");
+    let refused: u32 = field("count").unwrap().parse().unwrap();
+    assert!(refused >= 5, "{log}");
+    assert_eq!(client.reconnect_stats().successes, 1);
+    let value: Option<String> = client.get("k").await.unwrap();
+    assert_eq!(value.as_deref(), Some("v"));
 }
 
 #[cfg(feature = "serde")]

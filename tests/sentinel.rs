@@ -208,6 +208,54 @@ async fn a_replica_that_sentinel_still_names_is_refused() {
     assert!(err.to_string().contains("not a master"), "{err}");
 }
 
+/// Adds the user `app` (password `pw`) as a least-privilege application user is often
+/// made: every command but the `@dangerous` ones, `ROLE` among them.
+fn add_app_user_without_dangerous_commands(server: &RedisServer) {
+    let reply = server.raw_command(&[
+        "ACL",
+        "SETUSER",
+        "app",
+        "on",
+        ">pw",
+        "~*",
+        "&*",
+        "+@all",
+        "-@dangerous",
+    ]);
+    assert_eq!(reply, "OK");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_that_may_not_run_role_reaches_the_master_and_the_replica_sentinel_names() {
+    let (master, replica, sentinels) = replicated_pair(1).await;
+    for server in [&master, &replica] {
+        add_app_user_without_dangerous_commands(server);
+    }
+    let as_app = "redis://app:pw@cache/0";
+    let sentinel = [sentinels[0].url()];
+    let mut client = ResilientClient::builder_with_connector(
+        Connector::sentinel(sentinel.clone(), MASTER, as_app).unwrap(),
+    )
+    .connect()
+    .await
+    .unwrap();
+    let () = client.set("k", "on the master").await.unwrap();
+    assert_eq!(master.raw_command(&["GET", "k"]), "on the master");
+
+    replica.catch_up(&master);
+    let on_replica = Connector::sentinel_replica(sentinel, MASTER, as_app)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let read = on_replica
+        .oneshot(Request::from(redis::cmd("GET").arg("k").to_owned()))
+        .await
+        .unwrap();
+    assert_eq!(read, redis::Value::BulkString(b"on the master".to_vec()));
+    let clients = replica.raw_command(&["CLIENT", "LIST"]);
+    assert!(clients.contains("user=app"), "{clients}");
+}
 /// A failover with the old master still up: Sentinel promotes the replica at once, but
 /// turns the old master into a replica only ~10 s later, and writes it takes meanwhile
 /// are lost. The client hears Sentinel announce the switch and moves at once.

@@ -45,7 +45,9 @@ pub struct Health {
     pub reconnects: ReconnectStats,
     /// The breaker's state and window, if the client has one.
     pub breaker: Option<BreakerMetrics>,
-    /// How long a `PING` took, if it was answered in time.
+    /// How long a `PING` took, if it was answered in time. A reply that refuses the
+    /// command (`NOPERM`, for an ACL user that may not run `PING`) is an answer: the
+    /// server is up.
     #[cfg_attr(
         feature = "serde",
         serde(rename = "ping_ms", serialize_with = "millis::option")

@@ -187,7 +187,10 @@ impl ResilientClient {
         let request = Request::from(redis::cmd("PING"));
         let limit = self.parts.health_timeout;
         match tokio::time::timeout(limit, self.parts.redis.clone().oneshot(request)).await {
+            // An error about the command itself is an answer too: an ACL user may not
+            // run `PING` (`NOPERM`), and the server that says so is up.
             Ok(Ok(_)) => Ok(started.elapsed()),
+            Ok(Err(error)) if error.is_server() => Ok(started.elapsed()),
             Ok(Err(error)) => Err(error),
             Err(_) => Err(Error::timed_out(limit).with_command("PING")),
         }
