@@ -5,7 +5,7 @@ use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
 use redis::{
     AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
     aio::{AsyncStream, MultiplexedConnection},
-    io::tcp::TcpSettings,
+    io::tcp::{TcpSettings, socket2::TcpKeepalive},
 };
 
 use redis::Value;
@@ -120,6 +120,13 @@ pub const DEFAULT_SENTINEL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The connect timeout used unless [`Connector::connect_timeout`] sets another.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a connection may be quiet before TCP keepalive probes ask whether the other
+/// end is still there, unless [`Connector::tcp_keepalive`] says otherwise: 30 s, then a
+/// probe every 10 s, and the connection is closed after 3 unanswered. A dead peer is so
+/// found within a minute, and no load balancer or NAT with an idle timeout above 30 s
+/// drops the connection for being quiet.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// The largest argument sent unless [`Connector::max_argument_size`] says otherwise:
 /// 512 MiB, Redis's default `proto-max-bulk-len`.
@@ -267,7 +274,7 @@ impl Connector {
     /// Uses a `redis::Client` you built. (For TLS certificates of your own,
     /// `tls_certificates`, with feature `tls`, does better than `Client::build_with_tls`.)
     pub fn from_client(client: redis::Client) -> Self {
-        let client = with_nodelay(client, true);
+        let client = with_tcp(client, tcp_defaults);
         let display = describe(client.get_connection_info()).into();
         Connector {
             client,
@@ -464,7 +471,7 @@ impl Connector {
     ) -> Result<Self, Error> {
         let nodes: Vec<ConnectionInfo> = addresses(nodes, "cluster node")?
             .into_iter()
-            .map(|node| info_with_nodelay(node, true))
+            .map(|node| info_with_tcp(node, tcp_defaults))
             .collect();
         let Some(first) = nodes.first() else {
             return Err(Error::config("a cluster connector needs at least one node"));
@@ -596,14 +603,62 @@ impl Connector {
     /// # Ok::<(), tower_redis_resilience::Error>(())
     /// ```
     #[must_use]
-    pub fn tcp_nodelay(mut self, on: bool) -> Self {
-        self.client = with_nodelay(self.client, on);
+    pub fn tcp_nodelay(self, on: bool) -> Self {
+        self.with_tcp_settings(|settings| settings.set_nodelay(on))
+    }
+
+    /// Whether connections send TCP keepalive probes, and after how long a quiet
+    /// connection does (default: [`DEFAULT_TCP_KEEPALIVE`], 30 s). After `idle` with
+    /// nothing sent or received, the OS asks the other end every `idle / 3` (at least
+    /// 1 s), and after 3 probes unanswered it closes the connection.
+    ///
+    /// It is what finds a dead peer on a connection that is waiting by design: a
+    /// [blocking command](crate::Blocking) (`BLPOP jobs 0` in a worker, `XREADGROUP ...
+    /// BLOCK 0`) has its own connection, quiet for as long as the queue is, and no
+    /// `PING` can be sent on it meanwhile. If Redis's host is gone, or a load balancer
+    /// or NAT dropped the connection for being quiet (Azure's default idle timeout is
+    /// 4 min, AWS's NLB 350 s), nothing else ever tells the client: measured through a
+    /// black hole, the `BLPOP` waits for good without probes, and fails within
+    /// `2 × idle` with them, as [unavailable](Error::is_unavailable) and one that may
+    /// have run (it may have popped an element into the dead connection). The probes
+    /// also keep such middle boxes from dropping the connection in the first place. The
+    /// shared connection has the health-check `PING` besides
+    /// ([`ReconnectConfig::health_check`](crate::reconnect::ReconnectConfig::health_check)).
+    ///
+    /// Settings given in the [`ConnectionInfo`] (its `TcpSettings` with a keepalive of
+    /// their own) are kept: the default applies only when they set none. `None` turns
+    /// the probes off. (A linger time set in those settings cannot be read back, so
+    /// `None` drops it too.) Applies to every connection this connector opens, as
+    /// [`tcp_nodelay`](Self::tcp_nodelay) does.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_redis_resilience::Connector;
+    ///
+    /// let connector = Connector::from_url("redis://127.0.0.1:6379")?;
+    /// assert!(connector.connection_info().tcp_settings().keepalive().is_some());
+    /// let quick = connector.tcp_keepalive(Some(Duration::from_secs(5)));
+    /// let off = quick.tcp_keepalive(None);
+    /// assert!(off.connection_info().tcp_settings().keepalive().is_none());
+    /// # Ok::<(), tower_redis_resilience::Error>(())
+    /// ```
+    #[must_use]
+    pub fn tcp_keepalive(self, idle: Option<Duration>) -> Self {
+        self.with_tcp_settings(|settings| match idle {
+            Some(idle) => settings.set_keepalive(keepalive_after(idle)),
+            None => without_keepalive(&settings),
+        })
+    }
+
+    /// Changes the TCP settings of every connection this connector opens.
+    fn with_tcp_settings(mut self, change: impl Fn(TcpSettings) -> TcpSettings) -> Self {
+        self.client = with_tcp(self.client, &change);
         #[cfg(feature = "cluster")]
         if let Some(cluster) = &self.cluster {
             let nodes = cluster
                 .nodes
                 .iter()
-                .map(|node| info_with_nodelay(node.clone(), on))
+                .map(|node| info_with_tcp(node.clone(), &change))
                 .collect();
             self.cluster = Some(Arc::new(cluster.with_nodes(
                 nodes,
@@ -832,20 +887,58 @@ impl Connector {
     }
 }
 
-/// `client` with `TCP_NODELAY` on or off in its connection details.
-fn with_nodelay(client: redis::Client, on: bool) -> redis::Client {
-    if client.get_connection_info().tcp_settings().nodelay() == on {
-        return client;
-    }
-    let info = info_with_nodelay(client.get_connection_info().clone(), on);
+/// `client` with its TCP settings changed.
+fn with_tcp(client: redis::Client, change: impl Fn(TcpSettings) -> TcpSettings) -> redis::Client {
+    let info = info_with_tcp(client.get_connection_info().clone(), change);
     // A client is its connection details: opening them again cannot fail.
     redis::Client::open(info).unwrap_or(client)
 }
 
-/// `info` with `TCP_NODELAY` on or off.
-fn info_with_nodelay(info: ConnectionInfo, on: bool) -> ConnectionInfo {
-    let settings = info.tcp_settings().clone().set_nodelay(on);
+/// `info` with its TCP settings changed.
+fn info_with_tcp(
+    info: ConnectionInfo,
+    change: impl Fn(TcpSettings) -> TcpSettings,
+) -> ConnectionInfo {
+    let settings = change(info.tcp_settings().clone());
     info.set_tcp_settings(settings)
+}
+
+/// What this crate sets unless told otherwise: `TCP_NODELAY`, and keepalive probes
+/// after [`DEFAULT_TCP_KEEPALIVE`] unless the settings have a keepalive of their own.
+fn tcp_defaults(settings: TcpSettings) -> TcpSettings {
+    let settings = settings.set_nodelay(true);
+    if settings.keepalive().is_some() {
+        return settings;
+    }
+    settings.set_keepalive(keepalive_after(DEFAULT_TCP_KEEPALIVE))
+}
+
+/// Probes after `idle` quiet, then every third of it (at least a second), 3 at most.
+fn keepalive_after(idle: Duration) -> TcpKeepalive {
+    let keepalive = TcpKeepalive::new().with_time(idle);
+    // Where the OS lets both be set; elsewhere its own interval and count apply.
+    #[cfg(any(
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "ios",
+        target_os = "linux",
+        target_os = "macos",
+        target_os = "netbsd"
+    ))]
+    let keepalive = keepalive
+        .with_interval((idle / 3).max(Duration::from_secs(1)))
+        .with_retries(3);
+    keepalive
+}
+
+/// `settings` without keepalive: rebuilt from what can be read back (not a linger time).
+fn without_keepalive(settings: &TcpSettings) -> TcpSettings {
+    let rebuilt = TcpSettings::default().set_nodelay(settings.nodelay());
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    if let Some(timeout) = settings.user_timeout() {
+        return rebuilt.set_user_timeout(timeout);
+    }
+    rebuilt
 }
 
 /// Parses a list of addresses; a malformed one is a config error naming `what` it was.

@@ -115,7 +115,7 @@ pub use client::{
 };
 pub use connect::{
     Connector, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_ARGUMENT_SIZE, DEFAULT_SENTINEL_CHECK_INTERVAL,
-    MakeConnection,
+    DEFAULT_TCP_KEEPALIVE, MakeConnection,
 };
 pub use error::Error;
 pub use request::{Blocking, CommandInfo, PIPELINE, Request, TRANSACTION, UNKNOWN_COMMAND};

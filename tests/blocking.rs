@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use support::{FaultProxy, RedisServer, eventually};
 use tower_redis_resilience::{
-    ResilientClient,
+    Connector, Error, ResilientClient,
     backoff::{ExponentialBackoff, Jitter},
     reconnect::ReconnectConfig,
 };
@@ -139,6 +139,51 @@ async fn an_idle_blocking_connection_redis_closed_is_replaced_and_pops_once() {
     assert_eq!(popped, Some(("queue".to_owned(), "a".to_owned())));
     assert_eq!(server.raw_command(&["LLEN", "queue"]), "1", "popped once");
     assert_eq!(client.reconnect_stats().blocking_connections, 2);
+}
+
+/// A worker's `BLPOP jobs 0` whose server's host vanishes: its connection is quiet by
+/// design, nothing can be sent on it, and no packet comes back. TCP keepalive finds it,
+/// and the call fails as unavailable and may have run (an element may have been popped
+/// into the dead connection). Without probes it waited for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blpop_without_end_fails_once_keepalive_finds_its_server_gone() {
+    let server = RedisServer::start();
+    // Probes after 1 s quiet, every second, 3 unanswered: found ~4 s after the last packet.
+    let connector = Connector::from_url(&server.url())
+        .unwrap()
+        .tcp_keepalive(Some(Duration::from_secs(1)));
+    let mut worker = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        let popped = worker
+            .blpop::<_, Option<(String, String)>>("jobs", 0.0)
+            .await;
+        (popped, Instant::now())
+    });
+    eventually(Duration::from_secs(5), async || {
+        blocked_clients(&server) == 1
+    })
+    .await;
+
+    // The server's acknowledgement of the `BLPOP` has come: data still unacknowledged
+    // is retransmitted for minutes, and keepalive only probes a quiet connection.
+    eventually(Duration::from_secs(5), async || {
+        let sockets = support::tcp_options_of_connections_to(server.port());
+        sockets.iter().all(|socket| socket.unacked == 0)
+    })
+    .await;
+    let _gone = server.blackhole();
+    let vanished = Instant::now();
+    let (popped, ended) = tokio::time::timeout(Duration::from_secs(15), waiting)
+        .await
+        .expect("the BLPOP ends once keepalive finds the server gone")
+        .unwrap();
+    let err = Error::from(popped.unwrap_err());
+    assert!(err.is_unavailable() && err.may_have_run(), "{err:?}");
+    let after = ended - vanished;
+    assert!(after < Duration::from_secs(10), "{after:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,10 +66,12 @@ async fn commands_reach_the_node_that_serves_their_key() {
     // A blocking command, on a cluster connection of its own.
     let nothing: Option<(String, String)> = client.blpop("queue", 0.01).await.unwrap();
     assert_eq!(nothing, None);
-    // redis-rs's connections to the nodes set TCP_NODELAY, as this crate's do.
+    // redis-rs's connections to the nodes set TCP_NODELAY and keepalive, as this crate's do.
     for master in &cluster.masters {
-        let found = support::nodelay_of_connections_to(master.port());
-        assert!(!found.is_empty() && found.iter().all(|&on| on), "{found:?}");
+        let found = support::tcp_options_of_connections_to(master.port());
+        let defaults =
+            |socket: &support::TcpOptions| socket.nodelay && socket.keepalive == Some((30, 10, 3));
+        assert!(!found.is_empty() && found.iter().all(defaults), "{found:?}");
     }
     assert_eq!(client.reconnect_stats().blocking_connections, 1);
 }

@@ -773,16 +773,19 @@ async fn while_the_master_is_down_reads_are_served_by_its_replica() {
 }
 
 /// The shared connection, a blocking command's own and a subscriber's: each with
-/// `TCP_NODELAY` (read from the sockets), or each without when the connector says so.
+/// `TCP_NODELAY` and keepalive probes after 30 s quiet (read from the sockets), or each
+/// without when the connector says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_connection_sets_tcp_nodelay_unless_the_connector_says_not_to() {
-    for nodelay in [true, false] {
+async fn every_connection_sets_tcp_nodelay_and_keepalive_unless_the_connector_says_not_to() {
+    for defaults in [true, false] {
         let server = RedisServer::start();
         let connector = Connector::from_url(&server.url()).unwrap();
-        let connector = if nodelay {
-            connector
+        let (connector, expected) = if defaults {
+            let keepalive = Some((30, 10, 3));
+            (connector, (true, keepalive))
         } else {
-            connector.tcp_nodelay(false)
+            let off = connector.tcp_nodelay(false).tcp_keepalive(None);
+            (off, (false, None))
         };
         let mut client = ResilientClient::builder_with_connector(connector)
             .connect()
@@ -800,9 +803,14 @@ async fn every_connection_sets_tcp_nodelay_unless_the_connector_says_not_to() {
             .wait_for(|state| *state == ConnectionState::Connected)
             .await
             .unwrap();
-        let found = support::nodelay_of_connections_to(server.port());
+        let found = support::tcp_options_of_connections_to(server.port());
         assert_eq!(found.len(), 3, "{found:?}");
-        assert!(found.iter().all(|&on| on == nodelay), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .all(|socket| (socket.nodelay, socket.keepalive) == expected),
+            "{found:?}"
+        );
     }
 }
 

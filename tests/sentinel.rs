@@ -119,9 +119,12 @@ async fn a_connect_goes_to_the_master_sentinel_names() {
     assert_eq!(master.raw_command(&["GET", "k"]), "on the master");
     assert_eq!(replica.raw_command(&["GET", "k"]), "");
     assert!(client.address().contains("cache/0 via Sentinel 127.0.0.1:"));
-    // The connection to the master Sentinel named sets TCP_NODELAY, as every one does.
-    let found = support::nodelay_of_connections_to(master.port());
-    assert!(!found.is_empty() && found.iter().all(|&on| on), "{found:?}");
+    // The connection to the master Sentinel named sets TCP_NODELAY and keepalive, as
+    // every one does.
+    let found = support::tcp_options_of_connections_to(master.port());
+    let defaults =
+        |socket: &support::TcpOptions| socket.nodelay && socket.keepalive == Some((30, 10, 3));
+    assert!(!found.is_empty() && found.iter().all(defaults), "{found:?}");
 }
 
 #[tokio::test]

@@ -7,8 +7,11 @@
 //! case.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+mod blackhole;
 mod cluster;
 mod proxy;
+#[allow(unused_imports)] // not every test binary injects network faults
+pub use blackhole::Blackhole;
 #[allow(unused_imports)] // only the cluster tests use it
 pub use cluster::{RedisCluster, asking};
 #[allow(unused_imports)] // not every test binary injects network faults
@@ -251,6 +254,14 @@ impl RedisServer {
     /// SIGCONT after [`pause`](Self::pause).
     pub fn resume(&self) {
         signal(self.pid(), libc::SIGCONT);
+    }
+
+    /// Makes this server's port a black hole until the guard is dropped: its host as if
+    /// gone, every packet to and from it dropped, open connections and new ones alike,
+    /// this harness's own [`raw_command`](Self::raw_command) too. Needs `iptables` and
+    /// root (see [`Blackhole`]).
+    pub fn blackhole(&self) -> Blackhole {
+        Blackhole::port(self.port)
     }
 
     /// A field of `INFO` (`total_connections_received`, `connected_clients`...), read over
@@ -570,10 +581,22 @@ pub fn redis_server_binary() -> PathBuf {
         })
 }
 
-/// For each TCP socket of this process connected to `port` on loopback, whether it sets
-/// `TCP_NODELAY`: read from the sockets themselves (`/proc/self/fd`, `getpeername`,
-/// `getsockopt`), so it covers connections redis-rs opens too.
-pub fn nodelay_of_connections_to(port: u16) -> Vec<bool> {
+/// The TCP options of a socket that tests check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpOptions {
+    pub nodelay: bool,
+    /// `SO_KEEPALIVE`, and then `TCP_KEEPIDLE`, `TCP_KEEPINTVL` (seconds) and
+    /// `TCP_KEEPCNT`.
+    pub keepalive: Option<(i32, i32, i32)>,
+    /// Segments sent and not acknowledged yet (`TCP_INFO`): keepalive probes only go
+    /// out on a connection with none.
+    pub unacked: u32,
+}
+
+/// The [`TcpOptions`] of each TCP socket of this process connected to `port` on loopback,
+/// read from the sockets themselves (`/proc/self/fd`, `getpeername`, `getsockopt`), so
+/// it covers connections redis-rs opens too.
+pub fn tcp_options_of_connections_to(port: u16) -> Vec<TcpOptions> {
     let mut found = Vec::new();
     let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
         return found;
@@ -586,43 +609,81 @@ pub fn nodelay_of_connections_to(port: u16) -> Vec<bool> {
         else {
             continue;
         };
-        // SAFETY: getpeername and getsockopt write at most the lengths given into
-        // buffers of those sizes; an fd that is not a socket (or closed meanwhile) fails.
-        unsafe {
-            let mut peer: libc::sockaddr_storage = std::mem::zeroed();
-            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            if libc::getpeername(fd, (&raw mut peer).cast(), &raw mut len) != 0 {
-                continue;
-            }
-            let peer_port = match i32::from(peer.ss_family) {
-                libc::AF_INET => {
-                    let v4 = &*(&raw const peer).cast::<libc::sockaddr_in>();
-                    u16::from_be(v4.sin_port)
-                }
-                libc::AF_INET6 => {
-                    let v6 = &*(&raw const peer).cast::<libc::sockaddr_in6>();
-                    u16::from_be(v6.sin6_port)
-                }
-                _ => continue,
-            };
-            if peer_port != port {
-                continue;
-            }
-            let mut on: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            let got = libc::getsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                (&raw mut on).cast(),
-                &raw mut len,
-            );
-            if got == 0 {
-                found.push(on != 0);
-            }
+        if peer_port(fd) != Some(port) {
+            continue;
         }
+        let option = |level, name| socket_option(fd, level, name);
+        let (Some(nodelay), Some(keepalive)) = (
+            option(libc::IPPROTO_TCP, libc::TCP_NODELAY),
+            option(libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        ) else {
+            continue;
+        };
+        let probes = || {
+            Some((
+                option(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)?,
+                option(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL)?,
+                option(libc::IPPROTO_TCP, libc::TCP_KEEPCNT)?,
+            ))
+        };
+        found.push(TcpOptions {
+            nodelay: nodelay != 0,
+            keepalive: if keepalive != 0 { probes() } else { None },
+            unacked: tcp_info(fd).map_or(0, |info| info.tcpi_unacked),
+        });
     }
     found
+}
+
+/// The port of the peer of socket `fd`, if it is a connected IP socket.
+fn peer_port(fd: i32) -> Option<u16> {
+    // SAFETY: getpeername writes at most the length given into a buffer of that size;
+    // an fd that is not a socket (or closed meanwhile) fails.
+    unsafe {
+        let mut peer: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if libc::getpeername(fd, (&raw mut peer).cast(), &raw mut len) != 0 {
+            return None;
+        }
+        match i32::from(peer.ss_family) {
+            libc::AF_INET => {
+                let v4 = &*(&raw const peer).cast::<libc::sockaddr_in>();
+                Some(u16::from_be(v4.sin_port))
+            }
+            libc::AF_INET6 => {
+                let v6 = &*(&raw const peer).cast::<libc::sockaddr_in6>();
+                Some(u16::from_be(v6.sin6_port))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `TCP_INFO` of socket `fd`.
+fn tcp_info(fd: i32) -> Option<libc::tcp_info> {
+    // SAFETY: tcp_info is plain integers, for which zero is valid; getsockopt writes at
+    // most `len` bytes into it, its size.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let got = libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        );
+        (got == 0).then_some(info)
+    }
+}
+
+/// An integer socket option of `fd`.
+fn socket_option(fd: i32, level: i32, name: i32) -> Option<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, an int of that size.
+    let got = unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &raw mut len) };
+    (got == 0).then_some(value)
 }
 
 fn signal(pid: i32, signal: i32) {
