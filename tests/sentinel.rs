@@ -252,12 +252,15 @@ async fn a_user_that_may_not_run_role_reaches_the_master_and_the_replica_sentine
         .await
         .unwrap();
     let read = on_replica
+        .clone()
         .oneshot(Request::from(redis::cmd("GET").arg("k").to_owned()))
         .await
         .unwrap();
     assert_eq!(read, redis::Value::BulkString(b"on the master".to_vec()));
+    // Its connection is open while `on_replica` lives: the replica lists it.
     let clients = replica.raw_command(&["CLIENT", "LIST"]);
     assert!(clients.contains("user=app"), "{clients}");
+    drop(on_replica);
 }
 /// A failover with the old master still up: Sentinel promotes the replica at once, but
 /// turns the old master into a replica only ~10 s later, and writes it takes meanwhile
