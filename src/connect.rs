@@ -123,9 +123,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a connection may be quiet before TCP keepalive probes ask whether the other
 /// end is still there, unless [`Connector::tcp_keepalive`] says otherwise: 30 s, then a
-/// probe every 10 s, and the connection is closed after 3 unanswered. A dead peer is so
-/// found within a minute, and no load balancer or NAT with an idle timeout above 30 s
-/// drops the connection for being quiet.
+/// probe every 10 s, and the connection is closed after 3 unanswered (on Linux, data
+/// unacknowledged for as long, 60 s, closes it too). A dead peer is so found within a
+/// minute, and no load balancer or NAT with an idle timeout above 30 s drops the
+/// connection for being quiet.
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// The largest argument sent unless [`Connector::max_argument_size`] says otherwise:
@@ -610,7 +611,11 @@ impl Connector {
     /// Whether connections send TCP keepalive probes, and after how long a quiet
     /// connection does (default: [`DEFAULT_TCP_KEEPALIVE`], 30 s). After `idle` with
     /// nothing sent or received, the OS asks the other end every `idle / 3` (at least
-    /// 1 s), and after 3 probes unanswered it closes the connection.
+    /// 1 s), and after 3 probes unanswered it closes the connection. On Linux,
+    /// `TCP_USER_TIMEOUT` is set to the same total (`idle` plus the 3 probes): keepalive
+    /// does not probe a connection with data unacknowledged, which TCP would otherwise
+    /// retransmit for many minutes, so a request sent just as the host vanished is given
+    /// up on as soon.
     ///
     /// It is what finds a dead peer on a connection that is waiting by design: a
     /// [blocking command](crate::Blocking) (`BLPOP jobs 0` in a worker, `XREADGROUP ...
@@ -626,9 +631,9 @@ impl Connector {
     /// ([`ReconnectConfig::health_check`](crate::reconnect::ReconnectConfig::health_check)).
     ///
     /// Settings given in the [`ConnectionInfo`] (its `TcpSettings` with a keepalive of
-    /// their own) are kept: the default applies only when they set none. `None` turns
-    /// the probes off. (A linger time set in those settings cannot be read back, so
-    /// `None` drops it too.) Applies to every connection this connector opens, as
+    /// their own) are kept: the default applies only when they set none, and keeps a
+    /// user timeout they set. `None` turns the probes and the user timeout off. (A linger
+    /// time set in those settings cannot be read back, so `None` drops it too.) Applies to every connection this connector opens, as
     /// [`tcp_nodelay`](Self::tcp_nodelay) does.
     ///
     /// ```
@@ -645,7 +650,7 @@ impl Connector {
     #[must_use]
     pub fn tcp_keepalive(self, idle: Option<Duration>) -> Self {
         self.with_tcp_settings(|settings| match idle {
-            Some(idle) => settings.set_keepalive(keepalive_after(idle)),
+            Some(idle) => with_keepalive(settings, idle),
             None => without_keepalive(&settings),
         })
     }
@@ -903,18 +908,38 @@ fn info_with_tcp(
     info.set_tcp_settings(settings)
 }
 
-/// What this crate sets unless told otherwise: `TCP_NODELAY`, and keepalive probes
-/// after [`DEFAULT_TCP_KEEPALIVE`] unless the settings have a keepalive of their own.
+/// What this crate sets unless told otherwise: `TCP_NODELAY`, and keepalive after
+/// [`DEFAULT_TCP_KEEPALIVE`] unless the settings have a keepalive of their own (a user
+/// timeout of their own is kept).
 fn tcp_defaults(settings: TcpSettings) -> TcpSettings {
     let settings = settings.set_nodelay(true);
     if settings.keepalive().is_some() {
         return settings;
     }
-    settings.set_keepalive(keepalive_after(DEFAULT_TCP_KEEPALIVE))
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    if settings.user_timeout().is_some() {
+        return settings.set_keepalive(keepalive_after(DEFAULT_TCP_KEEPALIVE).0);
+    }
+    with_keepalive(settings, DEFAULT_TCP_KEEPALIVE)
 }
 
-/// Probes after `idle` quiet, then every third of it (at least a second), 3 at most.
-fn keepalive_after(idle: Duration) -> TcpKeepalive {
+/// `settings` with keepalive probes after `idle` quiet and, where the OS has it,
+/// `TCP_USER_TIMEOUT` at the probes' total time: keepalive does not probe a connection
+/// with data unacknowledged, which TCP would otherwise retransmit for many minutes.
+fn with_keepalive(settings: TcpSettings, idle: Duration) -> TcpSettings {
+    let (keepalive, total) = keepalive_after(idle);
+    let settings = settings.set_keepalive(keepalive);
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let settings = settings.set_user_timeout(total);
+    #[cfg(not(any(target_os = "android", target_os = "fuchsia", target_os = "linux")))]
+    let _ = total;
+    settings
+}
+
+/// Probes after `idle` quiet, then every third of it (at least a second), 3 at most;
+/// and how long from the last packet until the third goes unanswered.
+fn keepalive_after(idle: Duration) -> (TcpKeepalive, Duration) {
+    let interval = (idle / 3).max(Duration::from_secs(1));
     let keepalive = TcpKeepalive::new().with_time(idle);
     // Where the OS lets both be set; elsewhere its own interval and count apply.
     #[cfg(any(
@@ -925,20 +950,14 @@ fn keepalive_after(idle: Duration) -> TcpKeepalive {
         target_os = "macos",
         target_os = "netbsd"
     ))]
-    let keepalive = keepalive
-        .with_interval((idle / 3).max(Duration::from_secs(1)))
-        .with_retries(3);
-    keepalive
+    let keepalive = keepalive.with_interval(interval).with_retries(3);
+    (keepalive, idle.saturating_add(interval.saturating_mul(3)))
 }
 
-/// `settings` without keepalive: rebuilt from what can be read back (not a linger time).
+/// `settings` without keepalive or a user timeout: rebuilt from `TCP_NODELAY` (a linger
+/// time cannot be read back).
 fn without_keepalive(settings: &TcpSettings) -> TcpSettings {
-    let rebuilt = TcpSettings::default().set_nodelay(settings.nodelay());
-    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-    if let Some(timeout) = settings.user_timeout() {
-        return rebuilt.set_user_timeout(timeout);
-    }
-    rebuilt
+    TcpSettings::default().set_nodelay(settings.nodelay())
 }
 
 /// Parses a list of addresses; a malformed one is a config error naming `what` it was.
@@ -1358,6 +1377,51 @@ mod tests {
         assert!(!readable(
             &TcpSettings::default().set_linger_time(Duration::ZERO)
         ));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn keepalive_and_its_user_timeout_are_set_unless_the_settings_have_their_own() {
+        let secs = Duration::from_secs;
+        let settings =
+            |connector: &Connector| format!("{:?}", connector.connection_info().tcp_settings());
+        let probes = |idle, interval| {
+            TcpKeepalive::new()
+                .with_time(secs(idle))
+                .with_interval(secs(interval))
+                .with_retries(3)
+        };
+        let expected = |keepalive: Option<TcpKeepalive>, user_timeout: Option<u64>| {
+            let mut expected = TcpSettings::default().set_nodelay(true);
+            if let Some(keepalive) = keepalive {
+                expected = expected.set_keepalive(keepalive);
+            }
+            if let Some(timeout) = user_timeout {
+                expected = expected.set_user_timeout(secs(timeout));
+            }
+            format!("{expected:?}")
+        };
+        let url = "redis://127.0.0.1:6379";
+        let default = Connector::from_url(url).unwrap();
+        assert_eq!(settings(&default), expected(Some(probes(30, 10)), Some(60)));
+        let quick = default.tcp_keepalive(Some(secs(9)));
+        assert_eq!(settings(&quick), expected(Some(probes(9, 3)), Some(18)));
+        assert_eq!(settings(&quick.tcp_keepalive(None)), expected(None, None));
+
+        // The settings' own keepalive is kept as it is, and so is their user timeout.
+        let info = |tcp: TcpSettings| url.into_connection_info().unwrap().set_tcp_settings(tcp);
+        let own = TcpKeepalive::new().with_time(secs(100));
+        let connector =
+            Connector::from_connection_info(info(TcpSettings::default().set_keepalive(own)))
+                .unwrap();
+        let own = TcpKeepalive::new().with_time(secs(100));
+        assert_eq!(settings(&connector), expected(Some(own), None));
+        let with_timeout = TcpSettings::default().set_user_timeout(secs(7));
+        let connector = Connector::from_connection_info(info(with_timeout)).unwrap();
+        assert_eq!(
+            settings(&connector),
+            expected(Some(probes(30, 10)), Some(7))
+        );
     }
 
     #[cfg(feature = "tls")]

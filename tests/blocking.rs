@@ -141,6 +141,43 @@ async fn an_idle_blocking_connection_redis_closed_is_replaced_and_pops_once() {
     assert_eq!(client.reconnect_stats().blocking_connections, 2);
 }
 
+/// A client whose connections probe after 1 s quiet, every second, 3 unanswered: a
+/// vanished server is found ~4 s after its last packet.
+async fn quick_keepalive_client(server: &RedisServer) -> ResilientClient {
+    let connector = Connector::from_url(&server.url())
+        .unwrap()
+        .tcp_keepalive(Some(Duration::from_secs(1)));
+    ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// A `BLPOP` in a task: what it popped, and when it ended.
+type Waiting = tokio::task::JoinHandle<(redis::RedisResult<Option<(String, String)>>, Instant)>;
+
+/// `BLPOP jobs 0` on `worker`, in a task that answers its result and when it ended.
+fn blpop_forever(mut worker: ResilientClient) -> Waiting {
+    tokio::spawn(async move {
+        let popped = worker.blpop("jobs", 0.0).await;
+        (popped, Instant::now())
+    })
+}
+
+/// The call in `waiting` fails as unavailable and one that may have run, within 10 s of
+/// `vanished`.
+async fn fails_soon_after(waiting: Waiting, vanished: Instant) {
+    let (popped, ended) = tokio::time::timeout(Duration::from_secs(15), waiting)
+        .await
+        .expect("the BLPOP ends once the server is found gone")
+        .unwrap();
+    let err = Error::from(popped.unwrap_err());
+    assert!(err.is_unavailable() && err.may_have_run(), "{err:?}");
+    let after = ended - vanished;
+    eprintln!("the BLPOP failed {after:?} after its server vanished: {err}");
+    assert!(after < Duration::from_secs(10), "{after:?}");
+}
+
 /// A worker's `BLPOP jobs 0` whose server's host vanishes: its connection is quiet by
 /// design, nothing can be sent on it, and no packet comes back. TCP keepalive finds it,
 /// and the call fails as unavailable and may have run (an element may have been popped
@@ -148,42 +185,35 @@ async fn an_idle_blocking_connection_redis_closed_is_replaced_and_pops_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blpop_without_end_fails_once_keepalive_finds_its_server_gone() {
     let server = RedisServer::start();
-    // Probes after 1 s quiet, every second, 3 unanswered: found ~4 s after the last packet.
-    let connector = Connector::from_url(&server.url())
-        .unwrap()
-        .tcp_keepalive(Some(Duration::from_secs(1)));
-    let mut worker = ResilientClient::builder_with_connector(connector)
-        .connect()
-        .await
-        .unwrap();
-    let waiting = tokio::spawn(async move {
-        let popped = worker
-            .blpop::<_, Option<(String, String)>>("jobs", 0.0)
-            .await;
-        (popped, Instant::now())
-    });
+    let waiting = blpop_forever(quick_keepalive_client(&server).await);
     eventually(Duration::from_secs(5), async || {
         blocked_clients(&server) == 1
     })
     .await;
-
-    // The server's acknowledgement of the `BLPOP` has come: data still unacknowledged
-    // is retransmitted for minutes, and keepalive only probes a quiet connection.
+    // The server's acknowledgement of the `BLPOP` has come: the connection is quiet,
+    // as keepalive needs (the next test is the other case).
     eventually(Duration::from_secs(5), async || {
         let sockets = support::tcp_options_of_connections_to(server.port());
         sockets.iter().all(|socket| socket.unacked == 0)
     })
     .await;
     let _gone = server.blackhole();
+    fails_soon_after(waiting, Instant::now()).await;
+}
+
+/// The same, with the host gone before it acknowledged the `BLPOP`: keepalive does not
+/// probe a connection with data unacknowledged, which TCP retransmits for many minutes.
+/// `TCP_USER_TIMEOUT`, set to the keepalive's total time, bounds that too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blpop_sent_to_a_server_already_gone_fails_within_the_keepalive_time() {
+    let server = RedisServer::start();
+    let mut worker = quick_keepalive_client(&server).await;
+    // A blocking connection, kept for reuse: the next `BLPOP` is sent on it.
+    let nothing: Option<(String, String)> = worker.blpop("jobs", 0.01).await.unwrap();
+    assert_eq!(nothing, None);
+    let _gone = server.blackhole();
     let vanished = Instant::now();
-    let (popped, ended) = tokio::time::timeout(Duration::from_secs(15), waiting)
-        .await
-        .expect("the BLPOP ends once keepalive finds the server gone")
-        .unwrap();
-    let err = Error::from(popped.unwrap_err());
-    assert!(err.is_unavailable() && err.may_have_run(), "{err:?}");
-    let after = ended - vanished;
-    assert!(after < Duration::from_secs(10), "{after:?}");
+    fails_soon_after(blpop_forever(worker), vanished).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

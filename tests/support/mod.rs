@@ -588,9 +588,19 @@ pub struct TcpOptions {
     /// `SO_KEEPALIVE`, and then `TCP_KEEPIDLE`, `TCP_KEEPINTVL` (seconds) and
     /// `TCP_KEEPCNT`.
     pub keepalive: Option<(i32, i32, i32)>,
+    /// `TCP_USER_TIMEOUT`, in milliseconds (0: none).
+    pub user_timeout_ms: i32,
     /// Segments sent and not acknowledged yet (`TCP_INFO`): keepalive probes only go
     /// out on a connection with none.
     pub unacked: u32,
+}
+
+impl TcpOptions {
+    /// What this crate sets by default: `TCP_NODELAY`, keepalive after 30 s quiet, every
+    /// 10 s, 3 probes, and a user timeout of their total.
+    pub fn are_the_defaults(&self) -> bool {
+        self.nodelay && self.keepalive == Some((30, 10, 3)) && self.user_timeout_ms == 60_000
+    }
 }
 
 /// The [`TcpOptions`] of each TCP socket of this process connected to `port` on loopback,
@@ -629,6 +639,7 @@ pub fn tcp_options_of_connections_to(port: u16) -> Vec<TcpOptions> {
         found.push(TcpOptions {
             nodelay: nodelay != 0,
             keepalive: if keepalive != 0 { probes() } else { None },
+            user_timeout_ms: option(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT).unwrap_or(0),
             unacked: tcp_info(fd).map_or(0, |info| info.tcpi_unacked),
         });
     }
