@@ -633,8 +633,9 @@ impl Connector {
     /// Settings given in the [`ConnectionInfo`] (its `TcpSettings` with a keepalive of
     /// their own) are kept: the default applies only when they set none, and keeps a
     /// user timeout they set. `None` turns the probes and the user timeout off. (A linger
-    /// time set in those settings cannot be read back, so `None` drops it too.) Applies to every connection this connector opens, as
-    /// [`tcp_nodelay`](Self::tcp_nodelay) does.
+    /// time set in those settings cannot be read back, so `None` drops it too.) Applies
+    /// to every connection this connector opens, as [`tcp_nodelay`](Self::tcp_nodelay)
+    /// does, but not to the connections to the Sentinels themselves.
     ///
     /// ```
     /// use std::time::Duration;
