@@ -1364,8 +1364,6 @@ mod tests {
 
     #[test]
     fn socket_options_this_crate_can_apply_are_told_from_those_it_cannot() {
-        use redis::io::tcp::socket2::TcpKeepalive;
-
         let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(30));
         assert!(readable(&TcpSettings::default()));
         assert!(readable(&TcpSettings::default().set_nodelay(true)));
