@@ -12,7 +12,8 @@ use redis::Value;
 use tower::Service;
 
 use crate::{
-    Error, Request,
+    Credentials, Error, Request,
+    credentials::{Provider, fresh},
     sentinel::Sentinels,
     service::{Conn, Driver, RedisService},
 };
@@ -166,6 +167,8 @@ pub struct Connector {
     max_argument: usize,
     /// How it opens TLS connections itself.
     own_tls: OwnTls,
+    /// Asked for credentials before each connection ([`Connector::credentials`]).
+    credentials: Option<Provider>,
 }
 
 /// How a connector opens TLS connections itself (feature `tls`): with nothing to open,
@@ -194,6 +197,8 @@ struct ClusterNodes {
     /// shared one, each for blocking commands, and those after a reconnect); `None`
     /// inside if it could not be set up.
     replicas: std::sync::OnceLock<Option<Arc<crate::service::ReplicaReads>>>,
+    /// Asked for credentials before each connection to a node.
+    credentials: Option<Provider>,
 }
 
 #[cfg(feature = "cluster")]
@@ -211,6 +216,7 @@ impl ClusterNodes {
             next_pubsub_node: std::sync::atomic::AtomicUsize::new(0),
             read_replicas: self.read_replicas,
             replicas: std::sync::OnceLock::new(),
+            credentials: self.credentials.clone(),
         }
     }
 
@@ -236,6 +242,7 @@ impl ClusterNodes {
                     Ok(client) => {
                         let unlisted = crate::service::Unlisted::replicas(
                             template.clone(),
+                            self.credentials.clone(),
                             own_tls.clone(),
                             connect_timeout,
                         );
@@ -287,6 +294,7 @@ impl Connector {
             cluster: None,
             max_argument: DEFAULT_MAX_ARGUMENT_SIZE,
             own_tls: OwnTls::default(),
+            credentials: None,
         }
     }
 
@@ -487,6 +495,7 @@ impl Connector {
             next_pubsub_node: std::sync::atomic::AtomicUsize::new(0),
             read_replicas: false,
             replicas: std::sync::OnceLock::new(),
+            credentials: None,
         }));
         Ok(connector)
     }
@@ -571,6 +580,67 @@ impl Connector {
             )));
         }
         Ok(self)
+    }
+
+    /// Asks `provider` for the [`Credentials`] of each connection, just before it is
+    /// opened: for servers whose passwords are tokens that expire (AWS ElastiCache and
+    /// MemoryDB IAM authentication, Azure Entra ID, Vault's dynamic secrets). A password
+    /// in the URL would authenticate the first connection and be refused by every one
+    /// after it expired: the first reconnect after a restart or a failover would fail
+    /// for good.
+    ///
+    /// Every connection this connector opens asks it: the shared one and each reconnect,
+    /// those of blocking commands and subscribers, the master or replica Sentinel names,
+    /// and a cluster's (redis-rs's cluster client asks once or twice for each node it
+    /// connects to, its own reconnects included). The Sentinels themselves are asked with
+    /// the credentials of their URLs. The provider's user name, when it gives one,
+    /// replaces the URL's; [`Credentials::password_only`] keeps the URL's user.
+    ///
+    /// The connect timeout bounds the provider's answer too. A provider that fails makes
+    /// the connect [unavailable](Error::is_unavailable), with its error in the message, and
+    /// [`Reconnect`](crate::reconnect::Reconnect) tries again at its schedule's pace.
+    /// Calls may come from several tasks at once (a blocking command's connection opens
+    /// beside the shared one): cache in the provider whatever is slow to get.
+    ///
+    /// A connection keeps the credentials it opened with: Redis checks them at `AUTH`
+    /// only. A service that closes connections whose token has expired (ElastiCache IAM
+    /// after 12 hours) is reconnected to with new ones.
+    ///
+    /// ```no_run
+    /// use tower_redis_resilience::{Connector, Credentials, ResilientClient};
+    ///
+    /// /// Stands in for a token service: a signed IAM request, an Entra ID token.
+    /// async fn fetch_token() -> Result<String, std::io::Error> {
+    ///     Ok(std::env::var("REDIS_TOKEN").unwrap_or_default())
+    /// }
+    ///
+    /// # fn run() -> Result<(), tower_redis_resilience::Error> {
+    /// let connector = Connector::from_url("redis://app@127.0.0.1:6379")?.credentials(|| async {
+    ///     Ok::<_, std::io::Error>(Credentials::password_only(fetch_token().await?))
+    /// });
+    /// let client = ResilientClient::builder_with_connector(connector).build()?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn credentials<F, Fut, E>(mut self, provider: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Credentials, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let provider = Provider::new(provider);
+        #[cfg(feature = "cluster")]
+        if let Some(cluster) = &self.cluster {
+            let mut renewed = cluster.with_nodes(
+                cluster.nodes.clone(),
+                #[cfg(feature = "tls")]
+                None,
+            );
+            renewed.credentials = Some(provider.clone());
+            self.cluster = Some(Arc::new(renewed));
+        }
+        self.credentials = Some(provider);
+        self
     }
 
     /// How often a [Sentinel connector](Self::sentinel) asks Sentinel whether the master
@@ -821,21 +891,17 @@ impl Connector {
                     let timeout = self.connect_timeout;
                     return open_cluster(cluster, timeout, &self.own_tls, display, used).await;
                 }
+                let info = fresh(self.credentials.as_ref(), self.connection_info()).await?;
                 match &self.sentinel {
                     None => {
-                        open(
-                            self.connection_info(),
-                            Some(&self.client),
-                            &self.own_tls,
-                            self.display.clone(),
-                        )
-                        .await
+                        // The client is its connection details, which `info` replaces
+                        // when it has credentials of its own.
+                        let client = self.credentials.is_none().then_some(&self.client);
+                        open(&info, client, &self.own_tls, self.display.clone()).await
                     }
                     Some(sentinel) => {
                         let every = self.sentinel_check_interval;
-                        sentinel
-                            .connect(self.connection_info(), self.connect_timeout, every)
-                            .await
+                        sentinel.connect(&info, self.connect_timeout, every).await
                     }
                 }
             })
@@ -866,10 +932,11 @@ impl Connector {
             if let Some(cluster) = &self.cluster {
                 return Ok((cluster.open_pubsub(self.connect_timeout).await?, None));
             }
+            let info = fresh(self.credentials.as_ref(), self.connection_info()).await?;
             match &self.sentinel {
                 None => {
-                    let pubsub = self
-                        .client
+                    let pubsub = redis::Client::open(info.into_owned())
+                        .map_err(Error::from_connect)?
                         .get_async_pubsub()
                         .await
                         .map_err(Error::from_connect)?;
@@ -878,7 +945,7 @@ impl Connector {
                 Some(sentinel) => {
                     let every = self.sentinel_check_interval;
                     let (pubsub, driver) = sentinel
-                        .open_pubsub(self.connection_info(), self.connect_timeout, every)
+                        .open_pubsub(&info, self.connect_timeout, every)
                         .await?;
                     Ok((pubsub, Some(driver)))
                 }
@@ -1011,7 +1078,8 @@ impl ClusterNodes {
         for k in 0..self.nodes.len() {
             let node = &self.nodes[first.wrapping_add(k) % self.nodes.len()];
             let attempt = async {
-                redis::Client::open(node.clone())
+                let node = fresh(self.credentials.as_ref(), node).await?;
+                redis::Client::open(node.into_owned())
                     .map_err(Error::from_connect)?
                     .get_async_pubsub()
                     .await
@@ -1070,7 +1138,12 @@ async fn open_cluster(
         .cloned()
         .ok_or_else(|| Error::config("a cluster connector needs at least one node"))?;
     let replicas = cluster.replicas(connect_timeout, &template, own_tls);
-    let unlisted = crate::service::Unlisted::new(template, own_tls.clone(), connect_timeout);
+    let unlisted = crate::service::Unlisted::new(
+        template,
+        cluster.credentials.clone(),
+        own_tls.clone(),
+        connect_timeout,
+    );
     Ok(RedisService::from_parts(
         Conn::Cluster {
             topology: crate::service::Topology::new(connection.clone()),
@@ -1106,7 +1179,19 @@ fn cluster_builder(
         Some(certificates) => builder.certs(certificates.clone()),
         None => builder,
     };
-    builder
+    match &cluster.credentials {
+        Some(provider) => {
+            let username = cluster
+                .nodes
+                .first()
+                .and_then(|node| node.redis_settings().username());
+            builder.set_credentials_provider(crate::credentials::ForCluster::new(
+                provider.clone(),
+                username,
+            ))
+        }
+        None => builder,
+    }
 }
 
 /// Has redis-rs's cluster client give up on a node's reply after the connect timeout (an
@@ -1146,7 +1231,11 @@ async fn diagnose(
     }
     let ask = async {
         for node in &cluster.nodes {
-            let alone = open(node, None, &OwnTls::default(), describe(node).into()).await;
+            let alone = async {
+                let node = fresh(cluster.credentials.as_ref(), node).await?;
+                open(&node, None, &OwnTls::default(), describe(&node).into()).await
+            };
+            let alone = alone.await;
             if let Err(found) = alone
                 && found.is_config()
             {

@@ -91,6 +91,7 @@ pub mod circuit_breaker;
 mod client;
 mod clock;
 mod connect;
+mod credentials;
 mod directory;
 mod error;
 pub mod fallback;
@@ -117,6 +118,7 @@ pub use connect::{
     Connector, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_ARGUMENT_SIZE, DEFAULT_SENTINEL_CHECK_INTERVAL,
     DEFAULT_TCP_KEEPALIVE, MakeConnection,
 };
+pub use credentials::Credentials;
 pub use error::Error;
 pub use request::{Blocking, CommandInfo, PIPELINE, Request, TRANSACTION, UNKNOWN_COMMAND};
 pub use service::{RedisService, ResponseFuture};

@@ -13,9 +13,9 @@ use std::{
 };
 
 use redis::AsyncCommands;
-use support::{RedisCluster, RedisServer, asking, eventually};
+use support::{RedisCluster, RedisServer, TokenService, asking, eventually};
 use tower_redis_resilience::{
-    Connector, Error, ResilientClient,
+    Connector, Credentials, Error, ResilientClient,
     circuit_breaker::BreakerState,
     metrics::Outcome,
     pubsub::{Event, Events, Subscriber, SubscriberConfig},
@@ -1132,6 +1132,80 @@ async fn rejected_credentials_are_a_config_error_not_an_outage() {
         .await
         .unwrap();
     let () = client.set("k", "v").await.unwrap();
+}
+
+/// Tokens that expire, on a cluster: every node connection redis-rs's cluster client
+/// opens asks the provider, its own reconnects after the nodes closed the connections of
+/// an expired token included, and so does a subscriber's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_connection_is_opened_with_the_credentials_providers_token() {
+    let cluster = RedisCluster::start(3, 0);
+    for node in &cluster.masters {
+        node.set_user_password("app", "token-1");
+    }
+    let tokens = TokenService::issuing("token-1");
+    let provider = {
+        let tokens = tokens.clone();
+        move || {
+            let token = tokens.take();
+            async move { Ok::<_, std::io::Error>(Credentials::password_only(token)) }
+        }
+    };
+    let urls = cluster
+        .masters
+        .iter()
+        .map(|node| format!("redis://app@127.0.0.1:{}", node.port()));
+    let connector = Connector::cluster(urls).unwrap().credentials(provider);
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    let (_subscriber, mut events) = subscribed(&client, Duration::from_secs(5)).await;
+    for n in 0..30 {
+        let () = client.set(format!("key:{n}"), n).await.unwrap();
+    }
+    let before = tokens.handed_out();
+    assert!(
+        before >= 4,
+        "each node's connection and the subscriber's: {before}"
+    );
+
+    tokens.issue("token-2");
+    for node in &cluster.masters {
+        node.set_user_password("app", "token-2");
+        node.close_connections_of_user("app");
+    }
+    eventually(Duration::from_secs(10), async || {
+        for n in 0..30 {
+            if client.get::<_, Option<u32>>(format!("key:{n}")).await.ok() != Some(Some(n)) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    for node in &cluster.masters {
+        let clients = node.raw_command(&["CLIENT", "LIST"]);
+        assert!(clients.contains("user=app"), "{clients}");
+    }
+    // Subscribed again (after `Disconnected` and `Resubscribed` events), somewhere.
+    eventually(Duration::from_secs(10), async || {
+        cluster
+            .masters
+            .iter()
+            .map(|node| subscribers_on(node, "news"))
+            .sum::<usize>()
+            == 1
+    })
+    .await;
+    cluster.masters[0].raw_command(&["PUBLISH", "news", "after"]);
+    loop {
+        if let Event::Message(message) = next_event(&mut events).await {
+            assert_eq!(message.get_payload::<String>().unwrap(), "after");
+            break;
+        }
+    }
+    assert!(tokens.handed_out() > before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

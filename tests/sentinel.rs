@@ -6,10 +6,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
-use support::{RedisServer, ServerConfig, eventually};
+use support::{RedisServer, ServerConfig, TokenService, eventually};
 use tower::ServiceExt;
 use tower_redis_resilience::{
-    Connector, Error, Request, ResilientClient,
+    Connector, Credentials, Error, Request, ResilientClient,
     pubsub::{Event, Events, Subscriber, SubscriberConfig},
 };
 
@@ -263,6 +263,66 @@ async fn a_user_that_may_not_run_role_reaches_the_master_and_the_replica_sentine
     assert!(clients.contains("user=app"), "{clients}");
     drop(on_replica);
 }
+/// Tokens that expire, through Sentinel: the master and the replica it names are reached
+/// with the provider's token of the moment, and so is the new master after a failover
+/// that came with a new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_sentinel_names_are_reached_with_the_credentials_providers_token() {
+    let (master, replica, sentinels) = replicated_pair(1).await;
+    for server in [&master, &replica] {
+        server.set_user_password("app", "token-1");
+    }
+    let tokens = TokenService::issuing("token-1");
+    let asking = |connector: Connector| {
+        let tokens = tokens.clone();
+        connector.credentials(move || {
+            let token = tokens.take();
+            async move { Ok::<_, std::io::Error>(Credentials::password_only(token)) }
+        })
+    };
+    let sentinel = [sentinels[0].url()];
+    let as_app = "redis://app@cache/0";
+    let mut client = ResilientClient::builder_with_connector(asking(
+        Connector::sentinel(sentinel.clone(), MASTER, as_app).unwrap(),
+    ))
+    .connect()
+    .await
+    .unwrap();
+    let () = client.set("k", "on the master").await.unwrap();
+    replica.catch_up(&master);
+    let on_replica = asking(Connector::sentinel_replica(sentinel, MASTER, as_app).unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let read = on_replica
+        .clone()
+        .oneshot(Request::from(redis::cmd("GET").arg("k").to_owned()))
+        .await
+        .unwrap();
+    assert_eq!(read, redis::Value::BulkString(b"on the master".to_vec()));
+    drop(on_replica);
+    assert_eq!(tokens.handed_out(), 2);
+
+    tokens.issue("token-2");
+    for server in [&master, &replica] {
+        server.set_user_password("app", "token-2");
+    }
+    sentinels[0].fail_over(MASTER);
+    eventually(Duration::from_secs(10), async || {
+        sentinels[0].master_port(MASTER) == replica.port()
+    })
+    .await;
+    // The promoted replica no longer replicates: what it holds now, the client wrote there.
+    eventually(Duration::from_secs(10), async || {
+        client.set::<_, _, ()>("after", "failover").await.is_ok()
+            && replica.raw_command(&["GET", "after"]) == "failover"
+    })
+    .await;
+    let clients = replica.raw_command(&["CLIENT", "LIST"]);
+    assert!(clients.contains("user=app"), "{clients}");
+    assert!(tokens.handed_out() >= 3);
+}
+
 /// A failover with the old master still up: Sentinel promotes the replica at once, but
 /// turns the old master into a replica only ~10 s later, and writes it takes meanwhile
 /// are lost. The client hears Sentinel announce the switch and moves at once.

@@ -36,7 +36,11 @@ use redis::{
 };
 
 use super::{Conn, RedisService};
-use crate::{Error, connect::OwnTls};
+use crate::{
+    Error,
+    connect::OwnTls,
+    credentials::{Provider, fresh},
+};
 
 /// Which redirect, to which node, for which slot.
 pub(super) struct Redirect {
@@ -80,6 +84,8 @@ impl Node {
 pub(crate) struct Unlisted {
     /// An initial node: where to connect is replaced, the rest is kept.
     template: ConnectionInfo,
+    /// Asked for credentials before each connection, when the connector has one.
+    credentials: Option<Provider>,
     own_tls: OwnTls,
     connect_timeout: Duration,
     /// Whether each connection is told `READONLY` before use, so a replica serves the
@@ -94,29 +100,33 @@ pub(crate) struct Unlisted {
 impl Unlisted {
     pub(crate) fn new(
         template: ConnectionInfo,
+        credentials: Option<Provider>,
         own_tls: OwnTls,
         connect_timeout: Duration,
     ) -> Arc<Self> {
-        Unlisted::with_mode(template, own_tls, connect_timeout, false)
+        Unlisted::with_mode(template, credentials, own_tls, connect_timeout, false)
     }
 
     /// For reads sent to replicas by address: each connection is in `READONLY` mode.
     pub(crate) fn replicas(
         template: ConnectionInfo,
+        credentials: Option<Provider>,
         own_tls: OwnTls,
         connect_timeout: Duration,
     ) -> Arc<Self> {
-        Unlisted::with_mode(template, own_tls, connect_timeout, true)
+        Unlisted::with_mode(template, credentials, own_tls, connect_timeout, true)
     }
 
     fn with_mode(
         template: ConnectionInfo,
+        credentials: Option<Provider>,
         own_tls: OwnTls,
         connect_timeout: Duration,
         readonly: bool,
     ) -> Arc<Self> {
         Arc::new(Unlisted {
             template,
+            credentials,
             own_tls,
             connect_timeout,
             readonly,
@@ -182,6 +192,7 @@ impl Unlisted {
         let display = crate::connect::describe(&info);
         let readonly = self.readonly;
         let opening = async move {
+            let info = fresh(self.credentials.as_ref(), &info).await?;
             let service = crate::connect::open(&info, None, &self.own_tls, display.into()).await?;
             if readonly {
                 let mut connection = single(&service)?;

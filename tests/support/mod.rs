@@ -336,6 +336,30 @@ impl RedisServer {
         BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with(':')
     }
 
+    /// ACL user `name`, allowed everything, made or given `password` alone (its old
+    /// ones no longer valid), as a token service rotating its tokens would.
+    pub fn set_user_password(&self, name: &str, password: &str) {
+        let password = format!(">{password}");
+        let args = [
+            "ACL",
+            "SETUSER",
+            name,
+            "on",
+            "resetpass",
+            &password,
+            "~*",
+            "&*",
+            "+@all",
+        ];
+        assert_eq!(self.raw_command(&args), "OK");
+    }
+
+    /// Closes every connection of ACL user `name`, as a service does when its token
+    /// expires.
+    pub fn close_connections_of_user(&self, name: &str) {
+        self.raw_command(&["CLIENT", "KILL", "USER", name]);
+    }
+
     pub fn raw_command(&self, args: &[&str]) -> String {
         let port = match (self.config.tls, self.plain_port) {
             (false, _) => self.port,
@@ -515,6 +539,36 @@ impl Drop for RedisServer {
             drop(process.watchdog.stdin.take());
             let _ = process.watchdog.wait();
         }
+    }
+}
+
+/// A token service's stand-in: the token of the moment, and how many were handed out.
+#[derive(Clone, Default)]
+pub struct TokenService {
+    current: std::sync::Arc<std::sync::Mutex<String>>,
+    handed_out: std::sync::Arc<AtomicU64>,
+}
+
+impl TokenService {
+    pub fn issuing(token: &str) -> Self {
+        let service = TokenService::default();
+        service.issue(token);
+        service
+    }
+
+    /// From now on, hands out `token`.
+    pub fn issue(&self, token: &str) {
+        *self.current.lock().unwrap() = token.to_owned();
+    }
+
+    /// The token of the moment, counted.
+    pub fn take(&self) -> String {
+        self.handed_out.fetch_add(1, Ordering::SeqCst);
+        self.current.lock().unwrap().clone()
+    }
+
+    pub fn handed_out(&self) -> u64 {
+        self.handed_out.load(Ordering::SeqCst)
     }
 }
 
