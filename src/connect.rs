@@ -602,9 +602,16 @@ impl Connector {
     /// Calls may come from several tasks at once (a blocking command's connection opens
     /// beside the shared one): cache in the provider whatever is slow to get.
     ///
-    /// A connection keeps the credentials it opened with: Redis checks them at `AUTH`
-    /// only. A service that closes connections whose token has expired (ElastiCache IAM
-    /// after 12 hours) is reconnected to with new ones.
+    /// Redis checks credentials at `AUTH` only, so a connection keeps working on the ones
+    /// it opened with. Services that close connections whose token has expired want them
+    /// authenticated again before then (Azure's, with Entra ID): credentials given
+    /// [`valid_for`](Credentials::valid_for) a time are renewed on the open connection, the
+    /// provider asked again at three quarters of it and `AUTH` sent with its answer,
+    /// without a reconnect. A subscriber's connection is the exception: Redis takes no
+    /// `AUTH` on a subscribed RESP2 connection, so when the service closes it, the
+    /// subscriber subscribes again on a new one and says so with its events. One closed
+    /// for another reason (ElastiCache IAM's after 12 hours) is reconnected to with new
+    /// credentials.
     ///
     /// ```no_run
     /// use tower_redis_resilience::{Connector, Credentials, ResilientClient};
@@ -891,19 +898,23 @@ impl Connector {
                     let timeout = self.connect_timeout;
                     return open_cluster(cluster, timeout, &self.own_tls, display, used).await;
                 }
-                let info = fresh(self.credentials.as_ref(), self.connection_info()).await?;
-                match &self.sentinel {
+                let authenticated =
+                    fresh(self.credentials.as_ref(), self.connection_info()).await?;
+                let info = &authenticated.info;
+                let service = match &self.sentinel {
                     None => {
                         // The client is its connection details, which `info` replaces
                         // when it has credentials of its own.
                         let client = self.credentials.is_none().then_some(&self.client);
-                        open(&info, client, &self.own_tls, self.display.clone()).await
+                        open(info, client, &self.own_tls, self.display.clone()).await?
                     }
                     Some(sentinel) => {
                         let every = self.sentinel_check_interval;
-                        sentinel.connect(&info, self.connect_timeout, every).await
+                        sentinel.connect(info, self.connect_timeout, every).await?
                     }
-                }
+                };
+                authenticated.keep(&service, self.connect_timeout);
+                Ok(service)
             })
             .await?;
         Ok(service.with_max_argument_size(self.max_argument))
@@ -932,7 +943,11 @@ impl Connector {
             if let Some(cluster) = &self.cluster {
                 return Ok((cluster.open_pubsub(self.connect_timeout).await?, None));
             }
-            let info = fresh(self.credentials.as_ref(), self.connection_info()).await?;
+            // A subscribed connection takes no `AUTH` (in RESP2): credentials that expire
+            // are not renewed on it, and one the server closes is subscribed again.
+            let info = fresh(self.credentials.as_ref(), self.connection_info())
+                .await?
+                .info;
             match &self.sentinel {
                 None => {
                     let pubsub = redis::Client::open(info.into_owned())
@@ -1078,7 +1093,7 @@ impl ClusterNodes {
         for k in 0..self.nodes.len() {
             let node = &self.nodes[first.wrapping_add(k) % self.nodes.len()];
             let attempt = async {
-                let node = fresh(self.credentials.as_ref(), node).await?;
+                let node = fresh(self.credentials.as_ref(), node).await?.info;
                 redis::Client::open(node.into_owned())
                     .map_err(Error::from_connect)?
                     .get_async_pubsub()
@@ -1232,7 +1247,7 @@ async fn diagnose(
     let ask = async {
         for node in &cluster.nodes {
             let alone = async {
-                let node = fresh(cluster.credentials.as_ref(), node).await?;
+                let node = fresh(cluster.credentials.as_ref(), node).await?.info;
                 open(&node, None, &OwnTls::default(), describe(&node).into()).await
             };
             let alone = alone.await;

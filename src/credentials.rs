@@ -1,11 +1,11 @@
 //! Credentials asked for anew at every connect, for servers whose passwords are tokens
 //! that expire.
 
-use std::{borrow::Cow, fmt, future::Future, pin::Pin, sync::Arc};
+use std::{borrow::Cow, fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use redis::ConnectionInfo;
 
-use crate::Error;
+use crate::{Error, service::RedisService};
 
 /// What a connection authenticates with (`AUTH` or `HELLO`): an ACL user name and a
 /// password, or a token that stands in for one. Given by the provider of
@@ -24,6 +24,7 @@ use crate::Error;
 pub struct Credentials {
     username: Option<String>,
     password: String,
+    valid_for: Option<Duration>,
 }
 
 impl Credentials {
@@ -32,6 +33,7 @@ impl Credentials {
         Credentials {
             username: Some(username.into()),
             password: password.into(),
+            valid_for: None,
         }
     }
 
@@ -41,6 +43,7 @@ impl Credentials {
         Credentials {
             username: None,
             password: password.into(),
+            valid_for: None,
         }
     }
 
@@ -53,6 +56,22 @@ impl Credentials {
     pub fn password(&self) -> &str {
         &self.password
     }
+
+    /// How long from now the token is valid. A connection opened with it then asks the
+    /// provider again when three quarters of that time have passed, and sends `AUTH` with
+    /// the new credentials on the open connection, for services that close connections
+    /// whose token has expired unless they authenticate again (Azure's, with Entra ID).
+    /// Without it, a connection keeps the credentials it opened with.
+    #[must_use]
+    pub fn valid_for(mut self, validity: Duration) -> Self {
+        self.valid_for = Some(validity);
+        self
+    }
+
+    /// How long the token is valid, if the provider said.
+    pub fn validity(&self) -> Option<Duration> {
+        self.valid_for
+    }
 }
 
 impl fmt::Debug for Credentials {
@@ -60,6 +79,7 @@ impl fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("username", &self.username)
             .field("password", &"<redacted>")
+            .field("valid_for", &self.valid_for)
             .finish()
     }
 }
@@ -95,14 +115,39 @@ impl Provider {
 
     /// `info` with credentials asked for now: the provider's user name, if it gives one,
     /// replaces `info`'s.
-    pub(crate) async fn apply(&self, info: &ConnectionInfo) -> Result<ConnectionInfo, Error> {
+    async fn apply<'a>(&self, info: &'a ConnectionInfo) -> Result<Authenticated<'a>, Error> {
         let credentials = self.fetch().await?;
         let mut settings = info.redis_settings().clone();
         if let Some(username) = credentials.username() {
             settings = settings.set_username(username);
         }
         settings = settings.set_password(credentials.password());
-        Ok(info.clone().set_redis_settings(settings))
+        let renewal = credentials.valid_for.map(|valid_for| Renewal {
+            provider: self.clone(),
+            username: info.redis_settings().username().map(str::to_owned),
+            valid_for,
+        });
+        Ok(Authenticated {
+            info: Cow::Owned(info.clone().set_redis_settings(settings)),
+            renewal,
+        })
+    }
+}
+
+/// How to connect, with the credentials asked for just now; and how to renew them, if
+/// they expire.
+pub(crate) struct Authenticated<'a> {
+    pub(crate) info: Cow<'a, ConnectionInfo>,
+    renewal: Option<Renewal>,
+}
+
+impl Authenticated<'_> {
+    /// Keeps the connection of `service`, opened with these credentials, authenticated:
+    /// see [`Credentials::valid_for`]. Nothing to do for credentials that do not expire.
+    pub(crate) fn keep(self, service: &RedisService, reply_timeout: Duration) {
+        if let Some(renewal) = self.renewal {
+            renewal.keep(service, reply_timeout);
+        }
     }
 }
 
@@ -110,10 +155,94 @@ impl Provider {
 pub(crate) async fn fresh<'a>(
     provider: Option<&Provider>,
     info: &'a ConnectionInfo,
-) -> Result<Cow<'a, ConnectionInfo>, Error> {
+) -> Result<Authenticated<'a>, Error> {
     match provider {
-        None => Ok(Cow::Borrowed(info)),
-        Some(provider) => provider.apply(info).await.map(Cow::Owned),
+        None => Ok(Authenticated {
+            info: Cow::Borrowed(info),
+            renewal: None,
+        }),
+        Some(provider) => provider.apply(info).await,
+    }
+}
+
+/// When credentials valid for `validity` are renewed: at three quarters of it, and not
+/// more often than once a second.
+fn renew_after(validity: Duration) -> Duration {
+    (validity / 4 * 3).max(Duration::from_secs(1))
+}
+
+/// When a renewal that failed with `left` of the old credentials' validity is tried again:
+/// at half of it, and not more often than every 100 ms.
+fn retry_after(left: Duration) -> Duration {
+    (left / 2).max(Duration::from_millis(100))
+}
+
+/// Credentials that expire, and how to get their successors.
+struct Renewal {
+    provider: Provider,
+    /// The URL's user, for answers that give a password alone.
+    username: Option<String>,
+    valid_for: Duration,
+}
+
+impl Renewal {
+    /// Sends `AUTH` with new credentials on `service`'s connection before each set
+    /// expires, for as long as the service is held. A renewal that fails (the provider,
+    /// or Redis refusing the new token) is tried again at half the time left, until the
+    /// old token has expired: a service that then closes the connection has
+    /// [`Reconnect`](crate::reconnect::Reconnect) open another, with credentials asked
+    /// for anew. `AUTH` waits behind what was sent before it (a `BLPOP` on a blocking
+    /// command's connection): it is given up on after `reply_timeout`, so that it never
+    /// keeps open a connection its service let go.
+    fn keep(self, service: &RedisService, reply_timeout: Duration) {
+        let service = service.downgrade();
+        tokio::spawn(async move {
+            let mut expires = tokio::time::Instant::now() + self.valid_for;
+            let mut wait = renew_after(self.valid_for);
+            loop {
+                tokio::time::sleep(wait).await;
+                let Some(connection) = service.connection() else {
+                    return;
+                };
+                let now = tokio::time::Instant::now();
+                match self.renew(connection, reply_timeout).await {
+                    Ok(Some(validity)) => {
+                        expires = now + validity;
+                        wait = renew_after(validity);
+                    }
+                    // New credentials that do not expire: nothing more to renew.
+                    Ok(None) => return,
+                    Err(error) => {
+                        let left = expires.saturating_duration_since(now);
+                        if left.is_zero() || service.connection().is_none() {
+                            return;
+                        }
+                        tracing::warn!(%error, "redis: renewing a connection's credentials failed; trying again");
+                        wait = retry_after(left);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Asks for new credentials and authenticates `connection` with them; answers how
+    /// long they are valid.
+    async fn renew(
+        &self,
+        mut connection: redis::aio::MultiplexedConnection,
+        reply_timeout: Duration,
+    ) -> Result<Option<Duration>, Error> {
+        let credentials = self.provider.fetch().await?;
+        let mut auth = redis::cmd("AUTH");
+        if let Some(username) = credentials.username().or(self.username.as_deref()) {
+            auth.arg(username);
+        }
+        auth.arg(credentials.password());
+        match tokio::time::timeout(reply_timeout, connection.send_packed_command(&auth)).await {
+            Ok(reply) => reply.map_err(Error::from_connect)?,
+            Err(_) => return Err(Error::unavailable("no reply to AUTH in time")),
+        };
+        Ok(credentials.valid_for)
     }
 }
 
@@ -124,9 +253,11 @@ impl fmt::Debug for Provider {
 }
 
 /// The provider as redis-rs's cluster client asks it: each time it connects to a node
-/// (its own reconnects included), it subscribes and takes the first answer. A
-/// subscription answers the provider once, then nothing more: redis-rs would
-/// re-authenticate its connection in place with each further answer.
+/// (its own reconnects included), it subscribes and takes the first answer to
+/// authenticate; a second subscription, for as long as the connection lives, sends `AUTH`
+/// with each further answer. A subscription answers the provider at once, then, for
+/// credentials that expire, again at three quarters of their validity (and after a failed
+/// renewal, at half the time left).
 #[cfg(feature = "cluster")]
 pub(crate) struct ForCluster {
     provider: Provider,
@@ -151,42 +282,82 @@ impl redis::StreamingCredentialsProvider for ForCluster {
         &self,
     ) -> Pin<Box<dyn futures_core::Stream<Item = redis::RedisResult<redis::BasicAuth>> + Send>>
     {
-        Box::pin(Once::Fetching {
-            fetch: (self.provider.0)(),
+        Box::pin(Answers {
+            provider: self.provider.clone(),
             username: self.username.clone(),
+            state: State::Fetching((self.provider.0)()),
+            expires: None,
         })
     }
 }
 
-/// The provider's one answer, then a stream that neither yields nor ends.
+/// The provider's answers, each when the one before is due for renewal.
 #[cfg(feature = "cluster")]
-enum Once {
-    Fetching { fetch: Fetch, username: String },
-    Answered,
+struct Answers {
+    provider: Provider,
+    username: String,
+    state: State,
+    /// When the last credentials given expire, if they do.
+    expires: Option<tokio::time::Instant>,
 }
 
 #[cfg(feature = "cluster")]
-impl futures_core::Stream for Once {
+enum State {
+    Fetching(Fetch),
+    Waiting(Pin<Box<tokio::time::Sleep>>),
+    /// Credentials that do not expire were given, or the last expired: no more answers.
+    Done,
+}
+
+#[cfg(feature = "cluster")]
+impl futures_core::Stream for Answers {
     type Item = redis::RedisResult<redis::BasicAuth>;
 
     fn poll_next(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        let Once::Fetching { fetch, username } = &mut *self else {
-            return std::task::Poll::Pending;
-        };
-        let answer = std::task::ready!(fetch.as_mut().poll(cx));
-        let username = std::mem::take(username);
-        *self = Once::Answered;
-        std::task::Poll::Ready(Some(match answer {
-            Ok(credentials) => Ok(redis::BasicAuth::new(
-                credentials.username.unwrap_or(username),
-                credentials.password,
-            )),
-            Err(error) => Err(redis::RedisError::from(std::io::Error::other(format!(
-                "the credentials provider failed: {error}"
-            )))),
-        }))
+        use std::task::{Poll, ready};
+        let this = &mut *self;
+        loop {
+            let fetch = match &mut this.state {
+                State::Done => return Poll::Pending,
+                State::Waiting(sleep) => {
+                    ready!(sleep.as_mut().poll(cx));
+                    this.state = State::Fetching((this.provider.0)());
+                    continue;
+                }
+                State::Fetching(fetch) => fetch,
+            };
+            let answer = ready!(fetch.as_mut().poll(cx));
+            let now = tokio::time::Instant::now();
+            let (next, item) = match answer {
+                Ok(credentials) => {
+                    this.expires = credentials.valid_for.map(|validity| now + validity);
+                    let next = credentials.valid_for.map(renew_after);
+                    let username = credentials
+                        .username
+                        .unwrap_or_else(|| this.username.clone());
+                    (
+                        next,
+                        Ok(redis::BasicAuth::new(username, credentials.password)),
+                    )
+                }
+                Err(error) => {
+                    let left = this
+                        .expires
+                        .map(|expires| expires.saturating_duration_since(now));
+                    let next = left.filter(|left| !left.is_zero()).map(retry_after);
+                    let error =
+                        std::io::Error::other(format!("the credentials provider failed: {error}"));
+                    (next, Err(redis::RedisError::from(error)))
+                }
+            };
+            this.state = match next {
+                Some(wait) => State::Waiting(Box::pin(tokio::time::sleep(wait))),
+                None => State::Done,
+            };
+            return Poll::Ready(Some(item));
+        }
     }
 }

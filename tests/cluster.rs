@@ -1208,6 +1208,66 @@ async fn every_node_connection_is_opened_with_the_credentials_providers_token() 
     assert!(tokens.handed_out() > before);
 }
 
+/// Credentials that expire, on a cluster: redis-rs's node connections send `AUTH` with
+/// the provider's next answer at three quarters of their validity, on the connections
+/// they have (the new credentials are another user's here, to tell).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiring_credentials_are_renewed_on_each_node_connection() {
+    let cluster = RedisCluster::start(3, 0);
+    for node in &cluster.masters {
+        node.set_user_password("app1", "token-1");
+        node.set_user_password("app2", "token-2");
+    }
+    // `app1`'s, valid for 1.2 s, until the test has seen the connections they opened.
+    let renew_as_app2 = Arc::new(AtomicBool::new(false));
+    let provider = {
+        let renew_as_app2 = Arc::clone(&renew_as_app2);
+        move || {
+            let credentials = if renew_as_app2.load(Ordering::SeqCst) {
+                Credentials::new("app2", "token-2")
+            } else {
+                Credentials::new("app1", "token-1").valid_for(Duration::from_millis(1200))
+            };
+            std::future::ready(Ok::<_, std::io::Error>(credentials))
+        }
+    };
+    let connector = Connector::cluster(cluster.urls())
+        .unwrap()
+        .credentials(provider);
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    for n in 0..30 {
+        let () = client.set(format!("key:{n}"), n).await.unwrap();
+    }
+    let ids = |user: &str| -> Vec<Vec<u64>> {
+        let nodes = cluster.masters.iter();
+        nodes
+            .map(|node| node.connection_ids_of_user(user))
+            .collect()
+    };
+    let opened = ids("app1");
+    assert!(opened.iter().all(|node| !node.is_empty()), "{opened:?}");
+    renew_as_app2.store(true, Ordering::SeqCst);
+
+    let renewed = Instant::now();
+    while ids("app2") != opened {
+        assert!(
+            renewed.elapsed() < Duration::from_secs(5),
+            "not renewed in place: {:?} as app1, {:?} as app2",
+            ids("app1"),
+            ids("app2")
+        );
+        for n in 0..30 {
+            let value: Option<u32> = client.get(format!("key:{n}")).await.unwrap();
+            assert_eq!(value, Some(n));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ids("app1").iter().all(Vec::is_empty), "{:?}", ids("app1"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_health_check_that_finds_one_node_stalled_keeps_the_cluster_connection() {
     let cluster = RedisCluster::start(3, 0);

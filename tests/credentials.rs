@@ -189,3 +189,102 @@ async fn the_providers_user_name_replaces_the_urls() {
     .unwrap();
     assert_eq!(whoami, redis::Value::BulkString(b"app".to_vec()));
 }
+
+type Answer = std::future::Ready<Result<Credentials, std::io::Error>>;
+
+/// A provider that gives `answers` in turn (an `Err` is its failure), then the last one
+/// for good; and how many times it was asked.
+fn scripted(
+    answers: Vec<Result<Credentials, &'static str>>,
+) -> (
+    impl Fn() -> Answer + Send + Sync + 'static,
+    Arc<AtomicUsize>,
+) {
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&asked);
+    let provider = move || {
+        let n = counted.fetch_add(1, SeqCst).min(answers.len() - 1);
+        std::future::ready(answers[n].clone().map_err(std::io::Error::other))
+    };
+    (provider, asked)
+}
+
+/// Credentials for user `app1`, valid for 1.2 s: renewed at 0.9 s.
+fn expiring() -> Credentials {
+    Credentials::new("app1", "token-1").valid_for(Duration::from_millis(1200))
+}
+
+/// Credentials for user `app2`, that do not expire: a connection that became `app2`'s
+/// renewed its credentials in place.
+fn lasting() -> Credentials {
+    Credentials::new("app2", "token-2")
+}
+
+fn server_with_users_app1_and_app2() -> RedisServer {
+    let server = RedisServer::config().password("harness-only").start();
+    server.set_user_password("app1", "token-1");
+    server.set_user_password("app2", "token-2");
+    server
+}
+
+/// Calls until `until` after `start`, each of which must succeed.
+async fn keep_calling(client: &mut ResilientClient, start: std::time::Instant, until: Duration) {
+    while start.elapsed() < until {
+        let _: () = client.set("k", "v").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_that_expire_are_renewed_on_the_open_connections() {
+    let server = server_with_users_app1_and_app2();
+    // The shared connection's, the BLPOP's, then their renewals.
+    let (provider, asked) = scripted(vec![Ok(expiring()), Ok(expiring()), Ok(lasting())]);
+    let connector = Connector::from_url(&format!("redis://127.0.0.1:{}", server.port()))
+        .unwrap()
+        .credentials(provider);
+    let start = std::time::Instant::now();
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    let popped: Option<(String, String)> = client.blpop("q", 0.05).await.unwrap();
+    assert_eq!(popped, None);
+    let opened = server.connection_ids_of_user("app1");
+    assert_eq!(opened.len(), 2, "the shared connection and the BLPOP's");
+
+    keep_calling(&mut client, start, Duration::from_millis(1500)).await;
+    assert_eq!(server.connection_ids_of_user("app1"), Vec::<u64>::new());
+    assert_eq!(
+        server.connection_ids_of_user("app2"),
+        opened,
+        "the same connections, authenticated again"
+    );
+    assert_eq!(asked.load(SeqCst), 4);
+    let popped: Option<(String, String)> = client.blpop("q", 0.05).await.unwrap();
+    assert_eq!(popped, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_fails_is_tried_again_before_the_credentials_expire() {
+    let server = server_with_users_app1_and_app2();
+    let down = Err("the token service is down");
+    let for_two_seconds = expiring().valid_for(Duration::from_secs(2));
+    let (provider, asked) = scripted(vec![Ok(for_two_seconds), down, Ok(lasting())]);
+    let connector = Connector::from_url(&format!("redis://127.0.0.1:{}", server.port()))
+        .unwrap()
+        .credentials(provider);
+    let start = std::time::Instant::now();
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    let opened = server.connection_ids_of_user("app1");
+    assert_eq!(opened.len(), 1);
+
+    // Renewed at 1.5 s, which fails; tried again at half the 0.5 s left, before they
+    // expire at 2 s.
+    keep_calling(&mut client, start, Duration::from_millis(1950)).await;
+    assert_eq!(asked.load(SeqCst), 3);
+    assert_eq!(server.connection_ids_of_user("app2"), opened);
+}

@@ -180,6 +180,32 @@ impl RedisService {
     pub fn db(&self) -> i64 {
         self.inner.db
     }
+
+    /// A handle that does not keep the connection open.
+    pub(crate) fn downgrade(&self) -> WeakService {
+        WeakService(Arc::downgrade(&self.inner))
+    }
+}
+
+/// A [`RedisService`] that may have gone: for work on its connection that must not keep
+/// it open (sending `AUTH` with a new token before the old one expires).
+pub(crate) struct WeakService(std::sync::Weak<Inner>);
+
+impl WeakService {
+    /// Its one connection, while the service is held and the connection takes requests.
+    /// Holding the connection does not keep a task this crate runs going: that ends when
+    /// the last service lets it go.
+    pub(crate) fn connection(&self) -> Option<MultiplexedConnection> {
+        let inner = self.0.upgrade()?;
+        if inner.driver.as_deref().is_some_and(Driver::has_ended) {
+            return None;
+        }
+        match &inner.connection {
+            Conn::Single(connection) => Some(connection.clone()),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster { .. } => None,
+        }
+    }
 }
 
 impl Service<Request> for RedisService {

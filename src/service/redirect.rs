@@ -192,8 +192,11 @@ impl Unlisted {
         let display = crate::connect::describe(&info);
         let readonly = self.readonly;
         let opening = async move {
-            let info = fresh(self.credentials.as_ref(), &info).await?;
-            let service = crate::connect::open(&info, None, &self.own_tls, display.into()).await?;
+            let authenticated = fresh(self.credentials.as_ref(), &info).await?;
+            let service =
+                crate::connect::open(&authenticated.info, None, &self.own_tls, display.into())
+                    .await?;
+            authenticated.keep(&service, self.connect_timeout);
             if readonly {
                 let mut connection = single(&service)?;
                 let told = connection

@@ -360,6 +360,19 @@ impl RedisServer {
         self.raw_command(&["CLIENT", "KILL", "USER", name]);
     }
 
+    /// The ids of the connections of ACL user `name`, in order: a connection that keeps
+    /// its id was not replaced.
+    pub fn connection_ids_of_user(&self, name: &str) -> Vec<u64> {
+        let clients = self.raw_command(&["CLIENT", "LIST"]);
+        let mut ids: Vec<u64> = clients
+            .lines()
+            .filter(|line| line.contains(&format!(" user={name} ")))
+            .filter_map(|line| line.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     pub fn raw_command(&self, args: &[&str]) -> String {
         let port = match (self.config.tls, self.plain_port) {
             (false, _) => self.port,
