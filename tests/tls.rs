@@ -218,3 +218,32 @@ async fn a_stalled_tls_server_costs_calls_their_deadline_and_no_more() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Credentials from a provider over TLS: with the CA given to the connector, and with a
+/// `redis::Client` built with it (whose certificates live in its connection details).
+#[tokio::test]
+async fn a_credentials_providers_token_is_sent_over_tls() {
+    let server = RedisServer::config().tls().password("tls-pw").start();
+    let without_password = format!("rediss://127.0.0.1:{}", server.port());
+    let token = || async {
+        Ok::<_, std::io::Error>(tower_redis_resilience::Credentials::password_only("tls-pw"))
+    };
+    let own_tls = Connector::from_url(&without_password)
+        .unwrap()
+        .tls_certificates(support::trust(server.ca_certificate()))
+        .unwrap();
+    let redis_rs_tls = Connector::from_client(
+        redis::Client::build_with_tls(
+            without_password.as_str(),
+            support::trust(server.ca_certificate()),
+        )
+        .unwrap(),
+    );
+    for connector in [own_tls, redis_rs_tls] {
+        let mut unauthenticated = Client::new(connector.connect().await.unwrap());
+        let refused = unauthenticated.set::<_, _, ()>("k", "v").await.unwrap_err();
+        assert!(refused.to_string().contains("NOAUTH"), "{refused}");
+        let mut client = Client::new(connector.credentials(token).connect().await.unwrap());
+        let () = client.set("k", "authenticated").await.unwrap();
+    }
+}
