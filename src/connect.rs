@@ -1389,6 +1389,7 @@ impl fmt::Debug for Connector {
             .field("address", &self.display)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_argument_size", &self.max_argument)
+            .field("credentials_provider", &self.credentials.is_some())
             .finish()
     }
 }
