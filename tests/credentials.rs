@@ -164,6 +164,7 @@ async fn a_refused_token_is_a_config_error_that_never_shows_it() {
         });
     let error = connector.connect().await.unwrap_err();
     assert!(error.is_config(), "{error}");
+    assert!(format!("{connector:?}").contains("credentials_provider: true"));
     for shown in [
         error.to_string(),
         format!("{error:?}"),
