@@ -584,10 +584,11 @@ impl Connector {
 
     /// Asks `provider` for the [`Credentials`] of each connection, just before it is
     /// opened: for servers whose passwords are tokens that expire (AWS ElastiCache and
-    /// MemoryDB IAM authentication, Azure Entra ID, Vault's dynamic secrets). A password
-    /// in the URL would authenticate the first connection and be refused by every one
-    /// after it expired: the first reconnect after a restart or a failover would fail
-    /// for good.
+    /// MemoryDB IAM authentication, Azure Entra ID, Vault's dynamic secrets), or a
+    /// password that is rotated (read from the file a secret manager keeps current, a
+    /// Kubernetes Secret mounted as a volume). A password in the URL would authenticate
+    /// the first connection and be refused by every one after it changed: the first
+    /// reconnect after a restart or a failover would fail for good.
     ///
     /// Every connection this connector opens asks it: the shared one and each reconnect,
     /// those of blocking commands and subscribers, the master or replica Sentinel names,
