@@ -228,6 +228,20 @@ fn server_with_users_app1_and_app2() -> RedisServer {
     server
 }
 
+/// The default client of `server`, asking `provider` for credentials.
+async fn client_asking(
+    server: &RedisServer,
+    provider: impl Fn() -> Answer + Send + Sync + 'static,
+) -> ResilientClient {
+    let connector = Connector::from_url(&format!("redis://127.0.0.1:{}", server.port()))
+        .unwrap()
+        .credentials(provider);
+    ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// Calls until `until` after `start`, each of which must succeed.
 async fn keep_calling(client: &mut ResilientClient, start: std::time::Instant, until: Duration) {
     while start.elapsed() < until {
@@ -241,14 +255,8 @@ async fn credentials_that_expire_are_renewed_on_the_open_connections() {
     let server = server_with_users_app1_and_app2();
     // The shared connection's, the BLPOP's, then their renewals.
     let (provider, asked) = scripted(vec![Ok(expiring()), Ok(expiring()), Ok(lasting())]);
-    let connector = Connector::from_url(&format!("redis://127.0.0.1:{}", server.port()))
-        .unwrap()
-        .credentials(provider);
     let start = std::time::Instant::now();
-    let mut client = ResilientClient::builder_with_connector(connector)
-        .connect()
-        .await
-        .unwrap();
+    let mut client = client_asking(&server, provider).await;
     let popped: Option<(String, String)> = client.blpop("q", 0.05).await.unwrap();
     assert_eq!(popped, None);
     let opened = server.connection_ids_of_user("app1");
@@ -272,14 +280,8 @@ async fn a_renewal_that_fails_is_tried_again_before_the_credentials_expire() {
     let down = Err("the token service is down");
     let for_two_seconds = expiring().valid_for(Duration::from_secs(2));
     let (provider, asked) = scripted(vec![Ok(for_two_seconds), down, Ok(lasting())]);
-    let connector = Connector::from_url(&format!("redis://127.0.0.1:{}", server.port()))
-        .unwrap()
-        .credentials(provider);
     let start = std::time::Instant::now();
-    let mut client = ResilientClient::builder_with_connector(connector)
-        .connect()
-        .await
-        .unwrap();
+    let mut client = client_asking(&server, provider).await;
     let opened = server.connection_ids_of_user("app1");
     assert_eq!(opened.len(), 1);
 

@@ -9,7 +9,7 @@ use redis::AsyncCommands;
 use support::{RedisServer, ServerConfig, TokenService, eventually};
 use tower::ServiceExt;
 use tower_redis_resilience::{
-    Connector, Credentials, Error, Request, ResilientClient,
+    Connector, Credentials, Error, RedisService, Request, ResilientClient,
     pubsub::{Event, Events, Subscriber, SubscriberConfig},
 };
 
@@ -214,6 +214,18 @@ async fn a_replica_that_sentinel_still_names_is_refused() {
 
 /// Adds the user `app` (password `pw`) as a least-privilege application user is often
 /// made: every command but the `@dangerous` ones, `ROLE` among them.
+/// `GET key` on a connection `connector` opens, and the service over it: the connection
+/// is open while the service lives.
+async fn get_on(connector: Connector, key: &str) -> (RedisService, redis::Value) {
+    let service = connector.connect().await.unwrap();
+    let read = service
+        .clone()
+        .oneshot(Request::from(redis::cmd("GET").arg(key).to_owned()))
+        .await
+        .unwrap();
+    (service, read)
+}
+
 fn add_app_user_without_dangerous_commands(server: &RedisServer) {
     let reply = server.raw_command(&[
         "ACL",
@@ -247,22 +259,18 @@ async fn a_user_that_may_not_run_role_reaches_the_master_and_the_replica_sentine
     assert_eq!(master.raw_command(&["GET", "k"]), "on the master");
 
     replica.catch_up(&master);
-    let on_replica = Connector::sentinel_replica(sentinel, MASTER, as_app)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let read = on_replica
-        .clone()
-        .oneshot(Request::from(redis::cmd("GET").arg("k").to_owned()))
-        .await
-        .unwrap();
+    let (on_replica, read) = get_on(
+        Connector::sentinel_replica(sentinel, MASTER, as_app).unwrap(),
+        "k",
+    )
+    .await;
     assert_eq!(read, redis::Value::BulkString(b"on the master".to_vec()));
     // Its connection is open while `on_replica` lives: the replica lists it.
     let clients = replica.raw_command(&["CLIENT", "LIST"]);
     assert!(clients.contains("user=app"), "{clients}");
     drop(on_replica);
 }
+
 /// Tokens that expire, through Sentinel: the master and the replica it names are reached
 /// with the provider's token of the moment, and so is the new master after a failover
 /// that came with a new token.
@@ -290,17 +298,9 @@ async fn the_servers_sentinel_names_are_reached_with_the_credentials_providers_t
     .unwrap();
     let () = client.set("k", "on the master").await.unwrap();
     replica.catch_up(&master);
-    let on_replica = asking(Connector::sentinel_replica(sentinel, MASTER, as_app).unwrap())
-        .connect()
-        .await
-        .unwrap();
-    let read = on_replica
-        .clone()
-        .oneshot(Request::from(redis::cmd("GET").arg("k").to_owned()))
-        .await
-        .unwrap();
+    let replica_connector = asking(Connector::sentinel_replica(sentinel, MASTER, as_app).unwrap());
+    let (_, read) = get_on(replica_connector, "k").await;
     assert_eq!(read, redis::Value::BulkString(b"on the master".to_vec()));
-    drop(on_replica);
     assert_eq!(tokens.handed_out(), 2);
 
     tokens.issue("token-2");
