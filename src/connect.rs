@@ -1250,8 +1250,8 @@ async fn diagnose(
             let alone = async {
                 let node = fresh(cluster.credentials.as_ref(), node).await?.info;
                 open(&node, None, &OwnTls::default(), describe(&node).into()).await
-            };
-            let alone = alone.await;
+            }
+            .await;
             if let Err(found) = alone
                 && found.is_config()
             {
