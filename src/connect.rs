@@ -351,11 +351,11 @@ impl Connector {
         template: impl IntoConnectionInfo,
         replicas: bool,
     ) -> Result<Self, Error> {
-        let mut sentinels = Sentinels::new(
-            addresses(sentinels, "Sentinel")?,
-            master_name,
-            OwnTls::default(),
-        )?;
+        let nodes = addresses(sentinels, "Sentinel")?
+            .into_iter()
+            .map(|node| info_with_tcp(node, tcp_defaults))
+            .collect();
+        let mut sentinels = Sentinels::new(nodes, master_name, OwnTls::default())?;
         if replicas {
             sentinels = sentinels.for_replicas();
         }
@@ -561,15 +561,8 @@ impl Connector {
             ));
         }
         if let Some(sentinels) = &self.sentinel {
-            let nodes = sentinels
-                .infos()
-                .map(certify)
-                .collect::<Result<Vec<_>, _>>()?;
-            any_tls |= nodes.iter().any(is_tls);
-            let mut renewed = Sentinels::new(nodes, sentinels.master_name(), self.own_tls.clone())?;
-            if sentinels.is_for_replicas() {
-                renewed = renewed.for_replicas();
-            }
+            let renewed = sentinels.with_nodes_changed(certify, self.own_tls.clone())?;
+            any_tls |= renewed.infos().any(is_tls);
             self.sentinel = Some(Arc::new(renewed));
         }
         if !any_tls {
@@ -670,7 +663,8 @@ impl Connector {
     /// for a Redis on the same host under heavy load, where fewer, larger packets are
     /// worth more than the wait (measured on loopback with 32 callers: ~1.4 times the
     /// throughput). Applies to every connection this connector opens: to the server, to
-    /// a cluster's nodes, to the master or replica Sentinel names, and subscribers'.
+    /// a cluster's nodes, to the Sentinels and the master or replica they name, and
+    /// subscribers'.
     ///
     /// ```
     /// use tower_redis_resilience::Connector;
@@ -713,7 +707,8 @@ impl Connector {
     /// user timeout they set. `None` turns the probes and the user timeout off. (A linger
     /// time set in those settings cannot be read back, so `None` drops it too.) Applies
     /// to every connection this connector opens, as [`tcp_nodelay`](Self::tcp_nodelay)
-    /// does, but not to the connections to the Sentinels themselves.
+    /// does. (To the Sentinels too: their `+switch-master` announcements come on a
+    /// subscription that is quiet in between.)
     ///
     /// ```
     /// use std::time::Duration;
@@ -737,6 +732,13 @@ impl Connector {
     /// Changes the TCP settings of every connection this connector opens.
     fn with_tcp_settings(mut self, change: impl Fn(TcpSettings) -> TcpSettings) -> Self {
         self.client = with_tcp(self.client, &change);
+        if let Some(sentinels) = &self.sentinel {
+            let changed = |node: &ConnectionInfo| Ok(info_with_tcp(node.clone(), &change));
+            // It has nodes, so it is made again.
+            if let Ok(renewed) = sentinels.with_nodes_changed(changed, self.own_tls.clone()) {
+                self.sentinel = Some(Arc::new(renewed));
+            }
+        }
         #[cfg(feature = "cluster")]
         if let Some(cluster) = &self.cluster {
             let nodes = cluster

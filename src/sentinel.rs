@@ -96,9 +96,20 @@ impl Sentinels {
         self
     }
 
-    #[cfg(feature = "tls")]
-    pub(crate) fn is_for_replicas(&self) -> bool {
-        self.replicas
+    /// The same Sentinels, each one's connection details changed by `change`, opening TLS
+    /// connections with `own_tls`: for a connector being configured, before it connects.
+    pub(crate) fn with_nodes_changed(
+        &self,
+        change: impl Fn(&ConnectionInfo) -> Result<ConnectionInfo, Error>,
+        own_tls: OwnTls,
+    ) -> Result<Self, Error> {
+        let nodes = self.nodes.iter().map(|node| change(&node.info));
+        let renewed = Sentinels::new(nodes.collect::<Result<_, _>>()?, &self.master_name, own_tls)?;
+        Ok(if self.replicas {
+            renewed.for_replicas()
+        } else {
+            renewed
+        })
     }
 
     /// The Sentinels' connection details, in the order given.

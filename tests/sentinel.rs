@@ -120,12 +120,47 @@ async fn a_connect_goes_to_the_master_sentinel_names() {
     assert_eq!(replica.raw_command(&["GET", "k"]), "");
     assert!(client.address().contains("cache/0 via Sentinel 127.0.0.1:"));
     // The connection to the master Sentinel named sets TCP_NODELAY and keepalive, as
-    // every one does.
+    // every one does; so do those to the Sentinel: the one questions go on, and the
+    // subscription to its announcements, made once a connection is out.
     let found = support::tcp_options_of_connections_to(master.port());
     assert!(
         !found.is_empty() && found.iter().all(support::TcpOptions::are_the_defaults),
         "{found:?}"
     );
+    eventually(Duration::from_secs(5), async || {
+        support::tcp_options_of_connections_to(sentinel.port()).len() == 2
+    })
+    .await;
+    let found = support::tcp_options_of_connections_to(sentinel.port());
+    assert!(
+        found.iter().all(support::TcpOptions::are_the_defaults),
+        "{found:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_the_sentinels_follow_the_connectors_tcp_settings() {
+    let master = RedisServer::start();
+    let sentinel = RedisServer::sentinel_of(&master, MASTER);
+    let connector = connector([&sentinel])
+        .tcp_nodelay(false)
+        .tcp_keepalive(None);
+    let client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), async || {
+        support::tcp_options_of_connections_to(sentinel.port()).len() == 2
+    })
+    .await;
+    let found = support::tcp_options_of_connections_to(sentinel.port());
+    assert!(
+        found
+            .iter()
+            .all(|options| !options.nodelay && options.keepalive.is_none()),
+        "{found:?}"
+    );
+    drop(client);
 }
 
 #[tokio::test]
