@@ -5,7 +5,8 @@
 //! its [`CommandInfo`] (read-only? idempotent? blocking, and for how long?) computed once.
 //! [`RedisService`] sends requests on one multiplexed connection, opened by a [`Connector`]
 //! (a URL, [`Connector::sentinel`] to find the master through Redis Sentinel and follow
-//! it through failovers, or `Connector::cluster` with feature `cluster`), and answers
+//! it through failovers, or `Connector::cluster` with feature `cluster`; credentials that
+//! expire or rotate from a provider of yours, [`Connector::credentials`]), and answers
 //! [`redis::Value`]s or one [`Error`] type whose classifiers (`is_unavailable`,
 //! `is_timeout`, `is_circuit_open`, `is_server`, `is_config`, `may_have_run`) drive every
 //! resilience policy. [`reconnect::Reconnect`] keeps that connection through restarts and
@@ -81,6 +82,7 @@
 //! |---------|--------------|
 //! | `tls`   | `rediss://` URLs, `Connector::tls_certificates` (a CA of your own, a client certificate) and `redis::Client::build_with_tls`, through rustls (crypto provider: the process's default, else `ring`) |
 //! | `serde` | `Serialize` for [`Health`] (durations in milliseconds) and the states it holds |
+//! | `cluster` | `Connector::cluster`: Redis Cluster, through redis-rs's cluster client (with its `token-based-authentication`, which [`Connector::credentials`] uses for the nodes) |
 //! | `metrics` | [`metrics::MetricsLayer`] also records through the [`metrics`](https://docs.rs/metrics) facade under OpenTelemetry names: `db.client.operation.duration` (seconds; labels `db.system.name`, `db.operation.name`, `error.type`) and `redis.client.fallbacks` |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
