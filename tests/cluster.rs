@@ -1218,17 +1218,21 @@ async fn expiring_credentials_are_renewed_on_each_node_connection() {
         node.set_user_password("app1", "token-1");
         node.set_user_password("app2", "token-2");
     }
-    // `app1`'s, valid for 1.2 s, until the test has seen the connections they opened.
+    // `app1`'s, valid for 1.2 s, until the test has seen the connections they opened;
+    // then `app2`'s, but for one failure first, which that renewal tries again.
     let renew_as_app2 = Arc::new(AtomicBool::new(false));
     let provider = {
         let renew_as_app2 = Arc::clone(&renew_as_app2);
+        let failed_once = AtomicBool::new(false);
         move || {
-            let credentials = if renew_as_app2.load(Ordering::SeqCst) {
-                Credentials::new("app2", "token-2")
+            let answer = if !renew_as_app2.load(Ordering::SeqCst) {
+                Ok(Credentials::new("app1", "token-1").valid_for(Duration::from_millis(1200)))
+            } else if !failed_once.swap(true, Ordering::SeqCst) {
+                Err(std::io::Error::other("the token service is down"))
             } else {
-                Credentials::new("app1", "token-1").valid_for(Duration::from_millis(1200))
+                Ok(Credentials::new("app2", "token-2"))
             };
-            std::future::ready(Ok::<_, std::io::Error>(credentials))
+            std::future::ready(answer)
         }
     };
     let connector = Connector::cluster(cluster.urls())
