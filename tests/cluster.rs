@@ -13,7 +13,7 @@ use std::{
 };
 
 use redis::AsyncCommands;
-use support::{RedisCluster, RedisServer, TokenService, asking, eventually};
+use support::{ConnectAttempts, RedisCluster, RedisServer, TokenService, asking, eventually};
 use tower_redis_resilience::{
     Connector, Credentials, Error, ResilientClient,
     circuit_breaker::BreakerState,
@@ -335,6 +335,76 @@ async fn while_a_slot_migrates_to_a_new_master_its_keys_are_served_where_they_ar
     let connector = Connector::cluster(cluster.urls()).unwrap();
     let (from, to) = (&cluster.masters[from], &cluster.joined[0]);
     through_a_slot_migration(&cluster, connector, from, to).await;
+}
+
+/// A master that dies while a slot moves to it: the keys of that slot that the other node
+/// redirects there (those moved, and new ones) cannot be served, and every other key is
+/// served as before. Connects to it are paced, not one per request, and what its
+/// requests meet counts as the redirect it is, which opens no breaker: one node gone must
+/// not fail the calls that go to the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_dies_while_a_slot_moves_to_it_costs_that_slot_alone() {
+    let mut cluster = RedisCluster::start(2, 0);
+    let from = cluster.master_index_of("counter");
+    // Its initial nodes, as an application's configuration has them, do not name the
+    // master added later.
+    let client = client(&cluster).await;
+    cluster.join_new_master();
+    let slot_of = |key: &str| cluster.masters[0].raw_command(&["CLUSTER", "KEYSLOT", key]);
+    let elsewhere: Vec<String> = (0..30)
+        .map(|n| format!("key:{n}"))
+        .filter(|key| slot_of(key) != slot_of("counter"))
+        .collect();
+    for key in elsewhere.iter().map(String::as_str).chain(["counter"]) {
+        let () = client.clone().set(key, "v").await.unwrap();
+    }
+    let (from, to) = (&cluster.masters[from], &cluster.joined[0]);
+    cluster.begin_migration("counter", from, to);
+    let attempts = ConnectAttempts::to_port(to.port());
+    cluster.joined[0].kill();
+
+    let started = Instant::now();
+    let callers: Vec<_> = (0..5)
+        .map(|caller| {
+            let (mut client, elsewhere) = (client.clone(), elsewhere.clone());
+            tokio::spawn(async move {
+                let mut served = Vec::new();
+                for n in 0.. {
+                    if started.elapsed() > Duration::from_secs(2) {
+                        break;
+                    }
+                    // Four read new keys of the slot, which `from` redirects to the dead
+                    // node; the fifth reads keys of other slots.
+                    let key = match caller {
+                        4 => elsewhere[n % elsewhere.len()].clone(),
+                        _ => format!("{{counter}}:new:{n}"),
+                    };
+                    let value: Option<String> = client.get(key).await.unwrap();
+                    served.push(value.is_some());
+                }
+                served
+            })
+        })
+        .collect();
+    let mut served = Vec::new();
+    for caller in callers {
+        served.push(caller.await.unwrap());
+    }
+    let to_others = &served[4];
+    assert!(
+        to_others.len() > 100 && to_others.iter().all(|&served| served),
+        "every read of the other slots served: {} of {}",
+        to_others.iter().filter(|&&served| served).count(),
+        to_others.len()
+    );
+    assert!(served[..4].iter().flatten().all(|&served| !served));
+    let tried = attempts.count();
+    assert!(
+        (2..=10).contains(&tried),
+        "connects to the dead node paced (100 ms, doubling to 1 s): {tried} in 2 s"
+    );
+    let metrics = client.metrics().unwrap();
+    assert_eq!(metrics.overall.count(Outcome::CircuitOpen), 0);
 }
 
 /// The same over TLS: the connection of our own to the new master is opened as the

@@ -28,6 +28,8 @@ use std::{
     time::Duration,
 };
 
+use tokio::time::Instant;
+
 use redis::{
     Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, Pipeline, RedisError, RedisResult, Value,
     aio::MultiplexedConnection,
@@ -47,6 +49,38 @@ pub(super) struct Redirect {
     pub(super) kind: Kind,
     node: Node,
     slot: u16,
+}
+
+impl Redirect {
+    /// The redirect itself, as the error of a request that followed it to a node that
+    /// could not be reached: not run, as redis-rs reports a `MOVED` to a master that is
+    /// gone. It counts as a redirect, which opens no breaker: a breaker that every
+    /// node's calls share must not open for one node that is gone, and connects refused
+    /// at once soon fill its window (measured before: 4 callers reading keys of a slot
+    /// moving to a node that died, and every call of a fifth, to another node, refused as
+    /// circuit open).
+    fn as_error(&self, cause: RedisError) -> RedisError {
+        let kind = match self.kind {
+            Kind::Ask => "ASK",
+            Kind::Moved => "MOVED",
+        };
+        let reply = format!(
+            "-{kind} {} {}:{}\r\n",
+            self.slot, self.node.host, self.node.port
+        );
+        match redis::parse_redis_value(reply.as_bytes()) {
+            Ok(Value::ServerError(error)) => error.into(),
+            _ => cause,
+        }
+    }
+
+    /// `result`, with a failure to reach the node made [the redirect](Self::as_error).
+    fn unless_unreached<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
+        result.map_err(|err| match err.kind() {
+            ErrorKind::ClusterConnectionNotFound => self.as_error(err),
+            _ => err,
+        })
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -152,8 +186,9 @@ impl Unlisted {
             let (_, own) = nodes.iter().find(|(asked, _)| asked == node)?;
             Arc::clone(own)
         };
-        let open = own.try_lock().ok()?;
-        open.as_ref()
+        let own = own.try_lock().ok()?;
+        own.open
+            .as_ref()
             .filter(|service| !service.is_closed())
             .cloned()
     }
@@ -171,10 +206,39 @@ impl Unlisted {
 
     async fn open_to(&self, node: &Node) -> Result<RedisService, Error> {
         let own = self.own(node);
-        let mut open = own.lock().await;
-        if let Some(service) = open.as_ref().filter(|service| !service.is_closed()) {
+        let mut own = own.lock().await;
+        if let Some(service) = own.open.as_ref().filter(|service| !service.is_closed()) {
             return Ok(service.clone());
         }
+        if let Some(failed) = &own.failed
+            && failed.next_try_at > Instant::now()
+        {
+            return Err(failed.error.clone());
+        }
+        let opened = self.open_new(node).await;
+        match &opened {
+            Ok(service) => {
+                own.open = Some(service.clone());
+                own.failed = None;
+            }
+            Err(error) => {
+                tracing::debug!(node = %format!("{}:{}", node.host, node.port), %error, "redis cluster: could not connect to a node redis-rs's client has no connection to");
+                let pause = own
+                    .failed
+                    .as_ref()
+                    .map_or(FIRST_PAUSE, |failed| (failed.pause * 2).min(LONGEST_PAUSE));
+                own.failed = Some(Failed {
+                    next_try_at: Instant::now() + pause,
+                    pause,
+                    error: error.clone(),
+                });
+            }
+        }
+        opened
+    }
+
+    /// Opens a new connection to `node`, within the connect timeout.
+    async fn open_new(&self, node: &Node) -> Result<RedisService, Error> {
         let address = match self.template.addr() {
             ConnectionAddr::TcpTls {
                 insecure,
@@ -206,21 +270,41 @@ impl Unlisted {
             }
             Ok::<_, Error>(service)
         };
-        let service = match tokio::time::timeout(self.connect_timeout, opening).await {
-            Ok(opened) => opened?,
-            Err(_) => {
-                return Err(Error::unavailable(
-                    "connect to a node redis-rs's cluster client has no connection to timed out",
-                ));
-            }
-        };
-        *open = Some(service.clone());
-        Ok(service)
+        match tokio::time::timeout(self.connect_timeout, opening).await {
+            Ok(opened) => opened,
+            Err(_) => Err(Error::unavailable(
+                "connect to a node redis-rs's cluster client has no connection to timed out",
+            )),
+        }
     }
 }
 
-/// A node's connection of our own, once opened, behind the lock its connect holds.
-type OwnConnection = tokio::sync::Mutex<Option<RedisService>>;
+/// A node's connection of our own, behind the lock its connect holds.
+type OwnConnection = tokio::sync::Mutex<Own>;
+
+#[derive(Default)]
+struct Own {
+    /// The connection, once opened.
+    open: Option<RedisService>,
+    /// The last connect's failure, while connects fail: until `next_try_at`, callers get
+    /// its error at once instead of a connect of their own. Without it, every request
+    /// redirected to a node that is gone (a master just added that died while a slot
+    /// moved to it, a replica that died with its master) tried to connect to it
+    /// (measured: hundreds of tries a second, one per request).
+    failed: Option<Failed>,
+}
+
+struct Failed {
+    next_try_at: Instant,
+    /// The pause it set: the next failure's doubles it.
+    pause: Duration,
+    error: Error,
+}
+
+/// The pause after a node's first failed connect; each further one doubles it, up to
+/// [`LONGEST_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const LONGEST_PAUSE: Duration = Duration::from_secs(1);
 
 /// Where `err` redirects: for one command, its error; for a transaction, the errors
 /// Redis queued its commands with, all of them the same redirect to one node (a
@@ -265,7 +349,8 @@ pub(super) async fn command(
 ) -> RedisResult<Value> {
     let mut pipeline = redis::pipe();
     pipeline.cmd("ASKING").add_command(cmd.clone());
-    let mut replies = follow(connection, unlisted, &to.node, pipeline, 1, 1).await?;
+    let followed = follow(connection, unlisted, &to.node, pipeline, 1, 1).await;
+    let mut replies = to.unless_unreached(followed)?;
     replies.pop().ok_or_else(short)
 }
 
@@ -281,7 +366,8 @@ pub(super) async fn lone_command(
     for cmd in lone.cmd_iter() {
         pipeline.add_command(cmd.clone());
     }
-    follow(connection, unlisted, &to.node, pipeline, 1, lone.len()).await
+    let followed = follow(connection, unlisted, &to.node, pipeline, 1, lone.len()).await;
+    to.unless_unreached(followed)
 }
 
 /// Sends `transaction`, whose commands the node serving its slot redirected (so it
@@ -309,7 +395,8 @@ pub(super) async fn transaction(
     }
     pipeline.cmd("EXEC");
     let exec = pipeline.len() - 1;
-    follow(connection, unlisted, &to.node, pipeline, exec, 1).await
+    let followed = follow(connection, unlisted, &to.node, pipeline, exec, 1).await;
+    to.unless_unreached(followed)
 }
 
 /// Makes redis-rs refresh its map of the slots, which a transaction that met `MOVED`
@@ -385,7 +472,16 @@ async fn to_node<T>(
     }
     match listed.await {
         Err(err) if err.kind() == ErrorKind::ClusterConnectionNotFound => {
-            own(unlisted.connect(to).await?).await
+            match unlisted.connect(to).await {
+                Ok(service) => own(service).await,
+                // Rejected credentials or settings: what must be fixed, as it is.
+                Err(error) if error.is_config() => Err(error.into()),
+                Err(error) => Err(RedisError::from((
+                    ErrorKind::ClusterConnectionNotFound,
+                    "could not connect to the node",
+                    format!("{}:{}: {error}", to.host, to.port),
+                ))),
+            }
         }
         reply => reply,
     }

@@ -11,7 +11,7 @@ mod blackhole;
 mod cluster;
 mod proxy;
 #[allow(unused_imports)] // not every test binary injects network faults
-pub use blackhole::Blackhole;
+pub use blackhole::{Blackhole, ConnectAttempts};
 #[allow(unused_imports)] // only the cluster tests use it
 pub use cluster::{RedisCluster, asking};
 #[allow(unused_imports)] // not every test binary injects network faults
