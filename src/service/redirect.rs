@@ -28,14 +28,13 @@ use std::{
     time::Duration,
 };
 
-use tokio::time::Instant;
-
 use redis::{
     Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, Pipeline, RedisError, RedisResult, Value,
     aio::MultiplexedConnection,
     cluster_async::ClusterConnection,
     cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot},
 };
+use tokio::time::Instant;
 
 use super::{Conn, RedisService};
 use crate::{
@@ -534,5 +533,31 @@ mod tests {
         ] {
             assert!(redirected(&reply(other)).is_none(), "{other:?}");
         }
+    }
+
+    #[test]
+    fn a_redirect_to_a_node_that_could_not_be_reached_fails_as_that_redirect() {
+        let unreached = || {
+            RedisError::from((
+                ErrorKind::ClusterConnectionNotFound,
+                "could not connect to the node",
+                "127.0.0.1:6381: connection refused".to_owned(),
+            ))
+        };
+        for (text, kind) in [
+            (&b"-ASK 3999 127.0.0.1:6381\r\n"[..], Kind::Ask),
+            (b"-MOVED 12 ::1:6381\r\n", Kind::Moved),
+        ] {
+            let to = redirected(&reply(text)).unwrap();
+            let err = to.unless_unreached::<()>(Err(unreached())).unwrap_err();
+            let again = redirected(&err).expect("the redirect");
+            assert!(again.kind == kind && again.slot == to.slot && again.node == to.node);
+            let err = Error::from_request(err);
+            assert!(err.is_redirect() && !err.may_have_run(), "{err}");
+        }
+        // Any other failure is left as it is.
+        let to = redirected(&reply(b"-ASK 3999 127.0.0.1:6381\r\n")).unwrap();
+        let refused = to.unless_unreached::<()>(Err(reply(b"-WRONGPASS no\r\n")));
+        assert_eq!(refused.unwrap_err().code(), Some("WRONGPASS"));
     }
 }
