@@ -127,7 +127,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let mut phases: Vec<Phase> = Vec::new();
     let mut last = client.metrics().unwrap_or_else(empty);
-    let mut last_connections = client.reconnect_stats().successes;
+    // Every connection the client opened: the shared one's, and those beside it (for
+    // blocking commands, and to ask whether Redis answers while the shared one is suspect).
+    let opened = |stats: tower_redis_resilience::reconnect::ReconnectStats| {
+        stats.successes + stats.blocking_connections
+    };
+    let mut last_connections = opened(client.reconnect_stats());
     let mut next = 0;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now(), INTERVAL);
     'run: loop {
@@ -150,7 +155,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 phase.outcomes[outcome as usize] += delta(outcome);
             }
             phase.write_errors += interval.write_errors;
-            let connections = client.reconnect_stats().successes;
+            let connections = opened(client.reconnect_stats());
             phase.connections += connections - last_connections;
             last_connections = connections;
             phase.max = phase.max.max(max);

@@ -194,13 +194,30 @@ async fn a_slow_redis_keeps_its_connection_while_calls_time_out() {
         "{state:?}"
     );
     assert_eq!(redis.stats().attempts, 1, "{:?}", redis.stats());
-    assert_eq!(proxy.connections(), 1);
+    // Beside it, one connection was opened to ask Redis a `PING` (does it answer on
+    // another connection, as when only this one is held up?), and kept for each later
+    // round: not one a round.
+    assert!(
+        redis.stats().blocking_connections <= 1,
+        "{:?}",
+        redis.stats()
+    );
+    assert!(
+        proxy.connections() <= 2,
+        "{} connections",
+        proxy.connections()
+    );
 
     // Fast again: served on the same connection.
     proxy.delay_replies(Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(400)).await;
     call(&mut redis, get("k")).await.unwrap();
-    assert_eq!(proxy.connections(), 1);
+    assert_eq!(redis.stats().attempts, 1, "{:?}", redis.stats());
+    assert!(
+        proxy.connections() <= 2,
+        "{} connections",
+        proxy.connections()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,7 +245,101 @@ async fn a_call_waiting_for_a_suspect_connection_goes_out_on_it_once_it_answers(
         took >= Duration::from_millis(500),
         "took {took:?}: sent before the PING"
     );
-    assert_eq!(proxy.connections(), 1);
+    // The one connection, and perhaps one asked a `PING` beside it.
+    assert_eq!(redis.stats().attempts, 1, "{:?}", redis.stats());
+    assert!(
+        proxy.connections() <= 2,
+        "{} connections",
+        proxy.connections()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_beside_a_connection_that_a_write_pause_holds_up() {
+    let server = RedisServer::start();
+    assert_eq!(server.raw_command(&["SET", "k", "v"]), "OK");
+    let mut redis = Reconnect::connect(connector(&server.url()), ReconnectConfig::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        call(&mut redis, get("k")).await.unwrap(),
+        Value::BulkString(b"v".to_vec())
+    );
+
+    // As Redis's `FAILOVER` and `CLUSTER FAILOVER` do while the replica catches up: the
+    // server serves reads, but holds a write, and with it every command sent after it
+    // on the same connection.
+    assert_eq!(
+        server.raw_command(&["CLIENT", "PAUSE", "3000", "WRITE"]),
+        "OK"
+    );
+    let paused = Instant::now();
+    let incr = Request::from(redis::cmd("INCR").arg("n").to_owned());
+    let deadline = Duration::from_millis(100);
+    let held = tokio::time::timeout(deadline, call(&mut redis, incr.clone())).await;
+    assert!(held.is_err(), "the write is held");
+    for _ in 0..2 {
+        let queued = tokio::time::timeout(deadline, call(&mut redis, get("k"))).await;
+        assert!(
+            queued.is_err(),
+            "a read behind the held write waits with it"
+        );
+    }
+    assert_eq!(*redis.state().borrow(), ConnectionState::Suspect);
+
+    // The suspect connection's PING waits behind the write too, but Redis answers one
+    // on another connection: reads go there, at once, while the write pause lasts.
+    let mut served = 0;
+    while paused.elapsed() < Duration::from_millis(1000) {
+        let started = Instant::now();
+        match tokio::time::timeout(deadline, call(&mut redis, get("k"))).await {
+            Ok(Ok(value)) => {
+                assert_eq!(value, Value::BulkString(b"v".to_vec()));
+                assert!(started.elapsed() < Duration::from_millis(50));
+                served += 1;
+            }
+            // Only until the side connection has answered its `PING`.
+            Ok(Err(err)) => {
+                assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+                assert_eq!(served, 0, "a read failed after others were served: {err}");
+            }
+            Err(_) => panic!("a read waited out its deadline"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(served >= 50, "{served} reads served during the pause");
+    assert_eq!(redis.stats().side_reads, served);
+    // Writes fail fast, unsent; so does `PFCOUNT`, which the pause holds as well.
+    for held_too in [
+        incr,
+        Request::from(redis::cmd("PFCOUNT").arg("h").to_owned()),
+    ] {
+        let err = tokio::time::timeout(deadline, call(&mut redis, held_too))
+            .await
+            .expect("fails fast")
+            .unwrap_err();
+        assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+    }
+    assert_eq!(redis.stats().attempts, 1, "{:?}", redis.stats());
+    assert_eq!(redis.stats().blocking_connections, 1, "{:?}", redis.stats());
+
+    // Once the pause ends, writes are served again.
+    assert_eq!(server.raw_command(&["CLIENT", "UNPAUSE"]), "OK");
+    until_ok(&mut redis, Duration::from_secs(3)).await;
+    let set = Request::from(redis::cmd("SET").arg("k").arg("w").to_owned());
+    eventually_ok(&mut redis, set).await;
+}
+
+/// Sends `request` until it succeeds, for at most 3 s.
+async fn eventually_ok(redis: &mut Reconnect, request: Request) {
+    let started = Instant::now();
+    while let Err(err) = call(redis, request.clone()).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "still failing: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,7 +25,7 @@ use tower::Service;
 
 use self::{future::Tracker, shared::Shared};
 use crate::{
-    Connector, Error, MakeConnection, Request,
+    CommandInfo, Connector, Error, MakeConnection, Request,
     sync::{Lease, Leased},
 };
 
@@ -45,7 +45,8 @@ pub enum ConnectionState {
     },
     /// Calls on the connection kept timing out
     /// ([`stuck_after`](ReconnectConfig::stuck_after)): it is out of use, and calls fail
-    /// fast, while a `PING` asks whether it is stuck. `Connected` again if it answers
+    /// fast, while a `PING` asks whether it is stuck (reads go to another connection if
+    /// Redis answers there: [`side_reads`](ReconnectConfig::side_reads)). `Connected` again if it answers
     /// within [`stuck_ping_timeout`](ReconnectConfig::stuck_ping_timeout) (Redis is slow,
     /// not unreachable), `Reconnecting` if not.
     Suspect,
@@ -65,15 +66,19 @@ pub struct ReconnectStats {
     pub successes: u64,
     /// Attempts that failed.
     pub failures: u64,
-    /// Connections opened for blocking commands
+    /// Connections opened beside the shared one, not counted above: for blocking commands
     /// ([`dedicated_blocking_connections`](ReconnectConfig::dedicated_blocking_connections)),
-    /// not counted above.
+    /// and for reads while the shared one is suspect
+    /// ([`side_reads`](ReconnectConfig::side_reads)).
     pub blocking_connections: u64,
     /// Reads a [replica](ReconnectConfig::read_replica) answered while there was no
     /// connection, and for a cluster with
     /// [`read_replicas`](crate::Connector::read_replicas), reads a replica served when
     /// their master could not.
     pub replica_reads: u64,
+    /// Reads served on a connection of their own while the shared one was suspect and
+    /// the server answered on another ([`side_reads`](ReconnectConfig::side_reads)).
+    pub side_reads: u64,
 }
 
 /// The bottom of a resilient stack: a [`tower::Service`] that keeps one Redis connection
@@ -94,7 +99,10 @@ pub struct ReconnectStats {
 /// - **While reconnecting**, and while a `PING` asks whether the connection is stuck,
 ///   calls fail at once with an [unavailable](Error::is_unavailable)
 ///   error ("reconnecting, attempt 3, next try in 20ms") that never reached Redis, or wait
-///   at most [`max_wait`](ReconnectConfig::max_wait).
+///   at most [`max_wait`](ReconnectConfig::max_wait). While a `PING` asks, reads go to
+///   another connection to the same server if Redis answers there, as it does when only
+///   the shared connection is held up (a write that `CLIENT PAUSE WRITE` holds, a `WAIT`):
+///   [`side_reads`](ReconnectConfig::side_reads).
 /// - **Blocking commands** that wait for data (`BLPOP`, `XREAD BLOCK`...) run on
 ///   connections of their own, kept for reuse, so they hold up no other call and one
 ///   given up on pops nothing
@@ -256,6 +264,12 @@ impl<M: MakeConnection> Service<Request> for Reconnect<M> {
                 );
                 ResponseFuture::call(connection.call(request), tracker)
             }
+            None if self.shared.has_aside()
+                && goes_aside(&request)
+                && let Some((generation, aside)) = self.shared.aside() =>
+            {
+                ResponseFuture::wait(read_aside(self.shared.lease(), aside, generation, request))
+            }
             None => match &self.shared.config.replica {
                 Some(replica) if request.info().is_read_only() => ResponseFuture::wait(
                     read_from_replica(self.shared.lease(), replica.clone(), request),
@@ -327,6 +341,52 @@ async fn read_from_replica<M: MakeConnection>(
         Err(error) if error.is_server() => Err(error),
         Err(error) => {
             tracing::debug!(command = name, %error, "the replica could not serve the read either");
+            Err(shared.rejection().with_command(name))
+        }
+    }
+}
+
+/// Whether `request` may go on the connection aside while the shared one is suspect
+/// ([`ReconnectConfig::side_reads`]): a read, but not `PFCOUNT`, which `CLIENT PAUSE
+/// WRITE` holds as it does writes (it may rewrite its key), so that it would hold up the
+/// reads after it there too.
+fn goes_aside(request: &Request) -> bool {
+    const HELD: &str = "PFCOUNT";
+    let info = request.info();
+    info.is_read_only()
+        && match request.pipeline() {
+            None => info.name() != HELD,
+            Some(pipeline) => !pipeline
+                .cmd_iter()
+                .any(|cmd| CommandInfo::of_cmd(cmd).name() == HELD),
+        }
+}
+
+/// Sends a read on the connection aside, serving `generation`, while the shared one is
+/// suspect. A server's own error reply is the answer; if the connection aside cannot
+/// serve, the read gets the refusal it would have had without it.
+async fn read_aside<M: MakeConnection>(
+    shared: Lease<Shared<M>>,
+    mut aside: M::Connection,
+    generation: u64,
+    request: Request,
+) -> Result<Value, Error> {
+    let name = request.info().name();
+    let result = match std::future::poll_fn(|cx| aside.poll_ready(cx)).await {
+        Ok(()) => aside.call(request).await,
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(value) => {
+            shared.read_aside();
+            Ok(value)
+        }
+        Err(error) if error.is_server() => Err(error),
+        Err(error) => {
+            if error.breaks_connection() {
+                shared.aside_lost(generation);
+            }
+            tracing::debug!(command = name, %error, "the connection aside could not serve the read");
             Err(shared.rejection().with_command(name))
         }
     }

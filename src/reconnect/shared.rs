@@ -56,6 +56,10 @@ pub(super) struct Shared<M: MakeConnection> {
     blocking_pace: Mutex<BlockingPace>,
     blocking_opened: AtomicU64,
     replica_reads: AtomicU64,
+    side_reads: AtomicU64,
+    /// Whether `aside` in the slot holds a connection: calls that find no connection read
+    /// this, not the lock, to learn there is none.
+    has_aside: AtomicBool,
     /// One permit per blocking call that may run at once.
     blocking_turns: Semaphore,
     /// The owner the handles hold, for the reconnect loop: none is started once they are
@@ -97,6 +101,23 @@ struct Slot<C> {
     /// The connection taken out of use while a `PING` asks whether it is stuck: put back
     /// if it answers, dropped if not. Calls meanwhile find no connection.
     suspect: Option<C>,
+    /// While the suspect connection is out of use: [`side`](Self::side), which answered a
+    /// `PING` the suspect one had not, for reads
+    /// ([`side_reads`](ReconnectConfig::side_reads)).
+    aside: Option<C>,
+    /// A connection to the same server, opened the first time one was suspect to ask
+    /// whether Redis answers beside it, and kept for the next time: opened each time,
+    /// against a Redis that is slow rather than held up, it would be one handshake more
+    /// every few timeouts. Dropped with the shared connection, and when it goes silent.
+    side: Option<C>,
+    /// Whether a side connection could not be opened, or went silent, since the shared
+    /// connection was opened: no other is tried until it is replaced. Against a server too
+    /// slow to finish a handshake within the connect timeout, each try would be one more
+    /// connection for it to accept and drop, every few timeouts.
+    side_failed: bool,
+    /// Counts the shared connection's losses and replacements: a side connection opened
+    /// across one may lead to the server the shared connection has left.
+    replaced: u64,
     looping: bool,
     failed: bool,
     attempt: u32,
@@ -132,6 +153,10 @@ impl<M: MakeConnection> Shared<M> {
                 slot: Mutex::new(Slot {
                     connection,
                     suspect: None,
+                    aside: None,
+                    side: None,
+                    side_failed: false,
+                    replaced: 0,
                     looping: false,
                     failed: false,
                     attempt: 0,
@@ -147,6 +172,8 @@ impl<M: MakeConnection> Shared<M> {
                 blocking_pace: Mutex::new(BlockingPace::default()),
                 blocking_opened: AtomicU64::new(0),
                 replica_reads: AtomicU64::new(0),
+                side_reads: AtomicU64::new(0),
+                has_aside: AtomicBool::new(false),
                 blocking_turns: Semaphore::new(blocking_max),
                 this: this.clone(),
                 health_checking: AtomicBool::new(false),
@@ -215,6 +242,7 @@ impl<M: MakeConnection> Shared<M> {
             blocking_connections: self.blocking_opened.load(Ordering::Relaxed),
             replica_reads: self.replica_reads.load(Ordering::Relaxed)
                 + self.connector.replica_reads(),
+            side_reads: self.side_reads.load(Ordering::Relaxed),
         }
     }
 
@@ -338,6 +366,108 @@ impl<M: MakeConnection> Shared<M> {
         self.replica_reads.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Whether reads may go aside: one atomic load, so that calls refused while there is
+    /// no connection do not take the lock to learn that they may not.
+    pub fn has_aside(&self) -> bool {
+        self.has_aside.load(Ordering::Acquire)
+    }
+
+    /// The connection reads go on while the suspect one is out of use, with the
+    /// generation it serves, if the server answered on it.
+    pub fn aside(&self) -> Option<(u64, Connection<M>)> {
+        let slot = self.slot();
+        let aside = slot.aside.clone()?;
+        Some((self.generation.load(Ordering::Acquire), aside))
+    }
+
+    /// A read was served on the connection aside.
+    pub fn read_aside(&self) {
+        self.side_reads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The connection aside, serving `generation`, broke: reads no longer go there.
+    pub fn aside_lost(&self, generation: u64) {
+        let mut slot = self.slot();
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.clear_aside(&mut slot);
+        }
+    }
+
+    /// Has reads go on `connection` while the suspect connection of `suspect_generation`
+    /// is out of use; answers whether it is still.
+    fn set_aside(&self, suspect_generation: u64, connection: Connection<M>) -> bool {
+        let mut slot = self.slot();
+        if self.generation.load(Ordering::Acquire) != suspect_generation || slot.suspect.is_none() {
+            return false;
+        }
+        slot.aside = Some(connection);
+        self.has_aside.store(true, Ordering::Release);
+        true
+    }
+
+    /// Ends reads aside; the caller holds the slot, and changes the generation.
+    fn clear_aside(&self, slot: &mut Slot<Connection<M>>) {
+        if slot.aside.take().is_some() {
+            self.has_aside.store(false, Ordering::Release);
+        }
+    }
+
+    /// The side connection, asked a `PING` within `timeout`, if it answers: the one kept,
+    /// or one opened now (and kept) if there is none or it closed. `None` if reads aside
+    /// are off, if none can be opened, or if it stays silent too (the server stalls); a
+    /// silent or broken one is dropped.
+    async fn answering_side_connection(&self, timeout: Duration) -> Option<Connection<M>> {
+        if !self.config.side_reads {
+            return None;
+        }
+        let (kept, failed_before, replaced) = {
+            let slot = self.slot();
+            (slot.side.clone(), slot.side_failed, slot.replaced)
+        };
+        let failed = |this: &Self| {
+            let mut slot = this.slot();
+            if slot.replaced == replaced {
+                slot.side = None;
+                slot.side_failed = true;
+            }
+        };
+        let connection = match kept {
+            Some(kept) if !self.connector.is_closed(&kept) => kept,
+            // Not opened when Redis had no room for one (`maxclients`, as a blocking
+            // command's last try found).
+            _ if failed_before || self.blocking_paced().is_some() => return None,
+            _ => match self.open_blocking().await {
+                Ok(opened) => {
+                    let mut slot = self.slot();
+                    if slot.replaced != replaced {
+                        return None;
+                    }
+                    slot.side = Some(opened.clone());
+                    opened
+                }
+                Err(_) => {
+                    failed(self);
+                    return None;
+                }
+            },
+        };
+        match self.ping(connection.clone(), timeout).await {
+            Ping::Answered => Some(connection),
+            Ping::Unknown => None,
+            Ping::Failed | Ping::Silent => {
+                failed(self);
+                None
+            }
+        }
+    }
+
+    /// The shared connection was lost or replaced: the side connection goes with it.
+    fn replaced(slot: &mut Slot<Connection<M>>) {
+        slot.replaced = slot.replaced.wrapping_add(1);
+        slot.side = None;
+        slot.side_failed = false;
+    }
+
     /// A call on the connection of `generation` was dropped before its reply came.
     pub fn cancelled(&self, generation: u64) {
         // One sent before the connection was suspected, or replaced, says nothing of the
@@ -394,27 +524,53 @@ impl<M: MakeConnection> Shared<M> {
         );
         runtime.spawn(async move {
             let started = Instant::now();
-            match shared.ping(connection, timeout).await {
-                Ping::Answered | Ping::Unknown => {
-                    if shared.reinstate(suspect_generation) {
+            let mut ping = std::pin::pin!(shared.ping(connection, timeout));
+            let mut side = std::pin::pin!(shared.answering_side_connection(timeout));
+            tokio::select! {
+                verdict = &mut ping => {
+                    shared.settle_suspicion(suspect_generation, verdict, started);
+                    // Not dropped half-way: a side connection being opened is kept.
+                    side.await;
+                }
+                aside = &mut side => {
+                    if let Some(aside) = aside
+                        && shared.set_aside(suspect_generation, aside)
+                    {
                         tracing::debug!(
                             address = shared.connector.address(),
-                            answered_in = ?started.elapsed(),
-                            "the redis connection answered PING: redis is slow, not \
-                             unreachable; keeping the connection"
+                            "the suspect redis connection is held up, but redis answers on \
+                             another: reads go there meanwhile"
                         );
                     }
+                    shared.settle_suspicion(suspect_generation, ping.await, started);
                 }
-                Ping::Failed => shared.connection_lost(
-                    suspect_generation,
-                    "calls kept timing out, and a PING failed",
-                ),
-                Ping::Silent => shared.connection_lost(
-                    suspect_generation,
-                    "calls kept timing out, and a PING got no reply either",
-                ),
             }
         });
+    }
+
+    /// Acts on the answer to the suspect connection's `PING`: puts it back in use, or
+    /// replaces it.
+    fn settle_suspicion(&self, suspect_generation: u64, verdict: Ping, started: Instant) {
+        match verdict {
+            Ping::Answered | Ping::Unknown => {
+                if self.reinstate(suspect_generation) {
+                    tracing::debug!(
+                        address = self.connector.address(),
+                        answered_in = ?started.elapsed(),
+                        "the redis connection answered PING: redis is slow, not \
+                         unreachable; keeping the connection"
+                    );
+                }
+            }
+            Ping::Failed => self.connection_lost(
+                suspect_generation,
+                "calls kept timing out, and a PING failed",
+            ),
+            Ping::Silent => self.connection_lost(
+                suspect_generation,
+                "calls kept timing out, and a PING got no reply either",
+            ),
+        }
     }
 
     /// Puts the suspect connection back in use, unless something else happened to it
@@ -428,6 +584,7 @@ impl<M: MakeConnection> Shared<M> {
             return false;
         };
         slot.connection = Some(connection);
+        self.clear_aside(&mut slot);
         self.stuck.store(0, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::AcqRel);
         // Wakes calls waiting for a connection, and has a breaker that follows the state
@@ -518,6 +675,7 @@ impl<M: MakeConnection> Shared<M> {
                 if current {
                     slot.connection = Some(connection);
                     slot.young = None;
+                    Self::replaced(&mut slot);
                     shared.generation.fetch_add(1, Ordering::AcqRel);
                 }
                 current
@@ -543,6 +701,8 @@ impl<M: MakeConnection> Shared<M> {
         }
         slot.connection = None;
         slot.suspect = None;
+        self.clear_aside(&mut slot);
+        Self::replaced(&mut slot);
         self.generation.fetch_add(1, Ordering::AcqRel);
         let answered = self.stuck.swap(0, Ordering::Relaxed) & UNANSWERED == 0;
         let unsettled = slot.young.take().and_then(|young| young.lost(answered));
@@ -573,6 +733,8 @@ impl<M: MakeConnection> Shared<M> {
         if slot.connection.take().is_some() | slot.suspect.take().is_some() {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
+        self.clear_aside(&mut slot);
+        Self::replaced(&mut slot);
         slot.young = None;
         self.start_loop(&mut slot, None);
     }

@@ -182,3 +182,32 @@ async fn connections_that_break_as_soon_as_they_open_are_opened_at_the_schedules
         .await
         .unwrap();
 }
+
+#[test]
+fn reads_go_aside_but_writes_and_pfcount_which_a_write_pause_holds() {
+    let request = |args: &[&str]| {
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        Request::from(cmd)
+    };
+    let pipeline = |commands: &[&[&str]]| {
+        let mut pipeline = redis::pipe();
+        for args in commands {
+            let cmd = pipeline.cmd(args[0]);
+            for arg in &args[1..] {
+                cmd.arg(*arg);
+            }
+        }
+        Request::from(pipeline)
+    };
+    assert!(goes_aside(&request(&["GET", "k"])));
+    assert!(goes_aside(&request(&["EXISTS", "k"])));
+    assert!(goes_aside(&pipeline(&[&["GET", "a"], &["HGETALL", "b"]])));
+    assert!(!goes_aside(&request(&["SET", "k", "v"])));
+    assert!(!goes_aside(&request(&["PFCOUNT", "h"])));
+    assert!(!goes_aside(&request(&["pfcount", "h"])));
+    assert!(!goes_aside(&pipeline(&[&["GET", "a"], &["PFCOUNT", "h"]])));
+    assert!(!goes_aside(&pipeline(&[&["GET", "a"], &["INCR", "n"]])));
+}
