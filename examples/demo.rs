@@ -1,5 +1,6 @@
 //! What the crate is for, made visible: steady traffic through the default stack while
-//! Redis is killed, restarted, paused (SIGSTOP), resumed, slowed down and failed over,
+//! Redis is killed, restarted, paused (SIGSTOP), resumed, slowed down, made to hold
+//! writes (`CLIENT PAUSE WRITE`) and failed over,
 //! with a line every half second and a summary proving that no call outlived its
 //! deadline.
 //!
@@ -96,8 +97,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             (Duration::from_secs(8), Some(Fault::Resume), "resumed"),
             (Duration::from_secs(10), Some(Fault::Slow), "slow"),
             (Duration::from_secs(12), Some(Fault::Fast), "fast"),
-            (Duration::from_secs(14), Some(Fault::FailOver), "failover"),
-            (Duration::from_secs(16), None, "end"),
+            (Duration::from_secs(14), Some(Fault::HoldWrites), "held"),
+            (Duration::from_secs(16), Some(Fault::FailOver), "failover"),
+            (Duration::from_secs(18), None, "end"),
         ],
         None => {
             println!(
@@ -292,6 +294,7 @@ enum Fault {
     Resume,
     Slow,
     Fast,
+    HoldWrites,
     FailOver,
 }
 
@@ -315,6 +318,14 @@ impl Fault {
             // every few timeouts.
             Fault::Slow => lab.proxy.delay_replies(Duration::from_millis(300)),
             Fault::Fast => lab.proxy.delay_replies(Duration::ZERO),
+            // As Redis's `FAILOVER` and a cluster's manual failover do while the replica
+            // catches up, and managed services during maintenance: writes are held (for
+            // 1.8 s here), reads served. On the shared connection every read sent after a
+            // held write waits with it; once the connection is suspect, reads go on a
+            // second connection, where Redis answers them.
+            Fault::HoldWrites => {
+                server.raw_command(&["CLIENT", "PAUSE", "1800", "WRITE"]);
+            }
             Fault::FailOver => {
                 // The standby is the master now, the old master its replica (it answers
                 // writes with READONLY at once, before it has synced), and the address

@@ -11,7 +11,7 @@ use std::{
 };
 
 use redis::Value;
-use support::{FaultProxy, RedisServer};
+use support::{FaultProxy, RedisServer, eventually};
 use tower::{Service, ServiceExt};
 use tower_redis_resilience::{
     Connector, Error, Request,
@@ -160,6 +160,36 @@ async fn stuck_connection_to_a_paused_server_is_replaced_after_resume() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_servers_connection_is_replaced_on_time_while_one_beside_it_still_opens() {
+    let server = RedisServer::start();
+    // The side connection's handshake waits out this, far past the PING's time.
+    let connector = Connector::from_url(&server.url())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(3));
+    let ping_timeout = Duration::from_millis(300);
+    let config = ReconnectConfig::new().stuck_ping_timeout(ping_timeout);
+    let mut redis = Reconnect::connect(connector, config).await.unwrap();
+    call(&mut redis, get("k")).await.unwrap();
+    server.pause();
+    for _ in 0..3 {
+        let outcome = tokio::time::timeout(Duration::from_millis(100), call(&mut redis, get("k")));
+        assert!(outcome.await.is_err(), "a paused server cannot answer");
+    }
+    let suspect = Instant::now();
+    let mut state = redis.state();
+    wait_for_state(
+        &mut state,
+        ping_timeout + Duration::from_millis(150),
+        "reconnecting",
+        |state| matches!(state, ConnectionState::Reconnecting { .. }),
+    )
+    .await;
+    assert!(suspect.elapsed() >= ping_timeout - Duration::from_millis(20));
+    server.resume();
+    until_ok(&mut redis, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_redis_keeps_its_connection_while_calls_time_out() {
     let server = RedisServer::start();
     let proxy = FaultProxy::start(server.port()).await;
@@ -288,9 +318,11 @@ async fn reads_go_beside_a_connection_that_a_write_pause_holds_up() {
     assert_eq!(*redis.state().borrow(), ConnectionState::Suspect);
 
     // The suspect connection's PING waits behind the write too, but Redis answers one
-    // on another connection: reads go there, at once, while the write pause lasts.
+    // on another connection: reads go there, at once, while the write pause lasts; and
+    // the held connection is waited for past its PING's second, not replaced (a new one
+    // would be held by the next write).
     let mut served = 0;
-    while paused.elapsed() < Duration::from_millis(1000) {
+    while paused.elapsed() < Duration::from_millis(2000) {
         let started = Instant::now();
         match tokio::time::timeout(deadline, call(&mut redis, get("k"))).await {
             Ok(Ok(value)) => {
@@ -307,8 +339,9 @@ async fn reads_go_beside_a_connection_that_a_write_pause_holds_up() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(served >= 50, "{served} reads served during the pause");
+    assert!(served >= 100, "{served} reads served during the pause");
     assert_eq!(redis.stats().side_reads, served);
+    assert_eq!(*redis.state().borrow(), ConnectionState::Suspect);
     // Writes fail fast, unsent; so does `PFCOUNT`, which the pause holds as well.
     for held_too in [
         incr,
@@ -323,11 +356,74 @@ async fn reads_go_beside_a_connection_that_a_write_pause_holds_up() {
     assert_eq!(redis.stats().attempts, 1, "{:?}", redis.stats());
     assert_eq!(redis.stats().blocking_connections, 1, "{:?}", redis.stats());
 
-    // Once the pause ends, writes are served again.
+    // Once the pause ends, the held connection answers its PING and serves again.
     assert_eq!(server.raw_command(&["CLIENT", "UNPAUSE"]), "OK");
-    until_ok(&mut redis, Duration::from_secs(3)).await;
+    let mut state = redis.state();
+    wait_for_state(&mut state, Duration::from_secs(1), "connected", |state| {
+        *state == ConnectionState::Connected
+    })
+    .await;
     let set = Request::from(redis::cmd("SET").arg("k").arg("w").to_owned());
     eventually_ok(&mut redis, set).await;
+    assert_eq!(redis.stats().attempts, 1, "{:?}", redis.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stalls_while_reads_go_beside_its_held_connection_is_given_up_on() {
+    let server = RedisServer::start();
+    assert_eq!(server.raw_command(&["SET", "k", "v"]), "OK");
+    let ping_timeout = Duration::from_millis(400);
+    let config = ReconnectConfig::new().stuck_ping_timeout(ping_timeout);
+    let mut redis = Reconnect::connect(connector(&server.url()), config)
+        .await
+        .unwrap();
+    call(&mut redis, get("k")).await.unwrap();
+    assert_eq!(
+        server.raw_command(&["CLIENT", "PAUSE", "10000", "WRITE"]),
+        "OK"
+    );
+    let deadline = Duration::from_millis(100);
+    let incr = Request::from(redis::cmd("INCR").arg("n").to_owned());
+    let held = tokio::time::timeout(deadline, call(&mut redis, incr)).await;
+    assert!(held.is_err(), "the write is held");
+    for _ in 0..2 {
+        let queued = tokio::time::timeout(deadline, call(&mut redis, get("k"))).await;
+        assert!(
+            queued.is_err(),
+            "a read behind the held write waits with it"
+        );
+    }
+    let mut beside = redis.clone();
+    eventually(Duration::from_secs(1), async || {
+        call(&mut beside, get("k")).await.is_ok()
+    })
+    .await;
+    assert!(redis.stats().side_reads > 0, "{:?}", redis.stats());
+
+    // Now Redis stalls: the side connection's next PING goes unanswered too, and the held
+    // connection is given up on then, not kept for the whole wait a held one gets
+    // (five times its PING's time).
+    server.pause();
+    let stalled = Instant::now();
+    let mut state = redis.state();
+    wait_for_state(
+        &mut state,
+        2 * ping_timeout + Duration::from_millis(400),
+        "reconnecting",
+        |state| matches!(state, ConnectionState::Reconnecting { .. }),
+    )
+    .await;
+    assert!(
+        stalled.elapsed() >= ping_timeout / 2,
+        "{:?}",
+        stalled.elapsed()
+    );
+    // Calls fail fast again, rather than wait out their deadline on the side connection.
+    let started = Instant::now();
+    let err = call(&mut redis, get("k")).await.unwrap_err();
+    assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
+    assert!(started.elapsed() < Duration::from_millis(50));
+    server.resume();
 }
 
 /// Sends `request` until it succeeds, for at most 3 s.
