@@ -74,6 +74,10 @@ enum Detail {
     /// The connection is out of use while a `PING` asks whether it is stuck
     /// ([`ReconnectConfig::stuck_ping_timeout`](crate::reconnect::ReconnectConfig::stuck_ping_timeout)).
     Suspect,
+    /// [`Suspect`](Self::Suspect), and Redis answers on another connection, where reads
+    /// go ([`ReconnectConfig::side_reads`](crate::reconnect::ReconnectConfig::side_reads)):
+    /// the connection is held up, not Redis down.
+    Held,
     /// Formatted when shown, so rejecting calls during an outage does not allocate.
     Reconnecting {
         attempt: u32,
@@ -266,7 +270,27 @@ impl Error {
     /// answer the last calls within their deadlines, so a resend a few milliseconds
     /// later, before the `PING` has its answer, would only be refused again.
     pub(crate) fn is_suspect(&self) -> bool {
-        matches!(self.detail, Detail::Suspect)
+        matches!(self.detail, Detail::Suspect | Detail::Held)
+    }
+
+    /// The connection is suspect, but Redis answers on another, where reads go: what the
+    /// connection's calls wait for is held up by Redis (a write pause, a `WAIT`). The
+    /// request (not a read) was not sent.
+    pub(crate) fn held() -> Self {
+        Error::new(
+            Kind::Unavailable {
+                may_have_run: false,
+            },
+            Detail::Held,
+        )
+    }
+
+    /// Made by [`held`](Self::held): refused unsent while Redis serves reads on another
+    /// connection. The timeouts that made the connection suspect were counted; counting
+    /// these too would have a burst of fast-failing writes open a breaker over the reads
+    /// served meanwhile.
+    pub(crate) fn is_held(&self) -> bool {
+        matches!(self.detail, Detail::Held)
     }
 
     /// The connection is being re-established; the request was not sent.
@@ -724,6 +748,11 @@ impl fmt::Display for Error {
             Detail::Suspect => f.write_str(
                 ": the last calls on the connection got no reply: a PING is asking whether \
                  it is stuck or redis is slow",
+            ),
+            Detail::Held => f.write_str(
+                ": the last calls on the connection got no reply, but redis answers on \
+                 another (a write pause?): reads go there, other calls are refused until \
+                 the connection answers a PING or is replaced",
             ),
             Detail::Message(message) => write!(f, ": {message}"),
             Detail::Reconnecting {

@@ -277,6 +277,9 @@ enum Fault {
     /// `FAILOVER`: the replica takes over (Redis pauses writes until it has caught up),
     /// the master turns replica, and the address moves to the new master.
     Failover,
+    /// `CLIENT PAUSE WRITE` for the time: writes held, reads served, as a maintenance
+    /// window or a migration tool's cut-over has it.
+    HoldWrites,
 }
 
 /// Each fault once, in a shuffled order: `seed` makes the order and the times.
@@ -296,6 +299,7 @@ fn fault_sequence(seed: u64) -> Vec<(Fault, Duration, Duration)> {
         Fault::Cut,
         Fault::Reset,
         Fault::Failover,
+        Fault::HoldWrites,
     ];
     for i in (1..faults.len()).rev() {
         faults.swap(i, next(i as u64 + 1) as usize);
@@ -314,7 +318,7 @@ fn fault_sequence(seed: u64) -> Vec<(Fault, Duration, Duration)> {
 /// The default client, through the address apps know (a proxy standing in for a DNS
 /// name), to a master with a replica, both fsyncing every write, while 8 callers `INCR`,
 /// run transactions and read, and the master is killed, paused, slowed, silenced, cut,
-/// reset at every connection's first request and failed over. Every call answers within its deadline (and a grace for a debug build
+/// reset at every connection's first request, made to hold writes and failed over. Every call answers within its deadline (and a grace for a debug build
 /// on 2 cores), every reply is the value or a miss, the counts add up, and a second
 /// after the last fault ended every call is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,6 +494,12 @@ async fn through_the_faults(seed: u64) {
                     proxy.cut_each_connection_after(u64::MAX);
                     let opened = proxy.connections() - before;
                     format!("reset at the first request for {lasts:?} ({opened} connections)")
+                }
+                Fault::HoldWrites => {
+                    let millis = lasts.as_millis().to_string();
+                    servers[master].raw_command(&["CLIENT", "PAUSE", &millis, "WRITE"]);
+                    std::thread::sleep(lasts);
+                    format!("writes held {lasts:?}")
                 }
                 Fault::Failover => {
                     let started = Instant::now();

@@ -318,11 +318,9 @@ async fn reads_go_beside_a_connection_that_a_write_pause_holds_up() {
     assert_eq!(*redis.state().borrow(), ConnectionState::Suspect);
 
     // The suspect connection's PING waits behind the write too, but Redis answers one
-    // on another connection: reads go there, at once, while the write pause lasts; and
-    // the held connection is waited for past its PING's second, not replaced (a new one
-    // would be held by the next write).
+    // on another connection: reads go there, at once, while the PING waits (1 s).
     let mut served = 0;
-    while paused.elapsed() < Duration::from_millis(2000) {
+    while paused.elapsed() < Duration::from_millis(900) {
         let started = Instant::now();
         match tokio::time::timeout(deadline, call(&mut redis, get("k"))).await {
             Ok(Ok(value)) => {
@@ -339,7 +337,7 @@ async fn reads_go_beside_a_connection_that_a_write_pause_holds_up() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(served >= 100, "{served} reads served during the pause");
+    assert!(served >= 50, "{served} reads served during the pause");
     assert_eq!(redis.stats().side_reads, served);
     assert_eq!(*redis.state().borrow(), ConnectionState::Suspect);
     // Writes fail fast, unsent; so does `PFCOUNT`, which the pause holds as well.
@@ -356,7 +354,8 @@ async fn reads_go_beside_a_connection_that_a_write_pause_holds_up() {
     assert_eq!(redis.stats().attempts, 1, "{:?}", redis.stats());
     assert_eq!(redis.stats().blocking_connections, 1, "{:?}", redis.stats());
 
-    // Once the pause ends, the held connection answers its PING and serves again.
+    // The pause ends before the PING's second: the held connection answers it, and
+    // serves again.
     assert_eq!(server.raw_command(&["CLIENT", "UNPAUSE"]), "OK");
     let mut state = redis.state();
     wait_for_state(&mut state, Duration::from_secs(1), "connected", |state| {
@@ -369,7 +368,7 @@ async fn reads_go_beside_a_connection_that_a_write_pause_holds_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_that_stalls_while_reads_go_beside_its_held_connection_is_given_up_on() {
+async fn a_server_that_stalls_while_reads_go_beside_its_held_connection_fails_reads_fast_again() {
     let server = RedisServer::start();
     assert_eq!(server.raw_command(&["SET", "k", "v"]), "OK");
     let ping_timeout = Duration::from_millis(400);
@@ -400,24 +399,17 @@ async fn a_server_that_stalls_while_reads_go_beside_its_held_connection_is_given
     .await;
     assert!(redis.stats().side_reads > 0, "{:?}", redis.stats());
 
-    // Now Redis stalls: the side connection's next PING goes unanswered too, and the held
-    // connection is given up on then, not kept for the whole wait a held one gets
-    // (five times its PING's time).
+    // Now Redis stalls: the held connection is replaced at its PING's time all the same,
+    // and reads no longer go beside it.
     server.pause();
-    let stalled = Instant::now();
     let mut state = redis.state();
     wait_for_state(
         &mut state,
-        2 * ping_timeout + Duration::from_millis(400),
+        ping_timeout + Duration::from_millis(150),
         "reconnecting",
         |state| matches!(state, ConnectionState::Reconnecting { .. }),
     )
     .await;
-    assert!(
-        stalled.elapsed() >= ping_timeout / 2,
-        "{:?}",
-        stalled.elapsed()
-    );
     // Calls fail fast again, rather than wait out their deadline on the side connection.
     let started = Instant::now();
     let err = call(&mut redis, get("k")).await.unwrap_err();

@@ -224,8 +224,12 @@ impl CircuitBreakerConfig {
     ///   the leaf refused to send (a `SELECT` or `SUBSCRIBE` on the shared connection, see
     ///   [`CommandInfo::changes_connection`](crate::CommandInfo::changes_connection)), a
     ///   blocking command that found no connection of its own (Redis at `maxclients`)
-    ///   while the shared one works, and timeouts on a deadline the request carried
-    ///   itself ([`Error::is_own_deadline`]).
+    ///   while the shared one works, timeouts on a deadline the request carried
+    ///   itself ([`Error::is_own_deadline`]), and calls refused unsent while Redis holds up
+    ///   the shared connection but serves reads on another
+    ///   ([`side_reads`](crate::reconnect::ReconnectConfig::side_reads)): the timeouts
+    ///   that made the connection suspect were counted, and writes failing fast would
+    ///   otherwise open the breaker over the reads served meanwhile.
     pub fn classifier<F>(mut self, classify: F) -> Self
     where
         F: Fn(&Result<Value, Error>) -> Outcome + Send + Sync + 'static,
@@ -333,6 +337,10 @@ fn classify_error(err: &Error) -> Outcome {
         // Its caller's own budget ran out (`Request::with_deadline`): one impatient caller
         // must not cut Redis off for the others. The layer's deadlines speak for Redis.
         err if err.is_own_deadline() => Outcome::Ignore,
+        // Refused unsent while Redis holds up the shared connection but serves reads on
+        // another (a write pause): the timeouts that made it suspect were counted, and
+        // writes failing fast would otherwise open the breaker over the reads served.
+        err if err.is_held() => Outcome::Ignore,
         // Redis is up and answered at once that it serves nothing for now (loading its
         // data, running a script): calls fail fast as it is, and an open breaker would
         // keep the app dark for up to `wait_in_open` after Redis serves again.

@@ -221,9 +221,9 @@ impl<S> ReconnectConfig<S> {
     /// there ([`side_reads`](Self::side_reads)); the [state](super::Reconnect::state) is
     /// [`Suspect`](super::ConnectionState::Suspect). An answer within this time puts the
     /// connection back (`Connected`: a breaker that follows the state probes at once,
-    /// as after a reconnect, since a stall may have ended); silence replaces it, unless
-    /// Redis answers on another connection ([`side_reads`](Self::side_reads)): then it is
-    /// held up, not stuck, and is waited for five times as long. Zero
+    /// as after a reconnect, since a stall may have ended); silence replaces it (meanwhile
+    /// reads go to another connection if Redis answers there:
+    /// [`side_reads`](Self::side_reads)). Zero
     /// replaces it at once, without asking.
     ///
     /// ```
@@ -252,24 +252,24 @@ impl<S> ReconnectConfig<S> {
     /// timeout; a large reply holds the ones after it while it arrives. On the shared
     /// connection every read queued behind such a command times out, and each later one
     /// too. Measured with the default client, 4 readers and a writer: before this, not
-    /// one read of ~1,900 was served during a 1.5 s `CLIENT PAUSE WRITE`; now 1,845 of
-    /// 1,849 and 1,976 of 1,980 were (two runs), and 1,781 of 1,788 and 1,885 of 1,889
-    /// through a `WAIT 1 1500` with no replica (those missed are the ones queued behind it
-    /// before the connection was suspect), with no reconnect. redis-rs's
-    /// `ConnectionManager`, on its one connection, served 9 to 14 of ~30 in the same runs,
-    /// each waiting behind the held command.
+    /// one read of ~1,900 was served during a 1.5 s `CLIENT PAUSE WRITE`; now 1,601 of
+    /// 1,609 were, and 2,005 of 2,009 through a `WAIT 1 1500` with no replica (those
+    /// missed are the ones queued behind it before the connection was suspect). redis-rs's
+    /// `ConnectionManager`, on its one connection, served 13 of 33 and 8 of 28 in the
+    /// same runs, each waiting behind the held command.
     ///
     /// When calls have kept timing out and the suspect connection's `PING` is not answered
     /// yet, a `PING` on another connection tells a held connection from a stalled
     /// server: if it answers, reads (read-only commands and read-only pipelines, but
     /// `PFCOUNT`, which a write pause holds too) go on that connection until the suspect
-    /// one answers or is replaced. Writes fail fast as before, unsent. While Redis answers
-    /// there, the suspect connection is waited for five times its `PING`'s time (5 s by
-    /// default) before it is replaced, not one: held up, it answers once what holds it
-    /// ends, and a new one would be held by the next write as well (a cluster's manual
-    /// failover gives up its write pause after 5 s). The side connection is asked a `PING`
-    /// again every [`stuck_ping_timeout`](Self::stuck_ping_timeout); if it goes silent
-    /// too (Redis stalls now), the suspect one is replaced then. The other
+    /// one answers or is replaced. Writes fail fast as before, unsent. The suspect
+    /// connection is still replaced if its `PING` goes unanswered for
+    /// [`stuck_ping_timeout`](Self::stuck_ping_timeout): held up by Redis, or cut off by a
+    /// middlebox that forgot it (which would never answer), it looks the same from the
+    /// client. So a write pause longer than that costs the reads queued behind the next
+    /// held write on the new connection too, until it is suspect in turn (~250 ms), and
+    /// their timeouts can open a circuit breaker, whose window a new connection starts
+    /// afresh. The other
     /// connection is opened the first time a connection is suspect (counted in
     /// [`ReconnectStats::blocking_connections`](super::ReconnectStats::blocking_connections))
     /// and kept, beside the shared one, for the next time, until the shared connection is

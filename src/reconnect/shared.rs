@@ -25,14 +25,6 @@ use crate::{Error, MakeConnection, Request, backoff::Delays, sync::Leased};
 
 type Connection<M> = <M as MakeConnection>::Connection;
 
-/// How many times its `PING` timeout a suspect connection is waited for while Redis answers
-/// on the side connection ([`side_reads`](ReconnectConfig::side_reads)): held up, rather
-/// than stalled or broken, it will answer once what holds it ends. A write pause lasts
-/// up to seconds (a cluster's manual failover gives up after 5 s); replaced sooner, the
-/// new connection would be held by the next write as well, and its reads miss again
-/// until it is suspect in turn.
-const HELD_PATIENCE: u32 = 5;
-
 /// `readonly_reconnected_at` before a `READONLY` reply ever replaced the connection.
 const NEVER: u64 = u64::MAX;
 
@@ -227,7 +219,10 @@ impl<M: MakeConnection> Shared<M> {
             return error.clone();
         }
         if slot.suspect.is_some() {
-            return Error::suspect();
+            return match slot.aside {
+                Some(_) => Error::held(),
+                None => Error::suspect(),
+            };
         }
         if slot.failed {
             return Error::unavailable("reconnecting gave up; call Reconnect::reconnect to retry");
@@ -532,62 +527,34 @@ impl<M: MakeConnection> Shared<M> {
         );
         runtime.spawn(async move {
             let started = Instant::now();
-            // Asked for as long as a held connection is waited for; silent after `timeout`
-            // unless Redis answers on the side connection meanwhile.
-            let held_patience = timeout.saturating_mul(HELD_PATIENCE);
-            let mut ping = std::pin::pin!(shared.ping(connection, held_patience));
+            let mut ping = std::pin::pin!(shared.ping(connection, timeout));
             let mut side = std::pin::pin!(shared.answering_side_connection(timeout));
             let verdict = tokio::select! {
                 verdict = &mut ping => {
                     shared.settle_suspicion(suspect_generation, verdict, started);
-                    // Not dropped half-way: a side connection being opened is kept.
+                    // Not dropped half-way: a side connection being opened is kept (unless
+                    // the suspect one was just replaced, which the side one goes with).
                     side.await;
                     return;
                 }
-                aside = &mut side => match aside {
-                    Some(aside) if shared.set_aside(suspect_generation, aside.clone()) => {
+                aside = &mut side => {
+                    if let Some(aside) = aside
+                        && shared.set_aside(suspect_generation, aside)
+                    {
                         tracing::debug!(
                             address = shared.connector.address(),
                             "the suspect redis connection is held up, but redis answers on \
                              another: reads go there meanwhile"
                         );
-                        shared.while_held(&mut ping, aside, timeout).await
                     }
-                    _ => tokio::time::timeout_at(started + timeout, &mut ping)
-                        .await
-                        .unwrap_or(Ping::Silent),
-                },
-                // Neither answered in the PING's time (the side connection may still be
-                // opening, within the longer connect timeout): replaced, as without it.
-                () = tokio::time::sleep_until(started + timeout) => Ping::Silent,
+                    // Still replaced if it stays silent for the PING's time: held up by a
+                    // write pause, or cut off by a middlebox that forgot it, it looks the
+                    // same from here, and one that is cut off never answers.
+                    (&mut ping).await
+                }
             };
             shared.settle_suspicion(suspect_generation, verdict, started);
         });
-    }
-
-    /// Waits for the held connection's `ping` while reads go on `aside`, asking `aside`
-    /// a `PING` every `timeout`: if Redis stops answering there too (it stalls now), the
-    /// held connection is given up as silent.
-    async fn while_held(
-        &self,
-        mut ping: impl Future<Output = Ping> + Unpin,
-        aside: Connection<M>,
-        timeout: Duration,
-    ) -> Ping {
-        loop {
-            tokio::select! {
-                verdict = &mut ping => return verdict,
-                () = tokio::time::sleep(timeout) => {}
-            }
-            tokio::select! {
-                verdict = &mut ping => return verdict,
-                answer = self.ping(aside.clone(), timeout) => {
-                    if !matches!(answer, Ping::Answered) {
-                        return Ping::Silent;
-                    }
-                }
-            }
-        }
     }
 
     /// Acts on the answer to the suspect connection's `PING`: puts it back in use, or
