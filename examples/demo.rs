@@ -320,11 +320,11 @@ impl Fault {
             Fault::Fast => lab.proxy.delay_replies(Duration::ZERO),
             // As Redis's `FAILOVER` and a cluster's manual failover do while the replica
             // catches up, and managed services during maintenance: writes are held (for
-            // 1 s here), reads served. On the shared connection every read sent after a
+            // 1.8 s here), reads served. On the shared connection every read sent after a
             // held write waits with it; once the connection is suspect, reads go on a
             // second connection, where Redis answers them.
             Fault::HoldWrites => {
-                server.raw_command(&["CLIENT", "PAUSE", "1000", "WRITE"]);
+                server.raw_command(&["CLIENT", "PAUSE", "1800", "WRITE"]);
             }
             Fault::FailOver => {
                 // The standby is the master now, the old master its replica (it answers

@@ -67,6 +67,15 @@ pub trait MakeConnection: Send + Sync + 'static {
         true
     }
 
+    /// The server's id for `connection` (`CLIENT ID`), if the connector asked: while the
+    /// connection is suspect and Redis answers on another, [`Reconnect`](crate::reconnect::Reconnect)
+    /// asks the server there whether it holds this one's command up (a write pause, a
+    /// `WAIT`), to wait for it rather than replace it. `None` by default.
+    fn client_id(&self, connection: &Self::Connection) -> Option<u64> {
+        let _ = connection;
+        None
+    }
+
     /// Reads its connections sent to a replica by themselves, which
     /// [`ReconnectStats::replica_reads`](crate::reconnect::ReconnectStats::replica_reads)
     /// adds to those [`Reconnect`](crate::reconnect::Reconnect) sent: a cluster's, with
@@ -101,6 +110,10 @@ impl MakeConnection for Connector {
 
     fn hung_calls_mean_stuck(&self, connection: &RedisService) -> bool {
         !connection.is_cluster()
+    }
+
+    fn client_id(&self, connection: &RedisService) -> Option<u64> {
+        connection.client_id()
     }
 
     fn replica_reads(&self) -> u64 {
@@ -891,36 +904,41 @@ impl Connector {
     }
 
     async fn connect_for(&self, used: Use) -> Result<RedisService, Error> {
-        #[cfg(not(feature = "cluster"))]
-        let _ = used;
-        let service = self
-            .within_connect_timeout(async {
-                #[cfg(feature = "cluster")]
-                if let Some(cluster) = &self.cluster {
-                    let display = self.display.clone();
-                    let timeout = self.connect_timeout;
-                    return open_cluster(cluster, timeout, &self.own_tls, display, used).await;
+        self.within_connect_timeout(async {
+            #[cfg(feature = "cluster")]
+            if let Some(cluster) = &self.cluster {
+                let display = self.display.clone();
+                let timeout = self.connect_timeout;
+                return open_cluster(cluster, timeout, &self.own_tls, display, used)
+                    .await
+                    .map(|service| service.with_max_argument_size(self.max_argument));
+            }
+            let authenticated = fresh(self.credentials.as_ref(), self.connection_info()).await?;
+            let info = &authenticated.info;
+            let service = match &self.sentinel {
+                None => {
+                    // The client is its connection details, which `info` replaces
+                    // when it has credentials of its own.
+                    let client = self.credentials.is_none().then_some(&self.client);
+                    open(info, client, &self.own_tls, self.display.clone()).await?
                 }
-                let authenticated =
-                    fresh(self.credentials.as_ref(), self.connection_info()).await?;
-                let info = &authenticated.info;
-                let service = match &self.sentinel {
-                    None => {
-                        // The client is its connection details, which `info` replaces
-                        // when it has credentials of its own.
-                        let client = self.credentials.is_none().then_some(&self.client);
-                        open(info, client, &self.own_tls, self.display.clone()).await?
-                    }
-                    Some(sentinel) => {
-                        let every = self.sentinel_check_interval;
-                        sentinel.connect(info, self.connect_timeout, every).await?
-                    }
-                };
-                authenticated.keep(&service, self.connect_timeout);
-                Ok(service)
-            })
-            .await?;
-        Ok(service.with_max_argument_size(self.max_argument))
+                Some(sentinel) => {
+                    let every = self.sentinel_check_interval;
+                    sentinel.connect(info, self.connect_timeout, every).await?
+                }
+            };
+            let service = service.with_max_argument_size(self.max_argument);
+            // The shared connection's id, so that while it is suspect another
+            // connection can ask whether the server holds it up.
+            let service = match used {
+                Use::Shared => service.learn_client_id().await,
+                Use::Blocking => service,
+            };
+            // Last: a renewal holds a weak handle, and the service is complete.
+            authenticated.keep(&service, self.connect_timeout);
+            Ok(service)
+        })
+        .await
     }
 
     /// Runs a connection attempt within the connect timeout: redis-rs's own may not

@@ -291,3 +291,27 @@ async fn a_renewal_that_fails_is_tried_again_before_the_credentials_expire() {
     assert_eq!(asked.load(SeqCst), 3);
     assert_eq!(server.connection_ids_of_user("app2"), opened);
 }
+
+/// A connection whose credentials are renewed still takes its connector's settings:
+/// before, the renewal's handle to it, taken first, kept the argument limit from being
+/// set, so the default one (512 MiB) held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_credentials_to_renew_keeps_the_connectors_argument_limit() {
+    let server = server_with_app_user("token-1");
+    let connector = Connector::from_url(&app_url(&server))
+        .unwrap()
+        .max_argument_size(16)
+        .credentials(|| async {
+            Ok::<_, std::io::Error>(
+                Credentials::password_only("token-1").valid_for(Duration::from_secs(60)),
+            )
+        });
+    let mut redis = connector.connect().await.unwrap();
+    let set =
+        tower_redis_resilience::Request::from(redis::cmd("SET").arg("k").arg(vec![b'v'; 100]));
+    let err = tower::ServiceExt::oneshot(&mut redis, set)
+        .await
+        .unwrap_err();
+    assert!(err.is_config() && !err.may_have_run(), "{err:?}");
+    assert_eq!(server.raw_command(&["EXISTS", "k"]), "0");
+}

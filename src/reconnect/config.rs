@@ -221,9 +221,9 @@ impl<S> ReconnectConfig<S> {
     /// there ([`side_reads`](Self::side_reads)); the [state](super::Reconnect::state) is
     /// [`Suspect`](super::ConnectionState::Suspect). An answer within this time puts the
     /// connection back (`Connected`: a breaker that follows the state probes at once,
-    /// as after a reconnect, since a stall may have ended); silence replaces it (meanwhile
-    /// reads go to another connection if Redis answers there:
-    /// [`side_reads`](Self::side_reads)). Zero
+    /// as after a reconnect, since a stall may have ended); silence replaces it, unless
+    /// Redis, answering on another connection, says it holds this one's command up (a
+    /// write pause): see [`side_reads`](Self::side_reads). Zero
     /// replaces it at once, without asking.
     ///
     /// ```
@@ -252,24 +252,35 @@ impl<S> ReconnectConfig<S> {
     /// timeout; a large reply holds the ones after it while it arrives. On the shared
     /// connection every read queued behind such a command times out, and each later one
     /// too. Measured with the default client, 4 readers and a writer: before this, not
-    /// one read of ~1,900 was served during a 1.5 s `CLIENT PAUSE WRITE`; now 1,601 of
-    /// 1,609 were, and 2,005 of 2,009 through a `WAIT 1 1500` with no replica (those
-    /// missed are the ones queued behind it before the connection was suspect). redis-rs's
-    /// `ConnectionManager`, on its one connection, served 13 of 33 and 8 of 28 in the
-    /// same runs, each waiting behind the held command.
+    /// one read of ~1,900 was served during a 1.5 s `CLIENT PAUSE WRITE`; now 1,942 of
+    /// 1,946 were, 5,950 of 5,954 through a 4 s one, and 2,036 of 2,040 and 6,113 of
+    /// 6,117 through a `WAIT 1 1500` and a `WAIT 1 4000` with no replica (those missed
+    /// are the ones queued behind it before the connection was suspect), with no
+    /// reconnect. redis-rs's `ConnectionManager`, on its one connection, served 4 to 9
+    /// of its reads in the same runs, each waiting behind the held command.
     ///
     /// When calls have kept timing out and the suspect connection's `PING` is not answered
     /// yet, a `PING` on another connection tells a held connection from a stalled
     /// server: if it answers, reads (read-only commands and read-only pipelines, but
     /// `PFCOUNT`, which a write pause holds too) go on that connection until the suspect
-    /// one answers or is replaced. Writes fail fast as before, unsent. The suspect
-    /// connection is still replaced if its `PING` goes unanswered for
-    /// [`stuck_ping_timeout`](Self::stuck_ping_timeout): held up by Redis, or cut off by a
-    /// middlebox that forgot it (which would never answer), it looks the same from the
-    /// client. So a write pause longer than that costs the reads queued behind the next
-    /// held write on the new connection too, until it is suspect in turn (~250 ms), and
-    /// their timeouts can open a circuit breaker, whose window a new connection starts
-    /// afresh. The other
+    /// one answers or is replaced. Writes fail fast as before, unsent, with an error
+    /// saying Redis holds the connection up, which the default circuit breaker does not
+    /// count (the timeouts that made the connection suspect were counted).
+    ///
+    /// Held up by Redis, or cut off by a middlebox that forgot it, the suspect connection
+    /// looks the same from the client; but one is replaced in vain (the next write holds
+    /// the new one too, whose reads miss again until it is suspect in turn, and whose
+    /// first timeouts can open a breaker), and the other never answers. So once the
+    /// `PING`'s time ([`stuck_ping_timeout`](Self::stuck_ping_timeout)) is up, the server
+    /// is asked on the side connection whether it holds the suspect one's command up
+    /// (`CLIENT LIST ID`, with the id the connection learned with `CLIENT ID` when it
+    /// opened: flagged `b`, blocked, as a write a pause holds, or a `WAIT`). While it
+    /// does (asked again every `stuck_ping_timeout`, ten times at most), the connection
+    /// is kept; when it does not (it sees the connection idle: what was sent never
+    /// arrived), or cannot tell (Redis before 6.2, an ACL user that may not run `CLIENT`),
+    /// or stops answering (it stalls now), the connection is replaced then.
+    ///
+    /// The other
     /// connection is opened the first time a connection is suspect (counted in
     /// [`ReconnectStats::blocking_connections`](super::ReconnectStats::blocking_connections))
     /// and kept, beside the shared one, for the next time, until the shared connection is

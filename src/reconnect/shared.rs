@@ -25,6 +25,42 @@ use crate::{Error, MakeConnection, Request, backoff::Delays, sync::Leased};
 
 type Connection<M> = <M as MakeConnection>::Connection;
 
+/// How many times its `PING` timeout a suspect connection is waited for at most while the
+/// server says it holds the connection's command up
+/// ([`side_reads`](ReconnectConfig::side_reads)): a write pause lasts up to seconds (a
+/// cluster's manual failover gives up after 5 s), a `WAIT` as long as it asks.
+const HELD_AT_MOST: u32 = 10;
+
+/// Whether the server, asked on `connection`, holds up a command of the connection it
+/// knows as `id` (`CLIENT LIST ID`: flags with `b`, blocked, as a write a `CLIENT PAUSE
+/// WRITE` holds, or a `WAIT`). `false` if it cannot tell within `timeout` (an ACL user
+/// that may not ask, a connection it no longer knows).
+async fn held_by_the_server<C>(mut connection: C, id: u64, timeout: Duration) -> bool
+where
+    C: Service<Request, Response = redis::Value, Error = Error>,
+{
+    let list = Request::from(
+        redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("ID")
+            .arg(id)
+            .to_owned(),
+    );
+    let asked = async {
+        std::future::poll_fn(|cx| connection.poll_ready(cx)).await?;
+        connection.call(list).await
+    };
+    let Ok(Ok(reply)) = tokio::time::timeout(timeout, asked).await else {
+        return false;
+    };
+    let Ok(text) = redis::from_redis_value::<String>(reply) else {
+        return false;
+    };
+    text.split_whitespace()
+        .find_map(|field| field.strip_prefix("flags="))
+        .is_some_and(|flags| flags.contains('b'))
+}
+
 /// `readonly_reconnected_at` before a `READONLY` reply ever replaced the connection.
 const NEVER: u64 = u64::MAX;
 
@@ -527,7 +563,11 @@ impl<M: MakeConnection> Shared<M> {
         );
         runtime.spawn(async move {
             let started = Instant::now();
-            let mut ping = std::pin::pin!(shared.ping(connection, timeout));
+            let client_id = shared.connector.client_id(&connection);
+            // Asked for as long as a connection the server holds up is waited for; the
+            // verdict is silence after `timeout` otherwise.
+            let mut ping =
+                std::pin::pin!(shared.ping(connection, timeout.saturating_mul(HELD_AT_MOST)));
             let mut side = std::pin::pin!(shared.answering_side_connection(timeout));
             let verdict = tokio::select! {
                 verdict = &mut ping => {
@@ -537,24 +577,65 @@ impl<M: MakeConnection> Shared<M> {
                     side.await;
                     return;
                 }
-                aside = &mut side => {
-                    if let Some(aside) = aside
-                        && shared.set_aside(suspect_generation, aside)
-                    {
+                aside = &mut side => match aside {
+                    Some(aside) if shared.set_aside(suspect_generation, aside.clone()) => {
                         tracing::debug!(
                             address = shared.connector.address(),
                             "the suspect redis connection is held up, but redis answers on \
                              another: reads go there meanwhile"
                         );
+                        shared.while_held(&mut ping, aside, client_id, started, timeout).await
                     }
-                    // Still replaced if it stays silent for the PING's time: held up by a
-                    // write pause, or cut off by a middlebox that forgot it, it looks the
-                    // same from here, and one that is cut off never answers.
-                    (&mut ping).await
-                }
+                    _ => tokio::time::timeout_at(started + timeout, &mut ping)
+                        .await
+                        .unwrap_or(Ping::Silent),
+                },
+                // Neither answered in the PING's time (the side connection may still be
+                // opening, within the longer connect timeout): replaced, as without it.
+                () = tokio::time::sleep_until(started + timeout) => Ping::Silent,
             };
             shared.settle_suspicion(suspect_generation, verdict, started);
         });
+    }
+
+    /// Waits for the suspect connection's `ping` while reads go on `aside`. At the end of
+    /// the `PING`'s time, and every `timeout` after, the server is asked on `aside`
+    /// whether it holds up the suspect connection's command (`CLIENT LIST ID`: flagged
+    /// blocked, as a write a `CLIENT PAUSE WRITE` holds or a `WAIT` is): then it is waited
+    /// for, since it answers once that ends, and a new connection would be held by the
+    /// next write as well. Otherwise (the server sees it idle, as when a middlebox cut it
+    /// off and the calls never arrived; or it cannot tell) it is silent, and replaced.
+    async fn while_held(
+        &self,
+        mut ping: impl Future<Output = Ping> + Unpin,
+        aside: Connection<M>,
+        client_id: Option<u64>,
+        started: Instant,
+        timeout: Duration,
+    ) -> Ping {
+        let mut ask_at = started + timeout;
+        loop {
+            tokio::select! {
+                verdict = &mut ping => return verdict,
+                () = tokio::time::sleep_until(ask_at) => {}
+            }
+            let Some(id) = client_id else {
+                return Ping::Silent;
+            };
+            let held = tokio::select! {
+                verdict = &mut ping => return verdict,
+                held = held_by_the_server(aside.clone(), id, timeout) => held,
+            };
+            if !held {
+                return Ping::Silent;
+            }
+            tracing::debug!(
+                address = self.connector.address(),
+                "redis holds up the suspect connection's command (a write pause, a WAIT): \
+                 waiting for it"
+            );
+            ask_at += timeout;
+        }
     }
 
     /// Acts on the answer to the suspect connection's `PING`: puts it back in use, or

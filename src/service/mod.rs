@@ -100,6 +100,9 @@ struct Inner {
     /// Requests with a larger argument are refused: see
     /// [`Connector::max_argument_size`](crate::Connector::max_argument_size).
     max_argument: usize,
+    /// The server's id for the connection (`CLIENT ID`), when it was asked: another
+    /// connection can then ask the server what holds it up.
+    client_id: Option<u64>,
 }
 
 impl RedisService {
@@ -139,8 +142,33 @@ impl RedisService {
                 db,
                 address,
                 max_argument: DEFAULT_MAX_ARGUMENT_SIZE,
+                client_id: None,
             }),
         }
+    }
+
+    /// Asks the server its id for the connection (`CLIENT ID`), for a service just made;
+    /// a refusal (an ACL user that may not, a renamed command) leaves it unknown.
+    pub(crate) async fn learn_client_id(mut self) -> Self {
+        let mut connection = match &self.inner.connection {
+            Conn::Single(connection) => connection.clone(),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster { .. } => return self,
+        };
+        let id = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async::<u64>(&mut connection)
+            .await
+            .ok();
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.client_id = id;
+        }
+        self
+    }
+
+    /// The server's id for the connection, if it was asked.
+    pub(crate) fn client_id(&self) -> Option<u64> {
+        self.inner.client_id
     }
 
     /// Refuses requests with an argument larger than `bytes` (a service just made).
