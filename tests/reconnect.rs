@@ -51,6 +51,39 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.unwrap()
 }
 
+/// Three calls in a row dropped at a 100 ms deadline, as `why` says they must be: the
+/// connection is suspect after them.
+async fn three_calls_time_out(redis: &mut Reconnect, why: &str) {
+    for _ in 0..3 {
+        let outcome = tokio::time::timeout(Duration::from_millis(100), call(redis, get("k")));
+        assert!(outcome.await.is_err(), "{why}");
+    }
+}
+
+/// With writes paused (`CLIENT PAUSE WRITE`): an `INCR` the server holds, and two reads
+/// queued behind it, each dropped at 100 ms; the connection is suspect after them.
+async fn a_held_write_makes_it_suspect(redis: &mut Reconnect) {
+    let incr = Request::from(redis::cmd("INCR").arg("n").to_owned());
+    let deadline = Duration::from_millis(100);
+    let held = tokio::time::timeout(deadline, call(redis, incr)).await;
+    assert!(held.is_err(), "the write is held");
+    for _ in 0..2 {
+        let queued = tokio::time::timeout(deadline, call(redis, get("k"))).await;
+        assert!(
+            queued.is_err(),
+            "a read behind the held write waits with it"
+        );
+    }
+}
+
+/// One connection opened by the reconnect loop, and through `proxy` at most one more:
+/// the one opened beside it to ask Redis a `PING`, kept.
+fn one_connection_and_at_most_one_beside(redis: &Reconnect, proxy: &FaultProxy) {
+    assert_eq!(redis.stats().attempts, 1, "{:?}", redis.stats());
+    let connections = proxy.connections();
+    assert!(connections <= 2, "{connections} connections");
+}
+
 /// Calls until one succeeds; returns when it did. Every failure must be immediate.
 async fn until_ok(redis: &mut Reconnect, limit: Duration) -> Instant {
     let started = Instant::now();
@@ -171,10 +204,7 @@ async fn a_stalled_servers_connection_is_replaced_on_time_while_one_beside_it_st
     let mut redis = Reconnect::connect(connector, config).await.unwrap();
     call(&mut redis, get("k")).await.unwrap();
     server.pause();
-    for _ in 0..3 {
-        let outcome = tokio::time::timeout(Duration::from_millis(100), call(&mut redis, get("k")));
-        assert!(outcome.await.is_err(), "a paused server cannot answer");
-    }
+    three_calls_time_out(&mut redis, "a paused server cannot answer").await;
     let suspect = Instant::now();
     let mut state = redis.state();
     wait_for_state(
@@ -242,12 +272,7 @@ async fn a_slow_redis_keeps_its_connection_while_calls_time_out() {
     proxy.delay_replies(Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(400)).await;
     call(&mut redis, get("k")).await.unwrap();
-    assert_eq!(redis.stats().attempts, 1, "{:?}", redis.stats());
-    assert!(
-        proxy.connections() <= 2,
-        "{} connections",
-        proxy.connections()
-    );
+    one_connection_and_at_most_one_beside(&redis, &proxy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,10 +286,7 @@ async fn a_call_waiting_for_a_suspect_connection_goes_out_on_it_once_it_answers(
     call(&mut redis, get("k")).await.unwrap();
 
     proxy.delay_replies(Duration::from_millis(300));
-    for _ in 0..3 {
-        let outcome = tokio::time::timeout(Duration::from_millis(100), call(&mut redis, get("k")));
-        assert!(outcome.await.is_err(), "no reply within 100 ms");
-    }
+    three_calls_time_out(&mut redis, "no reply within 100 ms").await;
     // Suspect now: this call waits for it, and goes out on it once the PING is answered
     // (~300 ms), then waits its own reply (~300 ms). Not the whole `max_wait`.
     let started = Instant::now();
@@ -276,12 +298,7 @@ async fn a_call_waiting_for_a_suspect_connection_goes_out_on_it_once_it_answers(
         "took {took:?}: sent before the PING"
     );
     // The one connection, and perhaps one asked a `PING` beside it.
-    assert_eq!(redis.stats().attempts, 1, "{:?}", redis.stats());
-    assert!(
-        proxy.connections() <= 2,
-        "{} connections",
-        proxy.connections()
-    );
+    one_connection_and_at_most_one_beside(&redis, &proxy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,15 +323,7 @@ async fn reads_go_beside_a_connection_that_a_write_pause_holds_up() {
     let paused = Instant::now();
     let incr = Request::from(redis::cmd("INCR").arg("n").to_owned());
     let deadline = Duration::from_millis(100);
-    let held = tokio::time::timeout(deadline, call(&mut redis, incr.clone())).await;
-    assert!(held.is_err(), "the write is held");
-    for _ in 0..2 {
-        let queued = tokio::time::timeout(deadline, call(&mut redis, get("k"))).await;
-        assert!(
-            queued.is_err(),
-            "a read behind the held write waits with it"
-        );
-    }
+    a_held_write_makes_it_suspect(&mut redis).await;
     assert_eq!(*redis.state().borrow(), ConnectionState::Suspect);
 
     // The suspect connection's PING waits behind the write too, but Redis answers one
@@ -384,10 +393,7 @@ async fn a_connection_cut_off_while_redis_answers_beside_it_is_replaced_at_its_p
     // connections work. From the client this looks like a held connection; the server
     // sees it idle, not holding anything up, so it is replaced at its PING's time.
     proxy.silence_open_connections();
-    for _ in 0..3 {
-        let outcome = tokio::time::timeout(Duration::from_millis(100), call(&mut redis, get("k")));
-        assert!(outcome.await.is_err(), "nothing arrives");
-    }
+    three_calls_time_out(&mut redis, "nothing arrives").await;
     let suspect = Instant::now();
     let mut beside = redis.clone();
     eventually(Duration::from_secs(1), async || {
@@ -422,17 +428,7 @@ async fn a_server_that_stalls_while_reads_go_beside_its_held_connection_fails_re
         server.raw_command(&["CLIENT", "PAUSE", "10000", "WRITE"]),
         "OK"
     );
-    let deadline = Duration::from_millis(100);
-    let incr = Request::from(redis::cmd("INCR").arg("n").to_owned());
-    let held = tokio::time::timeout(deadline, call(&mut redis, incr)).await;
-    assert!(held.is_err(), "the write is held");
-    for _ in 0..2 {
-        let queued = tokio::time::timeout(deadline, call(&mut redis, get("k"))).await;
-        assert!(
-            queued.is_err(),
-            "a read behind the held write waits with it"
-        );
-    }
+    a_held_write_makes_it_suspect(&mut redis).await;
     let mut beside = redis.clone();
     eventually(Duration::from_secs(1), async || {
         call(&mut beside, get("k")).await.is_ok()
@@ -496,10 +492,7 @@ async fn reads_go_to_the_replica_while_the_connection_is_out_of_use() {
 
     // Stalled: three calls time out, and the connection is out of use while a PING asks.
     master.pause();
-    for _ in 0..3 {
-        let outcome = tokio::time::timeout(Duration::from_millis(100), call(&mut redis, get("k")));
-        assert!(outcome.await.is_err(), "a paused server cannot answer");
-    }
+    three_calls_time_out(&mut redis, "a paused server cannot answer").await;
     assert_eq!(*redis.state().borrow(), ConnectionState::Suspect);
     // Reads are served by the replica, at once; writes are refused, unsent.
     let started = Instant::now();
