@@ -35,7 +35,7 @@ const HELD_AT_MOST: u32 = 10;
 /// knows as `id` (`CLIENT LIST ID`: flags with `b`, blocked, as a write a `CLIENT PAUSE
 /// WRITE` holds, or a `WAIT`). `false` if it cannot tell within `timeout` (an ACL user
 /// that may not ask, a connection it no longer knows).
-async fn held_by_the_server<C>(mut connection: C, id: u64, timeout: Duration) -> bool
+async fn held_by_the_server<C>(connection: C, id: u64, timeout: Duration) -> bool
 where
     C: Service<Request, Response = redis::Value, Error = Error>,
 {
@@ -46,11 +46,7 @@ where
             .arg(id)
             .to_owned(),
     );
-    let asked = async {
-        std::future::poll_fn(|cx| connection.poll_ready(cx)).await?;
-        connection.call(list).await
-    };
-    let Ok(Ok(reply)) = tokio::time::timeout(timeout, asked).await else {
+    let Some(Ok(reply)) = ask(connection, list, timeout).await else {
         return false;
     };
     let Ok(text) = redis::from_redis_value::<String>(reply) else {
@@ -59,6 +55,22 @@ where
     text.split_whitespace()
         .find_map(|field| field.strip_prefix("flags="))
         .is_some_and(|flags| flags.contains('b'))
+}
+
+/// `request`'s reply on `connection`, or `None` if none came within `timeout`.
+async fn ask<C>(
+    mut connection: C,
+    request: Request,
+    timeout: Duration,
+) -> Option<Result<redis::Value, Error>>
+where
+    C: Service<Request, Response = redis::Value, Error = Error>,
+{
+    let asked = async {
+        std::future::poll_fn(|cx| connection.poll_ready(cx)).await?;
+        connection.call(request).await
+    };
+    tokio::time::timeout(timeout, asked).await.ok()
 }
 
 /// `readonly_reconnected_at` before a `READONLY` reply ever replaced the connection.
@@ -684,19 +696,16 @@ impl<M: MakeConnection> Shared<M> {
     }
 
     /// Sends a `PING` on `connection` and says what came of it.
-    async fn ping(&self, mut connection: Connection<M>, timeout: Duration) -> Ping {
-        let ping = async {
-            std::future::poll_fn(|cx| connection.poll_ready(cx)).await?;
-            connection.call(Request::from(redis::cmd("PING"))).await
-        };
-        match tokio::time::timeout(timeout, ping).await {
-            Ok(Err(error)) if error.breaks_connection() => Ping::Failed,
+    async fn ping(&self, connection: Connection<M>, timeout: Duration) -> Ping {
+        let hung_means_stuck = self.connector.hung_calls_mean_stuck(&connection);
+        match ask(connection, Request::from(redis::cmd("PING")), timeout).await {
+            Some(Err(error)) if error.breaks_connection() => Ping::Failed,
             // Any reply, an error one included, comes from a live server.
-            Ok(_) => Ping::Answered,
+            Some(_) => Ping::Answered,
             // A cluster's `PING` may wait on one stalled node, which says nothing about
             // the others: the rule calls that time out follow.
-            Err(_) if self.connector.hung_calls_mean_stuck(&connection) => Ping::Silent,
-            Err(_) => Ping::Unknown,
+            None if hung_means_stuck => Ping::Silent,
+            None => Ping::Unknown,
         }
     }
 
