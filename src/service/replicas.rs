@@ -63,9 +63,10 @@ pub(crate) struct ReplicaReads {
 /// two), and early enough in the default 250 ms deadline for the replica's.
 const HEDGE_AFTER: Duration = Duration::from_millis(100);
 
-/// How old the map must be before a read that found no replica, or a replica that could
-/// not serve it, reads it again: at most ten `CLUSTER NODES` a second while replicas
-/// cannot serve, and a map that a failover made wrong is read again within this.
+/// How old the map must be before a read that found no replica for its slot reads it
+/// again: at most ten `CLUSTER NODES` a second while it names none, and a map that a
+/// failover made wrong is read again within this. (A replica that could not serve has it
+/// read again once the map is [`REPLICA_PATIENCE`] old: see `reread_map`.)
 const REREAD_AFTER: Duration = Duration::from_millis(100);
 
 /// How long a replica is given to answer a read before the map is read again (if old
@@ -300,13 +301,18 @@ impl ReplicaReads {
 
     /// After a replica could not serve a read: reads the map again if it is old enough
     /// (the replica may have become the master, or left), and answers whether it did.
+    /// Old enough is [`REPLICA_PATIENCE`], the time a try that went unanswered took: a
+    /// map read just before it (the read found no replica for its slot in the one it had)
+    /// is read again once, where [`REREAD_AFTER`] had the read give up, and miss at its
+    /// deadline, when the replica that map named was the stalled new master. Tries that
+    /// fail at once do not read it more than twenty times a second.
     async fn reread_map(&self, connection: &mut ClusterConnection) -> bool {
         let old = self
             .map
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .is_none_or(|(_, read)| read.elapsed() >= REREAD_AFTER);
+            .is_none_or(|(_, read)| read.elapsed() >= REPLICA_PATIENCE);
         if old {
             self.read_map(connection).await;
         }
