@@ -424,12 +424,16 @@ async fn a_server_that_stalls_while_reads_go_beside_its_held_connection_fails_re
         "OK"
     );
     a_held_write_makes_it_suspect(&mut redis).await;
+    let suspect = Instant::now();
     let mut beside = redis.clone();
     eventually(Duration::from_secs(1), async || {
         call(&mut beside, get("k")).await.is_ok()
     })
     .await;
     assert!(redis.stats().side_reads > 0, "{:?}", redis.stats());
+    // Past the PING's time: Redis said it holds the connection's write up, so it is kept.
+    tokio::time::sleep_until((suspect + ping_timeout + Duration::from_millis(200)).into()).await;
+    assert_eq!(*redis.state().borrow(), ConnectionState::Suspect);
 
     // Now Redis stalls: asked again whether it holds the connection up, it does not
     // answer, and the held connection is replaced then (not at the end of the longest
