@@ -10,7 +10,8 @@
 //! [`redis::Value`]s or one [`Error`] type whose classifiers (`is_unavailable`,
 //! `is_timeout`, `is_circuit_open`, `is_server`, `is_config`, `may_have_run`) drive every
 //! resilience policy. [`reconnect::Reconnect`] keeps that connection through restarts and
-//! stalls, [`retry::RetryLayer`] resends what is safe to resend,
+//! stalls (and, while Redis holds it up in a write pause, sends reads on a second one),
+//! [`retry::RetryLayer`] resends what is safe to resend,
 //! [`circuit_breaker::CircuitBreakerLayer`] fails fast while Redis is down and probes for
 //! its return, [`timeout::TimeoutLayer`] gives every request a deadline sized to its
 //! command (or the one the caller gave it: [`Request::with_deadline`],
