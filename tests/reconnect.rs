@@ -46,6 +46,16 @@ async fn wait_for_state(
         .expect("the Reconnect is alive");
 }
 
+/// Waits until the connection was given up for lost (`Reconnecting`), failing the test
+/// after `within`.
+async fn until_reconnecting(redis: &Reconnect, within: Duration) {
+    let mut state = redis.state();
+    wait_for_state(&mut state, within, "reconnecting", |state| {
+        matches!(state, ConnectionState::Reconnecting { .. })
+    })
+    .await;
+}
+
 /// Runs a blocking harness operation without stalling the runtime's other tasks.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
@@ -167,11 +177,7 @@ async fn stuck_connection_to_a_paused_server_is_replaced_after_resume() {
     assert!(err.to_string().contains("PING"), "{err}");
     assert_eq!(*redis.state().borrow(), ConnectionState::Suspect);
     // The paused server does not answer the PING, so the connection goes.
-    let mut state = redis.state();
-    wait_for_state(&mut state, ping_timeout + grace, "reconnecting", |state| {
-        matches!(state, ConnectionState::Reconnecting { .. })
-    })
-    .await;
+    until_reconnecting(&redis, ping_timeout + grace).await;
     assert!(
         suspect.elapsed() >= ping_timeout - Duration::from_millis(20),
         "replaced after the PING's time, not before: {:?}",
@@ -206,14 +212,7 @@ async fn a_stalled_servers_connection_is_replaced_on_time_while_one_beside_it_st
     server.pause();
     three_calls_time_out(&mut redis, "a paused server cannot answer").await;
     let suspect = Instant::now();
-    let mut state = redis.state();
-    wait_for_state(
-        &mut state,
-        ping_timeout + Duration::from_millis(150),
-        "reconnecting",
-        |state| matches!(state, ConnectionState::Reconnecting { .. }),
-    )
-    .await;
+    until_reconnecting(&redis, ping_timeout + Duration::from_millis(150)).await;
     assert!(suspect.elapsed() >= ping_timeout - Duration::from_millis(20));
     server.resume();
     until_ok(&mut redis, Duration::from_secs(5)).await;
@@ -395,14 +394,7 @@ async fn a_connection_cut_off_while_redis_answers_beside_it_is_replaced_at_its_p
         call(&mut beside, get("k")).await.is_ok()
     })
     .await;
-    let mut state = redis.state();
-    wait_for_state(
-        &mut state,
-        ping_timeout + Duration::from_millis(300),
-        "reconnecting",
-        |state| matches!(state, ConnectionState::Reconnecting { .. }),
-    )
-    .await;
+    until_reconnecting(&redis, ping_timeout + Duration::from_millis(300)).await;
     assert!(suspect.elapsed() >= ping_timeout - Duration::from_millis(20));
     until_ok(&mut redis, Duration::from_secs(2)).await;
     let set = Request::from(redis::cmd("SET").arg("k").arg("w").to_owned());
@@ -439,14 +431,7 @@ async fn a_server_that_stalls_while_reads_go_beside_its_held_connection_fails_re
     // answer, and the held connection is replaced then (not at the end of the longest
     // wait, ten times its PING's time); reads no longer go beside it.
     server.pause();
-    let mut state = redis.state();
-    wait_for_state(
-        &mut state,
-        2 * ping_timeout + Duration::from_millis(400),
-        "reconnecting",
-        |state| matches!(state, ConnectionState::Reconnecting { .. }),
-    )
-    .await;
+    until_reconnecting(&redis, 2 * ping_timeout + Duration::from_millis(400)).await;
     // Calls fail fast again, rather than wait out their deadline on the side connection.
     let started = Instant::now();
     let err = call(&mut redis, get("k")).await.unwrap_err();
@@ -504,14 +489,7 @@ async fn reads_go_to_the_replica_while_the_connection_is_out_of_use() {
     let err = call(&mut redis, set).await.unwrap_err();
     assert!(err.is_unavailable() && !err.may_have_run(), "{err:?}");
     // And once the connection is given up for lost, as well.
-    let mut state = redis.state();
-    wait_for_state(
-        &mut state,
-        Duration::from_secs(2),
-        "reconnecting",
-        |state| matches!(state, ConnectionState::Reconnecting { .. }),
-    )
-    .await;
+    until_reconnecting(&redis, Duration::from_secs(2)).await;
     assert_eq!(
         call(&mut redis, get("k")).await.unwrap(),
         Value::BulkString(b"v".to_vec())
