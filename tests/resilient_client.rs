@@ -1073,3 +1073,38 @@ fn a_client_used_on_a_second_runtime_has_its_breaker_follow_the_connection_there
         );
     });
 }
+
+/// The app's runtime held up while calls are in flight (a blocking call in a task, the
+/// pod throttled by its CPU limit, the process descheduled): Redis answered meanwhile,
+/// and the replies, waiting unread in the socket, are taken, not thrown away as timeouts
+/// (which would also have made the connection suspect).
+#[tokio::test(flavor = "current_thread")]
+async fn replies_that_came_while_the_runtime_was_held_up_are_taken_not_timed_out() {
+    let server = RedisServer::start();
+    let client = client(&server).await;
+    let () = client.clone().set("k", "v").await.unwrap();
+    // Redis holds the calls 50 ms, so they are sent and wait when the runtime stops.
+    assert_eq!(server.raw_command(&["CLIENT", "PAUSE", "50", "ALL"]), "OK");
+    let calls = futures::future::join_all((0..16).map(|_| {
+        let mut client = client.clone();
+        async move { client.get::<_, Option<String>>("k").await }
+    }));
+    let mut calls = std::pin::pin!(calls);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(5), calls.as_mut())
+            .await
+            .is_err()
+    );
+    // Past the 250 ms deadline, on the runtime's only thread.
+    std::thread::sleep(Duration::from_millis(400));
+    for reply in calls.await {
+        assert_eq!(reply.unwrap().as_deref(), Some("v"));
+    }
+    let get = client.metrics().unwrap();
+    let get = get.command("GET").unwrap();
+    assert_eq!(
+        (get.count(Outcome::Ok), get.count(Outcome::Timeout)),
+        (16, 0)
+    );
+    assert_eq!(client.health().await.connection, ConnectionState::Connected);
+}

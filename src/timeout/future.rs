@@ -61,6 +61,7 @@ enum Timing {
         limit: Limit,
         timer: CallTimer,
     },
+    /// Waits in the timer, whose driver says when the deadline has passed.
     Waiting {
         at: Instant,
         limit: Limit,
@@ -115,12 +116,18 @@ where
                 registration.update(cx.waker());
                 return Poll::Pending;
             }
+            // Past it, the driver says whether the call timed out: it may have given it
+            // longer, for a stall of the runtime.
+            if registration.waiting(cx.waker()) {
+                return Poll::Pending;
+            }
             let error = limit.error().with_command(this.command);
             *this.timing = Timing::None;
             return Poll::Ready(Err(error));
         }
         match std::mem::replace(this.timing, Timing::None) {
-            Timing::Armed { at, limit, timer } => match timer.register(at, cx.waker()) {
+            Timing::Armed { at, limit, timer } => match timer.register(at, limit.get(), cx.waker())
+            {
                 Ok(registration) => {
                     *this.timing = Timing::Waiting {
                         at,

@@ -24,8 +24,18 @@ use crate::{Blocking, Error, Request, request::canonical_name};
 /// Put it under the breaker and above retries (`CircuitBreaker → Timeout → Retry →
 /// Reconnect`): the deadline then covers retries and backoff, and the breaker sees the
 /// timeouts. Calls it abandons are dropped, which tells the layers below (Reconnect
-/// replaces a connection that keeps being abandoned). Needs a Tokio runtime with time
-/// enabled, as redis-rs does.
+/// replaces a connection that keeps being abandoned).
+///
+/// The runtime's own stalls are not charged to a call: when the application's runtime
+/// cannot run (a blocking call on its thread, the process throttled or descheduled), a
+/// reply Redis sent meanwhile waits unread in the socket, and the deadline passes. So a
+/// call whose deadline passed while the layer's timer ran late by more than 2 ms is given
+/// as long again as the stall held it up, at most its deadline, once: the reply is taken
+/// when the runtime runs again, rather than thrown away as a timeout. A stall is only seen
+/// while tokio's clock runs with the real one; under `tokio::time::pause` deadlines are
+/// exact.
+///
+/// Needs a Tokio runtime with time enabled, as redis-rs does.
 ///
 /// ```
 /// use std::time::Duration;

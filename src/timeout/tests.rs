@@ -404,3 +404,108 @@ async fn a_layer_switched_off_gives_no_call_a_deadline() {
     assert_eq!(result.unwrap(), Value::Okay);
     assert_eq!(took, 5_000 * MS);
 }
+
+/// A service whose calls, in turn, wait for the reply sent on the channels it answers.
+fn replied_by_hand(
+    calls: usize,
+) -> (
+    Timeout<impl Service<Request, Response = Value, Error = Error, Future: Send>>,
+    Vec<tokio::sync::oneshot::Sender<Value>>,
+) {
+    let (replies, mut answers): (Vec<_>, Vec<_>) =
+        (0..calls).map(|_| tokio::sync::oneshot::channel()).unzip();
+    answers.reverse();
+    let leaf = tower::service_fn(move |_: Request| {
+        let answer = answers.pop().expect("a reply for each call");
+        async move {
+            answer
+                .await
+                .map_err(|_| Error::unavailable("never answered"))
+        }
+    });
+    (TimeoutLayer::new(30 * MS).layer(leaf), replies)
+}
+
+/// The reply `reply` gets from the connection's task: it comes at 10 ms, and takes the
+/// task a few turns to read, so the timer's driver runs first after a stall.
+fn answer_at_10ms(reply: tokio::sync::oneshot::Sender<Value>) {
+    tokio::spawn(async move {
+        tokio::time::sleep(10 * MS).await;
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        let _ = reply.send(Value::Okay);
+    });
+}
+
+/// The runtime's thread is blocked (a blocking call in a task, the process throttled or
+/// descheduled) past a call's deadline while Redis answers it: the reply waits, unread,
+/// for the task that reads the connection to run. On the real clock, as a stall is only
+/// seen while tokio's clock runs with it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reply_that_comes_while_the_runtime_is_held_up_is_taken_not_timed_out() {
+    let (mut service, mut replies) = replied_by_hand(1);
+    let call = service.ready().await.unwrap().call(command("GET", "k", 0));
+    let mut call = std::pin::pin!(call);
+    assert!(
+        futures::poll!(call.as_mut()).is_pending(),
+        "waits in the timer"
+    );
+    answer_at_10ms(replies.remove(0));
+    std::thread::sleep(100 * MS);
+    assert_eq!(call.await.unwrap(), Value::Okay);
+}
+
+/// The same with the timer's driver already asleep until an earlier call's deadline:
+/// it wakes late for that one.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stall_past_the_deadline_the_driver_sleeps_until_is_seen() {
+    let (mut service, mut replies) = replied_by_hand(2);
+    let unanswered = service.ready().await.unwrap().call(command("GET", "k", 0));
+    let mut unanswered = std::pin::pin!(unanswered);
+    assert!(futures::poll!(unanswered.as_mut()).is_pending());
+    // The driver starts, and sleeps until that call's deadline.
+    tokio::time::sleep(MS).await;
+    let call = service.ready().await.unwrap().call(command("GET", "k", 0));
+    let mut call = std::pin::pin!(call);
+    assert!(futures::poll!(call.as_mut()).is_pending());
+    answer_at_10ms(replies.remove(1));
+    std::thread::sleep(100 * MS);
+    assert_eq!(call.await.unwrap(), Value::Okay);
+    assert!(unanswered.await.unwrap_err().is_timeout());
+    drop(replies);
+}
+
+/// The grace a stall gives is the call's deadline at most, and given once: a call
+/// nothing answers still times out.
+#[tokio::test(flavor = "current_thread")]
+async fn a_call_held_up_by_a_stall_and_never_answered_times_out_a_deadline_after_it() {
+    let (mut service, _replies) = replied_by_hand(1);
+    let call = service.ready().await.unwrap().call(command("GET", "k", 0));
+    let mut call = std::pin::pin!(call);
+    assert!(futures::poll!(call.as_mut()).is_pending());
+    std::thread::sleep(100 * MS);
+    let resumed = std::time::Instant::now();
+    let err = call.await.unwrap_err();
+    let took = resumed.elapsed();
+    assert!(err.is_timeout(), "{err}");
+    assert_eq!(err.timeout(), Some(30 * MS), "the error names the deadline");
+    assert!(took >= 25 * MS, "given its deadline again: {took:?}");
+    assert!(took < Duration::from_secs(1), "given it once: {took:?}");
+}
+
+/// Under a paused clock neither a blocked thread nor a clock advanced by hand is a stall:
+/// the call times out when the clock passes its deadline, as every test that pauses
+/// time expects.
+#[tokio::test(start_paused = true)]
+async fn a_paused_clock_advanced_past_a_deadline_is_no_stall() {
+    let (mut service, _replies) = replied_by_hand(1);
+    let start = Instant::now();
+    let call = service.ready().await.unwrap().call(command("GET", "k", 0));
+    let mut call = std::pin::pin!(call);
+    assert!(futures::poll!(call.as_mut()).is_pending());
+    std::thread::sleep(50 * MS);
+    advance(100 * MS).await;
+    assert!(call.await.unwrap_err().is_timeout());
+    assert_eq!(start.elapsed(), 100 * MS);
+}

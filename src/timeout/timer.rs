@@ -14,15 +14,26 @@
 //! so a call is never left to a driver on a runtime that is idle or gone (as a client
 //! shared by two runtimes, or by tests each with its own, would otherwise risk). It reads
 //! tokio's clock, so `tokio::time::pause` governs it.
+//!
+//! The driver is the one that says a call timed out, so it can tell a deadline Redis
+//! missed from one the runtime missed. When it runs more than [`STALL`] later than it
+//! should have (at the deadline it slept until, or when a call told it of an earlier
+//! one), its thread was blocked, or the process throttled or descheduled, and replies may
+//! be waiting in the sockets, unread because nothing could run. The calls then due are
+//! given, once, as long again as the stall held them up, at most their deadline, so a
+//! reply that came meanwhile is taken rather than thrown away. A stall is only seen while
+//! tokio's clock runs with the real one, so a paused or advanced clock is never taken
+//! for one.
 
 use std::{
     cell::Cell,
     hash::{Hash, Hasher},
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::Waker,
+    time::Duration,
 };
 
 use tokio::{sync::Notify, time::Instant};
@@ -31,6 +42,10 @@ use crate::sync::{self, Lease, Leased};
 
 /// Tables, so threads of a multi-threaded runtime rarely share a lock.
 const SHARDS: usize = 8;
+
+/// How late the driver may wake before it takes the runtime to have been held up: tokio's
+/// timer fires on a 1 ms tick, and a busy runtime runs the driver a little after.
+const STALL: Duration = Duration::from_millis(2);
 
 /// One layer's deadlines; clones share them.
 #[derive(Clone, Default)]
@@ -58,6 +73,9 @@ struct Shared {
     last_runtime: AtomicU64,
     /// The runtimes with a driver running.
     drivers: Mutex<Vec<u64>>,
+    /// When a call first told the drivers of a deadline they did not know since they last
+    /// looked: they should have run then, which tells a stall that held them up.
+    told: Mutex<Option<Since>>,
 }
 
 /// Its own cache line, so two threads' tables do not share one.
@@ -82,6 +100,9 @@ enum Slot {
         id: u64,
         deadline: Instant,
         waker: Waker,
+        /// How long a stall of the runtime may still add to the deadline: the call's
+        /// deadline at first, nothing once given.
+        grace: Duration,
     },
 }
 
@@ -118,6 +139,7 @@ impl Default for Shared {
             closed: AtomicBool::new(false),
             last_runtime: AtomicU64::new(0),
             drivers: Mutex::new(Vec::new()),
+            told: Mutex::new(None),
         }
     }
 }
@@ -142,10 +164,12 @@ impl Timer {
 }
 
 impl CallTimer {
-    /// Wakes `waker` once `deadline` has passed, until the registration is dropped.
+    /// Wakes `waker` once `deadline` has passed, until the registration is dropped; a
+    /// stall of the runtime past it may add up to `grace`.
     pub(crate) fn register(
         self,
         deadline: Instant,
+        grace: Duration,
         waker: &Waker,
     ) -> Result<Registration, NoRuntime> {
         let shared = &self.0;
@@ -160,6 +184,7 @@ impl CallTimer {
                 id,
                 deadline,
                 waker: waker.clone(),
+                grace,
             };
             let index = match slots.vacant.pop() {
                 Some(index) => {
@@ -182,7 +207,7 @@ impl CallTimer {
             shared.ensure_driver(&self.0, &runtime, runtime_id);
         }
         if tell {
-            shared.wake.notify_one();
+            shared.tell();
         }
         Ok(Registration {
             timer: self.0,
@@ -196,12 +221,21 @@ impl CallTimer {
 impl Registration {
     /// Wakes `waker` instead, if the call is now polled with another one.
     pub(crate) fn update(&self, waker: &Waker) {
+        self.waiting(waker);
+    }
+
+    /// Whether the call still waits (the driver has not found its deadline passed); if
+    /// so, it wakes `waker` instead, should the call now be polled with another one.
+    pub(crate) fn waiting(&self, waker: &Waker) -> bool {
         let mut slots = self.timer.lock(self.shard as usize);
-        if let Some(Slot::Waiting { id, waker: old, .. }) = slots.slots.get_mut(self.index as usize)
-            && *id == self.id
-            && !old.will_wake(waker)
-        {
-            *old = waker.clone();
+        match slots.slots.get_mut(self.index as usize) {
+            Some(Slot::Waiting { id, waker: old, .. }) if *id == self.id => {
+                if !old.will_wake(waker) {
+                    *old = waker.clone();
+                }
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -227,6 +261,17 @@ impl Drop for Registration {
 }
 
 impl Shared {
+    /// Tells the drivers of a deadline earlier than they know, and when they were told.
+    #[cold]
+    #[inline(never)]
+    fn tell(&self) {
+        self.told
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(Since::now);
+        self.wake.notify_one();
+    }
+
     fn lock(&self, shard: usize) -> MutexGuard<'_, Slots> {
         // A panic while holding it cannot leave the table inconsistent: every update
         // is a single assignment or push.
@@ -270,9 +315,30 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Wakes and removes the calls whose deadline is `now` or earlier; answers the
-    /// earliest deadline left, which it then tells every shard.
-    fn sweep(&self, now: Instant, expired: &mut Vec<Waker>) -> Option<Instant> {
+    /// How long past the moment it should have run the driver runs `now`, if more than
+    /// [`STALL`] while tokio's clock ran with the real one; zero otherwise.
+    fn stall(&self, now: Instant, asleep: Option<Asleep>) -> Duration {
+        let told = self
+            .told
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let late = |should_run: Instant, since: &Since| {
+            if since.ran_with_real_time(now) {
+                now.saturating_duration_since(should_run)
+            } else {
+                Duration::ZERO
+            }
+        };
+        let slept = asleep.map_or(Duration::ZERO, |asleep| late(asleep.until, &asleep.since));
+        let stall = told.map_or(slept, |told| slept.max(late(told.tokio, &told)));
+        if stall > STALL { stall } else { Duration::ZERO }
+    }
+
+    /// Wakes and removes the calls whose deadline is `now` or earlier, but gives those
+    /// that a `stall` of the runtime held up their grace; answers the earliest deadline
+    /// left, which it then tells every shard.
+    fn sweep(&self, now: Instant, stall: Duration, expired: &mut Vec<Waker>) -> Option<Instant> {
         let mut earliest: Option<Instant> = None;
         for shard in 0..SHARDS {
             let mut slots = self.lock(shard);
@@ -281,9 +347,16 @@ impl Shared {
             slots.next_wake = None;
             let Slots { slots, vacant, .. } = &mut *slots;
             for (index, slot) in slots.iter_mut().enumerate() {
-                let Slot::Waiting { deadline, .. } = slot else {
+                let Slot::Waiting {
+                    deadline, grace, ..
+                } = slot
+                else {
                     continue;
                 };
+                if *deadline <= now && !stall.is_zero() && !grace.is_zero() {
+                    *deadline = now + stall.min(*grace);
+                    *grace = Duration::ZERO;
+                }
                 if *deadline <= now {
                     if let Slot::Waiting { waker, .. } = std::mem::replace(slot, Slot::Vacant) {
                         expired.push(waker);
@@ -373,8 +446,11 @@ async fn drive(shared: Lease<Shared>, runtime: u64) {
     }
     let driving = Driving(&shared, runtime);
     let mut expired = Vec::new();
+    let mut asleep = None;
     loop {
-        let mut next = shared.sweep(Instant::now(), &mut expired);
+        let now = Instant::now();
+        let stall = shared.stall(now, asleep.take());
+        let mut next = shared.sweep(now, stall, &mut expired);
         for waker in expired.drain(..) {
             waker.wake();
         }
@@ -382,7 +458,7 @@ async fn drive(shared: Lease<Shared>, runtime: u64) {
             // A call still in flight may take a slot now (see `register`): unlist, then
             // look once more; go on if it did and no other driver was started for it.
             shared.remove_driver(runtime);
-            next = shared.sweep(Instant::now(), &mut expired);
+            next = shared.sweep(Instant::now(), Duration::ZERO, &mut expired);
             for waker in expired.drain(..) {
                 waker.wake();
             }
@@ -394,6 +470,10 @@ async fn drive(shared: Lease<Shared>, runtime: u64) {
         }
         match next {
             Some(at) => {
+                asleep = Some(Asleep {
+                    until: at,
+                    since: Since::now(),
+                });
                 tokio::select! {
                     () = tokio::time::sleep_until(at) => {}
                     () = shared.wake.notified() => {}
@@ -401,5 +481,36 @@ async fn drive(shared: Lease<Shared>, runtime: u64) {
             }
             None => shared.wake.notified().await,
         }
+    }
+}
+
+/// The driver's sleep until a deadline, by which it should run again.
+struct Asleep {
+    until: Instant,
+    since: Since,
+}
+
+/// A moment on tokio's clock and on the real one, which `tokio::time::pause` does not
+/// stop.
+struct Since {
+    tokio: Instant,
+    real: std::time::Instant,
+}
+
+impl Since {
+    fn now() -> Self {
+        Since {
+            tokio: Instant::now(),
+            real: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether tokio's clock has run with the real one since: under `pause` it stands
+    /// still while real time passes (a blocked thread), and a clock advanced by hand
+    /// passes deadlines in no real time.
+    fn ran_with_real_time(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.tokio)
+            .abs_diff(self.real.elapsed())
+            <= STALL
     }
 }
