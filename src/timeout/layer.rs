@@ -33,7 +33,8 @@ use crate::{Blocking, Error, Request, request::canonical_name};
 /// as long again as the stall held it up, at most its deadline, once: the reply is taken
 /// when the runtime runs again, rather than thrown away as a timeout. A stall is only seen
 /// while tokio's clock runs with the real one; under `tokio::time::pause` deadlines are
-/// exact.
+/// exact. Stalls that held calls up are told in a warning (at most one per 10 s, with how
+/// many and the longest), since a runtime that is held up is the application's to mend.
 ///
 /// Needs a Tokio runtime with time enabled, as redis-rs does.
 ///

@@ -7,7 +7,7 @@ use tokio::time::{Instant, advance};
 use tower::{Layer, Service, ServiceExt};
 
 use super::*;
-use crate::testing::{Leaf, command};
+use crate::testing::{Capture, Leaf, command};
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -444,6 +444,8 @@ fn answer_at_10ms(reply: tokio::sync::oneshot::Sender<Value>) {
 /// seen while tokio's clock runs with it.
 #[tokio::test(flavor = "current_thread")]
 async fn a_reply_that_comes_while_the_runtime_is_held_up_is_taken_not_timed_out() {
+    let capture = Capture::default();
+    let _guard = capture.install();
     let (mut service, mut replies) = replied_by_hand(1);
     let call = service.ready().await.unwrap().call(command("GET", "k", 0));
     let mut call = std::pin::pin!(call);
@@ -454,6 +456,26 @@ async fn a_reply_that_comes_while_the_runtime_is_held_up_is_taken_not_timed_out(
     answer_at_10ms(replies.remove(0));
     std::thread::sleep(100 * MS);
     assert_eq!(call.await.unwrap(), Value::Okay);
+    // The application is told its runtime was held up.
+    let warnings = warnings(&capture);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(
+        (
+            &*warnings[0].fields["stalls"],
+            &*warnings[0].fields["calls"]
+        ),
+        ("1", "1")
+    );
+    let longest: f64 = warnings[0].fields["longest_ms"].parse().unwrap();
+    assert!((50.0..1000.0).contains(&longest), "{longest}");
+}
+
+fn warnings(capture: &Capture) -> Vec<crate::testing::CapturedEvent> {
+    capture
+        .events()
+        .into_iter()
+        .filter(|event| event.level == tracing::Level::WARN)
+        .collect()
 }
 
 /// The same with the timer's driver already asleep until an earlier call's deadline:
@@ -499,6 +521,8 @@ async fn a_call_held_up_by_a_stall_and_never_answered_times_out_a_deadline_after
 /// time expects.
 #[tokio::test(start_paused = true)]
 async fn a_paused_clock_advanced_past_a_deadline_is_no_stall() {
+    let capture = Capture::default();
+    let _guard = capture.install();
     let (mut service, _replies) = replied_by_hand(1);
     let start = Instant::now();
     let call = service.ready().await.unwrap().call(command("GET", "k", 0));
@@ -508,4 +532,5 @@ async fn a_paused_clock_advanced_past_a_deadline_is_no_stall() {
     advance(100 * MS).await;
     assert!(call.await.unwrap_err().is_timeout());
     assert_eq!(start.elapsed(), 100 * MS);
+    assert!(warnings(&capture).is_empty());
 }

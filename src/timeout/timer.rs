@@ -337,9 +337,15 @@ impl Shared {
 
     /// Wakes and removes the calls whose deadline is `now` or earlier, but gives those
     /// that a `stall` of the runtime held up their grace; answers the earliest deadline
-    /// left, which it then tells every shard.
-    fn sweep(&self, now: Instant, stall: Duration, expired: &mut Vec<Waker>) -> Option<Instant> {
+    /// left, which it then tells every shard, and how many calls it gave their grace.
+    fn sweep(
+        &self,
+        now: Instant,
+        stall: Duration,
+        expired: &mut Vec<Waker>,
+    ) -> (Option<Instant>, usize) {
         let mut earliest: Option<Instant> = None;
+        let mut graced = 0;
         for shard in 0..SHARDS {
             let mut slots = self.lock(shard);
             // Deadlines registered from now until it tells the result must wake it, as
@@ -356,6 +362,7 @@ impl Shared {
                 if *deadline <= now && !stall.is_zero() && !grace.is_zero() {
                     *deadline = now + stall.min(*grace);
                     *grace = Duration::ZERO;
+                    graced += 1;
                 }
                 if *deadline <= now {
                     if let Slot::Waiting { waker, .. } = std::mem::replace(slot, Slot::Vacant) {
@@ -377,7 +384,7 @@ impl Shared {
                 self.lock(shard).next_wake = earliest;
             }
         }
-        earliest
+        (earliest, graced)
     }
 }
 
@@ -447,10 +454,12 @@ async fn drive(shared: Lease<Shared>, runtime: u64) {
     let driving = Driving(&shared, runtime);
     let mut expired = Vec::new();
     let mut asleep = None;
+    let mut stalls = Stalls::default();
     loop {
         let now = Instant::now();
         let stall = shared.stall(now, asleep.take());
-        let mut next = shared.sweep(now, stall, &mut expired);
+        let (mut next, graced) = shared.sweep(now, stall, &mut expired);
+        stalls.saw(now, stall, graced);
         for waker in expired.drain(..) {
             waker.wake();
         }
@@ -458,7 +467,7 @@ async fn drive(shared: Lease<Shared>, runtime: u64) {
             // A call still in flight may take a slot now (see `register`): unlist, then
             // look once more; go on if it did and no other driver was started for it.
             shared.remove_driver(runtime);
-            next = shared.sweep(Instant::now(), Duration::ZERO, &mut expired);
+            next = shared.sweep(Instant::now(), Duration::ZERO, &mut expired).0;
             for waker in expired.drain(..) {
                 waker.wake();
             }
@@ -481,6 +490,47 @@ async fn drive(shared: Lease<Shared>, runtime: u64) {
             }
             None => shared.wake.notified().await,
         }
+    }
+}
+
+/// Stalls that held calls up, told in a warning at most once per [`Stalls::EVERY`]: a
+/// runtime that is held up is the application's to mend (a blocking call in a task, a
+/// CPU limit too tight), and a reason for latency that Redis does not explain.
+#[derive(Default)]
+struct Stalls {
+    warned: Option<Instant>,
+    stalls: u64,
+    calls: usize,
+    longest: Duration,
+}
+
+impl Stalls {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// Counts a stall that held `calls` up, and warns of those counted if it is time.
+    fn saw(&mut self, now: Instant, stall: Duration, calls: usize) {
+        if calls == 0 {
+            return;
+        }
+        self.stalls += 1;
+        self.calls += calls;
+        self.longest = self.longest.max(stall);
+        if self
+            .warned
+            .is_some_and(|warned| now.saturating_duration_since(warned) < Stalls::EVERY)
+        {
+            return;
+        }
+        self.warned = Some(now);
+        tracing::warn!(
+            stalls = self.stalls,
+            calls = self.calls,
+            longest_ms = self.longest.as_secs_f64() * 1e3,
+            "redis calls' deadlines passed while the runtime was held up (a blocking call on \
+             its thread, or the process throttled or descheduled); they were given time to \
+             take the replies that came meanwhile"
+        );
+        (self.stalls, self.calls, self.longest) = (0, 0, Duration::ZERO);
     }
 }
 
