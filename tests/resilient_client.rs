@@ -623,8 +623,8 @@ async fn a_script_keeping_redis_busy_costs_misses_and_the_first_call_after_it_is
     );
 }
 
-/// What callers met through a write pause: each call's start (from the test's start),
-/// how long it took, and whether it was a read served or a write acknowledged.
+/// What callers met through a fault: each call's start (from the test's start), how long
+/// it took, and whether it was a read served or a write acknowledged.
 #[derive(Default)]
 struct Calls {
     reads: Vec<(Duration, Duration, bool)>,
@@ -639,6 +639,23 @@ async fn through_a_write_pause(
     period: Duration,
     pause: Duration,
 ) -> Calls {
+    let millis = pause.as_millis().to_string();
+    let pause = async || {
+        assert_eq!(
+            server.raw_command(&["CLIENT", "PAUSE", &millis, "WRITE"]),
+            "OK"
+        );
+    };
+    through(client, period, pause).await.0
+}
+
+/// 4 readers of `k` and 4 writers `INCR`ing `n` for `period` (a failed write is tried
+/// again after 1 ms), while `fault` runs from 0.5 s; with what `fault` answered.
+async fn through<T>(
+    client: &ResilientClient,
+    period: Duration,
+    fault: impl AsyncFnOnce() -> T,
+) -> (Calls, T) {
     let () = client.clone().set("k", "v").await.unwrap();
     let start = Instant::now();
     let readers: Vec<_> = (0..4)
@@ -677,11 +694,7 @@ async fn through_a_write_pause(
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let millis = pause.as_millis().to_string();
-    assert_eq!(
-        server.raw_command(&["CLIENT", "PAUSE", &millis, "WRITE"]),
-        "OK"
-    );
+    let faulted = fault().await;
     let mut calls = Calls::default();
     for reader in readers {
         calls.reads.extend(reader.await.unwrap());
@@ -689,7 +702,7 @@ async fn through_a_write_pause(
     for writer in writers {
         calls.writes.extend(writer.await.unwrap());
     }
-    calls
+    (calls, faulted)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1107,4 +1120,81 @@ async fn replies_that_came_while_the_runtime_was_held_up_are_taken_not_timed_out
         (16, 0)
     );
     assert_eq!(client.health().await.connection, ConnectionState::Connected);
+}
+
+/// A large reply on a slow network (a 12 MiB value read at 8 MiB/s through a proxy)
+/// holds up the calls behind it on the shared connection, as Redis answers one
+/// connection's commands in order. They miss only for a moment: once the connection is
+/// suspect (3 timeouts), reads go on a connection beside it, and at its `PING`'s time
+/// every call moves to a new connection, while the large reply goes on arriving, whole,
+/// on the old one, which its call keeps open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_reply_on_a_slow_network_holds_up_the_calls_behind_it_only_for_a_moment() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port()).await;
+    let client = ResilientClient::builder(&proxy.url())
+        .connect()
+        .await
+        .unwrap();
+    let large = vec![b'x'; 12 << 20];
+    let () = client.clone().set("large", &large).await.unwrap();
+    proxy.limit_replies_to(8 << 20);
+    let read_large = async || {
+        let mut reader = client.clone();
+        let request = Request::from(redis::cmd("GET").arg("large").to_owned())
+            .with_deadline(Duration::from_secs(20));
+        let started = Instant::now();
+        let value = reader.ready().await.unwrap().call(request).await;
+        (value, started.elapsed())
+    };
+    let (calls, (value, took)) = through(&client, Duration::from_secs(3), read_large).await;
+    let value = value.unwrap();
+    assert_eq!(
+        value,
+        Value::BulkString(large),
+        "the large reply arrived whole"
+    );
+    assert!(
+        took > Duration::from_millis(1500),
+        "slow enough to outlast the suspicion: {took:?}"
+    );
+    // Every call within its deadline (250 ms, and a little for a busy machine).
+    for (at, took, _) in &calls.reads {
+        assert!(
+            *took < Duration::from_millis(350),
+            "a read at {at:?} took {took:?}"
+        );
+    }
+    for (at, took, _) in &calls.writes {
+        assert!(
+            *took < Duration::from_millis(350),
+            "a write at {at:?} took {took:?}"
+        );
+    }
+    // Reads from 0.4 s after the large one was sent are served (beside it, then on the
+    // new connection), and writes from 1.5 s after it (on the new connection: suspect at
+    // ~0.25 s, replaced at the `PING`'s 1 s after).
+    let missed: Vec<_> = calls
+        .reads
+        .iter()
+        .filter(|(at, _, served)| *at > Duration::from_millis(900) && !served)
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "{} reads missed, the first: {:?}",
+        missed.len(),
+        missed[0]
+    );
+    let failed: Vec<_> = calls
+        .writes
+        .iter()
+        .filter(|(at, _, result)| *at > Duration::from_millis(2000) && result.is_err())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} writes failed, the first: {:?}",
+        failed.len(),
+        failed[0]
+    );
+    assert_eq!(client.reconnect_stats().attempts, 2, "replaced once");
 }

@@ -30,6 +30,8 @@ pub struct FaultProxy {
     silenced_below: Arc<AtomicU64>,
     /// Milliseconds every reply is held before it goes on to the client.
     delay_millis: Arc<AtomicU64>,
+    /// Bytes a second read from the server on each connection; 0: as fast as it sends.
+    rate: Arc<AtomicU64>,
     /// Bytes each connection accepted now passes from the server before it is closed.
     each_budget: Arc<AtomicU64>,
     /// Bytes the first connection passed from the server to the client.
@@ -52,6 +54,8 @@ impl FaultProxy {
         let silenced_below = Arc::new(AtomicU64::new(0));
         let delay_millis = Arc::new(AtomicU64::new(0));
         let delay = delay_millis.clone();
+        let rate = Arc::new(AtomicU64::new(0));
+        let each_rate = rate.clone();
         let each_budget = Arc::new(AtomicU64::new(UNLIMITED));
         let each = each_budget.clone();
         let first_bytes = Arc::new(AtomicU64::new(0));
@@ -69,6 +73,7 @@ impl FaultProxy {
                     budget: shared.clone(),
                     silenced_below: silence.clone(),
                     delay_millis: delay.clone(),
+                    rate: each_rate.clone(),
                     own_budget: each.load(Ordering::SeqCst),
                     passed: (number == 0).then(|| first.clone()),
                     number,
@@ -96,6 +101,7 @@ impl FaultProxy {
             upstream,
             silenced_below,
             delay_millis,
+            rate,
             each_budget,
             first_bytes,
             lifetime_millis,
@@ -164,6 +170,13 @@ impl FaultProxy {
         let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         self.delay_millis.store(millis, Ordering::SeqCst);
     }
+
+    /// From now on, read what the server sends at `bytes_per_second` at most, on every
+    /// connection: a slow network, which holds a large reply back in the server's
+    /// output buffer. Zero ends it.
+    pub fn limit_replies_to(&self, bytes_per_second: u64) {
+        self.rate.store(bytes_per_second, Ordering::SeqCst);
+    }
 }
 
 /// What the proxy does to one connection.
@@ -171,6 +184,7 @@ struct Faults {
     budget: Arc<AtomicU64>,
     silenced_below: Arc<AtomicU64>,
     delay_millis: Arc<AtomicU64>,
+    rate: Arc<AtomicU64>,
     /// Bytes this connection passes from the server before it is closed.
     own_budget: u64,
     /// Counts the bytes it passed from the server (the first connection's alone).
@@ -238,6 +252,13 @@ async fn forward(client: TcpStream, server: TcpStream, faults: Faults) {
             let at = tokio::time::Instant::now() + delay;
             if queue.send((at, buf[..pass].to_vec())).is_err() || pass < n {
                 return; // the writer closes the client connection after what it holds
+            }
+            let rate = faults.rate.load(Ordering::SeqCst);
+            if rate > 0 {
+                // Reads no more until this much has gone at the rate: the rest waits in
+                // the server.
+                tokio::time::sleep(std::time::Duration::from_secs_f64(n as f64 / rate as f64))
+                    .await;
             }
         }
     };
