@@ -15,7 +15,8 @@
 //! [`circuit_breaker::CircuitBreakerLayer`] fails fast while Redis is down and probes for
 //! its return, [`timeout::TimeoutLayer`] gives every request a deadline sized to its
 //! command (or the one the caller gave it: [`Request::with_deadline`],
-//! [`Client::with_deadline`]), [`fallback::FallbackLayer`] turns failed reads into misses,
+//! [`Client::with_deadline`]), and does not charge a call for a stall of your own runtime
+//! (a reply that came meanwhile is taken, not thrown away), [`fallback::FallbackLayer`] turns failed reads into misses,
 //! [`metrics::MetricsLayer`] and [`trace::TraceLayer`] count, time and trace every call,
 //! and [`Client`] puts redis-rs's whole command API on top of any stack.
 //! [`pubsub::Subscriber`] keeps Pub/Sub subscriptions through restarts, and says when
