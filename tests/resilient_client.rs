@@ -631,6 +631,20 @@ struct Calls {
     writes: Vec<(Duration, Duration, Result<(), Error>)>,
 }
 
+impl Calls {
+    /// No call outlived the default deadline (250 ms, and a little for a busy machine).
+    fn assert_within_the_deadline(&self) {
+        let reads = self.reads.iter().map(|(at, took, _)| ("read", at, took));
+        let writes = self.writes.iter().map(|(at, took, _)| ("write", at, took));
+        for (call, at, took) in reads.chain(writes) {
+            assert!(
+                *took < Duration::from_millis(350),
+                "a {call} at {at:?} took {took:?}"
+            );
+        }
+    }
+}
+
 /// 4 readers and 4 writers `INCR`ing `n` for `period` (a failed write is tried again
 /// after 1 ms), while `CLIENT PAUSE WRITE` holds writes from 0.5 s for `pause`.
 async fn through_a_write_pause(
@@ -712,19 +726,7 @@ async fn reads_are_served_through_a_write_pause_and_every_acknowledged_write_cou
     let pause = Duration::from_millis(1500);
     let calls = through_a_write_pause(&server, &client, Duration::from_secs(3), pause).await;
 
-    // No call outlived the deadline (250 ms, and a little for a busy machine).
-    for (at, took, _) in &calls.reads {
-        assert!(
-            *took < Duration::from_millis(350),
-            "a read at {at:?} took {took:?}"
-        );
-    }
-    for (at, took, _) in &calls.writes {
-        assert!(
-            *took < Duration::from_millis(350),
-            "a write at {at:?} took {took:?}"
-        );
-    }
+    calls.assert_within_the_deadline();
     // The reads held behind the first paused write miss at their deadline; from then on
     // reads are served beside the held connection, and the writes refused meanwhile do
     // not open the breaker over them. Before, every read missed until the pause ended
@@ -1158,19 +1160,7 @@ async fn a_large_reply_on_a_slow_network_holds_up_the_calls_behind_it_only_for_a
         took > Duration::from_millis(1500),
         "slow enough to outlast the suspicion: {took:?}"
     );
-    // Every call within its deadline (250 ms, and a little for a busy machine).
-    for (at, took, _) in &calls.reads {
-        assert!(
-            *took < Duration::from_millis(350),
-            "a read at {at:?} took {took:?}"
-        );
-    }
-    for (at, took, _) in &calls.writes {
-        assert!(
-            *took < Duration::from_millis(350),
-            "a write at {at:?} took {took:?}"
-        );
-    }
+    calls.assert_within_the_deadline();
     // Reads from 0.4 s after the large one was sent are served (beside it, then on the
     // new connection), and writes from 1.5 s after it (on the new connection: suspect at
     // ~0.25 s, replaced at the `PING`'s 1 s after).
