@@ -182,6 +182,8 @@ pub struct Connector {
     own_tls: OwnTls,
     /// Asked for credentials before each connection ([`Connector::credentials`]).
     credentials: Option<Provider>,
+    /// The name its connections give themselves ([`Connector::client_name`]).
+    client_name: Option<Arc<str>>,
 }
 
 /// How a connector opens TLS connections itself (feature `tls`): with nothing to open,
@@ -308,6 +310,7 @@ impl Connector {
             max_argument: DEFAULT_MAX_ARGUMENT_SIZE,
             own_tls: OwnTls::default(),
             credentials: None,
+            client_name: None,
         }
     }
 
@@ -876,6 +879,40 @@ impl Connector {
         self
     }
 
+    /// Names every connection this connector opens (`CLIENT SETNAME`, sent with the
+    /// first words on it): the shared one and each that replaces it, those for blocking
+    /// commands and the one beside a suspect connection, on the server Sentinel names
+    /// too. `CLIENT LIST`, `CLIENT KILL` and the server's monitoring then say which
+    /// application a connection belongs to (which service holds 5,000 connections?),
+    /// where it would otherwise show only an address and port.
+    ///
+    /// Not named: a cluster's node connections (redis-rs's cluster client opens them) and
+    /// [`Subscriber`](crate::pubsub::Subscriber)s'. A server that refuses the name (an ACL
+    /// user that may not run `CLIENT`) leaves the connection unnamed, and it serves as
+    /// usual. A name Redis would refuse (empty, or with a space, a newline or a character
+    /// outside printable ASCII) is a [config](Error::is_config) error here.
+    ///
+    /// ```
+    /// use tower_redis_resilience::Connector;
+    ///
+    /// let url = "redis://127.0.0.1:6379";
+    /// let connector = Connector::from_url(url)?.client_name("checkout-api")?;
+    /// // Redis takes no spaces in a name.
+    /// assert!(Connector::from_url(url)?.client_name("checkout api").is_err());
+    /// # let _ = connector; Ok::<(), tower_redis_resilience::Error>(())
+    /// ```
+    pub fn client_name(mut self, name: &str) -> Result<Self, Error> {
+        // Redis's own rule: printable ASCII but the space.
+        if name.is_empty() || !name.bytes().all(|byte| (b'!'..=b'~').contains(&byte)) {
+            return Err(Error::config(format!(
+                "client name {name:?}: Redis takes one of printable ASCII characters, \
+                 without spaces"
+            )));
+        }
+        self.client_name = Some(name.into());
+        Ok(self)
+    }
+
     /// The configured connect timeout.
     pub fn get_connect_timeout(&self) -> Duration {
         self.connect_timeout
@@ -928,12 +965,10 @@ impl Connector {
                 }
             };
             let service = service.with_max_argument_size(self.max_argument);
-            // The shared connection's id, so that while it is suspect another
-            // connection can ask whether the server holds it up.
-            let service = match used {
-                Use::Shared => service.learn_client_id().await,
-                Use::Blocking => service,
-            };
+            // Its name, and the shared connection's id, so that while it is suspect
+            // another connection can ask whether the server holds it up.
+            let name = self.client_name.as_deref();
+            let service = service.introduce(name, used == Use::Shared).await;
             // Last: a renewal holds a weak handle, and the service is complete.
             authenticated.keep(&service, self.connect_timeout);
             Ok(service)
@@ -1411,6 +1446,7 @@ impl fmt::Debug for Connector {
             .field("connect_timeout", &self.connect_timeout)
             .field("max_argument_size", &self.max_argument)
             .field("credentials_provider", &self.credentials.is_some())
+            .field("client_name", &self.client_name)
             .finish()
     }
 }

@@ -12,7 +12,7 @@ use tower::{
     util::BoxCloneService,
 };
 use tower_redis_resilience::{
-    Connector, Error, HealthStatus, Request, ResilientClient,
+    Connector, Error, HealthStatus, MakeConnection, Request, ResilientClient,
     circuit_breaker::{BreakerState, CircuitBreakerConfig},
     metrics::Outcome,
     reconnect::{ConnectionState, ReconnectConfig},
@@ -1187,4 +1187,90 @@ async fn a_large_reply_on_a_slow_network_holds_up_the_calls_behind_it_only_for_a
         failed[0]
     );
     assert_eq!(client.reconnect_stats().attempts, 2, "replaced once");
+}
+
+/// The connections `server` knows by `name` (`CLIENT LIST`).
+fn named(server: &RedisServer, name: &str) -> usize {
+    let field = format!(" name={name} ");
+    let list = server.raw_command(&["CLIENT", "LIST"]);
+    list.lines().filter(|line| line.contains(&field)).count()
+}
+
+/// Operators see whose connections they are: the shared one, a blocking command's, and
+/// the shared one that replaces it after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_connector_names_every_connection_it_opens() {
+    let mut server = RedisServer::start();
+    let connector = Connector::from_url(&server.url())
+        .unwrap()
+        .client_name("checkout-api")
+        .unwrap();
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(named(&server, "checkout-api"), 1);
+    // On a connection of its own, kept for the next one.
+    let popped: Option<(String, String)> = client.blpop("queue", 0.05).await.unwrap();
+    assert_eq!(popped, None);
+    assert_eq!(named(&server, "checkout-api"), 2);
+    let unnamed = server.raw_command(&["CLIENT", "LIST"]).lines().count() - 2;
+    assert_eq!(unnamed, 1, "only the harness's own");
+
+    server.restart();
+    eventually(Duration::from_secs(5), async || {
+        client.get::<_, Option<String>>("k").await.is_ok()
+    })
+    .await;
+    assert_eq!(
+        named(&server, "checkout-api"),
+        1,
+        "the new shared connection"
+    );
+}
+
+/// A shared connection learns its id in the same round trip as it gives its name: the
+/// id that lets `Reconnect` ask the server whether it holds the connection up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_shared_connection_knows_its_id() {
+    let server = RedisServer::start();
+    let connector = Connector::from_url(&server.url())
+        .unwrap()
+        .client_name("checkout-api")
+        .unwrap();
+    let connection = connector.connect().await.unwrap();
+    let id = MakeConnection::client_id(&connector, &connection).expect("its id");
+    let listed = server.raw_command(&["CLIENT", "LIST", "ID", &id.to_string()]);
+    assert!(listed.contains(" name=checkout-api "), "{listed}");
+}
+
+/// A user that may not run `CLIENT` is refused the name; its connection serves unnamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_refused_its_name_serves_unnamed() {
+    let server = RedisServer::start();
+    let reply = server.raw_command(&["ACL", "SETUSER", "app", "on", ">pw", "~*", "+get", "+set"]);
+    assert_eq!(reply, "OK");
+    let url = format!("redis://app:pw@127.0.0.1:{}", server.port());
+    let connector = Connector::from_url(&url)
+        .unwrap()
+        .client_name("checkout-api")
+        .unwrap();
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap();
+    let () = client.set("k", "v").await.unwrap();
+    let value: Option<String> = client.get("k").await.unwrap();
+    assert_eq!(value.as_deref(), Some("v"));
+    assert_eq!(named(&server, "checkout-api"), 0);
+}
+
+#[test]
+fn a_client_name_redis_would_refuse_is_a_config_error() {
+    let connector = || Connector::from_url("redis://127.0.0.1:6379").unwrap();
+    for name in ["", "checkout api", "line\nbreak", "café"] {
+        let err = connector().client_name(name).unwrap_err();
+        assert!(err.is_config(), "{name:?}: {err}");
+    }
+    assert!(connector().client_name("checkout-api:v2").is_ok());
 }

@@ -147,19 +147,49 @@ impl RedisService {
         }
     }
 
-    /// Asks the server its id for the connection (`CLIENT ID`), for a service just made;
-    /// a refusal (an ACL user that may not, a renamed command) leaves it unknown.
-    pub(crate) async fn learn_client_id(mut self) -> Self {
+    /// The first words on a connection just made, in one round trip: its name
+    /// (`CLIENT SETNAME`), if given, and the server's id for it (`CLIENT ID`), if
+    /// `learn_id`. A refusal (an ACL user that may not, a renamed command) leaves it
+    /// unnamed, or its id unknown.
+    pub(crate) async fn introduce(mut self, name: Option<&str>, learn_id: bool) -> Self {
         let mut connection = match &self.inner.connection {
             Conn::Single(connection) => connection.clone(),
             #[cfg(feature = "cluster")]
             Conn::Cluster { .. } => return self,
         };
-        let id = redis::cmd("CLIENT")
-            .arg("ID")
-            .query_async::<u64>(&mut connection)
-            .await
-            .ok();
+        let mut words = redis::pipe();
+        if let Some(name) = name {
+            words.cmd("CLIENT").arg("SETNAME").arg(name);
+        }
+        if learn_id {
+            words.cmd("CLIENT").arg("ID");
+        }
+        if words.is_empty() {
+            return self;
+        }
+        // Replies one by one, a refusal among them, where `query_async` fails them all.
+        let replies = redis::aio::ConnectionLike::req_packed_commands(
+            &mut connection,
+            &words,
+            0,
+            words.len(),
+        );
+        let Ok(replies) = replies.await else {
+            // The connection failed: the first call finds out.
+            return self;
+        };
+        if let (Some(name), Some(Value::ServerError(refusal))) = (name, replies.first()) {
+            tracing::debug!(
+                address = &*self.inner.address,
+                name,
+                %refusal,
+                "redis refused the connection's name; it serves unnamed"
+            );
+        }
+        let id = match replies.last() {
+            Some(&Value::Int(id)) if learn_id => u64::try_from(id).ok(),
+            _ => None,
+        };
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.client_id = id;
         }
