@@ -905,8 +905,8 @@ impl Connector {
         // Redis's own rule: printable ASCII but the space.
         if name.is_empty() || !name.bytes().all(|byte| (b'!'..=b'~').contains(&byte)) {
             return Err(Error::config(format!(
-                "client name {name:?}: Redis takes one of printable ASCII characters, \
-                 without spaces"
+                "client name {name:?}: Redis takes only printable ASCII characters, and \
+                 no spaces"
             )));
         }
         self.client_name = Some(name.into());

@@ -126,21 +126,23 @@ where
             return Poll::Ready(Err(error));
         }
         match std::mem::replace(this.timing, Timing::None) {
-            Timing::Armed { at, limit, timer } => match timer.register(at, limit.get(), cx.waker())
-            {
-                Ok(registration) => {
-                    *this.timing = Timing::Waiting {
-                        at,
-                        limit,
-                        registration,
-                    };
-                    Poll::Pending
+            Timing::Armed { at, limit, timer } => {
+                // A stall of the runtime may add up to the deadline again.
+                match timer.register(at, limit.get(), cx.waker()) {
+                    Ok(registration) => {
+                        *this.timing = Timing::Waiting {
+                            at,
+                            limit,
+                            registration,
+                        };
+                        Poll::Pending
+                    }
+                    Err(NoRuntime) => Poll::Ready(Err(Error::config(
+                        "the timeout layer needs a Tokio runtime to time a call",
+                    )
+                    .with_command(this.command))),
                 }
-                Err(NoRuntime) => Poll::Ready(Err(Error::config(
-                    "the timeout layer needs a Tokio runtime to time a call",
-                )
-                .with_command(this.command))),
-            },
+            }
             Timing::None | Timing::Waiting { .. } => Poll::Pending,
         }
     }
