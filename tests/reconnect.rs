@@ -401,6 +401,59 @@ async fn a_connection_cut_off_while_redis_answers_beside_it_is_replaced_at_its_p
     eventually_ok(&mut redis, set).await;
 }
 
+/// A connection cut off while Redis answers beside it is replaced at its `PING`'s time,
+/// and its successor may take a while to open (a server slow to take connections, a
+/// handshake far away): reads go on beside it until the successor is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_beside_a_replaced_connection_until_its_successor_opens() {
+    let server = RedisServer::start();
+    assert_eq!(server.raw_command(&["SET", "k", "v"]), "OK");
+    let proxy = FaultProxy::start(server.port()).await;
+    let ping_timeout = Duration::from_millis(400);
+    let config = ReconnectConfig::new().stuck_ping_timeout(ping_timeout);
+    let mut redis = Reconnect::connect(connector(&proxy.url()), config)
+        .await
+        .unwrap();
+    call(&mut redis, get("k")).await.unwrap();
+
+    proxy.silence_open_connections();
+    three_calls_time_out(&mut redis, "nothing arrives").await;
+    let mut beside = redis.clone();
+    eventually(Duration::from_secs(1), async || {
+        call(&mut beside, get("k")).await.is_ok()
+    })
+    .await;
+    // Within the connector's 200 ms connect timeout.
+    proxy.delay_new_connections(Duration::from_millis(150));
+    until_reconnecting(&redis, ping_timeout + Duration::from_millis(300)).await;
+    let state = redis.state();
+    let (mut served, mut missed) = (0, 0);
+    while matches!(*state.borrow(), ConnectionState::Reconnecting { .. }) {
+        match call(&mut redis, get("k")).await {
+            Ok(_) => served += 1,
+            Err(err) => {
+                assert!(err.is_unavailable(), "{err}");
+                missed += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        served >= 5 && missed == 0,
+        "served {served}, missed {missed}"
+    );
+    assert_eq!(*state.borrow(), ConnectionState::Connected);
+    let set = Request::from(redis::cmd("SET").arg("k").arg("w").to_owned());
+    eventually_ok(&mut redis, set).await;
+    assert_eq!(redis.stats().attempts, 2, "{:?}", redis.stats());
+    // The connection beside it closes with the successor in place: the server keeps the
+    // successor and the harness's own.
+    eventually(Duration::from_secs(1), async || {
+        server.raw_command(&["CLIENT", "LIST"]).lines().count() == 2
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_stalls_while_reads_go_beside_its_held_connection_fails_reads_fast_again() {
     let server = RedisServer::start();

@@ -278,7 +278,8 @@ impl<S> ReconnectConfig<S> {
     /// does (asked again every `stuck_ping_timeout`, ten times at most), the connection
     /// is kept; when it does not (it sees the connection idle: what was sent never
     /// arrived), or cannot tell (Redis before 6.2, an ACL user that may not run `CLIENT`),
-    /// or stops answering (it stalls now), the connection is replaced then.
+    /// or stops answering (it stalls now), the connection is replaced then, and reads go
+    /// on beside it until its successor is open (one that fails there ends that).
     ///
     /// The other
     /// connection is opened the first time a connection is suspect (counted in

@@ -31,11 +31,24 @@ type Connection<M> = <M as MakeConnection>::Connection;
 /// cluster's manual failover gives up after 5 s), a `WAIT` as long as it asks.
 const HELD_AT_MOST: u32 = 10;
 
-/// Whether the server, asked on `connection`, holds up a command of the connection it
-/// knows as `id` (`CLIENT LIST ID`: flags with `b`, blocked, as a write a `CLIENT PAUSE
-/// WRITE` holds, or a `WAIT`). `false` if it cannot tell within `timeout` (an ACL user
-/// that may not ask, a connection it no longer knows).
-async fn held_by_the_server<C>(connection: C, id: u64, timeout: Duration) -> bool
+/// What the server, asked on another connection, says of a suspect one.
+#[derive(Debug, PartialEq, Eq)]
+enum Beside {
+    /// It holds up the connection's command (flagged `b`, blocked: a write a `CLIENT
+    /// PAUSE WRITE` holds, a `WAIT`).
+    Held,
+    /// It answered, and holds nothing up (it sees the connection idle: what was sent
+    /// never arrived), or cannot tell (an ACL user that may not ask, Redis before 6.2, a
+    /// connection it no longer knows).
+    NotHeld,
+    /// It did not answer within the timeout, or the connection beside broke: reads
+    /// cannot go there either.
+    Silent,
+}
+
+/// What the server, asked on `connection` (`CLIENT LIST ID`), says of the connection it
+/// knows as `id`.
+async fn held_by_the_server<C>(connection: C, id: u64, timeout: Duration) -> Beside
 where
     C: Service<Request, Response = redis::Value, Error = Error>,
 {
@@ -46,15 +59,19 @@ where
             .arg(id)
             .to_owned(),
     );
-    let Some(Ok(reply)) = ask(connection, list, timeout).await else {
-        return false;
+    let reply = match ask(connection, list, timeout).await {
+        Some(Ok(reply)) => reply,
+        Some(Err(error)) if error.is_server() || error.is_config() => return Beside::NotHeld,
+        Some(Err(_)) | None => return Beside::Silent,
     };
     let Ok(text) = redis::from_redis_value::<String>(reply) else {
-        return false;
+        return Beside::NotHeld;
     };
-    text.split_whitespace()
+    let held = text
+        .split_whitespace()
         .find_map(|field| field.strip_prefix("flags="))
-        .is_some_and(|flags| flags.contains('b'))
+        .is_some_and(|flags| flags.contains('b'));
+    if held { Beside::Held } else { Beside::NotHeld }
 }
 
 /// `request`'s reply on `connection`, or `None` if none came within `timeout`.
@@ -149,9 +166,9 @@ struct Slot<C> {
     /// The connection taken out of use while a `PING` asks whether it is stuck: put back
     /// if it answers, dropped if not. Calls meanwhile find no connection.
     suspect: Option<C>,
-    /// While the suspect connection is out of use: [`side`](Self::side), which answered a
-    /// `PING` the suspect one had not, for reads
-    /// ([`side_reads`](ReconnectConfig::side_reads)).
+    /// While the suspect connection is out of use, and if it is replaced until its
+    /// successor is in place: [`side`](Self::side), which answered a `PING` the suspect
+    /// one had not, for reads ([`side_reads`](ReconnectConfig::side_reads)).
     aside: Option<C>,
     /// A connection to the same server, opened the first time one was suspect to ask
     /// whether Redis answers beside it, and kept for the next time: opened each time,
@@ -423,8 +440,9 @@ impl<M: MakeConnection> Shared<M> {
         self.has_aside.load(Ordering::Acquire)
     }
 
-    /// The connection reads go on while the suspect one is out of use, with the
-    /// generation it serves, if the server answered on it.
+    /// The connection reads go on while the suspect one is out of use (and, if that is
+    /// replaced, until its successor is in place), with the generation it serves, if the
+    /// server answered on it.
     pub fn aside(&self) -> Option<(u64, Connection<M>)> {
         let slot = self.slot();
         let aside = slot.aside.clone()?;
@@ -596,7 +614,8 @@ impl<M: MakeConnection> Shared<M> {
                             "the suspect redis connection is held up, but redis answers on \
                              another: reads go there meanwhile"
                         );
-                        shared.while_held(&mut ping, aside, client_id, started, timeout).await
+                        let asked = (suspect_generation, started, timeout);
+                        shared.while_held(&mut ping, aside, client_id, asked).await
                     }
                     _ => tokio::time::timeout_at(started + timeout, &mut ping)
                         .await
@@ -616,14 +635,15 @@ impl<M: MakeConnection> Shared<M> {
     /// blocked, as a write a `CLIENT PAUSE WRITE` holds or a `WAIT` is): then it is waited
     /// for, since it answers once that ends, and a new connection would be held by the
     /// next write as well. Otherwise (the server sees it idle, as when a middlebox cut it
-    /// off and the calls never arrived; or it cannot tell) it is silent, and replaced.
+    /// off and the calls never arrived; or it cannot tell) it is silent, and replaced,
+    /// while reads go on aside until its successor is open. A server that does not answer
+    /// on `aside` either (it stalls now) ends the reads there first.
     async fn while_held(
         &self,
         mut ping: impl Future<Output = Ping> + Unpin,
         aside: Connection<M>,
         client_id: Option<u64>,
-        started: Instant,
-        timeout: Duration,
+        (suspect_generation, started, timeout): (u64, Instant, Duration),
     ) -> Ping {
         let mut ask_at = started + timeout;
         loop {
@@ -634,12 +654,17 @@ impl<M: MakeConnection> Shared<M> {
             let Some(id) = client_id else {
                 return Ping::Silent;
             };
-            let held = tokio::select! {
+            let beside = tokio::select! {
                 verdict = &mut ping => return verdict,
-                held = held_by_the_server(aside.clone(), id, timeout) => held,
+                beside = held_by_the_server(aside.clone(), id, timeout) => beside,
             };
-            if !held {
-                return Ping::Silent;
+            match beside {
+                Beside::Held => {}
+                Beside::NotHeld => return Ping::Silent,
+                Beside::Silent => {
+                    self.aside_lost(suspect_generation);
+                    return Ping::Silent;
+                }
             }
             tracing::debug!(
                 address = self.connector.address(),
@@ -800,7 +825,9 @@ impl<M: MakeConnection> Shared<M> {
         }
         slot.connection = None;
         slot.suspect = None;
-        self.clear_aside(&mut slot);
+        // Reads aside go on until the successor is in place (a suspect connection cut
+        // off, or held too long, is replaced while Redis answers beside it); one that
+        // fails there ends them.
         Self::replaced(&mut slot);
         self.generation.fetch_add(1, Ordering::AcqRel);
         let answered = self.stuck.swap(0, Ordering::Relaxed) & UNANSWERED == 0;
@@ -977,6 +1004,7 @@ async fn reconnect_loop<M: MakeConnection>(
                 {
                     let mut slot = shared.slot();
                     slot.connection = Some(connection);
+                    shared.clear_aside(&mut slot);
                     slot.looping = false;
                     slot.attempt = 0;
                     slot.config_error = None;

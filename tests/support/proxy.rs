@@ -38,6 +38,8 @@ pub struct FaultProxy {
     first_bytes: Arc<AtomicU64>,
     /// Milliseconds after which a connection accepted now is closed; 0: never.
     lifetime_millis: Arc<AtomicU64>,
+    /// Milliseconds a connection accepted now waits before it forwards anything.
+    opening_millis: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -62,6 +64,8 @@ impl FaultProxy {
         let first = first_bytes.clone();
         let lifetime_millis = Arc::new(AtomicU64::new(0));
         let lifetime = lifetime_millis.clone();
+        let opening_millis = Arc::new(AtomicU64::new(0));
+        let opening = opening_millis.clone();
         let shared = budget.clone();
         let counter = accepted.clone();
         let target = upstream.clone();
@@ -80,7 +84,9 @@ impl FaultProxy {
                 };
                 let upstream_port = target.load(Ordering::SeqCst);
                 let lifetime = lifetime.load(Ordering::SeqCst);
+                let opening = opening.load(Ordering::SeqCst);
                 tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(opening)).await;
                     if let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await {
                         let forwarding = forward(client, server, faults);
                         if lifetime == 0 {
@@ -105,6 +111,7 @@ impl FaultProxy {
             each_budget,
             first_bytes,
             lifetime_millis,
+            opening_millis,
             task,
         }
     }
@@ -156,6 +163,13 @@ impl FaultProxy {
     pub fn close_connections_after(&self, lifetime: std::time::Duration) {
         let millis = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
         self.lifetime_millis.store(millis, Ordering::SeqCst);
+    }
+
+    /// Every connection accepted from now on forwards nothing for `delay` (its handshake
+    /// waits): a server slow to take connections, or a handshake far away. Zero ends it.
+    pub fn delay_new_connections(&self, delay: std::time::Duration) {
+        let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.opening_millis.store(millis, Ordering::SeqCst);
     }
 
     /// How many bytes the first connection has passed from the server to the client: the
