@@ -371,21 +371,19 @@ async fn reads_go_beside_a_connection_that_a_write_pause_holds_up() {
     assert_eq!(redis.stats().attempts, 1, "{:?}", redis.stats());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_cut_off_while_redis_answers_beside_it_is_replaced_at_its_pings_time() {
+/// A connection through a proxy, with a 400 ms `PING` timeout, that the proxy then cuts
+/// off as a middlebox that forgot it would: what is sent on it never arrives, while new
+/// connections work. Answers once it is suspect and reads are served beside it, with
+/// when it was found suspect.
+async fn cut_off_while_redis_answers_beside() -> (RedisServer, FaultProxy, Reconnect, Instant) {
     let server = RedisServer::start();
     assert_eq!(server.raw_command(&["SET", "k", "v"]), "OK");
     let proxy = FaultProxy::start(server.port()).await;
-    let ping_timeout = Duration::from_millis(400);
-    let config = ReconnectConfig::new().stuck_ping_timeout(ping_timeout);
+    let config = ReconnectConfig::new().stuck_ping_timeout(CUT_OFF_PING_TIMEOUT);
     let mut redis = Reconnect::connect(connector(&proxy.url()), config)
         .await
         .unwrap();
     call(&mut redis, get("k")).await.unwrap();
-
-    // A middlebox forgets the connection: what is sent on it never arrives, while new
-    // connections work. From the client this looks like a held connection; the server
-    // sees it idle, not holding anything up, so it is replaced at its PING's time.
     proxy.silence_open_connections();
     three_calls_time_out(&mut redis, "nothing arrives").await;
     let suspect = Instant::now();
@@ -394,6 +392,18 @@ async fn a_connection_cut_off_while_redis_answers_beside_it_is_replaced_at_its_p
         call(&mut beside, get("k")).await.is_ok()
     })
     .await;
+    (server, proxy, redis, suspect)
+}
+
+/// The `PING` timeout of [`cut_off_while_redis_answers_beside`].
+const CUT_OFF_PING_TIMEOUT: Duration = Duration::from_millis(400);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_off_while_redis_answers_beside_it_is_replaced_at_its_pings_time() {
+    // From the client a cut-off connection looks like a held one; the server sees it
+    // idle, not holding anything up, so it is replaced at its PING's time.
+    let (_server, _proxy, mut redis, suspect) = cut_off_while_redis_answers_beside().await;
+    let ping_timeout = CUT_OFF_PING_TIMEOUT;
     until_reconnecting(&redis, ping_timeout + Duration::from_millis(300)).await;
     assert!(suspect.elapsed() >= ping_timeout - Duration::from_millis(20));
     until_ok(&mut redis, Duration::from_secs(2)).await;
@@ -406,26 +416,10 @@ async fn a_connection_cut_off_while_redis_answers_beside_it_is_replaced_at_its_p
 /// handshake far away): reads go on beside it until the successor is open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_go_beside_a_replaced_connection_until_its_successor_opens() {
-    let server = RedisServer::start();
-    assert_eq!(server.raw_command(&["SET", "k", "v"]), "OK");
-    let proxy = FaultProxy::start(server.port()).await;
-    let ping_timeout = Duration::from_millis(400);
-    let config = ReconnectConfig::new().stuck_ping_timeout(ping_timeout);
-    let mut redis = Reconnect::connect(connector(&proxy.url()), config)
-        .await
-        .unwrap();
-    call(&mut redis, get("k")).await.unwrap();
-
-    proxy.silence_open_connections();
-    three_calls_time_out(&mut redis, "nothing arrives").await;
-    let mut beside = redis.clone();
-    eventually(Duration::from_secs(1), async || {
-        call(&mut beside, get("k")).await.is_ok()
-    })
-    .await;
+    let (server, proxy, mut redis, _) = cut_off_while_redis_answers_beside().await;
     // Within the connector's 200 ms connect timeout.
     proxy.delay_new_connections(Duration::from_millis(150));
-    until_reconnecting(&redis, ping_timeout + Duration::from_millis(300)).await;
+    until_reconnecting(&redis, CUT_OFF_PING_TIMEOUT + Duration::from_millis(300)).await;
     let state = redis.state();
     let (mut served, mut missed) = (0, 0);
     while matches!(*state.borrow(), ConnectionState::Reconnecting { .. }) {

@@ -1204,6 +1204,18 @@ async fn a_large_reply_on_a_slow_network_holds_up_the_calls_behind_it_only_for_a
     assert_eq!(client.reconnect_stats().attempts, 2, "replaced once");
 }
 
+/// The default client at `url`, its connections named `checkout-api`.
+async fn named_client(url: &str) -> ResilientClient {
+    let connector = Connector::from_url(url)
+        .unwrap()
+        .client_name("checkout-api")
+        .unwrap();
+    ResilientClient::builder_with_connector(connector)
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// The connections `server` knows by `name` (`CLIENT LIST`).
 fn named(server: &RedisServer, name: &str) -> usize {
     let field = format!(" name={name} ");
@@ -1216,14 +1228,7 @@ fn named(server: &RedisServer, name: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_connector_names_every_connection_it_opens() {
     let mut server = RedisServer::start();
-    let connector = Connector::from_url(&server.url())
-        .unwrap()
-        .client_name("checkout-api")
-        .unwrap();
-    let mut client = ResilientClient::builder_with_connector(connector)
-        .connect()
-        .await
-        .unwrap();
+    let mut client = named_client(&server.url()).await;
     assert_eq!(named(&server, "checkout-api"), 1);
     // On a connection of its own, kept for the next one.
     let popped: Option<(String, String)> = client.blpop("queue", 0.05).await.unwrap();
@@ -1266,14 +1271,7 @@ async fn a_connection_refused_its_name_serves_unnamed() {
     let reply = server.raw_command(&["ACL", "SETUSER", "app", "on", ">pw", "~*", "+get", "+set"]);
     assert_eq!(reply, "OK");
     let url = format!("redis://app:pw@127.0.0.1:{}", server.port());
-    let connector = Connector::from_url(&url)
-        .unwrap()
-        .client_name("checkout-api")
-        .unwrap();
-    let mut client = ResilientClient::builder_with_connector(connector)
-        .connect()
-        .await
-        .unwrap();
+    let mut client = named_client(&url).await;
     let () = client.set("k", "v").await.unwrap();
     let value: Option<String> = client.get("k").await.unwrap();
     assert_eq!(value.as_deref(), Some("v"));
