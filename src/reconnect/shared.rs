@@ -32,7 +32,7 @@ type Connection<M> = <M as MakeConnection>::Connection;
 const HELD_AT_MOST: u32 = 10;
 
 /// What the server, asked on another connection, says of a suspect one.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum Beside {
     /// It holds up the connection's command (flagged `b`, blocked: a write a `CLIENT
     /// PAUSE WRITE` holds, a `WAIT`).
@@ -614,8 +614,9 @@ impl<M: MakeConnection> Shared<M> {
                             "the suspect redis connection is held up, but redis answers on \
                              another: reads go there meanwhile"
                         );
-                        let asked = (suspect_generation, started, timeout);
-                        shared.while_held(&mut ping, aside, client_id, asked).await
+                        shared
+                            .while_held(&mut ping, aside, client_id, suspect_generation, started, timeout)
+                            .await
                     }
                     _ => tokio::time::timeout_at(started + timeout, &mut ping)
                         .await
@@ -643,7 +644,9 @@ impl<M: MakeConnection> Shared<M> {
         mut ping: impl Future<Output = Ping> + Unpin,
         aside: Connection<M>,
         client_id: Option<u64>,
-        (suspect_generation, started, timeout): (u64, Instant, Duration),
+        suspect_generation: u64,
+        started: Instant,
+        timeout: Duration,
     ) -> Ping {
         let mut ask_at = started + timeout;
         loop {
