@@ -1136,6 +1136,69 @@ async fn replies_that_came_while_the_runtime_was_held_up_are_taken_not_timed_out
     assert_eq!(client.health().await.connection, ConnectionState::Connected);
 }
 
+/// A short stall of Redis (a slow command, a fork) with many calls in flight: every
+/// call it holds up is slow, and they all finish together when it ends, filling the
+/// breaker's window (the last 100 calls) with slow calls at once. That says once that
+/// Redis stalled, and the calls after it are fast: the breaker stays closed. (Before, it
+/// opened on the slow-call rate and refused every call for its 2 s wait.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_short_stall_under_many_callers_does_not_open_the_breaker() {
+    let server = RedisServer::config()
+        .arg("enable-debug-command", "yes")
+        .start();
+    let client = client(&server).await;
+    let () = client.clone().set("k", "v").await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..256)
+        .map(|_| {
+            let (mut client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut missed = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let value: Option<String> = client.get("k").await.unwrap();
+                    missed += usize::from(value.is_none());
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                missed
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Over the slow-call duration (100 ms), within the deadline (250 ms).
+    let mut other = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("DEBUG")
+        .arg("SLEEP")
+        .arg("0.12")
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut missed = 0;
+    for caller in callers {
+        missed += caller.await.unwrap();
+    }
+    let gets = client.metrics().unwrap().command("GET").unwrap().clone();
+    assert!(
+        gets.latency.max >= Duration::from_millis(100),
+        "the stall held calls up past the slow-call duration: {:?}",
+        gets.latency
+    );
+    assert_eq!(
+        (missed, gets.count(Outcome::CircuitOpen)),
+        (0, 0),
+        "of {} reads",
+        gets.calls()
+    );
+    assert_eq!(gets.count(Outcome::Ok), gets.calls());
+    let breaker = client.health().await.breaker.unwrap();
+    assert_eq!(breaker.state, BreakerState::Closed);
+}
+
 /// A large reply on a slow network (a 12 MiB value read at 8 MiB/s through a proxy)
 /// holds up the calls behind it on the shared connection, as Redis answers one
 /// connection's commands in order. They miss only for a moment: once the connection is

@@ -66,7 +66,7 @@ pub(super) type OnTransition = Arc<dyn Fn(Transition) + Send + Sync>;
 /// | [`minimum_calls`](Self::minimum_calls) | 20 | enough evidence that 10 failures are not one unlucky burst, few enough to trip within milliseconds under load |
 /// | [`failure_rate_threshold`](Self::failure_rate_threshold) | 50 % | a Redis that fails half its calls is down for a cache |
 /// | [`slow_call_duration`](Self::slow_call_duration) | 100 ms | a cache read a thousand times slower than usual helps nobody |
-/// | [`slow_call_rate_threshold`](Self::slow_call_rate_threshold) | 100 % | trip on slowness only when every call is slow (a stalled server); timeouts below the breaker catch the rest as failures |
+/// | [`slow_call_rate_threshold`](Self::slow_call_rate_threshold) | 100 % | trip on slowness only when every call is slow, for as long as a slow call takes (a Redis that is slow, not one that stalled a moment); timeouts below the breaker catch the rest as failures |
 /// | [`wait_in_open`](Self::wait_in_open) | 2 s | a stall rarely ends sooner, and a reconnect ends the wait at once (see [`half_open_on_reconnect`](super::CircuitBreakerLayer::half_open_on_reconnect)) |
 /// | [`permitted_calls_in_half_open`](Self::permitted_calls_in_half_open) | 5 | one probe landing in a stray stall must not keep the app dark |
 /// | [`on_cancel`](Self::on_cancel) | [`CancelPolicy::FailureIfSlow`] | an outer timeout cannot hide an outage |
@@ -162,14 +162,22 @@ impl CircuitBreakerConfig {
         self
     }
 
-    /// Open when at least this percentage of the window's calls were slow (0 < p ≤ 100).
-    /// Default 100: only when every call is slow.
+    /// Open when at least this percentage of the window's calls were slow (0 < p ≤ 100),
+    /// and has been for [`slow_call_duration`](Self::slow_call_duration). Default 100:
+    /// only when every call is slow.
+    ///
+    /// The rate must hold that long because a short stall of Redis (a slow command such
+    /// as `KEYS` or a large `DEL`, a fork for a snapshot) makes every call in flight slow,
+    /// and they all finish together when it ends: with a few hundred calls in flight they
+    /// fill the window at once, though the calls after them are fast again. Calls that
+    /// stay slow, as from a Redis that is overloaded or far away, hold it there.
     pub fn slow_call_rate_threshold(mut self, percent: f32) -> Self {
         self.slow_call_rate_threshold = percent;
         self
     }
 
-    /// A call that takes at least this long is slow. Default 100 ms.
+    /// A call that takes at least this long is slow, and the slow-call rate opens the
+    /// breaker once it has stood at its threshold this long. Default 100 ms.
     pub fn slow_call_duration(mut self, duration: Duration) -> Self {
         self.slow_call_duration = duration;
         self

@@ -19,6 +19,7 @@ use super::{
 use crate::{
     Error,
     backoff::Delays,
+    clock,
     reconnect::ConnectionState,
     sync::{Leased, Padded},
 };
@@ -78,6 +79,10 @@ pub(super) struct Shared {
     state: Padded<AtomicU64>,
     window: Window,
     minimum_calls: u64,
+    /// Since when the slow-call rate has stood at its threshold, in nanoseconds after
+    /// `origin` plus one; 0 while it does not. It opens the breaker only once it has
+    /// stood there for `slow_call_duration`.
+    slow_since: AtomicU64,
     /// Taken and outcome counts of the current half-open period.
     probes_taken: AtomicU32,
     probes: PackedCounts,
@@ -141,6 +146,7 @@ impl Shared {
             state: Padded(AtomicU64::new(state)),
             window,
             minimum_calls,
+            slow_since: AtomicU64::new(0),
             probes_taken: AtomicU32::new(0),
             probes: PackedCounts::default(),
             open_until: AtomicU64::new(0),
@@ -238,9 +244,14 @@ impl Shared {
         if ticket.probe() {
             return self.record_probe(word, sample);
         }
-        if let Some(counts) = self.window.record(sample, now)
-            && self.trips(counts)
-        {
+        let counts = match self.window.record(sample, now) {
+            Some(counts) => counts,
+            // The same sample as the one it replaced: the rates did not change, but time
+            // went by while the slow-call rate stood at its threshold.
+            None if self.slow_since.load(Relaxed) != 0 => self.window.counts(),
+            None => return,
+        };
+        if self.trips(counts, now) {
             self.change(
                 Some(word),
                 OPEN,
@@ -256,12 +267,46 @@ impl Shared {
         }
     }
 
-    fn trips(&self, counts: Counts) -> bool {
+    /// Whether the window's rates open the breaker: the failure rate at its threshold, or
+    /// the slow-call rate at its own for `slow_call_duration` (`now` is the time the call
+    /// finished, if it was read).
+    ///
+    /// The slow-call rate waits because the calls a short stall of Redis holds up (a slow
+    /// command, a fork) all finish together when it ends: a window full of slow calls
+    /// that says once that Redis stalled, not that it is slow, and the calls after it are
+    /// fast again. A stall past the deadline is seen as timeouts, failures.
+    fn trips(&self, counts: Counts, now: Option<Instant>) -> bool {
         let config = &self.config;
         let calls = counts.calls as f32;
-        counts.calls >= self.minimum_calls
-            && (counts.failures as f32 * 100.0 >= config.failure_rate_threshold * calls
-                || counts.slow as f32 * 100.0 >= config.slow_call_rate_threshold * calls)
+        let reached = |part: u64, threshold: f32| part as f32 * 100.0 >= threshold * calls;
+        if counts.calls < self.minimum_calls {
+            self.slow_rate_fell();
+            return false;
+        }
+        if reached(counts.failures, config.failure_rate_threshold) {
+            return true;
+        }
+        if !reached(counts.slow, config.slow_call_rate_threshold) {
+            self.slow_rate_fell();
+            return false;
+        }
+        // Only while calls are slow: a call that was not has no reading of its own.
+        let now = now.unwrap_or_else(clock::now);
+        let at = u64::try_from(now.saturating_duration_since(self.origin).as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            + 1;
+        let since = match self.slow_since.compare_exchange(0, at, Relaxed, Relaxed) {
+            Ok(_) => at,
+            Err(since) => since,
+        };
+        let sustained = u64::try_from(config.slow_call_duration.as_nanos()).unwrap_or(u64::MAX);
+        at.saturating_sub(since) >= sustained
+    }
+
+    fn slow_rate_fell(&self) {
+        if self.slow_since.load(Relaxed) != 0 {
+            self.slow_since.store(0, Relaxed);
+        }
     }
 
     /// Half-open decides as soon as the permitted probes' rates are sure to reach a
@@ -293,7 +338,10 @@ impl Shared {
             OPEN | OPEN_UNDRIVEN => {
                 self.change(Some(word), HALF_OPEN, "redis reconnected");
             }
-            CLOSED if new_connection => self.window.clear(),
+            CLOSED if new_connection => {
+                self.window.clear();
+                self.slow_rate_fell();
+            }
             _ => {}
         }
     }
@@ -308,6 +356,8 @@ impl Shared {
         }
         let mut to = to;
         let mut wait = Duration::ZERO;
+        // The next period's slow calls are timed afresh.
+        self.slow_since.store(0, Relaxed);
         match to {
             CLOSED => {
                 self.window.clear();

@@ -147,8 +147,52 @@ async fn slow_calls_open_it_at_their_own_threshold() {
     repeat(&mut service, 2, "ok", 100).await;
     assert_eq!(layer.metrics().slow_calls, 2);
     repeat(&mut service, 1, "ok", 150).await;
-    assert_eq!(layer.state(), BreakerState::Open, "3 of 4 slow");
+    assert_eq!(layer.metrics().slow_calls, 3);
+    assert_eq!(layer.state(), BreakerState::Closed, "3 of 4 slow, just now");
+    // 150 ms later, the rate still at its threshold (4 of 5).
+    repeat(&mut service, 1, "ok", 150).await;
+    assert_eq!(layer.state(), BreakerState::Open, "slow for 150 ms");
     assert_eq!(layer.metrics().failed_calls, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_calls_that_finish_together_say_one_stall_and_do_not_open_it() {
+    let (layer, service, _) = breaker(count_window(10, 4));
+    // A short stall: 10 calls in flight, held up 150 ms, all finish as it ends.
+    let calls = (0..10).map(|_| {
+        let mut service = service.clone();
+        tokio::spawn(async move { send(&mut service, "ok", 150).await })
+    });
+    for call in futures::future::join_all(calls).await {
+        call.unwrap().unwrap();
+    }
+    let metrics = layer.metrics();
+    assert_eq!((metrics.calls, metrics.slow_calls), (10, 10));
+    assert_eq!(
+        layer.state(),
+        BreakerState::Closed,
+        "every call slow, just now"
+    );
+    // The calls after the stall are fast: the slow-call rate fell before it stood for
+    // the slow-call duration.
+    let mut service = service;
+    repeat(&mut service, 1, "ok", 0).await;
+    advance(Duration::from_millis(200)).await;
+    repeat(&mut service, 1, "ok", 150).await;
+    assert_eq!(layer.state(), BreakerState::Closed);
+    // Slow for as long as a slow call takes, every call: Redis is slow.
+    let calls = (0..10).map(|_| {
+        let mut service = service.clone();
+        tokio::spawn(async move { send(&mut service, "ok", 150).await })
+    });
+    futures::future::join_all(calls).await;
+    assert_eq!(layer.state(), BreakerState::Closed);
+    repeat(&mut service, 1, "ok", 100).await;
+    assert_eq!(
+        layer.state(),
+        BreakerState::Open,
+        "every call slow for 100 ms"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -702,6 +746,8 @@ struct Model {
     /// (finished at, failed, slow)
     calls: VecDeque<(Instant, bool, bool)>,
     probes: Vec<(bool, bool)>,
+    /// Since when the slow-call rate has stood at its threshold, at the calls recorded.
+    slow_since: Option<Instant>,
 }
 
 impl Model {
@@ -764,13 +810,21 @@ impl Model {
                     .map_or(self.minimum, |size| self.minimum.min(size));
                 let failures = window.iter().filter(|c| c.0).count();
                 let slows = window.iter().filter(|c| c.1).count();
-                if window.len() >= minimum
-                    && (self.reaches(failures, window.len(), self.failure_pct)
-                        || self.reaches(slows, window.len(), self.slow_pct))
+                let enough = window.len() >= minimum;
+                let slow_rate = enough && self.reaches(slows, window.len(), self.slow_pct);
+                // The slow-call rate opens it once it has stood at its threshold for the
+                // slow-call duration.
+                let since = *self.slow_since.get_or_insert(finished);
+                if !slow_rate {
+                    self.slow_since = None;
+                }
+                if enough && self.reaches(failures, window.len(), self.failure_pct)
+                    || slow_rate && finished - since >= self.slow_after
                 {
                     self.state = ModelState::Open {
                         until: finished + self.wait,
                     };
+                    self.slow_since = None;
                 }
             }
             ModelState::HalfOpen => {
@@ -841,6 +895,7 @@ async fn agrees_with_a_reference_model_on_random_histories() {
             state: ModelState::Closed,
             calls: VecDeque::new(),
             probes: Vec::new(),
+            slow_since: None,
         };
         let mut trace = Vec::new();
         for step in 0..120 {
