@@ -58,6 +58,19 @@ pub trait MakeConnection: Send + Sync + 'static {
         false
     }
 
+    /// A future that resolves once `connection` has closed for good (and
+    /// [`is_closed`](Self::is_closed) says so), holding nothing that keeps it open:
+    /// `Reconnect` then opens another at once, where it would otherwise learn of it from
+    /// the next call (or health check), which would wait for the new one. `None` when the
+    /// connector cannot tell (the default).
+    fn closed(
+        &self,
+        connection: &Self::Connection,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let _ = connection;
+        None::<std::future::Pending<()>>
+    }
+
     /// Whether calls on `connection` dropped unanswered one after another say it is stuck
     /// (see [`stuck_after`](crate::reconnect::ReconnectConfig::stuck_after)). `true` by
     /// default; `false` for a connection that spreads calls over servers that fail apart
@@ -106,6 +119,13 @@ impl MakeConnection for Connector {
 
     fn is_closed(&self, connection: &RedisService) -> bool {
         connection.is_closed()
+    }
+
+    fn closed(
+        &self,
+        connection: &RedisService,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        connection.closed()
     }
 
     fn hung_calls_mean_stuck(&self, connection: &RedisService) -> bool {

@@ -74,14 +74,14 @@ pub enum HealthStatus {
     Down,
 }
 
-/// CallSummary recorded by the metrics layer since the client was built.
+/// The calls the metrics layer recorded since the client was built.
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct CallSummary {
-    /// CallSummary made.
+    /// Calls made.
     pub total: u64,
-    /// CallSummary per outcome (`ok`, `timeout`...; `fallback` is counted apart).
+    /// Calls per outcome (`ok`, `timeout`...; `fallback` is counted apart).
     pub outcomes: BTreeMap<&'static str, u64>,
     /// Failed calls a fallback answered.
     pub fallbacks: u64,

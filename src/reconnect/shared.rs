@@ -207,7 +207,8 @@ impl<M: MakeConnection> Shared<M> {
             None => ConnectionState::Reconnecting { attempt: 0 },
         };
         let blocking_max = config.blocking_max.min(Semaphore::MAX_PERMITS);
-        Arc::new_cyclic(|this| {
+        let watched = connection.clone();
+        let shared = Arc::new_cyclic(|this| {
             Leased::new(Shared {
                 connector,
                 config,
@@ -243,7 +244,47 @@ impl<M: MakeConnection> Shared<M> {
                 this: this.clone(),
                 health_checking: AtomicBool::new(false),
             })
-        })
+        });
+        if let Some(connection) = &watched {
+            shared.watch(connection);
+        }
+        shared
+    }
+
+    /// Has the connection just put in use watched: once it closes (the server closed it,
+    /// idle or killed, restarted, or something between reset it; Sentinel retired it),
+    /// the reconnect loop opens another at once, where the next call or health check
+    /// would otherwise find it closed, and wait for its successor. The watch holds
+    /// nothing of the connection, and ends when it closes.
+    fn watch(&self, connection: &Connection<M>) {
+        let Some(closed) = self.connector.closed(connection) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.this.clone();
+        runtime.spawn(async move {
+            closed.await;
+            if let Some(shared) = this.upgrade() {
+                shared.closed_in_use();
+            }
+        });
+    }
+
+    /// A connection closed: the one in use, if it is the one (a suspect one's `PING`
+    /// finds out, one replaced meanwhile no longer matters), is lost.
+    fn closed_in_use(&self) {
+        let generation = {
+            let slot = self.slot();
+            match &slot.connection {
+                Some(connection) if self.connector.is_closed(connection) => {
+                    self.generation.load(Ordering::Acquire)
+                }
+                _ => return,
+            }
+        };
+        self.connection_lost(generation, "the connection closed");
     }
 
     /// Starts the health-check task on the runtime in use, if one is configured and none
@@ -800,6 +841,7 @@ impl<M: MakeConnection> Shared<M> {
                 let current = shared.generation.load(Ordering::Acquire) == generation
                     && slot.connection.is_some();
                 if current {
+                    shared.watch(&connection);
                     slot.connection = Some(connection);
                     slot.young = None;
                     Self::replaced(&mut slot);
@@ -1006,6 +1048,8 @@ async fn reconnect_loop<M: MakeConnection>(
             Ok(connection) => {
                 {
                     let mut slot = shared.slot();
+                    // Under the lock: one that closes at once is seen once it is in use.
+                    shared.watch(&connection);
                     slot.connection = Some(connection);
                     shared.clear_aside(&mut slot);
                     slot.looping = false;

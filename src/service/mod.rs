@@ -22,7 +22,10 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{
+            AtomicBool,
+            Ordering::{Acquire, Release},
+        },
     },
     task::{Context, Poll},
 };
@@ -220,6 +223,12 @@ impl RedisService {
         self.inner.driver.as_deref().is_some_and(Driver::has_ended)
     }
 
+    /// Resolves once the connection has closed or was retired, holding nothing of it;
+    /// `None` when this crate does not run it (a cluster's, one opened by the caller).
+    pub(crate) fn closed(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
+        self.inner.driver.as_deref().map(Driver::ended)
+    }
+
     /// The connection is a cluster's.
     pub(crate) fn is_cluster(&self) -> bool {
         match self.inner.connection {
@@ -303,17 +312,48 @@ pub(crate) struct Driver {
     /// `None` for a connection redis-rs runs (a subscriber's), which only Sentinel's
     /// retiring can end here.
     task: Option<tokio::task::JoinHandle<()>>,
-    /// Set when the connection must take no new request (Sentinel named another master):
-    /// requests already sent get their replies, new ones are refused as not sent.
-    retired: AtomicBool,
+    /// Set when the connection takes no new request: its task ended (the server closed
+    /// it, or it broke), or it was retired (Sentinel named another master: requests
+    /// already sent get their replies, new ones are refused as not sent).
+    ended: Arc<Ended>,
+}
+
+/// That a connection takes no more requests, and the news of it for those who wait.
+#[derive(Default)]
+struct Ended {
+    flag: AtomicBool,
+    news: tokio::sync::Notify,
+}
+
+impl Ended {
+    fn set(&self) {
+        self.flag.store(true, Release);
+        self.news.notify_waiters();
+    }
+}
+
+/// Held by the connection's task: however the task ends (the connection closed, the task
+/// aborted, or dropped unpolled with its runtime), the connection has ended.
+struct EndsWith(Arc<Ended>);
+
+impl Drop for EndsWith {
+    fn drop(&mut self) {
+        self.0.set();
+    }
 }
 
 impl Driver {
     /// Runs redis-rs's connection task. Needs a tokio runtime.
     pub(crate) fn spawn(driver: impl Future<Output = ()> + Send + 'static) -> Arc<Driver> {
+        let ended = Arc::<Ended>::default();
+        let ends_with = EndsWith(ended.clone());
+        let task = tokio::spawn(async move {
+            let _ends_with = ends_with;
+            driver.await;
+        });
         Arc::new(Driver {
-            task: Some(tokio::spawn(driver)),
-            retired: AtomicBool::new(false),
+            task: Some(task),
+            ended,
         })
     }
 
@@ -322,21 +362,35 @@ impl Driver {
     pub(crate) fn without_task() -> Arc<Driver> {
         Arc::new(Driver {
             task: None,
-            retired: AtomicBool::new(false),
+            ended: Arc::default(),
         })
     }
 
     /// The connection takes no more requests: it was retired, or its task has ended, so
-    /// nothing sent from now on would reach Redis. (tokio drops a task's future, here with
-    /// the connection's receiving side, before it marks the task finished.)
+    /// nothing sent from now on would reach Redis.
     pub(crate) fn has_ended(&self) -> bool {
-        self.retired.load(Relaxed) || self.task.as_ref().is_some_and(|task| task.is_finished())
+        self.ended.flag.load(Acquire)
+    }
+
+    /// Resolves once the connection has ended; holds nothing of it meanwhile.
+    pub(crate) fn ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        let ended = self.ended.clone();
+        async move {
+            loop {
+                // Told of every `set` from its creation on, polled or not.
+                let news = ended.news.notified();
+                if ended.flag.load(Acquire) {
+                    return;
+                }
+                news.await;
+            }
+        }
     }
 
     /// Takes no new request from now on: each is refused as not sent, which marks the
     /// connection broken, so `Reconnect` opens another.
     pub(crate) fn retire(&self) {
-        self.retired.store(true, Relaxed);
+        self.ended.set();
     }
 }
 
@@ -655,4 +709,48 @@ fn changes_connection(name: &'static str, batch: bool) -> String {
         name
     };
     format!("{name} refused: it {why}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Driver;
+
+    async fn within_a_second(ended: impl Future<Output = ()>) {
+        tokio::time::timeout(Duration::from_secs(1), ended)
+            .await
+            .expect("the end was announced");
+    }
+
+    #[tokio::test]
+    async fn a_connections_end_is_announced_however_it_comes() {
+        // Its task finishes: the server closed the connection.
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
+        let driver = Driver::spawn(async move {
+            let _ = closed.await;
+        });
+        let ended = driver.ended();
+        tokio::task::yield_now().await;
+        assert!(!driver.has_ended());
+        drop(close);
+        within_a_second(ended).await;
+        assert!(driver.has_ended());
+        // Told at once once it has ended.
+        within_a_second(driver.ended()).await;
+
+        // Its task is stopped: the last holder let go.
+        let driver = Driver::spawn(std::future::pending());
+        let ended = driver.ended();
+        drop(driver);
+        within_a_second(ended).await;
+
+        // Retired (Sentinel named another master).
+        let driver = Driver::without_task();
+        let ended = driver.ended();
+        assert!(!driver.has_ended());
+        driver.retire();
+        within_a_second(ended).await;
+        assert!(driver.has_ended());
+    }
 }
