@@ -155,17 +155,22 @@ async fn slow_calls_open_it_at_their_own_threshold() {
     assert_eq!(layer.metrics().failed_calls, 0);
 }
 
-#[tokio::test(start_paused = true)]
-async fn slow_calls_that_finish_together_say_one_stall_and_do_not_open_it() {
-    let (layer, service, _) = breaker(count_window(10, 4));
-    // A short stall: 10 calls in flight, held up 150 ms, all finish as it ends.
-    let calls = (0..10).map(|_| {
+/// `calls` calls at once, each answered after `millis`: they finish together.
+async fn slow_together(service: &CircuitBreaker<Leaf>, calls: usize, millis: u64) {
+    let calls = (0..calls).map(|_| {
         let mut service = service.clone();
-        tokio::spawn(async move { send(&mut service, "ok", 150).await })
+        tokio::spawn(async move { send(&mut service, "ok", millis).await })
     });
     for call in futures::future::join_all(calls).await {
         call.unwrap().unwrap();
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_calls_that_finish_together_say_one_stall_and_do_not_open_it() {
+    let (layer, service, _) = breaker(count_window(10, 4));
+    // A short stall: 10 calls in flight, held up 150 ms, all finish as it ends.
+    slow_together(&service, 10, 150).await;
     let metrics = layer.metrics();
     assert_eq!((metrics.calls, metrics.slow_calls), (10, 10));
     assert_eq!(
@@ -181,11 +186,7 @@ async fn slow_calls_that_finish_together_say_one_stall_and_do_not_open_it() {
     repeat(&mut service, 1, "ok", 150).await;
     assert_eq!(layer.state(), BreakerState::Closed);
     // Slow for as long as a slow call takes, every call: Redis is slow.
-    let calls = (0..10).map(|_| {
-        let mut service = service.clone();
-        tokio::spawn(async move { send(&mut service, "ok", 150).await })
-    });
-    futures::future::join_all(calls).await;
+    slow_together(&service, 10, 150).await;
     assert_eq!(layer.state(), BreakerState::Closed);
     repeat(&mut service, 1, "ok", 100).await;
     assert_eq!(
