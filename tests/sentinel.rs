@@ -11,6 +11,7 @@ use tower::ServiceExt;
 use tower_redis_resilience::{
     Connector, Credentials, Error, RedisService, Request, ResilientClient,
     pubsub::{Event, Events, Subscriber, SubscriberConfig},
+    reconnect::{ConnectionState, ReconnectConfig},
 };
 
 const MASTER: &str = "cache";
@@ -393,6 +394,37 @@ async fn writes_move_to_the_new_master_as_soon_as_sentinel_announces_the_switch(
     stop.send(true).unwrap();
     let failures = writer.await.unwrap();
     assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// An idle client, when Sentinel announces a new master: its connection to the old one
+/// is retired, and `Reconnect`, watching it, opens one to the new master at once, with no
+/// call to find it retired first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_moves_to_the_new_master_when_sentinel_announces_it() {
+    let (_old, new, sentinels) = replicated_pair(1).await;
+    let sentinel = &sentinels[0];
+    let connector = connector([sentinel]).sentinel_check_interval(Duration::from_secs(60));
+    // No health check either, whose `PING` would find the retired connection.
+    let mut client = ResilientClient::builder_with_connector(connector)
+        .reconnect(ReconnectConfig::new().without_health_check())
+        .connect()
+        .await
+        .unwrap();
+    let () = client.set("before", "switch").await.unwrap();
+    // The subscription is made once the first connection is out.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sentinel.fail_over(MASTER);
+    eventually(Duration::from_secs(5), async || {
+        client.reconnect_stats().successes == 2
+            && client.connection_state() == ConnectionState::Connected
+    })
+    .await;
+    let health = client.health().await;
+    assert_eq!(
+        health.connected_to,
+        Some(format!("{MASTER} at 127.0.0.1:{}/0", new.port()))
+    );
+    assert_eq!(client.reconnect_stats().attempts, 2);
 }
 
 /// The same failover when the Sentinel the client listens to is stalled: asking the
