@@ -3,7 +3,13 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use redis::{AsyncCommands, Value};
 use support::{FaultProxy, RedisServer, eventually};
@@ -1150,13 +1156,13 @@ async fn a_short_stall_under_many_callers_does_not_open_the_breaker() {
         .start();
     let client = client(&server).await;
     let () = client.clone().set("k", "v").await.unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let callers: Vec<_> = (0..256)
         .map(|_| {
             let (mut client, stop) = (client.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut missed = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     let value: Option<String> = client.get("k").await.unwrap();
                     missed += usize::from(value.is_none());
                     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -1179,7 +1185,7 @@ async fn a_short_stall_under_many_callers_does_not_open_the_breaker() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     let mut missed = 0;
     for caller in callers {
         missed += caller.await.unwrap();
