@@ -1002,6 +1002,12 @@ impl Connector {
         &self,
         attempt: impl Future<Output = Result<T, Error>>,
     ) -> Result<T, Error> {
+        // Tokio's timers and sockets panic outside a runtime: a clear error instead.
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::config(
+                "connecting to redis needs a Tokio runtime: none is current",
+            ));
+        }
         match tokio::time::timeout(self.connect_timeout, attempt).await {
             Ok(result) => result,
             Err(_) => Err(Error::unavailable("connect timed out")),

@@ -46,11 +46,28 @@ pub struct Error {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Unavailable { may_have_run: bool },
-    Timeout { after: Duration },
-    CircuitOpen { probe: Probe },
+    Unavailable {
+        may_have_run: bool,
+    },
+    Timeout {
+        after: Duration,
+    },
+    CircuitOpen {
+        probe: Probe,
+    },
     Server,
-    Config,
+    /// `may_have_run` only for a request already on its way when it could not go on (no
+    /// runtime to time it).
+    Config {
+        may_have_run: bool,
+    },
+}
+
+impl Kind {
+    /// Wrong configuration, found before the request was sent, if there was one.
+    const CONFIG: Kind = Kind::Config {
+        may_have_run: false,
+    };
 }
 
 /// When an open circuit lets a probe through.
@@ -161,22 +178,26 @@ impl Error {
     }
 
     /// The configuration or the credentials are wrong (malformed URL, `WRONGPASS`,
-    /// `NOAUTH`, TLS mismatch, bad database index) or the request cannot be sent (an empty
-    /// command). Retrying soon will not help.
+    /// `NOAUTH`, TLS mismatch, bad database index), the request cannot be sent (an empty
+    /// command), or the stack is used where it cannot work (a call outside any Tokio
+    /// runtime, with none running its deadlines). Retrying soon will not help.
     pub fn is_config(&self) -> bool {
-        matches!(self.kind, Kind::Config)
+        matches!(self.kind, Kind::Config { .. })
     }
 
     /// Whether Redis may have executed the command. `false` only when it provably did not:
     /// the request never left the client (not connected, circuit open, bad configuration)
     /// or Redis refused it without running it (`LOADING`, `BUSY`, `READONLY`...). Timeouts,
-    /// dropped connections and server errors answer `true` (a script may fail half-way).
+    /// dropped connections and server errors answer `true` (a script may fail half-way),
+    /// as does a configuration error found once the request was on its way (a call that
+    /// could not be timed, made outside any Tokio runtime).
     /// A command for which this is `true` and that is not idempotent must not be resent.
     pub fn may_have_run(&self) -> bool {
         match self.kind {
             Kind::Unavailable { may_have_run } => may_have_run,
             Kind::Timeout { .. } | Kind::Server => true,
-            Kind::CircuitOpen { .. } | Kind::Config => false,
+            Kind::Config { may_have_run } => may_have_run,
+            Kind::CircuitOpen { .. } => false,
         }
     }
 
@@ -416,7 +437,7 @@ impl Error {
     /// sent, for what it would do to the connection (which must not contain secrets):
     /// the app's mistake, which says nothing about Redis.
     pub(crate) fn refused(message: impl Into<Arc<str>>) -> Self {
-        Error::new(Kind::Config, Detail::Refused(message.into()))
+        Error::new(Kind::CONFIG, Detail::Refused(message.into()))
     }
 
     /// Refused before it was sent, by [`refused`](Error::refused).
@@ -461,7 +482,16 @@ impl Error {
 
     /// A configuration problem described in words (which must not contain secrets).
     pub(crate) fn config(message: impl Into<Arc<str>>) -> Self {
-        Error::new(Kind::Config, Detail::Text(message.into()))
+        Error::new(Kind::CONFIG, Detail::Text(message.into()))
+    }
+
+    /// A configuration problem found once the request was on its way to Redis, which may
+    /// have run it: a call that could not be timed, for want of a runtime.
+    pub(crate) fn config_after_sending(message: impl Into<Arc<str>>) -> Self {
+        Error::new(
+            Kind::Config { may_have_run: true },
+            Detail::Text(message.into()),
+        )
     }
 
     /// A [timeout](Error::is_timeout): a deadline of `after` passed.
@@ -572,7 +602,7 @@ impl Error {
             );
         }
         if tls_rejected {
-            error.kind = Kind::Config;
+            error.kind = Kind::CONFIG;
         }
         if error.is_server() {
             let full = error.server_code() == Some("ERR")
@@ -585,7 +615,7 @@ impl Error {
                     may_have_run: false,
                 }
             } else {
-                Kind::Config
+                Kind::CONFIG
             };
         }
         error
@@ -625,7 +655,7 @@ impl Error {
             | ErrorKind::InvalidClientConfig
             | ErrorKind::Client
             | ErrorKind::RESP3NotSupported
-            | ErrorKind::UnexpectedReturnType => Kind::Config,
+            | ErrorKind::UnexpectedReturnType => Kind::CONFIG,
             ErrorKind::Server(ServerErrorKind::ExecAbort) => classify_transaction(&err),
             ErrorKind::Server(_) | ErrorKind::Extension => classify_code(err.code()),
             _ => Kind::Unavailable {
@@ -653,7 +683,7 @@ impl Error {
             Kind::Unavailable { .. } => io::ErrorKind::NotConnected,
             Kind::Timeout { .. } => io::ErrorKind::TimedOut,
             Kind::CircuitOpen { .. } => io::ErrorKind::ConnectionRefused,
-            Kind::Config => io::ErrorKind::PermissionDenied,
+            Kind::Config { .. } => io::ErrorKind::PermissionDenied,
             Kind::Server => io::ErrorKind::Other,
         }
     }
@@ -679,7 +709,7 @@ fn classify_code(code: Option<&str>) -> Kind {
         Some(code) if UNAVAILABLE_CODES.contains(&code) => Kind::Unavailable {
             may_have_run: false,
         },
-        Some(code) if AUTH_CODES.contains(&code) => Kind::Config,
+        Some(code) if AUTH_CODES.contains(&code) => Kind::CONFIG,
         _ => Kind::Server,
     }
 }
@@ -740,7 +770,7 @@ impl fmt::Display for Error {
                 None => f.write_str("circuit open")?,
             },
             Kind::Server => f.write_str("redis replied with an error")?,
-            Kind::Config => f.write_str("configuration error")?,
+            Kind::Config { .. } => f.write_str("configuration error")?,
         }
         match &self.detail {
             Detail::None => Ok(()),

@@ -1097,6 +1097,137 @@ fn a_client_used_on_a_second_runtime_has_its_breaker_follow_the_connection_there
     });
 }
 
+fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// How long until a `SET` through `client` is served, trying every 10 ms; `None` if not
+/// within `limit`.
+async fn served_within(client: &ResilientClient, limit: Duration) -> Option<Duration> {
+    let mut client = client.clone();
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if client.set::<_, _, ()>("k", "v").await.is_ok() {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// A client whose runtime shut down while it reconnected (a static client shared by
+/// `#[tokio::test]`s, a runtime per job): the reconnect loop ended with that runtime, and
+/// the next call, on another, starts it again. Before, the client said "reconnecting"
+/// for ever there, with Redis back and nothing trying to reach it.
+#[test]
+fn a_client_whose_runtime_ended_while_it_reconnected_reconnects_on_the_next() {
+    let mut server = RedisServer::start();
+    let client = current_thread_runtime().block_on(async {
+        let client = client(&server).await;
+        server.kill();
+        // The loop has tried once, and sleeps before the next try.
+        let waited = eventually(Duration::from_secs(5), async || {
+            matches!(
+                client.connection_state(),
+                ConnectionState::Reconnecting { attempt } if attempt >= 1
+            )
+        })
+        .await;
+        assert!(waited < Duration::from_secs(5), "never reconnecting");
+        client
+    });
+    server.restart();
+    let served = current_thread_runtime().block_on(served_within(&client, Duration::from_secs(5)));
+    assert!(served.is_some(), "never served on the next runtime");
+}
+
+/// The same with the connection suspect (calls timed out on a Redis held up), its `PING`
+/// pending when the runtime shut down: the connection is taken for lost, and the next
+/// call, on another runtime, reconnects. Before, it stayed out of use for ever, and every
+/// call was refused as "suspect".
+#[test]
+fn a_client_whose_runtime_ended_while_its_connection_was_suspect_reconnects_on_the_next() {
+    let server = RedisServer::start();
+    let client = current_thread_runtime().block_on(async {
+        let mut client = client(&server).await;
+        server.pause();
+        let started = Instant::now();
+        while client.connection_state() != ConnectionState::Suspect {
+            assert!(started.elapsed() < Duration::from_secs(5), "never suspect");
+            let _ = client.set::<_, _, ()>("k", "v").await;
+        }
+        // Its `PING` sent, and waiting.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(client.connection_state(), ConnectionState::Suspect);
+        client
+    });
+    server.resume();
+    let served = current_thread_runtime().block_on(served_within(&client, Duration::from_secs(5)));
+    assert!(served.is_some(), "never served on the next runtime");
+}
+
+/// Calls made outside any runtime, as `futures`' `block_on` on a thread of the app's own
+/// makes them: served while the multi-threaded runtime the client was made on runs (its
+/// connection's task and its deadlines run there, as with redis-rs's own connection),
+/// and refused with a clear error, never a panic, once it is gone. Before, they failed
+/// with a configuration error that said a write that may have run had not, and a panic
+/// once the runtime was gone.
+#[test]
+fn calls_made_outside_any_runtime_are_served_while_the_clients_runs_and_never_panic() {
+    let server = RedisServer::start();
+    let multi_thread = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    // `INCR`, then `GET` of what it wrote, from a thread outside the runtime.
+    let outside = |client: &ResilientClient| {
+        let mut client = client.clone();
+        std::thread::spawn(move || {
+            futures::executor::block_on(async move {
+                let incr = client.incr::<_, _, i64>("n", 1).await.map_err(Error::from);
+                let get = client.get::<_, Option<i64>>("n").await.map_err(Error::from);
+                (incr, get)
+            })
+        })
+        .join()
+        .expect("no panic")
+    };
+    let first = multi_thread();
+    let client = first.block_on(client(&server));
+    let (incr, get) = outside(&client);
+    assert_eq!((incr.unwrap(), get.unwrap()), (1, Some(1)));
+
+    drop(first);
+    for _ in 0..2 {
+        let (incr, get) = outside(&client);
+        let error = incr.unwrap_err();
+        assert!(error.is_unavailable() && !error.may_have_run(), "{error}");
+        // A read misses, as in any outage.
+        assert_eq!(get.unwrap(), None);
+    }
+    assert_eq!(server.raw_command(&["GET", "n"]), "1", "nothing more ran");
+    let health = std::thread::spawn({
+        let client = client.clone();
+        move || futures::executor::block_on(client.health())
+    })
+    .join()
+    .expect("no panic");
+    assert_eq!(health.status, HealthStatus::Down);
+
+    // A runtime again: the next call there reconnects, and calls from outside are served.
+    let second = multi_thread();
+    let served = second.block_on(served_within(&client, Duration::from_secs(5)));
+    assert!(served.is_some(), "never served on the second runtime");
+    let (incr, get) = outside(&client);
+    assert_eq!((incr.unwrap(), get.unwrap()), (2, Some(2)));
+}
+
 /// The app's runtime held up while calls are in flight (a blocking call in a task, the
 /// pod throttled by its CPU limit, the process descheduled): Redis answered meanwhile,
 /// and the replies, waiting unread in the socket, are taken, not thrown away as timeouts

@@ -186,6 +186,11 @@ impl ResilientClient {
         let started = tokio::time::Instant::now();
         let request = Request::from(redis::cmd("PING"));
         let limit = self.parts.health_timeout;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::config(
+                "the health check's PING needs a Tokio runtime to time it: none is current",
+            ));
+        }
         match tokio::time::timeout(limit, self.parts.redis.clone().oneshot(request)).await {
             // An error about the command itself is an answer too: an ACL user may not
             // run `PING` (`NOPERM`), and the server that says so is up.

@@ -255,6 +255,9 @@ impl<M: MakeConnection> Service<Request> for Reconnect<M> {
                 .is_none_or(|connection| self.shared.connector.hung_calls_mean_stuck(connection));
         }
         let counts_cancellation = cancellation_may_mean_stuck(&request) && self.cached_may_hang;
+        if self.cached.is_none() {
+            self.shared.keep_reconnecting();
+        }
         match &mut self.cached {
             Some(connection) => {
                 let tracker = Tracker::new(
@@ -314,7 +317,12 @@ async fn current_connection<M: MakeConnection>(
         if let (generation, Some(connection)) = shared.current() {
             return Ok((generation, connection));
         }
-        if failed || shared.config.max_wait.is_zero() {
+        // Outside a runtime (a call polled by another executor) there is no timer to
+        // wait with.
+        if failed
+            || shared.config.max_wait.is_zero()
+            || tokio::runtime::Handle::try_current().is_err()
+        {
             return Err(shared.rejection().with_command(name));
         }
         match tokio::time::timeout_at(deadline, state.changed()).await {

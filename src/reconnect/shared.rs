@@ -135,6 +135,14 @@ pub(super) struct Shared<M: MakeConnection> {
     /// by `#[tokio::test]`s, each with a runtime of its own) gets one started again by
     /// the next connection made on the runtime in use.
     health_checking: AtomicBool,
+    /// The run of the reconnect loop under way, 0 if none. Set (under the slot lock) when
+    /// one starts and cleared when it ends, or by its task if that is dropped unfinished,
+    /// with the runtime it ran on: then the next call that finds no connection, on
+    /// whatever runtime it comes from, starts another
+    /// ([`keep_reconnecting`](Self::keep_reconnecting)). Otherwise a client whose runtime
+    /// shut down while it reconnected (a static client shared by `#[tokio::test]`s, a
+    /// runtime per job) said "reconnecting" for ever on the next.
+    looping: AtomicU64,
 }
 
 /// A connection kept for blocking commands between calls.
@@ -183,7 +191,8 @@ struct Slot<C> {
     /// Counts the shared connection's losses and replacements: a side connection opened
     /// across one may lead to the server the shared connection has left.
     replaced: u64,
-    looping: bool,
+    /// Runs of the reconnect loop started, which numbers them.
+    loop_runs: u64,
     failed: bool,
     attempt: u32,
     next_try_at: Option<Instant>,
@@ -223,7 +232,7 @@ impl<M: MakeConnection> Shared<M> {
                     side: None,
                     side_failed: false,
                     replaced: 0,
-                    looping: false,
+                    loop_runs: 0,
                     failed: false,
                     attempt: 0,
                     next_try_at: None,
@@ -243,6 +252,7 @@ impl<M: MakeConnection> Shared<M> {
                 blocking_turns: Semaphore::new(blocking_max),
                 this: this.clone(),
                 health_checking: AtomicBool::new(false),
+                looping: AtomicU64::new(0),
             })
         });
         if let Some(connection) = &watched {
@@ -332,6 +342,13 @@ impl<M: MakeConnection> Shared<M> {
         }
         if slot.failed {
             return Error::unavailable("reconnecting gave up; call Reconnect::reconnect to retry");
+        }
+        if self.looping.load(Ordering::Acquire) == 0 {
+            // A call that finds no connection starts the loop if it can.
+            return Error::unavailable(
+                "not connected, and no reconnect can start outside a Tokio runtime: the \
+                 next call made inside one starts it",
+            );
         }
         let next = slot
             .next_try_at
@@ -632,7 +649,12 @@ impl<M: MakeConnection> Shared<M> {
             address = self.connector.address(),
             "redis calls keep timing out; asking the connection a PING before replacing it"
         );
+        let unsettled = Unsettled {
+            shared: self.this.clone(),
+            suspect_generation,
+        };
         runtime.spawn(async move {
+            let _unsettled = unsettled;
             let started = Instant::now();
             let client_id = shared.connector.client_id(&connection);
             // Asked for as long as a connection the server holds up is waited for; the
@@ -911,28 +933,58 @@ impl<M: MakeConnection> Shared<M> {
     }
 
     /// Starts the reconnect loop unless it runs: with a fresh schedule, or going on with
-    /// `unsettled`, that of a connection lost before it settled.
+    /// `unsettled`, that of a connection lost before it settled. With no runtime to run it
+    /// on (a call made outside one), the next call made inside one starts it.
     fn start_loop(&self, slot: &mut Slot<Connection<M>>, unsettled: Option<Delays>) {
-        if slot.looping {
+        if self.looping.load(Ordering::Acquire) != 0 {
             return;
         }
         // Only calls in flight are left: no one will call again.
         if self.this.strong_count() == 0 {
             return;
         }
-        slot.looping = true;
         slot.failed = false;
         slot.attempt = 0;
         slot.next_try_at = None;
         self.set_state(ConnectionState::Reconnecting { attempt: 0 });
-        tokio::spawn(reconnect_loop(self.this.clone(), unsettled));
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        slot.loop_runs += 1;
+        let run = Looping {
+            shared: self.this.clone(),
+            run: slot.loop_runs,
+        };
+        self.looping.store(run.run, Ordering::Release);
+        runtime.spawn(reconnect_loop(run, unsettled));
+    }
+
+    /// Starts the reconnect loop if the connection is lost and no loop runs: the one that
+    /// did ended with its runtime, or none could start, for want of one. For a call that
+    /// finds no connection: one relaxed load while the loop runs.
+    #[inline]
+    pub fn keep_reconnecting(&self) {
+        if self.looping.load(Ordering::Relaxed) == 0 {
+            self.restart_loop();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn restart_loop(&self) {
+        let mut slot = self.slot();
+        // In use, out of use while a `PING` decides, or given up on by the schedule.
+        if slot.connection.is_some() || slot.suspect.is_some() || slot.failed {
+            return;
+        }
+        self.start_loop(&mut slot, None);
     }
 
     /// The schedule ended without a connection: calls fail until
     /// [`reconnect_now`](Self::reconnect_now).
     fn give_up(&self, attempts: u32, error: &dyn std::fmt::Display) {
         let mut slot = self.slot();
-        slot.looping = false;
+        self.looping.store(0, Ordering::Release);
         slot.failed = true;
         drop(slot);
         self.set_state(ConnectionState::Failed);
@@ -1002,6 +1054,46 @@ where
     }
 }
 
+/// Held by the task that decides whether a suspect connection is stuck: if it is dropped
+/// before it decides (with the runtime it ran on), the connection is taken for lost, and
+/// the next call starts the reconnect loop. Otherwise it stayed out of use for ever, and
+/// calls on the next runtime were refused as "suspect". Once decided, the generation has
+/// moved on, and this does nothing.
+struct Unsettled<M: MakeConnection> {
+    shared: Weak<Leased<Shared<M>>>,
+    suspect_generation: u64,
+}
+
+impl<M: MakeConnection> Drop for Unsettled<M> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.connection_lost(
+                self.suspect_generation,
+                "the runtime that asked the suspect connection a PING shut down",
+            );
+        }
+    }
+}
+
+/// A run of the reconnect loop, held by its task: if the task is dropped before the run
+/// ends (with the runtime it ran on), the run is over, and the next call starts another.
+struct Looping<M: MakeConnection> {
+    shared: Weak<Leased<Shared<M>>>,
+    run: u64,
+}
+
+impl<M: MakeConnection> Drop for Looping<M> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            // A run that ended on its own cleared it already, and another may run now.
+            let _ =
+                shared
+                    .looping
+                    .compare_exchange(self.run, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+}
+
 /// The one loop that re-establishes the connection: an attempt at once, then one per
 /// backoff step. Configuration errors wait the longest delay, so a wrong password never
 /// turns into a hot loop. After a connection lost before it settled, with no call
@@ -1010,10 +1102,8 @@ where
 /// schedule's pace, not once per call. It holds the state only while it makes an attempt:
 /// once every handle is gone (a client dropped during an outage), it stops instead of
 /// knocking on a server no one will use, for as long as that server stays away.
-async fn reconnect_loop<M: MakeConnection>(
-    this: Weak<Leased<Shared<M>>>,
-    unsettled: Option<Delays>,
-) {
+async fn reconnect_loop<M: MakeConnection>(run: Looping<M>, unsettled: Option<Delays>) {
+    let this = &run.shared;
     let wait_first = unsettled.is_some();
     let Some(mut delays) =
         unsettled.or_else(|| this.upgrade().map(|shared| shared.config.backoff.iter()))
@@ -1052,7 +1142,7 @@ async fn reconnect_loop<M: MakeConnection>(
                     shared.watch(&connection);
                     slot.connection = Some(connection);
                     shared.clear_aside(&mut slot);
-                    slot.looping = false;
+                    shared.looping.store(0, Ordering::Release);
                     slot.attempt = 0;
                     slot.config_error = None;
                     slot.young = Some(Young::new(delays));

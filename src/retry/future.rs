@@ -85,6 +85,11 @@ where
                     let Some(delay) = delays.next() else {
                         return Poll::Ready(result);
                     };
+                    // Outside a runtime (a call polled by another executor) there is no
+                    // timer to wait with: the failure is the answer.
+                    if tokio::runtime::Handle::try_current().is_err() {
+                        return Poll::Ready(result);
+                    }
                     *this.retries += 1;
                     tracing::debug!(
                         command = request.info().name(),

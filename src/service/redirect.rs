@@ -197,8 +197,14 @@ impl Unlisted {
     /// runs in a task of its own, so a caller that stops waiting (its deadline passed)
     /// leaves it to finish for the next.
     async fn connect(self: &Arc<Self>, node: &Node) -> Result<RedisService, Error> {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Err(Error::config(
+                "connecting to a cluster node needs a Tokio runtime: none is current",
+            ));
+        };
         let (this, node) = (Arc::clone(self), node.clone());
-        tokio::spawn(async move { this.open_to(&node).await })
+        runtime
+            .spawn(async move { this.open_to(&node).await })
             .await
             .unwrap_or_else(|_| Err(Error::unavailable("the connect to a node was cancelled")))
     }

@@ -137,8 +137,11 @@ where
                         };
                         Poll::Pending
                     }
-                    Err(NoRuntime) => Poll::Ready(Err(Error::config(
-                        "the timeout layer needs a Tokio runtime to time a call",
+                    // The request may be on its way: said so, not "not sent".
+                    Err(NoRuntime) => Poll::Ready(Err(Error::config_after_sending(
+                        "the timeout layer needs a Tokio runtime to time a call: none is \
+                         current, and none runs its deadlines; the call was given up, and \
+                         may have run",
                     )
                     .with_command(this.command))),
                 }

@@ -191,6 +191,7 @@ impl<S> Layer<S> for TimeoutLayer {
     type Service = Timeout<S>;
 
     fn layer(&self, inner: S) -> Timeout<S> {
+        self.timer.remember_runtime();
         Timeout {
             inner,
             deadlines: self.deadlines.clone(),

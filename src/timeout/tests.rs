@@ -350,17 +350,78 @@ fn calls_time_out_on_any_runtime_the_layer_is_used_from() {
     assert_eq!(layer.timer.waiting(), 0);
 }
 
-#[test]
-fn a_call_that_waits_outside_a_runtime_is_a_config_error_not_a_panic() {
-    let mut service = timeouts(TimeoutLayer::new(30 * MS));
+/// Polls a call outside any runtime, as `futures`' `block_on` on a thread of the app's
+/// own does, until it ends or `limit` (real time) passes.
+fn outside_a_runtime(service: &mut Timeout<Leaf>, limit: Duration) -> Option<Result<Value, Error>> {
     let future = service.call(command("GET", "hang", 0));
     let mut future = std::pin::pin!(future);
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let std::task::Poll::Ready(Err(error)) = future.as_mut().poll(&mut cx) else {
-        panic!("expected an error at once");
-    };
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if let std::task::Poll::Ready(result) = future.as_mut().poll(&mut cx) {
+            return Some(result);
+        }
+        std::thread::sleep(MS);
+    }
+    None
+}
+
+#[test]
+fn a_call_that_waits_outside_a_runtime_with_none_to_time_it_is_a_config_error_not_a_panic() {
+    let mut service = timeouts(TimeoutLayer::new(30 * MS));
+    let error = outside_a_runtime(&mut service, 10 * MS)
+        .expect("an error at once")
+        .unwrap_err();
     assert!(error.is_config(), "{error}");
     assert_eq!(error.command(), Some("GET"));
+    // The leaf had it when the layer found it could not time it: it may be on its way.
+    assert!(error.may_have_run(), "{error}");
+}
+
+/// A call made outside any runtime (another executor's `block_on` on a thread of the
+/// app's own) while the runtime the layer was made on runs: its deadline is kept there,
+/// as redis-rs's connection serves such a call from its task there. A `current_thread`
+/// runtime runs its tasks only while a thread is in its `block_on`, so none is counted on.
+#[test]
+fn a_call_outside_a_runtime_is_timed_by_a_multi_threaded_one_the_layer_was_made_on() {
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut service = {
+        let _entered = multi.enter();
+        timeouts(TimeoutLayer::new(30 * MS))
+    };
+    let started = std::time::Instant::now();
+    let result = outside_a_runtime(&mut service, Duration::from_secs(5)).expect("timed out");
+    assert!(result.unwrap_err().is_timeout());
+    assert!(started.elapsed() >= 30 * MS);
+    // Its driver on that runtime keeps the next one's too.
+    assert!(
+        outside_a_runtime(&mut service, Duration::from_secs(5))
+            .expect("timed out")
+            .unwrap_err()
+            .is_timeout()
+    );
+    drop(multi);
+    let error = outside_a_runtime(&mut service, 10 * MS)
+        .expect("an error at once")
+        .unwrap_err();
+    assert!(error.is_config() && error.may_have_run(), "{error}");
+
+    let single = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut service = {
+        let _entered = single.enter();
+        timeouts(TimeoutLayer::new(30 * MS))
+    };
+    let error = outside_a_runtime(&mut service, 10 * MS)
+        .expect("an error at once")
+        .unwrap_err();
+    assert!(error.is_config(), "{error}");
 }
 
 /// Spawned requests may outlive the client that made them: with the layer gone, they

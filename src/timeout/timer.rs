@@ -71,8 +71,14 @@ struct Shared {
     /// The runtime the last call came from, which has a driver: most calls check only
     /// this.
     last_runtime: AtomicU64,
-    /// The runtimes with a driver running.
-    drivers: Mutex<Vec<u64>>,
+    /// The runtimes with a driver running, and whether each runs its tasks by itself (a
+    /// multi-threaded runtime's workers do; a `current_thread` one runs them only while
+    /// a thread is in its `block_on`).
+    drivers: Mutex<Vec<(u64, bool)>>,
+    /// The runtime the services were made on, or the last to start a driver: a call made
+    /// outside any runtime, when no driver that runs by itself does, has one started
+    /// there if it runs by itself.
+    home: Mutex<Option<tokio::runtime::Handle>>,
     /// When a call first told the drivers of a deadline they did not know since they last
     /// looked: they should have run then, which tells a stall that held them up.
     told: Mutex<Option<Since>>,
@@ -139,6 +145,7 @@ impl Default for Shared {
             closed: AtomicBool::new(false),
             last_runtime: AtomicU64::new(0),
             drivers: Mutex::new(Vec::new()),
+            home: Mutex::new(None),
             told: Mutex::new(None),
         }
     }
@@ -149,6 +156,13 @@ impl Timer {
     #[inline]
     pub(crate) fn lease(&self) -> CallTimer {
         CallTimer(self.owner.0.lease())
+    }
+
+    /// Keeps the current runtime, if there is one, for calls made outside any.
+    pub(crate) fn remember_runtime(&self) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            *self.owner.0.home() = Some(runtime);
+        }
     }
 
     /// Calls waiting in the timer now (for tests).
@@ -173,7 +187,14 @@ impl CallTimer {
         waker: &Waker,
     ) -> Result<Registration, NoRuntime> {
         let shared = &self.0;
-        let runtime_id = current_runtime_id().ok_or(NoRuntime)?;
+        // Outside a runtime (a call polled by another executor: `futures`' `block_on` on a
+        // thread of the app's own), a driver on a runtime that runs by itself keeps the
+        // deadline. One on a `current_thread` runtime might never run: none is counted on.
+        // (The connection's own task is no better off there.)
+        let runtime_id = current_runtime_id();
+        if runtime_id.is_none() && !shared.has_driver() && !shared.start_at_home(&self.0) {
+            return Err(NoRuntime);
+        }
         // This thread's table: threads take them in turn.
         let shard = sync::shard() % SHARDS;
         let (index, id, tell) = {
@@ -199,22 +220,32 @@ impl CallTimer {
             let tell = slots.next_wake.is_none_or(|next| deadline < next);
             (index, id, tell)
         };
-        // After the slot is taken: a driver that stops (see `drive`) first says so here,
-        // then looks at the table once more, so it sees this slot, or this call sees it
-        // gone and starts another.
-        if shared.last_runtime.load(Ordering::Acquire) != runtime_id {
-            let runtime = tokio::runtime::Handle::try_current().map_err(|_| NoRuntime)?;
-            shared.ensure_driver(&self.0, &runtime, runtime_id);
-        }
-        if tell {
-            shared.tell();
-        }
-        Ok(Registration {
+        let registration = Registration {
             timer: self.0,
             shard: shard as u32,
             index,
             id,
-        })
+        };
+        let shared = &registration.timer;
+        // After the slot is taken: a driver that stops (see `drive`) first says so here,
+        // then looks at the table once more, so it sees this slot, or this call sees it
+        // gone and starts another.
+        match runtime_id {
+            Some(runtime_id) if shared.last_runtime.load(Ordering::Acquire) != runtime_id => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return Err(NoRuntime);
+                };
+                shared.ensure_driver(shared, &runtime, runtime_id);
+            }
+            Some(_) => {}
+            // None can be started from here: the slot is given back.
+            None if !shared.has_driver() => return Err(NoRuntime),
+            None => {}
+        }
+        if tell {
+            shared.tell();
+        }
+        Ok(registration)
     }
 }
 
@@ -283,17 +314,48 @@ impl Shared {
 
     /// Spawns a driver on `runtime` unless one runs there.
     fn ensure_driver(&self, lease: &Lease<Shared>, runtime: &tokio::runtime::Handle, id: u64) {
-        if self.add_driver(id) {
-            runtime.spawn(drive(lease.clone(), id));
+        let by_itself = runs_by_itself(runtime);
+        if self.add_driver(id, by_itself) {
+            *self.home() = Some(runtime.clone());
+            // Made before the task: one that never runs (its runtime shut down) unlists
+            // itself as it is dropped.
+            let driving = Driving {
+                shared: lease.clone(),
+                runtime: id,
+                by_itself,
+                listed: true,
+            };
+            runtime.spawn(drive(driving));
         }
     }
 
+    /// Starts a driver on the home runtime, for a call made outside any; false if none
+    /// that runs by itself runs (there is no home, it has shut down, or it is a
+    /// `current_thread` one).
+    #[cold]
+    fn start_at_home(&self, lease: &Lease<Shared>) -> bool {
+        let Some(home) = self.home().clone().filter(runs_by_itself) else {
+            return false;
+        };
+        self.ensure_driver(lease, &home, runtime_id(&home));
+        self.has_driver()
+    }
+
+    fn home(&self) -> MutexGuard<'_, Option<tokio::runtime::Handle>> {
+        self.home.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a driver runs on a runtime that runs it by itself.
+    fn has_driver(&self) -> bool {
+        self.drivers().iter().any(|&(_, by_itself)| by_itself)
+    }
+
     /// Lists a driver for runtime `id`; false if one was listed already.
-    fn add_driver(&self, id: u64) -> bool {
+    fn add_driver(&self, id: u64, by_itself: bool) -> bool {
         let mut drivers = self.drivers();
-        let added = !drivers.contains(&id);
+        let added = !drivers.iter().any(|&(driver, _)| driver == id);
         if added {
-            drivers.push(id);
+            drivers.push((id, by_itself));
         }
         self.last_runtime.store(id, Ordering::Release);
         added
@@ -302,14 +364,14 @@ impl Shared {
     /// Unlists the driver for runtime `id`: the next call from there starts another.
     fn remove_driver(&self, id: u64) {
         let mut drivers = self.drivers();
-        drivers.retain(|driver| *driver != id);
+        drivers.retain(|&(driver, _)| driver != id);
         // A compare-exchange, not a store: another runtime may be the last now.
         let _ = self
             .last_runtime
             .compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire);
     }
 
-    fn drivers(&self) -> MutexGuard<'_, Vec<u64>> {
+    fn drivers(&self) -> MutexGuard<'_, Vec<(u64, bool)>> {
         self.drivers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -433,25 +495,42 @@ fn runtime_id(runtime: &tokio::runtime::Handle) -> u64 {
     integer.finish().max(1)
 }
 
+/// A driver's listing: if the driver is dropped with its runtime, or before it ever ran,
+/// it is unlisted, so the next call from there starts another, and a call from outside
+/// a runtime does not count on it.
+struct Driving {
+    shared: Lease<Shared>,
+    runtime: u64,
+    by_itself: bool,
+    /// False once the driver unlisted itself as it stopped.
+    listed: bool,
+}
+
+impl Drop for Driving {
+    fn drop(&mut self) {
+        if !self.listed {
+            return;
+        }
+        let shared = &self.shared;
+        shared.remove_driver(self.runtime);
+        // Deadlines it was to wake for: another driver takes them over.
+        for shard in 0..SHARDS {
+            shared.lock(shard).next_wake = None;
+        }
+        shared.wake.notify_one();
+    }
+}
+
+/// Whether `runtime` runs its tasks with no one in its `block_on`.
+fn runs_by_itself(runtime: &tokio::runtime::Handle) -> bool {
+    runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread
+}
+
 /// The driver: sleeps until the earliest deadline it knows of, or until told of an
 /// earlier one, then wakes the calls that are due. It stops when the services are gone
 /// and no call waits.
-async fn drive(shared: Lease<Shared>, runtime: u64) {
-    /// Lets the next call from this runtime start a new driver if this one is dropped
-    /// with its runtime.
-    struct Driving<'a>(&'a Shared, u64);
-    impl Drop for Driving<'_> {
-        fn drop(&mut self) {
-            let shared = self.0;
-            shared.remove_driver(self.1);
-            // Deadlines it was to wake for: another driver takes them over.
-            for shard in 0..SHARDS {
-                shared.lock(shard).next_wake = None;
-            }
-            shared.wake.notify_one();
-        }
-    }
-    let driving = Driving(&shared, runtime);
+async fn drive(mut driving: Driving) {
+    let (shared, runtime) = (driving.shared.clone(), driving.runtime);
     let mut expired = Vec::new();
     let mut asleep = None;
     let mut stalls = Stalls::default();
@@ -471,9 +550,9 @@ async fn drive(shared: Lease<Shared>, runtime: u64) {
             for waker in expired.drain(..) {
                 waker.wake();
             }
-            if next.is_none() || !shared.add_driver(runtime) {
+            if next.is_none() || !shared.add_driver(runtime, driving.by_itself) {
                 // Unlisted already, and another driver may be listed for this runtime.
-                std::mem::forget(driving);
+                driving.listed = false;
                 return;
             }
         }
