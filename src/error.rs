@@ -574,7 +574,8 @@ impl Error {
     /// error during the handshake (`SELECT` of a missing database, `HELLO`) is a
     /// configuration problem unless it is one of the transient codes, and so is a TLS
     /// handshake the TLS layer rejects (untrusted certificate, not TLS on the other end),
-    /// which reaches us as `InvalidData`.
+    /// which reaches us as `InvalidData`, and a reply that is not Redis's protocol at all
+    /// (the address is another service's).
     pub(crate) fn from_connect(err: RedisError) -> Self {
         let tls_rejected = io_error(&err).is_some_and(|io| io.kind() == io::ErrorKind::InvalidData);
         // Closed as soon as it opened: a server at `maxclients` writes its error and
@@ -588,7 +589,23 @@ impl Error {
             )
         });
         let cause = closed_at_once.then(|| err.to_string());
+        // The handshake's reply does not parse: whatever listens there is not Redis (an
+        // HTTP server, another database: a wrong port), and trying again soon will not
+        // change that.
+        let not_redis = (err.kind() == ErrorKind::Parse)
+            .then(|| err.to_string().trim_end().replace('\n', "; "));
         let mut error = Error::classify(err, false);
+        if let Some(cause) = not_redis {
+            error.kind = Kind::CONFIG;
+            error.detail = Detail::Text(
+                format!(
+                    "the server did not answer in Redis's protocol (RESP): is the address a \
+                     Redis port, not another service's (an HTTP server, another database)? \
+                     {cause}"
+                )
+                .into(),
+            );
+        }
         if let Some(cause) = cause
             && error.is_unavailable()
         {

@@ -342,6 +342,38 @@ async fn database_index_out_of_range_is_config() {
     assert!(err.is_config(), "{err:?}");
 }
 
+/// A port where something other than Redis listens (a wrong port: an HTTP server's):
+/// its answer to the handshake does not parse. That is a configuration error that says
+/// so, tried again at the slowest rate, not an outage tried every 25 ms. Before, it was
+/// "unavailable: Incompatible type - Parse error at 1 Unexpected `84`...", and the
+/// reconnect loop tried ~50 times a second for its first 2 s.
+#[tokio::test]
+async fn a_port_where_something_else_listens_is_a_config_error_that_says_so() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            use std::io::{Read, Write};
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let url = format!("redis://127.0.0.1:{port}");
+    let err = RedisService::connect(&url).await.unwrap_err();
+    assert!(err.is_config() && !err.may_have_run(), "{err:?}");
+    let shown = err.to_string();
+    assert!(shown.contains("Redis's protocol"), "{shown}");
+    assert!(!shown.contains('\n'), "one line: {shown:?}");
+
+    let client = tower_redis_resilience::ResilientClient::builder(&url)
+        .build()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let attempts = client.reconnect_stats().attempts;
+    assert!(attempts <= 2, "{attempts} attempts in 500 ms");
+}
+
 #[tokio::test]
 async fn malformed_url_is_config_with_the_password_hidden() {
     let err = RedisService::connect("redis://:s3cr3t@127.0.0.1:99999999")
