@@ -46,6 +46,12 @@ pub(super) struct Parts {
 ///   axum's `State`. It is `Send + Sync + 'static`.
 /// - [`health`](Self::health) reports connection, breaker, ping and call metrics for a
 ///   health endpoint.
+/// - It outlives the runtime it was made on (a static client shared by `#[tokio::test]`s,
+///   each with a runtime of its own): the next call, on whatever runtime it is made,
+///   reconnects if the connection, or the work of replacing it, ended with that runtime.
+///   Calls made outside any runtime (`futures::executor::block_on` on a thread of your
+///   own) are served while a multi-threaded runtime it was made on runs, and fail with a
+///   clear error, never a panic, once none does.
 ///
 /// ```no_run
 /// use redis::AsyncCommands;

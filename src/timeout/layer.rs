@@ -36,7 +36,12 @@ use crate::{Blocking, Error, Request, request::canonical_name};
 /// exact. Stalls that held calls up are told in a warning (at most one per 10 s, with how
 /// many and the longest), since a runtime that is held up is the application's to mend.
 ///
-/// Needs a Tokio runtime with time enabled, as redis-rs does.
+/// Needs a Tokio runtime with time enabled, as redis-rs does. A call made outside any
+/// (polled by another executor, as `futures::executor::block_on` on a thread of the
+/// app's own does) is timed on a multi-threaded runtime the layer's services were made on
+/// or used from; with none running, it ends at once with a
+/// [config](crate::Error::is_config) error that says it [may have
+/// run](crate::Error::may_have_run).
 ///
 /// ```
 /// use std::time::Duration;

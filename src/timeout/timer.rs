@@ -13,7 +13,10 @@
 //! A driver runs on each runtime whose calls wait here, spawned by the first such call,
 //! so a call is never left to a driver on a runtime that is idle or gone (as a client
 //! shared by two runtimes, or by tests each with its own, would otherwise risk). It reads
-//! tokio's clock, so `tokio::time::pause` governs it.
+//! tokio's clock, so `tokio::time::pause` governs it. A call made outside any runtime
+//! (another executor's `block_on`) is left to a driver on a multi-threaded runtime, one
+//! started on the runtime the services were made on if none runs: a `current_thread`
+//! runtime runs its tasks only while a thread is in its `block_on`, so none is counted on.
 //!
 //! The driver is the one that says a call timed out, so it can tell a deadline Redis
 //! missed from one the runtime missed. When it runs more than [`STALL`] later than it
