@@ -1118,6 +1118,11 @@ async fn served_within(client: &ResilientClient, limit: Duration) -> Option<Dura
     None
 }
 
+fn assert_served_on_a_new_runtime(client: &ResilientClient) {
+    let served = current_thread_runtime().block_on(served_within(client, Duration::from_secs(5)));
+    assert!(served.is_some(), "never served on the next runtime");
+}
+
 /// A client whose runtime shut down while it reconnected (a static client shared by
 /// `#[tokio::test]`s, a runtime per job): the reconnect loop ended with that runtime, and
 /// the next call, on another, starts it again. Before, the client said "reconnecting"
@@ -1140,8 +1145,7 @@ fn a_client_whose_runtime_ended_while_it_reconnected_reconnects_on_the_next() {
         client
     });
     server.restart();
-    let served = current_thread_runtime().block_on(served_within(&client, Duration::from_secs(5)));
-    assert!(served.is_some(), "never served on the next runtime");
+    assert_served_on_a_new_runtime(&client);
 }
 
 /// The same with the connection suspect (calls timed out on a Redis held up), its `PING`
@@ -1165,8 +1169,7 @@ fn a_client_whose_runtime_ended_while_its_connection_was_suspect_reconnects_on_t
         client
     });
     server.resume();
-    let served = current_thread_runtime().block_on(served_within(&client, Duration::from_secs(5)));
-    assert!(served.is_some(), "never served on the next runtime");
+    assert_served_on_a_new_runtime(&client);
 }
 
 /// Calls made outside any runtime, as `futures`' `block_on` on a thread of the app's own

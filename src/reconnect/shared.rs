@@ -969,6 +969,14 @@ impl<M: MakeConnection> Shared<M> {
         }
     }
 
+    /// The task of run `run` of the loop was dropped: the run is over, unless it had ended
+    /// on its own (it cleared `looping` then, and another may run now).
+    fn loop_dropped(&self, run: u64) {
+        let _ = self
+            .looping
+            .compare_exchange(run, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
+
     #[cold]
     #[inline(never)]
     fn restart_loop(&self) {
@@ -1085,11 +1093,7 @@ struct Looping<M: MakeConnection> {
 impl<M: MakeConnection> Drop for Looping<M> {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.upgrade() {
-            // A run that ended on its own cleared it already, and another may run now.
-            let _ =
-                shared
-                    .looping
-                    .compare_exchange(self.run, 0, Ordering::AcqRel, Ordering::Acquire);
+            shared.loop_dropped(self.run);
         }
     }
 }

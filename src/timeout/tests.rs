@@ -378,6 +378,12 @@ fn a_call_that_waits_outside_a_runtime_with_none_to_time_it_is_a_config_error_no
     assert!(error.may_have_run(), "{error}");
 }
 
+/// A service with a 30 ms deadline, made on `runtime`.
+fn made_on(runtime: &tokio::runtime::Runtime) -> Timeout<Leaf> {
+    let _entered = runtime.enter();
+    timeouts(TimeoutLayer::new(30 * MS))
+}
+
 /// A call made outside any runtime (another executor's `block_on` on a thread of the
 /// app's own) while the runtime the layer was made on runs: its deadline is kept there,
 /// as redis-rs's connection serves such a call from its task there. A `current_thread`
@@ -389,10 +395,7 @@ fn a_call_outside_a_runtime_is_timed_by_a_multi_threaded_one_the_layer_was_made_
         .enable_time()
         .build()
         .unwrap();
-    let mut service = {
-        let _entered = multi.enter();
-        timeouts(TimeoutLayer::new(30 * MS))
-    };
+    let mut service = made_on(&multi);
     let started = std::time::Instant::now();
     let result = outside_a_runtime(&mut service, Duration::from_secs(5)).expect("timed out");
     assert!(result.unwrap_err().is_timeout());
@@ -414,10 +417,7 @@ fn a_call_outside_a_runtime_is_timed_by_a_multi_threaded_one_the_layer_was_made_
         .enable_time()
         .build()
         .unwrap();
-    let mut service = {
-        let _entered = single.enter();
-        timeouts(TimeoutLayer::new(30 * MS))
-    };
+    let mut service = made_on(&single);
     let error = outside_a_runtime(&mut service, 10 * MS)
         .expect("an error at once")
         .unwrap_err();
