@@ -78,9 +78,11 @@ struct Shared {
     /// multi-threaded runtime's workers do; a `current_thread` one runs them only while
     /// a thread is in its `block_on`).
     drivers: Mutex<Vec<(u64, bool)>>,
-    /// The runtime the services were made on, or the last to start a driver: a call made
-    /// outside any runtime, when no driver that runs by itself does, has one started
-    /// there if it runs by itself.
+    /// The last runtime that runs by itself (not a `current_thread` one) the services
+    /// were made on or started a driver on: a call made outside any runtime, when no
+    /// driver runs on such a runtime, has one started there. Kept only while nothing
+    /// replaces it, so a runtime shut down holds at most one handle (and its file
+    /// descriptors) here.
     home: Mutex<Option<tokio::runtime::Handle>>,
     /// When a call first told the drivers of a deadline they did not know since they last
     /// looked: they should have run then, which tells a stall that held them up.
@@ -161,9 +163,12 @@ impl Timer {
         CallTimer(self.owner.0.lease())
     }
 
-    /// Keeps the current runtime, if there is one, for calls made outside any.
+    /// Keeps the current runtime, if there is one that runs by itself, for calls made
+    /// outside any.
     pub(crate) fn remember_runtime(&self) {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && runs_by_itself(&runtime)
+        {
             *self.owner.0.home() = Some(runtime);
         }
     }
@@ -319,7 +324,9 @@ impl Shared {
     fn ensure_driver(&self, lease: &Lease<Shared>, runtime: &tokio::runtime::Handle, id: u64) {
         let by_itself = runs_by_itself(runtime);
         if self.add_driver(id, by_itself) {
-            *self.home() = Some(runtime.clone());
+            if by_itself {
+                *self.home() = Some(runtime.clone());
+            }
             // Made before the task: one that never runs (its runtime shut down) unlists
             // itself as it is dropped.
             let driving = Driving {
@@ -333,11 +340,10 @@ impl Shared {
     }
 
     /// Starts a driver on the home runtime, for a call made outside any; false if none
-    /// that runs by itself runs (there is no home, it has shut down, or it is a
-    /// `current_thread` one).
+    /// that runs by itself runs (there is no home, or it has shut down).
     #[cold]
     fn start_at_home(&self, lease: &Lease<Shared>) -> bool {
-        let Some(home) = self.home().clone().filter(runs_by_itself) else {
+        let Some(home) = self.home().clone() else {
             return false;
         };
         self.ensure_driver(lease, &home, runtime_id(&home));
