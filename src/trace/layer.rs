@@ -139,7 +139,7 @@ impl Settings {
 
 /// `GET k`, `SET k v; GET k` for a pipeline, cut at `limit` bytes (on a character
 /// boundary, marked with `…`). Arguments that are not text show as `?`.
-fn query_text(request: &Request, limit: usize) -> String {
+pub(super) fn query_text(request: &Request, limit: usize) -> String {
     let mut text = String::new();
     let one = |cmd: &Cmd, name: &str, text: &mut String| {
         let secret = SECRET_ARGUMENTS.contains(&name);
@@ -152,7 +152,13 @@ fn query_text(request: &Request, limit: usize) -> String {
                 break;
             }
             match arg {
-                Arg::Simple(bytes) => text.push_str(&String::from_utf8_lossy(bytes)),
+                Arg::Simple(bytes) => {
+                    // Only what can show: a value of megabytes is not copied whole to be
+                    // cut. Past the limit by a character's width, so the cut is marked.
+                    let room = (limit + 4).saturating_sub(text.len());
+                    let shown = bytes.get(..room).unwrap_or(bytes);
+                    text.push_str(&String::from_utf8_lossy(shown));
+                }
                 _ => text.push('?'),
             }
             if text.len() > limit {

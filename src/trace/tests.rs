@@ -172,3 +172,23 @@ async fn a_layer_switched_off_makes_no_span() {
         "no span from the layer switched off"
     );
 }
+
+#[test]
+fn a_large_argument_is_cut_before_it_is_copied() {
+    let value = "é".repeat(4 << 20);
+    let set = Request::from(redis::cmd("SET").arg("k").arg(&value));
+    let text = layer::query_text(&set, 12);
+    assert_eq!(text, "SET k ééé…");
+    assert!(
+        text.capacity() < 1024,
+        "an 8 MiB value was copied to show 12 bytes: {} bytes held",
+        text.capacity()
+    );
+    let binary = Request::from(redis::cmd("SET").arg("k").arg(vec![0xff_u8; 1 << 20]));
+    let text = layer::query_text(&binary, 12);
+    assert!(
+        text.starts_with("SET k \u{fffd}") && text.ends_with('…'),
+        "{text}"
+    );
+    assert!(text.capacity() < 1024, "{} bytes held", text.capacity());
+}
