@@ -1243,7 +1243,7 @@ async fn open_cluster(
     );
     Ok(RedisService::from_parts(
         Conn::Cluster {
-            topology: crate::service::Topology::new(connection.clone()),
+            topology: crate::service::Topology::new(connection.clone(), connect_timeout),
             connection,
             unlisted,
             replicas,

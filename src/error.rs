@@ -109,6 +109,10 @@ enum Detail {
     /// `maxclients`, most likely), which says nothing about the calls the shared
     /// connection serves.
     NoConnectionOfItsOwn(Arc<str>),
+    /// A cluster's request not sent, as the master of its slot cannot be reached (see
+    /// [`master_gone`](Error::master_gone)).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    MasterGone(Arc<str>),
     Redis(RedisError),
 }
 
@@ -143,8 +147,9 @@ impl Error {
     /// Redis could not serve the request: connection refused, reset or closed, not
     /// connected, reconnecting, or the server refused it as `LOADING`, `BUSY`,
     /// `MASTERDOWN`, `TRYAGAIN`, `CLUSTERDOWN`, `READONLY`, `MISCONF` or `NOREPLICAS`, a
-    /// cluster node redirected it (`MOVED`, `ASK`), or Redis gave up on a blocking command
-    /// without serving it (`UNBLOCKED`: its server turned replica, or `CLIENT UNBLOCK`).
+    /// cluster node redirected it (`MOVED`, `ASK`), the cluster's master for its key
+    /// cannot be reached (not sent), or Redis gave up on a blocking command without
+    /// serving it (`UNBLOCKED`: its server turned replica, or `CLIENT UNBLOCK`).
     /// Transient: the same request may succeed later.
     pub fn is_unavailable(&self) -> bool {
         matches!(self.kind, Kind::Unavailable { .. })
@@ -397,11 +402,18 @@ impl Error {
     /// limit, a lost master link or a failover do: sending the command again a few
     /// milliseconds later only gets it again. (`TRYAGAIN`, a multi-key command while its
     /// slot moves, is meant to be retried soon.)
+    /// A cluster's master that cannot be reached ([`is_master_gone`](Self::is_master_gone))
+    /// is counted as one: the client tries it again on a schedule of its own.
     pub(crate) fn is_lasting_refusal(&self) -> bool {
         matches!(
             self.cause_code(),
             Some("LOADING" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN")
-        )
+        ) || self.is_master_gone()
+    }
+
+    /// Made by [`master_gone`](Self::master_gone).
+    pub(crate) fn is_master_gone(&self) -> bool {
+        matches!(self.detail, Detail::MasterGone(_))
     }
 
     /// A replica refused a write (`READONLY`): the server is up and serves reads, but
@@ -478,6 +490,25 @@ impl Error {
     /// Made by [`no_connection_of_its_own`](Self::no_connection_of_its_own).
     pub(crate) fn is_no_connection_of_its_own(&self) -> bool {
         matches!(self.detail, Detail::NoConnectionOfItsOwn(_))
+    }
+
+    /// A request for `slot` of a cluster, not sent: its master, `node`, could not be
+    /// reached, and is tried again in `next_try`. Unavailable, and not for a resend a few
+    /// milliseconds later, or for the breaker every node's calls share: the other nodes
+    /// serve on.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn master_gone(slot: u16, node: &str, next_try: Duration) -> Self {
+        let text = format!(
+            "not sent: the cluster's master for slot {slot}, {node}, cannot be reached \
+             (tried again in {} ms)",
+            next_try.as_millis()
+        );
+        Error::new(
+            Kind::Unavailable {
+                may_have_run: false,
+            },
+            Detail::MasterGone(text.into()),
+        )
     }
 
     /// A configuration problem described in words (which must not contain secrets).
@@ -812,9 +843,10 @@ impl fmt::Display for Error {
             Detail::Reconnecting { attempt, .. } => {
                 write!(f, ": reconnecting, attempt {attempt} in progress")
             }
-            Detail::Text(text) | Detail::Refused(text) | Detail::NoConnectionOfItsOwn(text) => {
-                write!(f, ": {text}")
-            }
+            Detail::Text(text)
+            | Detail::Refused(text)
+            | Detail::NoConnectionOfItsOwn(text)
+            | Detail::MasterGone(text) => write!(f, ": {text}"),
             // Server errors read as Redis wrote them: `WRONGTYPE Operation against...`.
             Detail::Redis(err) => match (err.code(), err.detail()) {
                 (Some(code), Some(detail)) => write!(f, ": {code} {detail}"),
@@ -930,6 +962,24 @@ mod tests {
         let redis = RedisError::from(err.with_command("GET"));
         assert_eq!(redis.code(), Some("WRONGTYPE"));
         assert!(Error::from(redis).is_server());
+    }
+
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn a_request_whose_cluster_master_cannot_be_reached_is_unavailable_unsent_and_not_resent() {
+        let made = Error::master_gone(3999, "127.0.0.1:6381", Duration::from_millis(400));
+        // As the leaf gets it back from the cluster connection.
+        let arrived = Error::from_request(RedisError::from(made.clone())).of_one_node();
+        for err in [made, arrived] {
+            let err = err.with_command("GET");
+            assert!(err.is_unavailable() && !err.may_have_run(), "{err}");
+            assert!(err.is_master_gone() && err.is_lasting_refusal(), "{err}");
+            assert_eq!(
+                err.to_string(),
+                "GET: redis unavailable: not sent: the cluster's master for slot 3999, \
+                 127.0.0.1:6381, cannot be reached (tried again in 400 ms)"
+            );
+        }
     }
 
     #[test]

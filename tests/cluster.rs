@@ -13,7 +13,9 @@ use std::{
 };
 
 use redis::AsyncCommands;
-use support::{ConnectAttempts, RedisCluster, RedisServer, TokenService, asking, eventually};
+use support::{
+    Blackhole, ConnectAttempts, RedisCluster, RedisServer, TokenService, asking, eventually,
+};
 use tower_redis_resilience::{
     Connector, Credentials, Error, ResilientClient,
     circuit_breaker::BreakerState,
@@ -145,6 +147,192 @@ async fn a_dead_master_costs_only_its_own_slots() {
     assert!(started.elapsed() < Duration::from_secs(5));
     // The other nodes' connections were never given up: no reconnect of the whole client.
     assert_eq!(client.reconnect_stats().attempts, 1);
+}
+
+/// The keys `set_keys` sets, those `master` serves and the others.
+async fn keys_split(
+    cluster: &RedisCluster,
+    client: &ResilientClient,
+    master: usize,
+) -> (Vec<String>, Vec<String>) {
+    let keys = set_keys(client).await;
+    keys.into_iter()
+        .partition(|key| cluster.master_index_of(key) == master)
+}
+
+/// Reads for `period` by five callers: four of `gone`'s keys, two of them reading again
+/// at once, as a loop without a pause does, and two after 1 ms; the fifth of `live`'s,
+/// after 1 ms. Answers each caller's reads served, and made.
+async fn read_gone_and_live(
+    client: &ResilientClient,
+    gone: &[String],
+    live: &[String],
+    period: Duration,
+) -> Vec<(usize, usize)> {
+    let started = Instant::now();
+    let callers: Vec<_> = (0..5)
+        .map(|caller| {
+            let mut client = client.clone();
+            let keys = if caller == 4 { live } else { gone }.to_vec();
+            tokio::spawn(async move {
+                let (mut served, mut made) = (0, 0);
+                while started.elapsed() < period {
+                    let value: Option<String> = client.get(&keys[made % keys.len()]).await.unwrap();
+                    served += usize::from(value.is_some());
+                    made += 1;
+                    if caller >= 2 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                (served, made)
+            })
+        })
+        .collect();
+    let mut reads = Vec::new();
+    for caller in callers {
+        reads.push(caller.await.unwrap());
+    }
+    reads
+}
+
+/// How many times the masters but `except` were asked for the map of the slots
+/// (`CLUSTER SLOTS`, which redis-rs's client reads to refresh its own).
+fn slot_map_reads(cluster: &RedisCluster, except: usize) -> u64 {
+    let reads = |node: &RedisServer| -> u64 {
+        node.raw_command(&["INFO", "commandstats"])
+            .lines()
+            .find_map(|line| line.strip_prefix("cmdstat_cluster|slots:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let others = cluster
+        .masters
+        .iter()
+        .enumerate()
+        .filter(|&(n, _)| n != except);
+    others.map(|(_, node)| reads(node)).sum()
+}
+
+/// A master whose process died (its host refuses connections) costs the requests for its
+/// slots, which miss or fail at once, and nothing more. redis-rs's client, which has no
+/// connection to it, sends each of them to another node, whose `MOVED` made it read its
+/// map of the slots again and try to connect to the master: one of each per request
+/// (measured before: ~1,300 connects and ~1,350 `CLUSTER SLOTS` a second, for 4 callers).
+/// Now the master is tried on a schedule of its own, and its slots' requests are answered
+/// unsent until it accepts connections again; then they are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_master_is_tried_at_a_pace_and_its_slots_requests_answered_at_once() {
+    let mut cluster = RedisCluster::start(3, 0);
+    let client = client(&cluster).await;
+    let (gone, live) = keys_split(&cluster, &client, 2).await;
+    let attempts = ConnectAttempts::to_port(cluster.masters[2].port());
+    let asked = slot_map_reads(&cluster, 2);
+    cluster.masters[2].kill();
+    let reads = read_gone_and_live(&client, &gone, &live, Duration::from_secs(2)).await;
+    let (tried, asked) = (attempts.count(), slot_map_reads(&cluster, 2) - asked);
+    eprintln!("in 2 s: {reads:?} reads (served, made); {tried} connects, {asked} CLUSTER SLOTS");
+    assert!(
+        reads[..4]
+            .iter()
+            .all(|&(served, made)| served == 0 && made > 200),
+        "the dead master's keys miss, at once: {reads:?}"
+    );
+    let (served, made) = reads[4];
+    assert!(
+        served == made && made > 200,
+        "the others' are served: {reads:?}"
+    );
+    assert!(
+        tried <= 30 && asked <= 20,
+        "in 2 s: {tried} connects to the dead master, {asked} reads of the map of the slots"
+    );
+    let err = Error::from(
+        client
+            .clone()
+            .set::<_, _, ()>(&gone[0], "w")
+            .await
+            .unwrap_err(),
+    );
+    assert!(err.is_unavailable() && !err.may_have_run(), "{err}");
+    assert!(err.to_string().contains("cannot be reached"), "{err}");
+    let health = client.health().await;
+    assert_eq!(health.breaker.unwrap().state, BreakerState::Closed);
+    assert_eq!(
+        health.reconnects.attempts, 1,
+        "no reconnect of the whole client"
+    );
+
+    cluster.masters[2].restart();
+    eventually(Duration::from_secs(5), async || {
+        client.clone().set::<_, _, ()>(&gone[0], "v").await.is_ok()
+    })
+    .await;
+}
+
+/// A master whose host is gone (the machine died or was cut off: connections to it go
+/// unanswered) held up every request to every node: each of its slots' requests made
+/// redis-rs's client read its map of the slots again, trying to connect to it meanwhile,
+/// for the connect timeout, with every other request waiting (measured before: in 3 s,
+/// 6 of 12 reads of the other masters' keys served, each other one timed out). Now only
+/// the first such wait holds them up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_whose_host_is_gone_holds_up_the_others_at_most_a_moment() {
+    let mut cluster = RedisCluster::start(3, 0);
+    let client = client(&cluster).await;
+    let (gone, live) = keys_split(&cluster, &client, 2).await;
+    let port = cluster.masters[2].port();
+    cluster.masters[2].kill();
+    let _gone = Blackhole::port(port);
+    let reads = read_gone_and_live(&client, &gone, &live, Duration::from_secs(3)).await;
+    let (served, made) = reads[4];
+    eprintln!("in 3 s: {reads:?} reads (served, made)");
+    assert!(
+        made > 200 && made - served <= 10,
+        "reads of the other masters' keys: {served} of {made} served"
+    );
+}
+
+/// While a dead master's slots' requests are answered unsent, the cluster is asked every
+/// 250 ms whether another master serves them: once its replica is promoted, they are
+/// served within a moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_masters_keys_are_served_soon_after_its_replica_is_promoted() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let client = client(&cluster).await;
+    let (gone, _) = keys_split(&cluster, &client, 0).await;
+    let (master, replica) = (&cluster.masters[0], &cluster.replicas[0]);
+    let offset = master.info_field("master_repl_offset");
+    eventually(Duration::from_secs(5), async || {
+        replica.info_field("master_repl_offset") == offset
+    })
+    .await;
+    cluster.masters[0].kill();
+    let started = Instant::now();
+    let mut promoted = None;
+    loop {
+        let value: Option<String> = client.clone().get(&gone[0]).await.unwrap();
+        if value.is_some() {
+            break;
+        }
+        if promoted.is_none()
+            && cluster.replicas[0]
+                .raw_command(&["ROLE"])
+                .starts_with("master")
+        {
+            promoted = Some(Instant::now());
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "not served");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let after = promoted.map_or(Duration::ZERO, |at| at.elapsed());
+    eprintln!(
+        "served {after:?} after the promotion, {:?} after the kill",
+        started.elapsed()
+    );
+    assert!(
+        after < Duration::from_millis(800),
+        "served {after:?} after the promotion"
+    );
 }
 
 /// 60 counting writes on `counter`'s slot, its replica taking over after the 20th in a

@@ -349,6 +349,9 @@ fn classify_error(err: &Error) -> Outcome {
         // another (a write pause): the timeouts that made it suspect were counted, and
         // writes failing fast would otherwise open the breaker over the reads served.
         err if err.is_held() => Outcome::Ignore,
+        // Not sent: a cluster's master that cannot be reached. The breaker every node's
+        // calls share must not open for one node, while the others serve.
+        err if err.is_master_gone() => Outcome::Ignore,
         // Redis is up and answered at once that it serves nothing for now (loading its
         // data, running a script): calls fail fast as it is, and an open breaker would
         // keep the app dark for up to `wait_in_open` after Redis serves again.

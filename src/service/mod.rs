@@ -431,26 +431,39 @@ impl Conn {
                 replicas,
                 topology,
             } => {
-                let request = topology::Request::Command(cmd);
-                let unanswered = topology::Unanswered::new(topology, request);
-                let main = redis::aio::ConnectionLike::req_packed_command(connection, cmd);
-                let reply = match replicas {
-                    Some(replicas) if crate::CommandInfo::of_cmd(cmd).is_read_only() => {
-                        Box::pin(replicas.hedged(cmd, main)).await
-                    }
-                    _ => main.await,
-                };
-                unanswered.answered();
-                let reply = match reply {
-                    // A `MOVED` is Retry's to resend, once redis-rs has refreshed its map.
-                    Err(err) => match redirect::redirected(&err) {
-                        // Boxed: the rare path does not make every call's future larger.
-                        Some(to) if to.kind == redirect::Kind::Ask => {
-                            Box::pin(redirect::command(connection, unlisted, to, cmd)).await
+                let gone = topology.gone(|| replicas::key_of(cmd).map(replicas::slot_of));
+                let reply = if let Some(gone) = gone {
+                    // Answered without waiting: takes its unit of the task's budget (see
+                    // `sync::proceed`), so a caller that tries again at once yields.
+                    tokio::task::coop::consume_budget().await;
+                    Err(gone)
+                } else {
+                    let request = topology::Request::Command(cmd);
+                    let unanswered = topology::Unanswered::new(topology, request);
+                    let main = redis::aio::ConnectionLike::req_packed_command(connection, cmd);
+                    let reply = match replicas {
+                        Some(replicas) if crate::CommandInfo::of_cmd(cmd).is_read_only() => {
+                            Box::pin(replicas.hedged(cmd, main)).await
                         }
-                        _ => Err(err),
-                    },
-                    reply => reply,
+                        _ => main.await,
+                    };
+                    unanswered.answered();
+                    match reply {
+                        // A `MOVED` is Retry's to resend, once redis-rs has refreshed its
+                        // map; its node is tried, in case redis-rs cannot reach it.
+                        Err(err) => match redirect::redirected(&err) {
+                            // Boxed: the rare path does not make every call's future larger.
+                            Some(to) if to.kind == redirect::Kind::Ask => {
+                                Box::pin(redirect::command(connection, unlisted, to, cmd)).await
+                            }
+                            Some(to) => {
+                                topology.moved(&to);
+                                Err(err)
+                            }
+                            None => Err(err),
+                        },
+                        reply => reply,
+                    }
                 };
                 match (reply, replicas) {
                     (Err(err), Some(replicas)) => {
@@ -481,6 +494,16 @@ impl Conn {
                 replicas,
                 topology,
             } => {
+                if let Some(gone) = topology.gone(|| replicas::slot_of_pipeline(pipeline)) {
+                    tokio::task::coop::consume_budget().await;
+                    return match replicas {
+                        Some(replicas) if !pipeline.is_transaction() => {
+                            let reads = replicas.commands(pipeline, offset, count, &gone);
+                            Box::pin(reads).await.ok_or(gone)
+                        }
+                        _ => Err(gone),
+                    };
+                }
                 let request = topology::Request::Pipeline(pipeline);
                 let unanswered = topology::Unanswered::new(topology, request);
                 let replies = redis::aio::ConnectionLike::req_packed_commands(
@@ -489,7 +512,11 @@ impl Conn {
                 .await;
                 unanswered.answered();
                 let replies = match replies {
-                    Err(err) => match redirect::redirected(&err) {
+                    Err(err) => match redirect::redirected(&err).inspect(|to| {
+                        if to.kind == redirect::Kind::Moved {
+                            topology.moved(to);
+                        }
+                    }) {
                         // A transaction that met a redirect was discarded: nothing ran,
                         // and it may go to the node named. A plain pipeline's other
                         // commands may have run where it went: what ran cannot be told.

@@ -36,7 +36,7 @@ use redis::{
 };
 use tokio::time::Instant;
 
-use super::{Conn, RedisService};
+use super::{Conn, RedisService, topology::Address};
 use crate::{
     Error,
     connect::OwnTls,
@@ -51,6 +51,11 @@ pub(super) struct Redirect {
 }
 
 impl Redirect {
+    /// The node it names, and the slot.
+    pub(super) fn to(&self) -> (Address, u16) {
+        ((self.node.host.clone(), self.node.port), self.slot)
+    }
+
     /// The redirect itself, as the error of a request that followed it to a node that
     /// could not be reached: not run, as redis-rs reports a `MOVED` to a master that is
     /// gone. It counts as a redirect, which opens no breaker: a breaker that every
@@ -308,8 +313,8 @@ struct Failed {
 
 /// The pause after a node's first failed connect; each further one doubles it, up to
 /// [`LONGEST_PAUSE`].
-const FIRST_PAUSE: Duration = Duration::from_millis(100);
-const LONGEST_PAUSE: Duration = Duration::from_secs(1);
+pub(super) const FIRST_PAUSE: Duration = Duration::from_millis(100);
+pub(super) const LONGEST_PAUSE: Duration = Duration::from_secs(1);
 
 /// Where `err` redirects: for one command, its error; for a transaction, the errors
 /// Redis queued its commands with, all of them the same redirect to one node (a
