@@ -150,8 +150,8 @@ pub(crate) struct Topology {
     checked: Mutex<Option<Instant>>,
     /// How long a master named by a `MOVED` is given to accept a connection.
     connect_timeout: Duration,
-    /// The masters `MOVED`s named, while they are tried: few, and only while one is gone
-    /// or the client's map is out of date.
+    /// The masters `MOVED`s named: at most one entry per node, and none unless a master
+    /// went or the client's map was out of date.
     named: Mutex<Vec<Named>>,
     /// Whether one of `named` is [gone](Named::gone): all a request reads otherwise.
     any_gone: AtomicBool,
@@ -166,6 +166,8 @@ struct Named {
     /// It could not be reached: the requests for its slots are answered at once, unsent,
     /// until it can be or the cluster names another master for them.
     gone: bool,
+    /// A task tries it.
+    watched: bool,
     /// When it is tried again.
     next_try: Instant,
 }
@@ -209,27 +211,37 @@ impl Topology {
     }
 
     /// A request met `moved`, a `MOVED` from the node redis-rs's client sent it to: the
-    /// node named is tried, in a task of its own, unless it is already (a `MOVED` after
-    /// a failover names a master that answers; one whose master is gone is sent by
-    /// redis-rs's client to another node because it has no connection to that master).
+    /// node named is tried, in a task of its own, unless it is already, or answered less
+    /// than [`FIRST_PAUSE`] ago (a `MOVED` after a failover names a master that answers;
+    /// one whose master is gone is sent by redis-rs's client to another node because it
+    /// has no connection to that master).
     pub(super) fn moved(self: &Arc<Self>, moved: &Redirect) {
         let (node, slot) = moved.to();
         let mut named = self.named();
-        if let Some(known) = named.iter_mut().find(|named| named.node == node) {
-            if !covers(&known.ranges, slot) {
-                known.ranges.push((slot, slot));
+        let at = match named.iter().position(|named| named.node == node) {
+            Some(at) => at,
+            None => {
+                named.push(Named {
+                    node: node.clone(),
+                    ranges: Vec::new(),
+                    gone: false,
+                    watched: false,
+                    next_try: Instant::now(),
+                });
+                named.len() - 1
             }
+        };
+        let known = &mut named[at];
+        if !covers(&known.ranges, slot) {
+            known.ranges.push((slot, slot));
+        }
+        if known.watched || known.next_try > Instant::now() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        named.push(Named {
-            node: node.clone(),
-            ranges: vec![(slot, slot)],
-            gone: false,
-            next_try: Instant::now(),
-        });
+        known.watched = true;
         drop(named);
         runtime.spawn(watch(Arc::downgrade(self), node));
     }
@@ -238,15 +250,26 @@ impl Topology {
         self.named.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// `node` answers, or another master serves its slots: it is no longer tried.
-    fn forget(&self, node: &Address) {
+    /// `node` accepted a connection, or another master serves its slots: requests for
+    /// them go out again, and it is tried again only for a `MOVED` at least
+    /// [`FIRST_PAUSE`] from now.
+    fn reached(&self, node: &Address) {
         let mut named = self.named();
-        let gone = named.iter().any(|named| named.node == *node && named.gone);
-        named.retain(|named| named.node != *node);
+        let Some(known) = named.iter_mut().find(|named| named.node == *node) else {
+            return;
+        };
+        let was_gone = known.gone;
+        *known = Named {
+            node: node.clone(),
+            ranges: Vec::new(),
+            gone: false,
+            watched: false,
+            next_try: Instant::now() + FIRST_PAUSE,
+        };
         self.any_gone
             .store(named.iter().any(|named| named.gone), Relaxed);
         drop(named);
-        if gone {
+        if was_gone {
             tracing::info!(
                 master = %format_args!("{}:{}", node.0, node.1),
                 "redis cluster: a master that could not be reached can be, or its slots are served by another; requests for them go out again"
@@ -276,7 +299,7 @@ impl Topology {
             });
             if elsewhere {
                 drop(named);
-                self.forget(node);
+                self.reached(node);
                 return false;
             }
             if let Some(master) = nodes
@@ -388,7 +411,7 @@ async fn watch(topology: Weak<Topology>, node: Address) {
             };
             if accepts(&node, timeout).await {
                 if let Some(this) = topology.upgrade() {
-                    this.forget(&node);
+                    this.reached(&node);
                 }
                 return;
             }
