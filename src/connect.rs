@@ -494,6 +494,16 @@ impl Connector {
     /// spread over the nodes and one whose node dies or stalls subscribes again on
     /// another.
     ///
+    /// A master that cannot be reached (its process or its host gone) is found by the
+    /// `MOVED`s that name it, which the other nodes answer for its slots, and then tried
+    /// with a TCP connect of this crate's own: until it accepts one (tried again at 100 ms,
+    /// doubling to 1 s) or the cluster names another master for its slots (asked every
+    /// 250 ms), its slots' requests are answered at once, unsent, with an
+    /// [unavailable](Error::is_unavailable) error that is not resent and does not count
+    /// for the breaker; reads go to a replica with [`read_replicas`](Self::read_replicas).
+    /// Left to redis-rs's client, each of those requests had it read its map of the slots
+    /// and try to connect to the master, while every other request waited.
+    ///
     /// A master that fails with no replica to take over costs only its own slots if the
     /// cluster runs with `cluster-require-full-coverage no`; with Redis's default (`yes`),
     /// every node refuses every key (`CLUSTERDOWN`) until it is back.
