@@ -50,6 +50,15 @@ pub trait MakeConnection: Send + Sync + 'static {
         None
     }
 
+    /// The servers behind `connection` that cannot be reached while it serves through
+    /// the others, for health reports (no credentials): a cluster's masters whose slots'
+    /// requests are answered at once, unsent. Empty when the connector cannot tell (the
+    /// default).
+    fn unreachable(&self, connection: &Self::Connection) -> Vec<String> {
+        let _ = connection;
+        Vec::new()
+    }
+
     /// Whether `connection` has closed for good, so a call on it would be refused: an
     /// idle connection kept for blocking commands is checked before it is used. `false`
     /// when the connector cannot tell (the default): the call then finds out.
@@ -115,6 +124,10 @@ impl MakeConnection for Connector {
 
     fn connected_to(&self, connection: &RedisService) -> Option<String> {
         Some(connection.address().to_owned())
+    }
+
+    fn unreachable(&self, connection: &RedisService) -> Vec<String> {
+        connection.unreachable()
     }
 
     fn is_closed(&self, connection: &RedisService) -> bool {

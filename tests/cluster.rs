@@ -17,7 +17,7 @@ use support::{
     Blackhole, ConnectAttempts, RedisCluster, RedisServer, TokenService, asking, eventually,
 };
 use tower_redis_resilience::{
-    Connector, Credentials, Error, ResilientClient,
+    Connector, Credentials, Error, HealthStatus, ResilientClient,
     circuit_breaker::BreakerState,
     metrics::Outcome,
     pubsub::{Event, Events, Subscriber, SubscriberConfig},
@@ -261,12 +261,18 @@ async fn a_dead_master_is_tried_at_a_pace_and_its_slots_requests_answered_at_onc
         health.reconnects.attempts, 1,
         "no reconnect of the whole client"
     );
+    let port = cluster.masters[2].port();
+    assert_eq!(health.unreachable, [format!("127.0.0.1:{port}")]);
+    assert_eq!(health.status, HealthStatus::Degraded);
 
     cluster.masters[2].restart();
     eventually(Duration::from_secs(5), async || {
         client.clone().set::<_, _, ()>(&gone[0], "v").await.is_ok()
     })
     .await;
+    let health = client.health().await;
+    assert!(health.unreachable.is_empty(), "{health:?}");
+    assert_eq!(health.status, HealthStatus::Up);
 }
 
 /// A master whose host is gone (the machine died or was cut off: connections to it go

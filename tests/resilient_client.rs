@@ -137,6 +137,7 @@ async fn the_health_report_serializes_with_durations_in_milliseconds() {
     assert!(ping > 0.0 && ping < 250.0, "{ping}");
     assert!(json["calls"]["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
     assert!(json["ping_error"].is_null());
+    assert_eq!(json["unreachable"], serde_json::json!([]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use crate::{
 ///  "reconnects":{"attempts":1,"successes":1,"failures":0},
 ///  "breaker":{"state":"closed","calls":4,"failed_calls":0,"slow_calls":0,
 ///             "failure_rate":null,"slow_call_rate":null},
-///  "ping_ms":0.71,"ping_error":null,
+///  "ping_ms":0.71,"ping_error":null,"unreachable":[],
 ///  "calls":{"total":4,"outcomes":{"cancelled":0,"circuit_open":0,"config_error":0,"ok":4,
 ///                                 "server_error":0,"timeout":0,"unavailable":0},
 ///           "fallbacks":0,
@@ -55,6 +55,10 @@ pub struct Health {
     pub ping: Option<Duration>,
     /// Why the `PING` failed, if it did.
     pub ping_error: Option<String>,
+    /// The servers that cannot be reached while the others serve (no credentials): a
+    /// cluster's masters whose slots' requests are answered at once, unsent. Any makes
+    /// the status [`Degraded`](HealthStatus::Degraded).
+    pub unreachable: Vec<String>,
     /// What the metrics layer recorded, all commands together, if the client has one.
     pub calls: Option<CallSummary>,
 }
@@ -67,8 +71,8 @@ pub struct Health {
 pub enum HealthStatus {
     /// Connected, answering pings, and the breaker lets calls through.
     Up,
-    /// Connected and answering pings, but the breaker is open, half-open or forced open:
-    /// some calls are being rejected.
+    /// Connected and answering pings, but some calls are being rejected: the breaker is
+    /// open, half-open or forced open, or a cluster's master cannot be reached.
     Degraded,
     /// Not connected, or the `PING` failed: reads fall back, writes fail.
     Down,
@@ -93,13 +97,14 @@ impl Health {
     pub(super) fn new(client: &ResilientClient, ping: Result<Duration, Error>) -> Health {
         let connection = client.connection_state();
         let breaker = client.circuit_breaker().map(|breaker| breaker.metrics());
+        let unreachable = client.unreachable();
         let status = match (connection, &ping, breaker.map(|b| b.state)) {
             (
                 ConnectionState::Connected,
                 Ok(_),
                 None | Some(BreakerState::Closed | BreakerState::Disabled),
-            ) => HealthStatus::Up,
-            (ConnectionState::Connected, Ok(_), Some(_)) => HealthStatus::Degraded,
+            ) if unreachable.is_empty() => HealthStatus::Up,
+            (ConnectionState::Connected, Ok(_), _) => HealthStatus::Degraded,
             _ => HealthStatus::Down,
         };
         let calls = client.metrics().map(|snapshot| {
@@ -124,6 +129,7 @@ impl Health {
             breaker,
             ping_error: ping.as_ref().err().map(ToString::to_string),
             ping: ping.ok(),
+            unreachable,
             calls,
         }
     }

@@ -111,6 +111,14 @@ impl ResilientClient {
         self.parts.redis.connected_to()
     }
 
+    /// The servers behind the connection that cannot be reached while it serves through
+    /// the others (no credentials): a cluster's masters whose process or host is gone,
+    /// whose slots' requests are answered at once, unsent, until they can be reached or
+    /// the cluster fails them over. Empty for one server.
+    pub fn unreachable(&self) -> Vec<String> {
+        self.parts.redis.unreachable()
+    }
+
     /// The connection state now.
     pub fn connection_state(&self) -> ConnectionState {
         *self.parts.redis.state().borrow()

@@ -222,6 +222,16 @@ impl<M: MakeConnection> Reconnect<M> {
         let (_, connection) = self.shared.current();
         self.shared.connector.connected_to(&connection?)
     }
+
+    /// The servers behind the connection in use that cannot be reached while it serves
+    /// through the others ([`MakeConnection::unreachable`]): a cluster's masters that are
+    /// gone.
+    pub fn unreachable(&self) -> Vec<String> {
+        let (_, connection) = self.shared.current();
+        connection.map_or_else(Vec::new, |connection| {
+            self.shared.connector.unreachable(&connection)
+        })
+    }
 }
 
 fn require_runtime() -> Result<(), Error> {

@@ -229,6 +229,16 @@ impl RedisService {
         self.inner.driver.as_deref().map(Driver::ended)
     }
 
+    /// The masters of a cluster that cannot be reached (`host:port`), whose slots'
+    /// requests are answered at once, unsent.
+    pub(crate) fn unreachable(&self) -> Vec<String> {
+        match &self.inner.connection {
+            Conn::Single(_) => Vec::new(),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster { topology, .. } => topology.gone_masters(),
+        }
+    }
+
     /// The connection is a cluster's.
     pub(crate) fn is_cluster(&self) -> bool {
         match self.inner.connection {

@@ -246,6 +246,17 @@ impl Topology {
         runtime.spawn(watch(Arc::downgrade(self), node));
     }
 
+    /// The masters that cannot be reached, as `host:port`.
+    pub(crate) fn gone_masters(&self) -> Vec<String> {
+        if !self.any_gone.load(Relaxed) {
+            return Vec::new();
+        }
+        let named = self.named();
+        let gone = named.iter().filter(|named| named.gone);
+        gone.map(|named| format!("{}:{}", named.node.0, named.node.1))
+            .collect()
+    }
+
     fn named(&self) -> MutexGuard<'_, Vec<Named>> {
         self.named.lock().unwrap_or_else(PoisonError::into_inner)
     }
