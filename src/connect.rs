@@ -1271,7 +1271,8 @@ async fn open_cluster(
             unlisted,
             replicas,
         },
-        None,
+        // redis-rs's cluster client runs its task on this runtime: ended with it.
+        Some(Driver::beside_runtime()),
         0,
         display,
     ))

@@ -367,6 +367,17 @@ impl Driver {
         })
     }
 
+    /// A handle for a connection whose task redis-rs spawns on the current runtime (a
+    /// cluster's): a task of ours beside it, which waits for nothing, ends with that
+    /// runtime, and the connection is known to have ended with it. Without it, a cluster
+    /// connection made on a runtime that shut down (a client shared by `#[tokio::test]`s,
+    /// a runtime per job) failed every call on the next runtime, for good, while it
+    /// looked connected. Needs a tokio runtime.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn beside_runtime() -> Arc<Driver> {
+        Driver::spawn(std::future::pending())
+    }
+
     /// A handle for a connection whose task redis-rs runs: it can be retired (Sentinel
     /// named another master), and its holder checks [`has_ended`](Self::has_ended).
     pub(crate) fn without_task() -> Arc<Driver> {

@@ -288,6 +288,19 @@ impl Topology {
         }
     }
 
+    /// The task that tried `node` ended: when it ended on its own, it left the node
+    /// reached (this changes nothing); when it was dropped, the node's slots' requests go
+    /// out again, and the next `MOVED` that names it has it tried anew.
+    fn unwatched(&self, node: &Address) {
+        let mut named = self.named();
+        if let Some(known) = named.iter_mut().find(|named| named.node == *node) {
+            known.watched = false;
+            known.gone = false;
+        }
+        self.any_gone
+            .store(named.iter().any(|named| named.gone), Relaxed);
+    }
+
     /// `node` could not be reached: unless `nodes` (the cluster's view, if a node gave
     /// it) has another master serve its slots, it is gone, with every slot the cluster
     /// gives it. Whether it is still tried.
@@ -413,6 +426,10 @@ impl Topology {
 /// cluster is asked every [`CHECK_EVERY`] whether another master serves its slots (a
 /// failover). Ends with the connection.
 async fn watch(topology: Weak<Topology>, node: Address) {
+    let _watching = Watching {
+        topology: topology.clone(),
+        node: node.clone(),
+    };
     let mut pause = FIRST_PAUSE;
     let mut next_try = Instant::now();
     loop {
@@ -439,6 +456,23 @@ async fn watch(topology: Weak<Topology>, node: Address) {
         }
         drop(this);
         tokio::time::sleep_until(next_try.min(Instant::now() + CHECK_EVERY)).await;
+    }
+}
+
+/// Held by the task that tries a node: however the task ends (with the runtime it ran
+/// on, too), the node is no longer tried, nor taken for gone, until a `MOVED` names it
+/// again. Otherwise, dropped with a runtime that shut down, it left the node's slots'
+/// requests answered at once, unsent, for good.
+struct Watching {
+    topology: Weak<Topology>,
+    node: Address,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        if let Some(topology) = self.topology.upgrade() {
+            topology.unwatched(&self.node);
+        }
     }
 }
 
