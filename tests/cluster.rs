@@ -14,7 +14,8 @@ use std::{
 
 use redis::AsyncCommands;
 use support::{
-    Blackhole, ConnectAttempts, RedisCluster, RedisServer, TokenService, asking, eventually,
+    Blackhole, ConnectAttempts, RedisCluster, RedisServer, TokenService, asking,
+    current_thread_runtime, eventually,
 };
 use tower_redis_resilience::{
     Connector, Credentials, Error, HealthStatus, ResilientClient,
@@ -390,13 +391,6 @@ async fn a_dead_masters_keys_are_served_soon_after_its_replica_is_promoted() {
         after < Duration::from_millis(800),
         "served {after:?} after the promotion"
     );
-}
-
-fn current_thread_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// How long until a `SET` of `key` through `client` is served, trying every 10 ms; `None`

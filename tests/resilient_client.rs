@@ -12,7 +12,7 @@ use std::{
 };
 
 use redis::{AsyncCommands, Value};
-use support::{FaultProxy, RedisServer, eventually};
+use support::{FaultProxy, RedisServer, current_thread_runtime, eventually};
 use tower::{
     BoxError, Service, ServiceBuilder, ServiceExt, load_shed::error::Overloaded,
     util::BoxCloneService,
@@ -1096,13 +1096,6 @@ fn a_client_used_on_a_second_runtime_has_its_breaker_follow_the_connection_there
             "served {served_after:?} after the restart: the breaker waited out its open period"
         );
     });
-}
-
-fn current_thread_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// How long until a `SET` through `client` is served, trying every 10 ms; `None` if not

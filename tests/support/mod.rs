@@ -604,6 +604,14 @@ pub fn chaos_seeds(default: u64) -> Vec<u64> {
         .unwrap_or_else(|| vec![default])
 }
 
+/// A runtime of its own, for tests of a client used on several runtimes in turn.
+pub fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Polls `check` every 5 ms until it holds, for at most `limit` (then panics); answers how
 /// long it took.
 pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
