@@ -515,7 +515,12 @@ impl Connector {
     /// [unavailable](Error::is_unavailable) error that is not resent and does not count
     /// for the breaker; reads go to a replica with [`read_replicas`](Self::read_replicas).
     /// Left to redis-rs's client, each of those requests had it read its map of the slots
-    /// and try to connect to the master, while every other request waited.
+    /// and try to connect to the master, while every other request waited. A master that
+    /// stalls (paused, hung) is found when a request of its slots goes unanswered and it
+    /// does not answer a `PING` on a connection of this crate's own within 250 ms; its
+    /// slots' requests are then answered at once the same way, until it answers again
+    /// (asked every 250 ms) or the cluster names another master for them. Such masters
+    /// show in [`ResilientClient::unreachable`](crate::ResilientClient::unreachable).
     ///
     /// A master that fails with no replica to take over costs only its own slots if the
     /// cluster runs with `cluster-require-full-coverage no`; with Redis's default (`yes`),

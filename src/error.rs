@@ -497,10 +497,15 @@ impl Error {
     /// milliseconds later, or for the breaker every node's calls share: the other nodes
     /// serve on.
     #[cfg(feature = "cluster")]
-    pub(crate) fn master_gone(slot: u16, node: &str, next_try: Duration) -> Self {
+    pub(crate) fn master_gone(slot: u16, node: &str, stalled: bool, next_try: Duration) -> Self {
+        let why = if stalled {
+            "does not answer"
+        } else {
+            "cannot be reached"
+        };
         let text = format!(
-            "not sent: the cluster's master for slot {slot}, {node}, cannot be reached \
-             (tried again in {} ms)",
+            "not sent: the cluster's master for slot {slot}, {node}, {why} (tried again in \
+             {} ms)",
             next_try.as_millis()
         );
         Error::new(
@@ -967,7 +972,7 @@ mod tests {
     #[cfg(feature = "cluster")]
     #[test]
     fn a_request_whose_cluster_master_cannot_be_reached_is_unavailable_unsent_and_not_resent() {
-        let made = Error::master_gone(3999, "127.0.0.1:6381", Duration::from_millis(400));
+        let made = Error::master_gone(3999, "127.0.0.1:6381", false, Duration::from_millis(400));
         // As the leaf gets it back from the cluster connection.
         let arrived = Error::from_request(RedisError::from(made.clone())).of_one_node();
         for err in [made, arrived] {
@@ -980,6 +985,13 @@ mod tests {
                  127.0.0.1:6381, cannot be reached (tried again in 400 ms)"
             );
         }
+        let stalled = Error::master_gone(3999, "127.0.0.1:6381", true, Duration::ZERO);
+        assert!(stalled.is_master_gone() && !stalled.may_have_run());
+        assert!(
+            stalled
+                .to_string()
+                .contains("127.0.0.1:6381, does not answer")
+        );
     }
 
     #[test]

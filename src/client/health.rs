@@ -55,9 +55,10 @@ pub struct Health {
     pub ping: Option<Duration>,
     /// Why the `PING` failed, if it did.
     pub ping_error: Option<String>,
-    /// The servers that cannot be reached while the others serve (no credentials): a
-    /// cluster's masters whose slots' requests are answered at once, unsent. Any makes
-    /// the status [`Degraded`](HealthStatus::Degraded).
+    /// The servers that cannot be reached, or do not answer, while the others serve (no
+    /// credentials): a cluster's masters gone or stalled, whose slots' requests are
+    /// answered at once, unsent. Any makes the status [`Degraded`](HealthStatus::Degraded)
+    /// (or `Down`, if the `PING` went to one).
     pub unreachable: Vec<String>,
     /// What the metrics layer recorded, all commands together, if the client has one.
     pub calls: Option<CallSummary>,

@@ -111,10 +111,10 @@ impl ResilientClient {
         self.parts.redis.connected_to()
     }
 
-    /// The servers behind the connection that cannot be reached while it serves through
-    /// the others (no credentials): a cluster's masters whose process or host is gone,
-    /// whose slots' requests are answered at once, unsent, until they can be reached or
-    /// the cluster fails them over. Empty for one server.
+    /// The servers behind the connection that cannot be reached, or do not answer, while
+    /// it serves through the others (no credentials): a cluster's masters whose process
+    /// or host is gone, or that stall, whose slots' requests are answered at once,
+    /// unsent, until they answer or the cluster fails them over. Empty for one server.
     pub fn unreachable(&self) -> Vec<String> {
         self.parts.redis.unreachable()
     }

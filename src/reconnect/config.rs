@@ -292,7 +292,8 @@ impl<S> ReconnectConfig<S> {
     /// Reads served this way are counted in
     /// [`ReconnectStats::side_reads`](super::ReconnectStats::side_reads). A `Reconnect`
     /// over a cluster never suspects its connection (a stalled node holds up only its own
-    /// slots), so this does not apply there:
+    /// slots, and is found stalled on its own: see
+    /// [`Connector::cluster`](crate::Connector::cluster)), so this does not apply there:
     /// [`read_replicas`](crate::Connector::read_replicas) sends a read its master has not
     /// answered within 100 ms to a replica too.
     ///
