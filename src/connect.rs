@@ -519,7 +519,8 @@ impl Connector {
     /// stalls (paused, hung) is found when a request of its slots goes unanswered and it
     /// does not answer a `PING` on a connection of this crate's own within 250 ms; its
     /// slots' requests are then answered at once the same way, until it answers again
-    /// (asked every 250 ms) or the cluster names another master for them. Such masters
+    /// (asked after 250 ms, then at intervals doubling to 1 s) or the cluster names
+    /// another master for them (asked every 250 ms). Such masters
     /// show in [`ResilientClient::unreachable`](crate::ResilientClient::unreachable).
     ///
     /// A master that fails with no replica to take over costs only its own slots if the

@@ -1276,8 +1276,10 @@ async fn a_stalled_master_costs_its_slots_requests_a_deadline_only_until_it_is_f
         value.is_some()
     })
     .await;
+    eprintln!("served {waited:?} after it resumed");
+    // Asked again 250 ms after it was found stalled, then at intervals doubling to 1 s.
     assert!(
-        waited < Duration::from_millis(800),
+        waited < Duration::from_millis(1500),
         "served {waited:?} after it resumed"
     );
     assert!(client.unreachable().is_empty());

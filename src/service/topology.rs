@@ -502,31 +502,40 @@ impl Topology {
     }
 }
 
-/// Asks `node`, found [stalled](Topology::stalled), every [`CHECK_EVERY`] whether it
-/// [reacts](reacts), and the cluster whether another master serves its slots: either
-/// ends the stall. Ends with the connection.
+/// Asks `node`, found [stalled](Topology::stalled), whether it [reacts](reacts) (after
+/// 250 ms, then at doubling intervals up to 1 s), and the cluster every [`CHECK_EVERY`]
+/// whether another master serves its slots: either ends the stall. Ends with the
+/// connection.
 async fn watch_stalled(topology: Weak<Topology>, node: Address) {
     let _watching = Watching {
         topology: topology.clone(),
         node: node.clone(),
     };
+    // Each try opens a connection that a stalled process leaves in its backlog until it
+    // runs again: 250 ms apart at first, doubling to 1 s, so a fleet of clients does not
+    // fill it. Asking the cluster goes through the nodes that answer, every 250 ms.
+    let mut pause = CHECK_EVERY;
+    let mut next_try = Instant::now() + pause;
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
-        let Some(this) = topology.upgrade() else {
-            return;
-        };
-        drop(this);
-        let reacted = reacts(&node, STALL_PATIENCE).await;
-        let Some(this) = topology.upgrade() else {
-            return;
-        };
-        if reacted {
-            this.reached(&node);
-            return;
+        if Instant::now() >= next_try {
+            if topology.upgrade().is_none() {
+                return;
+            }
+            if reacts(&node, STALL_PATIENCE).await {
+                if let Some(this) = topology.upgrade() {
+                    this.reached(&node);
+                }
+                return;
+            }
+            pause = (pause * 2).min(LONGEST_PAUSE);
+            next_try = Instant::now() + pause;
         }
+        let Some(this) = topology.upgrade() else {
+            return;
+        };
         let mut connection = this.connection.clone();
         let nodes = ask_nodes(&mut connection).await;
-        let next_try = Instant::now() + CHECK_EVERY;
         if !this.unreached(&node, nodes.as_deref(), next_try) {
             return;
         }
