@@ -234,21 +234,7 @@ impl Topology {
     pub(super) fn moved(self: &Arc<Self>, moved: &Redirect) {
         let (node, slot) = moved.to();
         let mut named = self.named();
-        let at = match named.iter().position(|named| named.node == node) {
-            Some(at) => at,
-            None => {
-                named.push(Named {
-                    node: node.clone(),
-                    ranges: Vec::new(),
-                    gone: false,
-                    watched: false,
-                    next_try: Instant::now(),
-                    stalled: false,
-                });
-                named.len() - 1
-            }
-        };
-        let known = &mut named[at];
+        let known = entry(&mut named, &node);
         if !covers(&known.ranges, slot) {
             known.ranges.push((slot, slot));
         }
@@ -260,7 +246,7 @@ impl Topology {
         };
         known.watched = true;
         drop(named);
-        runtime.spawn(watch(Arc::downgrade(self), node));
+        runtime.spawn(watch(Arc::downgrade(self), node, Try::Connect));
     }
 
     /// The masters that cannot be reached, as `host:port`.
@@ -287,14 +273,7 @@ impl Topology {
             return;
         };
         let was_gone = known.gone;
-        *known = Named {
-            node: node.clone(),
-            ranges: Vec::new(),
-            gone: false,
-            watched: false,
-            next_try: Instant::now() + FIRST_PAUSE,
-            stalled: false,
-        };
+        *known = Named::new(node.clone(), Instant::now() + FIRST_PAUSE);
         self.any_gone
             .store(named.iter().any(|named| named.gone), Relaxed);
         drop(named);
@@ -463,21 +442,7 @@ impl Topology {
             return;
         };
         let mut named = self.named();
-        let at = match named.iter().position(|named| named.node == node) {
-            Some(at) => at,
-            None => {
-                named.push(Named {
-                    node: node.clone(),
-                    ranges: Vec::new(),
-                    gone: false,
-                    watched: false,
-                    next_try: Instant::now(),
-                    stalled: false,
-                });
-                named.len() - 1
-            }
-        };
-        let known = &mut named[at];
+        let known = entry(&mut named, &node);
         if known.watched {
             return;
         }
@@ -498,68 +463,45 @@ impl Topology {
             slots,
             "redis cluster: a master does not answer; requests for its slots are answered at once, not sent, until it answers or the cluster fails it over"
         );
-        runtime.spawn(watch_stalled(Arc::downgrade(self), node));
+        runtime.spawn(watch(Arc::downgrade(self), node, Try::Ping));
     }
 }
 
-/// Asks `node`, found [stalled](Topology::stalled), whether it [reacts](reacts) (after
-/// 250 ms, then at doubling intervals up to 1 s), and the cluster every [`CHECK_EVERY`]
-/// whether another master serves its slots: either ends the stall. Ends with the
+/// How a node is tried, in [`watch`].
+#[derive(Clone, Copy)]
+enum Try {
+    /// Named by a `MOVED`: whether it [accepts](accepts) a connection, at once, then
+    /// 100 ms later, doubling to 1 s, as a node a redirect names is connected to.
+    Connect,
+    /// Found [stalled](Topology::stalled): whether it [reacts](reacts), 250 ms later,
+    /// then at intervals doubling to 1 s. Each try leaves a connection in a stalled
+    /// process's backlog until it runs again: a fleet of clients must not fill it.
+    Ping,
+}
+
+/// Tries `node` in the background, `how` says: no longer tried, nor [gone](Named::gone),
+/// once it answers; else gone, until it answers or the cluster, asked every
+/// [`CHECK_EVERY`], names another master for its slots (a failover). Ends with the
 /// connection.
-async fn watch_stalled(topology: Weak<Topology>, node: Address) {
+async fn watch(topology: Weak<Topology>, node: Address, how: Try) {
     let _watching = Watching {
         topology: topology.clone(),
         node: node.clone(),
     };
-    // Each try opens a connection that a stalled process leaves in its backlog until it
-    // runs again: 250 ms apart at first, doubling to 1 s, so a fleet of clients does not
-    // fill it. Asking the cluster goes through the nodes that answer, every 250 ms.
-    let mut pause = CHECK_EVERY;
-    let mut next_try = Instant::now() + pause;
-    loop {
-        tokio::time::sleep(CHECK_EVERY).await;
-        if Instant::now() >= next_try {
-            if topology.upgrade().is_none() {
-                return;
-            }
-            if reacts(&node, STALL_PATIENCE).await {
-                if let Some(this) = topology.upgrade() {
-                    this.reached(&node);
-                }
-                return;
-            }
-            pause = (pause * 2).min(LONGEST_PAUSE);
-            next_try = Instant::now() + pause;
-        }
-        let Some(this) = topology.upgrade() else {
-            return;
-        };
-        let mut connection = this.connection.clone();
-        let nodes = ask_nodes(&mut connection).await;
-        if !this.unreached(&node, nodes.as_deref(), next_try) {
-            return;
-        }
-    }
-}
-
-/// Tries `node`, named by a `MOVED`, in the background: forgotten as soon as it accepts a
-/// connection, else [gone](Named::gone), and tried again after a pause (100 ms, doubling
-/// to 1 s, as a node a redirect names is connected to) until it accepts one, while the
-/// cluster is asked every [`CHECK_EVERY`] whether another master serves its slots (a
-/// failover). Ends with the connection.
-async fn watch(topology: Weak<Topology>, node: Address) {
-    let _watching = Watching {
-        topology: topology.clone(),
-        node: node.clone(),
+    let (mut pause, mut next_try) = match how {
+        Try::Connect => (FIRST_PAUSE, Instant::now()),
+        Try::Ping => (CHECK_EVERY, Instant::now() + CHECK_EVERY),
     };
-    let mut pause = FIRST_PAUSE;
-    let mut next_try = Instant::now();
     loop {
         if Instant::now() >= next_try {
             let Some(timeout) = topology.upgrade().map(|this| this.connect_timeout) else {
                 return;
             };
-            if accepts(&node, timeout).await {
+            let answered = match how {
+                Try::Connect => accepts(&node, timeout).await,
+                Try::Ping => reacts(&node, STALL_PATIENCE).await,
+            };
+            if answered {
                 if let Some(this) = topology.upgrade() {
                     this.reached(&node);
                 }
@@ -624,6 +566,32 @@ async fn reacts((host, port): &Address, patience: Duration) -> bool {
         }
     };
     tokio::time::timeout(patience, probe).await.is_ok()
+}
+
+impl Named {
+    /// Known by no slot, neither gone nor tried, to be tried again from `next_try`.
+    fn new(node: Address, next_try: Instant) -> Self {
+        Named {
+            node,
+            ranges: Vec::new(),
+            gone: false,
+            stalled: false,
+            watched: false,
+            next_try,
+        }
+    }
+}
+
+/// `node`'s entry in `named`, made if there is none.
+fn entry<'a>(named: &'a mut Vec<Named>, node: &Address) -> &'a mut Named {
+    let at = match named.iter().position(|named| named.node == *node) {
+        Some(at) => at,
+        None => {
+            named.push(Named::new(node.clone(), Instant::now()));
+            named.len() - 1
+        }
+    };
+    &mut named[at]
 }
 
 /// Whether `ranges` holds `slot`.
