@@ -341,7 +341,7 @@ impl Topology {
             named.gone = true;
             tracing::warn!(
                 master = %format_args!("{}:{}", node.0, node.1),
-                slots = named.ranges.iter().map(|&(first, last)| usize::from(last - first) + 1).sum::<usize>(),
+                slots = count(&named.ranges),
                 "redis cluster: a master cannot be reached; requests for its slots are answered at once, not sent, until it can be or the cluster fails it over"
             );
         }
@@ -451,11 +451,7 @@ impl Topology {
         known.stalled = true;
         known.watched = true;
         known.next_try = Instant::now() + CHECK_EVERY;
-        let slots = known
-            .ranges
-            .iter()
-            .map(|&(first, last)| usize::from(last - first) + 1)
-            .sum::<usize>();
+        let slots = count(&known.ranges);
         self.any_gone.store(true, Relaxed);
         drop(named);
         tracing::warn!(
@@ -592,6 +588,14 @@ fn entry<'a>(named: &'a mut Vec<Named>, node: &Address) -> &'a mut Named {
         }
     };
     &mut named[at]
+}
+
+/// How many slots `ranges` holds (for logs: ranges may overlap).
+fn count(ranges: &[(u16, u16)]) -> usize {
+    ranges
+        .iter()
+        .map(|&(first, last)| usize::from(last - first) + 1)
+        .sum()
 }
 
 /// Whether `ranges` holds `slot`.
