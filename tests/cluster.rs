@@ -1267,8 +1267,7 @@ async fn a_stalled_master_costs_its_slots_requests_a_deadline_only_until_it_is_f
     );
     assert!(gets.count(Outcome::Unavailable) > 50, "{gets:?}");
     assert_eq!(health.unreachable, [format!("127.0.0.1:{port}")]);
-    // `Down` when its `PING` went to the stalled node, as redis-rs routes it at random.
-    assert_ne!(health.status, HealthStatus::Up);
+    assert_eq!(health.status, HealthStatus::Degraded);
     assert_eq!(health.breaker.unwrap().state, BreakerState::Closed);
     let stalled = keys.iter().find(|key| stalls(key)).unwrap();
     let waited = eventually(Duration::from_secs(2), async || {
@@ -1283,6 +1282,52 @@ async fn a_stalled_master_costs_its_slots_requests_a_deadline_only_until_it_is_f
         "served {waited:?} after it resumed"
     );
     assert!(client.unreachable().is_empty());
+}
+
+/// redis-rs sends a `PING` to every master and answers when all have: one stalled master
+/// made every health check of the client fail (`Down`, 20 of 20), while the other two
+/// masters served. Each master is now asked on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_asks_each_master_so_one_that_stalls_or_dies_makes_it_degraded_not_down() {
+    let mut cluster = RedisCluster::start(3, 0);
+    let client = client(&cluster).await;
+    let health = client.health().await;
+    assert_eq!(health.status, HealthStatus::Up, "{health:?}");
+    assert!(health.ping.is_some() && health.unreachable.is_empty());
+    let addresses: Vec<String> = (cluster.masters.iter())
+        .map(|master| format!("127.0.0.1:{}", master.port()))
+        .collect();
+    let address = |index: usize| addresses[index].clone();
+    // No request goes to its slots: only the health check can find it.
+    cluster.masters[1].pause();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let health = client.health().await;
+        assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
+        assert_eq!(health.unreachable, [address(1)]);
+        assert!(
+            health.ping.unwrap() < Duration::from_millis(100),
+            "{health:?}"
+        );
+        // The health timeout (250 ms), for the master that does not answer.
+        assert!(started.elapsed() < Duration::from_millis(400));
+    }
+    cluster.masters[0].pause();
+    cluster.masters[2].pause();
+    let health = client.health().await;
+    assert_eq!(health.status, HealthStatus::Down, "{health:?}");
+    assert!(health.ping.is_none() && health.ping_error.is_some());
+    for master in &cluster.masters {
+        master.resume();
+    }
+    let health = client.health().await;
+    assert_eq!(health.status, HealthStatus::Up, "{health:?}");
+    cluster.masters[2].kill();
+    for _ in 0..5 {
+        let health = client.health().await;
+        assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
+        assert_eq!(health.unreachable, [address(2)]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,7 +47,8 @@ pub struct Health {
     pub breaker: Option<BreakerMetrics>,
     /// How long a `PING` took, if it was answered in time. A reply that refuses the
     /// command (`NOPERM`, for an ACL user that may not run `PING`) is an answer: the
-    /// server is up.
+    /// server is up. For a cluster, how long the slowest master that answered took, if
+    /// one did.
     #[cfg_attr(
         feature = "serde",
         serde(rename = "ping_ms", serialize_with = "millis::option")
@@ -57,8 +58,8 @@ pub struct Health {
     pub ping_error: Option<String>,
     /// The servers that cannot be reached, or do not answer, while the others serve (no
     /// credentials): a cluster's masters gone or stalled, whose slots' requests are
-    /// answered at once, unsent. Any makes the status [`Degraded`](HealthStatus::Degraded)
-    /// (or `Down`, if the `PING` went to one).
+    /// answered at once, unsent, and those that did not answer the health check in time.
+    /// Any makes the status [`Degraded`](HealthStatus::Degraded).
     pub unreachable: Vec<String>,
     /// What the metrics layer recorded, all commands together, if the client has one.
     pub calls: Option<CallSummary>,
@@ -95,10 +96,21 @@ pub struct CallSummary {
 }
 
 impl Health {
-    pub(super) fn new(client: &ResilientClient, ping: Result<Duration, Error>) -> Health {
+    /// The report, with the `PING`'s answer and the servers that did not answer it
+    /// (a cluster's masters asked one by one).
+    pub(super) fn new(
+        client: &ResilientClient,
+        ping: Result<Duration, Error>,
+        silent: Vec<String>,
+    ) -> Health {
         let connection = client.connection_state();
         let breaker = client.circuit_breaker().map(|breaker| breaker.metrics());
-        let unreachable = client.unreachable();
+        let mut unreachable = client.unreachable();
+        for server in silent {
+            if !unreachable.contains(&server) {
+                unreachable.push(server);
+            }
+        }
         let status = match (connection, &ping, breaker.map(|b| b.state)) {
             (
                 ConnectionState::Connected,

@@ -191,9 +191,38 @@ impl ResilientClient {
 
     /// Pings Redis (on the connection, past the breaker, not counted in the metrics) and
     /// reports how things stand; see [`Health`].
+    ///
+    /// For a cluster, each master is asked on its own (`CLUSTER MYID`, the masters known
+    /// to be gone left out), each within the health timeout: one that does not answer in
+    /// time is listed in [`Health::unreachable`] and makes the status `Degraded`, and
+    /// only none answering makes it `Down`.
     pub async fn health(&self) -> Health {
+        #[cfg(feature = "cluster")]
+        if let Some((ping, silent)) = self.ping_masters().await {
+            return Health::new(self, ping, silent);
+        }
         let ping = self.ping().await;
-        Health::new(self, ping)
+        Health::new(self, ping, Vec::new())
+    }
+
+    /// [`health`](Self::health)'s question to each master of a cluster: how long the
+    /// slowest that answered took (an error if none did), and those that did not. `None`
+    /// for one server, with no connection, or when no node gave the cluster's view of its
+    /// nodes (the `PING` is then sent as to one server).
+    #[cfg(feature = "cluster")]
+    async fn ping_masters(&self) -> Option<(Result<Duration, Error>, Vec<String>)> {
+        tokio::runtime::Handle::try_current().ok()?;
+        let connection = self.parts.redis.connection()?;
+        let limit = self.parts.health_timeout;
+        let masters = connection.masters_health(limit).await?;
+        let ping = masters.slowest.ok_or_else(|| {
+            Error::unavailable_because(format!(
+                "no master of the cluster answered within {limit:?}: {}",
+                masters.silent.join(", ")
+            ))
+            .with_command("CLUSTER MYID")
+        });
+        Some((ping, masters.silent))
     }
 
     async fn ping(&self) -> Result<Duration, Error> {

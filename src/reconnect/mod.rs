@@ -223,6 +223,12 @@ impl<M: MakeConnection> Reconnect<M> {
         self.shared.connector.connected_to(&connection?)
     }
 
+    /// The connection in use, if there is one.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn connection(&self) -> Option<M::Connection> {
+        self.shared.current().1
+    }
+
     /// The servers behind the connection in use that cannot be reached while it serves
     /// through the others ([`MakeConnection::unreachable`]): a cluster's masters that are
     /// gone.

@@ -239,6 +239,20 @@ impl RedisService {
         }
     }
 
+    /// For a cluster's connection, each master's answer to a health check
+    /// ([`Topology::health`]); `None` for one server's, or when no node gives the
+    /// cluster's view of its nodes.
+    #[cfg(feature = "cluster")]
+    pub(crate) async fn masters_health(
+        &self,
+        limit: std::time::Duration,
+    ) -> Option<topology::MastersHealth> {
+        match &self.inner.connection {
+            Conn::Single(_) => None,
+            Conn::Cluster { topology, .. } => topology.health(limit).await,
+        }
+    }
+
     /// The connection is a cluster's.
     pub(crate) fn is_cluster(&self) -> bool {
         match self.inner.connection {

@@ -61,6 +61,10 @@ pub(super) const QUESTION_TIMEOUT: Duration = Duration::from_millis(30);
 /// How many nodes are asked for `CLUSTER NODES` at most, when one does not answer.
 pub(super) const SOURCES: usize = 3;
 
+/// How many nodes a health check asks at once for `CLUSTER NODES`: the masters of slots
+/// spread evenly, so each of a cluster's first few masters is asked.
+const HEALTH_SOURCES: usize = 8;
+
 /// How long after a check the next may begin: while a master stalls, before the cluster
 /// has failed it over, each check finds nothing to do.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
@@ -131,9 +135,15 @@ pub(super) fn address(field: &str) -> Option<Address> {
 /// `CLUSTER NODES` from a node picked at random, if it answers within
 /// [`QUESTION_TIMEOUT`].
 pub(super) async fn ask_a_node(connection: &mut ClusterConnection) -> Option<Vec<Node>> {
+    ask(connection, SingleNodeRoutingInfo::Random).await
+}
+
+/// `CLUSTER NODES` from the node `to` leads to, if it answers within
+/// [`QUESTION_TIMEOUT`].
+async fn ask(connection: &mut ClusterConnection, to: SingleNodeRoutingInfo) -> Option<Vec<Node>> {
     let asked = connection.route_command(
         redis::cmd("CLUSTER").arg("NODES").clone(),
-        RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        RoutingInfo::SingleNode(to),
     );
     let reply = tokio::time::timeout(QUESTION_TIMEOUT, asked)
         .await
@@ -169,6 +179,16 @@ pub(crate) struct Topology {
     named: Mutex<Vec<Named>>,
     /// Whether one of `named` is [gone](Named::gone): all a request reads otherwise.
     any_gone: AtomicBool,
+}
+
+/// What a health check found of a cluster's masters: [`Topology::health`].
+pub(crate) struct MastersHealth {
+    /// How long the slowest master that answered took; `None` if none did.
+    pub(crate) slowest: Option<Duration>,
+    /// The masters (`host:port`) that did not answer in time, or that redis-rs's
+    /// routing of their slots does not reach (it has no connection to them, or its map
+    /// is out of date).
+    pub(crate) silent: Vec<String>,
 }
 
 /// A master a `MOVED` named (the cluster's master for a request's slot), while it is
@@ -258,6 +278,71 @@ impl Topology {
         let gone = named.iter().filter(|named| named.gone);
         gone.map(|named| format!("{}:{}", named.node.0, named.node.1))
             .collect()
+    }
+
+    /// Asks each master the cluster names for who it is (`CLUSTER MYID`, routed as
+    /// redis-rs routes one of its slots, the masters known gone left out), all at once,
+    /// each within `limit`: a health check. redis-rs sends a `PING` to every master and
+    /// answers when all have, so one stalled master failed the whole check (a client
+    /// reported down while two masters of three served), and one redis-rs has no
+    /// connection to was left out unsaid. `None` when no node gives the cluster's view of
+    /// its nodes within [`QUESTION_TIMEOUT`] (asked of the masters of [`HEALTH_SOURCES`]
+    /// slots spread evenly, at once: one may be the stalled one).
+    pub(crate) async fn health(&self, limit: Duration) -> Option<MastersHealth> {
+        let connection = self.connection.clone();
+        let mut sources = tokio::task::JoinSet::new();
+        let spread =
+            (0..HEALTH_SOURCES).filter_map(|n| Slot::new((n * 16384 / HEALTH_SOURCES) as u16));
+        for slot in spread {
+            let mut connection = connection.clone();
+            sources.spawn(async move { ask(&mut connection, master_of(slot)).await });
+        }
+        let mut nodes = None;
+        while let Some(asked) = sources.join_next().await {
+            if let Ok(Some(answer)) = asked {
+                nodes = Some(answer);
+                break;
+            }
+        }
+        drop(sources);
+        let nodes = nodes?;
+        let gone = self.gone_masters();
+        let mut asks = tokio::task::JoinSet::new();
+        for master in nodes.into_iter().filter(|node| node.master.is_none()) {
+            let (Some((host, port)), Some(slot)) = (
+                &master.address,
+                master
+                    .ranges
+                    .first()
+                    .and_then(|&(first, _)| Slot::new(first)),
+            ) else {
+                continue;
+            };
+            let named = format!("{host}:{port}");
+            if gone.contains(&named) {
+                continue;
+            }
+            let mut connection = connection.clone();
+            asks.spawn(async move {
+                let started = Instant::now();
+                let to = master_of(slot);
+                let answered = answers_within(&mut connection, to, &master.id, limit).await;
+                (named, answered.then(|| started.elapsed()))
+            });
+        }
+        let mut health = MastersHealth {
+            slowest: None,
+            silent: Vec::new(),
+        };
+        while let Some(asked) = asks.join_next().await {
+            match asked {
+                Ok((_, Some(took))) => health.slowest = health.slowest.max(Some(took)),
+                Ok((named, None)) => health.silent.push(named),
+                Err(_) => {}
+            }
+        }
+        health.silent.sort();
+        Some(health)
     }
 
     fn named(&self) -> MutexGuard<'_, Vec<Named>> {
@@ -400,9 +485,7 @@ impl Topology {
         let (Some((host, port)), Some(routed_slot)) = (&master.address, Slot::new(slot)) else {
             return;
         };
-        let routed =
-            SingleNodeRoutingInfo::SpecificNode(Route::with_slot(routed_slot, SlotAddr::Master));
-        if answers_as(&mut connection, routed, &master.id).await {
+        if answers_as(&mut connection, master_of(routed_slot), &master.id).await {
             return;
         }
         let direct = SingleNodeRoutingInfo::ByAddress {
@@ -647,6 +730,11 @@ impl Drop for Unanswered<'_> {
     }
 }
 
+/// Where redis-rs routes a request for `slot` to its master.
+fn master_of(slot: Slot) -> SingleNodeRoutingInfo {
+    SingleNodeRoutingInfo::SpecificNode(Route::with_slot(slot, SlotAddr::Master))
+}
+
 /// Whether the node `to` leads to answers `CLUSTER MYID` with `id` within
 /// [`QUESTION_TIMEOUT`].
 async fn answers_as(
@@ -654,11 +742,21 @@ async fn answers_as(
     to: SingleNodeRoutingInfo,
     id: &str,
 ) -> bool {
+    answers_within(connection, to, id, QUESTION_TIMEOUT).await
+}
+
+/// Whether the node `to` leads to answers `CLUSTER MYID` with `id` within `limit`.
+async fn answers_within(
+    connection: &mut ClusterConnection,
+    to: SingleNodeRoutingInfo,
+    id: &str,
+    limit: Duration,
+) -> bool {
     let asked = connection.route_command(
         redis::cmd("CLUSTER").arg("MYID").clone(),
         RoutingInfo::SingleNode(to),
     );
-    match tokio::time::timeout(QUESTION_TIMEOUT, asked).await {
+    match tokio::time::timeout(limit, asked).await {
         Ok(Ok(Value::BulkString(answer))) => answer == id.as_bytes(),
         Ok(Ok(Value::SimpleString(answer))) => answer == id,
         Ok(Ok(Value::VerbatimString { text, .. })) => text == id,
