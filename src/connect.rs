@@ -294,11 +294,11 @@ impl ClusterNodes {
                             own_tls.clone(),
                             connect_timeout,
                         );
-                        let replicas =
-                            crate::service::ReplicaReads::new(client, connect_timeout, unlisted);
-                        let opening = replicas.clone();
-                        tokio::spawn(async move { opening.open().await });
-                        Some(replicas)
+                        Some(crate::service::ReplicaReads::new(
+                            client,
+                            connect_timeout,
+                            unlisted,
+                        ))
                     }
                     Err(error) => {
                         tracing::warn!(%error, "redis cluster: no connection for replica reads");
@@ -307,6 +307,7 @@ impl ClusterNodes {
                 }
             })
             .clone()
+            .inspect(|replicas| replicas.open())
     }
 }
 

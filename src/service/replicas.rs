@@ -4,7 +4,7 @@
 use std::{
     future::Future,
     sync::{
-        Mutex, PoisonError,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::Duration,
@@ -17,6 +17,7 @@ use redis::{
 use tokio::time::Instant;
 
 use super::{
+    Driver,
     redirect::{Node, Unlisted, follow, follow_command},
     topology::{self, Address, SOURCES},
 };
@@ -40,7 +41,14 @@ pub(crate) struct ReplicaReads {
     /// Built with `read_from_replicas`, and otherwise as the main connection's.
     client: ClusterClient,
     connect_timeout: Duration,
-    connection: tokio::sync::OnceCell<ClusterConnection>,
+    /// The connection, with the task that ends with the runtime it was opened on (and
+    /// redis-rs's client's task with it): opened again on another runtime once that one
+    /// has shut down. It is opened on the runtime of the first connect, and kept across
+    /// the main connection's replacements; a client made on a runtime that then shut down
+    /// read no replica again.
+    connection: Mutex<Option<(ClusterConnection, std::sync::Arc<Driver>)>>,
+    /// Held while the connection is opened: the reads that want it meanwhile wait.
+    opening: tokio::sync::Mutex<()>,
     /// The slots' replicas as the cluster last told, and when.
     map: Mutex<Option<(SlotReplicas, Instant)>>,
     /// Held while a read of the map is under way: the reads that would start another
@@ -203,7 +211,8 @@ impl ReplicaReads {
         std::sync::Arc::new(ReplicaReads {
             client,
             connect_timeout,
-            connection: tokio::sync::OnceCell::new(),
+            connection: Mutex::new(None),
+            opening: tokio::sync::Mutex::const_new(()),
             map: Mutex::new(None),
             reading_map: tokio::sync::Mutex::const_new(()),
             turn: AtomicUsize::new(0),
@@ -217,28 +226,68 @@ impl ReplicaReads {
         self.served.load(Relaxed)
     }
 
-    /// Opens the connection and reads the map now, while the masters are up, so that
-    /// both are there when a master goes. If either cannot be had now, the first read
-    /// that needs it tries again.
-    pub(crate) async fn open(&self) {
-        if let Some(mut connection) = self.connection().await {
-            self.read_map(&mut connection).await;
+    /// Opens the connection and reads the map in the background, unless the connection
+    /// is open (and its runtime runs): at each connect of the main connection, while the
+    /// masters are up, so that both are there when a master goes. If either cannot be had
+    /// now, the first read that needs it tries again.
+    pub(crate) fn open(self: &Arc<Self>) {
+        if self.opened().is_some() {
+            return;
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = Arc::clone(self);
+        runtime.spawn(async move {
+            if let Some(mut connection) = this.connection().await {
+                this.read_map(&mut connection).await;
+            }
+        });
     }
 
-    /// The connection, opened within the connect timeout if it is not yet; `None` if it
-    /// cannot be (tried again next time).
-    async fn connection(&self) -> Option<ClusterConnection> {
-        let open = self
-            .connection
-            .get_or_try_init(|| self.client.get_async_connection());
+    /// The connection, opened within the connect timeout if it is not yet (or its
+    /// runtime has shut down); `None` if it cannot be (tried again next time). It opens
+    /// in a task of its own, so a read that stops waiting (its deadline passed) leaves it
+    /// to finish for the next: redis-rs's client connects to every node, and waits for
+    /// a stalled one, just when a replica is wanted.
+    async fn connection(self: &Arc<Self>) -> Option<ClusterConnection> {
+        if let Some(connection) = self.opened() {
+            return Some(connection);
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let this = Arc::clone(self);
+        let open = runtime.spawn(async move {
+            let _opening = this.opening.lock().await;
+            if let Some(connection) = this.opened() {
+                return Ok(connection);
+            }
+            let connection = this.client.get_async_connection().await?;
+            *this
+                .connection
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) =
+                Some((connection.clone(), Driver::beside_runtime()));
+            Ok::<_, RedisError>(connection)
+        });
         match tokio::time::timeout(self.connect_timeout, open).await {
-            Ok(Ok(connection)) => Some(connection.clone()),
-            Ok(Err(error)) => {
+            Ok(Ok(Ok(connection))) => Some(connection),
+            Ok(Ok(Err(error))) => {
                 tracing::debug!(%error, "redis cluster: the connection for replica reads could not be opened");
                 None
             }
-            Err(_) => None,
+            Ok(Err(_)) | Err(_) => None,
+        }
+    }
+
+    /// The connection, if it is open and the runtime it was opened on still runs.
+    fn opened(&self) -> Option<ClusterConnection> {
+        let connection = self
+            .connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &*connection {
+            Some((connection, runtime)) if !runtime.has_ended() => Some(connection.clone()),
+            _ => None,
         }
     }
 
@@ -321,7 +370,7 @@ impl ReplicaReads {
 
     /// `cmd`'s reply from a replica, if `cmd` is a read that failed on the master's
     /// connection as unavailable (`err`) and a replica answers; `None` otherwise.
-    pub(super) async fn command(&self, cmd: &Cmd, err: &RedisError) -> Option<Value> {
+    pub(super) async fn command(self: &Arc<Self>, cmd: &Cmd, err: &RedisError) -> Option<Value> {
         if !CommandInfo::of_cmd(cmd).is_read_only() || !for_a_replica(err) {
             return None;
         }
@@ -334,7 +383,7 @@ impl ReplicaReads {
     /// disk, a paused process) would otherwise have its reads wait out their deadline,
     /// and miss, until the cluster fails it over.
     pub(super) async fn hedged(
-        &self,
+        self: &Arc<Self>,
         cmd: &Cmd,
         main: impl Future<Output = RedisResult<Value>>,
     ) -> RedisResult<Value> {
@@ -356,7 +405,7 @@ impl ReplicaReads {
     }
 
     /// `cmd`'s reply from a replica of its key's slot, if one answers.
-    async fn read_on_a_replica(&self, cmd: &Cmd) -> Option<Value> {
+    async fn read_on_a_replica(self: &Arc<Self>, cmd: &Cmd) -> Option<Value> {
         let mut connection = self.connection().await?;
         let Some(key) = key_of(cmd) else {
             // A read of no key: wherever redis-rs sends it.
@@ -383,7 +432,7 @@ impl ReplicaReads {
 
     /// The same for a plain pipeline of reads, sent to a replica of its first key's slot.
     pub(super) async fn commands(
-        &self,
+        self: &Arc<Self>,
         pipeline: &Pipeline,
         offset: usize,
         count: usize,
