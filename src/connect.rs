@@ -59,6 +59,20 @@ pub trait MakeConnection: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Counts the times a part of the servers behind `connection` was found unreachable
+    /// and fenced off while the rest serve: a cluster's master gone or stalled, whose
+    /// slots' requests are then answered at once, unsent. On each,
+    /// [`Reconnect`](crate::reconnect::Reconnect) tells the watchers of its
+    /// [state](crate::reconnect::Reconnect::state) (the value stays `Connected`), so a
+    /// breaker that follows it
+    /// ([`half_open_on_reconnect`](crate::circuit_breaker::CircuitBreakerLayer::half_open_on_reconnect))
+    /// forgives the calls that part failed before it was fenced off, as it does a lost
+    /// connection's. `None` when the connector cannot tell (the default).
+    fn fences(&self, connection: &Self::Connection) -> Option<tokio::sync::watch::Receiver<u64>> {
+        let _ = connection;
+        None
+    }
+
     /// Whether `connection` has closed for good, so a call on it would be refused: an
     /// idle connection kept for blocking commands is checked before it is used. `false`
     /// when the connector cannot tell (the default): the call then finds out.
@@ -128,6 +142,10 @@ impl MakeConnection for Connector {
 
     fn unreachable(&self, connection: &RedisService) -> Vec<String> {
         connection.unreachable()
+    }
+
+    fn fences(&self, connection: &RedisService) -> Option<tokio::sync::watch::Receiver<u64>> {
+        connection.fences()
     }
 
     fn is_closed(&self, connection: &RedisService) -> bool {
@@ -1271,9 +1289,23 @@ async fn open_cluster(
         own_tls.clone(),
         connect_timeout,
     );
+    // The connector's nodes: where the cluster's view is asked past redis-rs's client
+    // until one is read.
+    let seeds = cluster
+        .nodes
+        .iter()
+        .filter_map(|node| match node.addr() {
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                Some((host.clone(), *port))
+            }
+            _ => None,
+        })
+        .collect();
+    let topology =
+        crate::service::Topology::new(connection.clone(), connect_timeout, unlisted.clone(), seeds);
     Ok(RedisService::from_parts(
         Conn::Cluster {
-            topology: crate::service::Topology::new(connection.clone(), connect_timeout),
+            topology,
             connection,
             unlisted,
             replicas,

@@ -140,8 +140,12 @@ impl CircuitBreakerLayer {
     /// reach `minimum_calls` only after Redis is back, opening the breaker on an outage
     /// that has ended (measured at 10 calls a second through a connection silently
     /// dropped: it opened 0.6 s after calls were served again, and refused them for 2 s).
-    /// A connection put back because it answered a `PING` (Redis slow, not gone) keeps
-    /// them. Spawns a task on the current tokio runtime that ends when the breaker or
+    /// The calls in flight then are not counted either when they end (their timeouts
+    /// come after). A connection put back because it answered a `PING` (Redis slow, not
+    /// gone) keeps them. A cluster's master found gone or stalled, and fenced off (its
+    /// slots' requests answered at once, unsent), counts as a new connection here: the
+    /// calls that failed on it before opened the breaker for every node's calls, and
+    /// kept it open for its wait while the other masters served. Spawns a task on the current tokio runtime that ends when the breaker or
     /// the connection is dropped (or the runtime shuts down: a rejection on another
     /// runtime then starts one there); without a runtime it is a
     /// [configuration](Error::is_config) error.

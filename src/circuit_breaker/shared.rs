@@ -336,14 +336,30 @@ impl Shared {
         let word = self.state.load(Acquire);
         match code(word) {
             OPEN | OPEN_UNDRIVEN => {
-                self.change(Some(word), HALF_OPEN, "redis reconnected");
+                self.change(
+                    Some(word),
+                    HALF_OPEN,
+                    "redis reconnected, or the part of it that failed was fenced off",
+                );
             }
-            CLOSED if new_connection => {
-                self.window.clear();
-                self.slow_rate_fell();
-            }
+            CLOSED if new_connection => self.forgive(word),
             _ => {}
         }
+    }
+
+    /// Starts a new window while closed, under a new epoch: the calls in the window, and
+    /// those in flight, whose outcomes would come after (a lost connection's, which time
+    /// out; a fenced-off cluster master's), are not counted. Nothing if the state is no
+    /// longer `word`.
+    fn forgive(&self, word: u64) {
+        let control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.state.load(Acquire) == word {
+            self.window.clear();
+            self.slow_since.store(0, Relaxed);
+            self.state
+                .store(((word >> 8) + 1) << 8 | code(word), Release);
+        }
+        drop(control);
     }
 
     /// Changes state if it is still `expected` (any state for `None`, the manual

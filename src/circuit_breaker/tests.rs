@@ -648,6 +648,38 @@ async fn a_new_connection_clears_the_lost_ones_calls_and_one_put_back_keeps_them
     assert_eq!(layer.state(), BreakerState::Open, "12 failures in 20 calls");
 }
 
+/// The calls in flight when a new connection comes (or a cluster's failing master is
+/// fenced off: the same news, `Connected` again) were the lost connection's, or that
+/// master's: their failures, which come after it (at their deadline), are not counted.
+/// Before, 12 such timeouts opened the breaker just after a fence had cleared its window.
+#[tokio::test(start_paused = true)]
+async fn calls_in_flight_at_a_new_connection_are_not_counted_when_they_fail_after_it() {
+    use ConnectionState::Connected;
+    let (layer, service, _) = breaker(count_window(100, 20));
+    let (connection, state) = tokio::sync::watch::channel(Connected);
+    layer.half_open_on_reconnect(state).unwrap();
+    let in_flight: Vec<_> = (0..12)
+        .map(|_| {
+            let mut service = service.clone();
+            tokio::spawn(async move { send(&mut service, "fail", 250).await })
+        })
+        .collect();
+    settle().await;
+    connection.send_modify(|_| {});
+    settle().await;
+    for call in in_flight {
+        assert!(call.await.unwrap().is_err());
+    }
+    let mut service = service;
+    repeat(&mut service, 8, "ok", 0).await;
+    assert_eq!(layer.metrics().calls, 8, "{:?}", layer.metrics());
+    assert_eq!(
+        layer.state(),
+        BreakerState::Closed,
+        "12 failures in 20 calls would have opened it"
+    );
+}
+
 #[test]
 fn without_a_runtime_the_callers_end_the_open_wait() {
     let (layer, mut service, _) = breaker(

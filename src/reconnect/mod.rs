@@ -190,7 +190,10 @@ impl<M: MakeConnection> Reconnect<M> {
         }
     }
 
-    /// The connection state, now and as it changes.
+    /// The connection state, now and as it changes. Watchers are also told, the value
+    /// staying `Connected`, when a part of the servers behind the connection is fenced
+    /// off while the rest serve ([`MakeConnection::fences`]: a cluster's master gone or
+    /// stalled), as the calls that failed there before say nothing of the rest.
     pub fn state(&self) -> watch::Receiver<ConnectionState> {
         self.shared.subscribe()
     }

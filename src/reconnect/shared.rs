@@ -267,10 +267,21 @@ impl<M: MakeConnection> Shared<M> {
     /// would otherwise find it closed, and wait for its successor. The watch holds
     /// nothing of the connection, and ends when it closes.
     fn watch(&self, connection: &Connection<M>) {
-        let Some(closed) = self.connector.closed(connection) else {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        if let Some(mut fences) = self.connector.fences(connection) {
+            let this = self.this.clone();
+            runtime.spawn(async move {
+                while fences.changed().await.is_ok() {
+                    let Some(shared) = this.upgrade() else {
+                        return;
+                    };
+                    shared.fenced_in_use(&fences);
+                }
+            });
+        }
+        let Some(closed) = self.connector.closed(connection) else {
             return;
         };
         let this = self.this.clone();
@@ -280,6 +291,23 @@ impl<M: MakeConnection> Shared<M> {
                 shared.closed_in_use();
             }
         });
+    }
+
+    /// A part of the servers behind a connection was fenced off
+    /// ([`MakeConnection::fences`]): if it is the connection in use, and calls go to it,
+    /// the state's watchers are told (its value unchanged), as of a new connection.
+    fn fenced_in_use(&self, fences: &watch::Receiver<u64>) {
+        let in_use = {
+            let slot = self.slot();
+            slot.connection
+                .as_ref()
+                .and_then(|connection| self.connector.fences(connection))
+        };
+        if in_use.is_some_and(|in_use| in_use.same_channel(fences))
+            && *self.state.borrow() == ConnectionState::Connected
+        {
+            self.state.send_modify(|_| {});
+        }
     }
 
     /// A connection closed: the one in use, if it is the one (a suspect one's `PING`

@@ -253,6 +253,17 @@ impl RedisService {
         }
     }
 
+    /// For a cluster's connection, the count of its masters found gone or stalled (see
+    /// [`MakeConnection::fences`](crate::MakeConnection::fences)); `None` for one
+    /// server's.
+    pub(crate) fn fences(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        match &self.inner.connection {
+            Conn::Single(_) => None,
+            #[cfg(feature = "cluster")]
+            Conn::Cluster { topology, .. } => Some(topology.fences()),
+        }
+    }
+
     /// The connection is a cluster's.
     pub(crate) fn is_cluster(&self) -> bool {
         match self.inner.connection {

@@ -172,6 +172,26 @@ impl Unlisted {
         })
     }
 
+    /// `cmd`'s reply from `node`, on a connection of our own (opened if need be), past
+    /// redis-rs's cluster client, within `limit`; `None` if there is none in time. For
+    /// questions that must be answered while redis-rs's client holds every request up
+    /// (it does while it reads its map of the slots, and each `MOVED` has it read it).
+    pub(super) async fn ask(
+        self: &Arc<Self>,
+        node: &Node,
+        cmd: &Cmd,
+        limit: Duration,
+    ) -> Option<Value> {
+        let asked = async {
+            let mut connection = single(&self.connect(node).await?)?;
+            connection
+                .send_packed_command(cmd)
+                .await
+                .map_err(Error::from)
+        };
+        tokio::time::timeout(limit, asked).await.ok()?.ok()
+    }
+
     /// The lock of `node`'s connection, made the first time `node` is asked for.
     fn own(&self, node: &Node) -> Arc<OwnConnection> {
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);

@@ -47,7 +47,7 @@ use redis::{
 use tokio::time::Instant;
 
 use super::{
-    redirect::{FIRST_PAUSE, LONGEST_PAUSE, Redirect},
+    redirect::{self, FIRST_PAUSE, LONGEST_PAUSE, Redirect, Unlisted},
     replicas::{key_of, slot_of, slot_of_pipeline},
 };
 
@@ -135,28 +135,31 @@ pub(super) fn address(field: &str) -> Option<Address> {
 /// `CLUSTER NODES` from a node picked at random, if it answers within
 /// [`QUESTION_TIMEOUT`].
 pub(super) async fn ask_a_node(connection: &mut ClusterConnection) -> Option<Vec<Node>> {
-    ask(connection, SingleNodeRoutingInfo::Random).await
+    ask(connection, SingleNodeRoutingInfo::Random, QUESTION_TIMEOUT).await
 }
 
-/// `CLUSTER NODES` from the node `to` leads to, if it answers within
-/// [`QUESTION_TIMEOUT`].
-async fn ask(connection: &mut ClusterConnection, to: SingleNodeRoutingInfo) -> Option<Vec<Node>> {
+/// `CLUSTER NODES` from the node `to` leads to, if it answers within `limit`.
+async fn ask(
+    connection: &mut ClusterConnection,
+    to: SingleNodeRoutingInfo,
+    limit: Duration,
+) -> Option<Vec<Node>> {
     let asked = connection.route_command(
         redis::cmd("CLUSTER").arg("NODES").clone(),
         RoutingInfo::SingleNode(to),
     );
-    let reply = tokio::time::timeout(QUESTION_TIMEOUT, asked)
-        .await
-        .ok()?
-        .ok()?;
+    let reply = tokio::time::timeout(limit, asked).await.ok()?.ok()?;
     parse(&reply)
 }
 
-/// `CLUSTER NODES` from a node, or from another if it does not answer (up to
-/// [`SOURCES`]).
-async fn ask_nodes(connection: &mut ClusterConnection) -> Option<Vec<Node>> {
+/// `CLUSTER NODES` from a node picked at random, or from another if it does not answer
+/// within `limit` (up to [`SOURCES`]).
+async fn ask_nodes_within(
+    connection: &mut ClusterConnection,
+    limit: Duration,
+) -> Option<Vec<Node>> {
     for _ in 0..SOURCES {
-        if let Some(nodes) = ask_a_node(connection).await {
+        if let Some(nodes) = ask(connection, SingleNodeRoutingInfo::Random, limit).await {
             return Some(nodes);
         }
     }
@@ -168,6 +171,11 @@ async fn ask_nodes(connection: &mut ClusterConnection) -> Option<Vec<Node>> {
 /// cannot reach, whose slots' requests are answered at once.
 pub(crate) struct Topology {
     connection: ClusterConnection,
+    /// Connections of our own to nodes, to ask the cluster's view past redis-rs's client.
+    unlisted: Arc<Unlisted>,
+    /// Masters to ask it of that way: the connector's nodes, then the masters of the last
+    /// view read.
+    seen: Mutex<Vec<Address>>,
     /// Set while a check runs.
     checking: AtomicBool,
     /// When the last check ended.
@@ -179,6 +187,10 @@ pub(crate) struct Topology {
     named: Mutex<Vec<Named>>,
     /// Whether one of `named` is [gone](Named::gone): all a request reads otherwise.
     any_gone: AtomicBool,
+    /// Counts the masters found gone or stalled (fenced off: their slots' requests
+    /// answered at once, unsent), for `Reconnect` to tell the breaker: the calls that
+    /// failed on such a master before it was fenced off say nothing of the others.
+    fenced: tokio::sync::watch::Sender<u64>,
 }
 
 /// What a health check found of a cluster's masters: [`Topology::health`].
@@ -209,15 +221,81 @@ struct Named {
 }
 
 impl Topology {
-    pub(crate) fn new(connection: ClusterConnection, connect_timeout: Duration) -> Arc<Self> {
+    pub(crate) fn new(
+        connection: ClusterConnection,
+        connect_timeout: Duration,
+        unlisted: Arc<Unlisted>,
+        seeds: Vec<Address>,
+    ) -> Arc<Self> {
         Arc::new(Topology {
             connection,
+            unlisted,
+            seen: Mutex::new(seeds),
             checking: AtomicBool::new(false),
             checked: Mutex::new(None),
             connect_timeout,
             named: Mutex::new(Vec::new()),
             any_gone: AtomicBool::new(false),
+            fenced: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// `CLUSTER NODES` from a node, asked through redis-rs's client, each node within
+    /// `patience`; or, if none answers so, from a master last seen, but `except`, on a
+    /// connection of our own. redis-rs's client sends no request while it reads its map
+    /// of the slots, and a `MOVED` for a slot of a master it cannot reach has it read the
+    /// map again, trying the master for a while: while such requests go out, it rarely
+    /// answers in time. Remembers the masters of the view read.
+    async fn ask_nodes_surely(
+        &self,
+        except: Option<&Address>,
+        patience: Duration,
+    ) -> Option<Vec<Node>> {
+        let mut connection = self.connection.clone();
+        let mut nodes = ask_nodes_within(&mut connection, patience).await;
+        if nodes.is_none() {
+            let seen = self
+                .seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let cmd = redis::cmd("CLUSTER").arg("NODES").clone();
+            let others = seen.into_iter().filter(|seen| Some(seen) != except);
+            for (host, port) in others.take(SOURCES) {
+                let to = redirect::Node::new(host, port);
+                let asked = self.unlisted.ask(&to, &cmd, patience).await;
+                if let Some(answer) = asked.as_ref().and_then(parse) {
+                    nodes = Some(answer);
+                    break;
+                }
+            }
+        }
+        if let Some(nodes) = &nodes {
+            let masters = nodes
+                .iter()
+                .filter(|node| node.usable && node.master.is_none() && !node.ranges.is_empty())
+                .filter_map(|node| node.address.clone());
+            *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = masters.collect();
+        }
+        nodes
+    }
+
+    /// How long a node is given to answer a question asked in the background, where
+    /// waiting holds up no request: redis-rs's client holds requests up while it reads
+    /// its map of the slots, trying a node that cannot be reached for a while.
+    fn patience(&self) -> Duration {
+        (self.connect_timeout / SOURCES as u32).max(QUESTION_TIMEOUT)
+    }
+
+    /// Counts the masters found gone or stalled, as they are.
+    pub(crate) fn fences(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.fenced.subscribe()
+    }
+
+    /// A master was just found gone or stalled.
+    fn fence(&self) {
+        self.fenced
+            .send_modify(|fences| *fences = fences.wrapping_add(1));
     }
 
     /// The answer, at once and unsent, for a request of `slot` (asked for only while a
@@ -286,16 +364,18 @@ impl Topology {
     /// answers when all have, so one stalled master failed the whole check (a client
     /// reported down while two masters of three served), and one redis-rs has no
     /// connection to was left out unsaid. `None` when no node gives the cluster's view of
-    /// its nodes within [`QUESTION_TIMEOUT`] (asked of the masters of [`HEALTH_SOURCES`]
-    /// slots spread evenly, at once: one may be the stalled one).
+    /// its nodes within half of `limit` (asked of the masters of [`HEALTH_SOURCES`] slots
+    /// spread evenly, at once: one may be the stalled one; redis-rs's client may hold
+    /// them up a moment while it reads its map of the slots).
     pub(crate) async fn health(&self, limit: Duration) -> Option<MastersHealth> {
         let connection = self.connection.clone();
+        let patience = QUESTION_TIMEOUT.max(limit / 2);
         let mut sources = tokio::task::JoinSet::new();
         let spread =
             (0..HEALTH_SOURCES).filter_map(|n| Slot::new((n * 16384 / HEALTH_SOURCES) as u16));
         for slot in spread {
             let mut connection = connection.clone();
-            sources.spawn(async move { ask(&mut connection, master_of(slot)).await });
+            sources.spawn(async move { ask(&mut connection, master_of(slot), patience).await });
         }
         let mut nodes = None;
         while let Some(asked) = sources.join_next().await {
@@ -420,17 +500,22 @@ impl Topology {
                 }
             }
         }
-        let named = &mut named[at];
-        named.next_try = next_try;
-        if !named.gone {
-            named.gone = true;
+        let known = &mut named[at];
+        known.next_try = next_try;
+        let newly = !known.gone;
+        if newly {
+            known.gone = true;
             tracing::warn!(
                 master = %format_args!("{}:{}", node.0, node.1),
-                slots = count(&named.ranges),
+                slots = count(&known.ranges),
                 "redis cluster: a master cannot be reached; requests for its slots are answered at once, not sent, until it can be or the cluster fails it over"
             );
         }
         self.any_gone.store(true, Relaxed);
+        drop(named);
+        if newly {
+            self.fence();
+        }
         true
     }
 
@@ -465,7 +550,7 @@ impl Topology {
     /// read its map again.
     async fn check(self: &Arc<Self>, slot: u16) {
         let mut connection = self.connection.clone();
-        let Some(nodes) = ask_nodes(&mut connection).await else {
+        let Some(nodes) = self.ask_nodes_surely(None, self.patience()).await else {
             return;
         };
         let serves = |node: &&Node| {
@@ -537,6 +622,7 @@ impl Topology {
         let slots = count(&known.ranges);
         self.any_gone.store(true, Relaxed);
         drop(named);
+        self.fence();
         tracing::warn!(
             master = %format_args!("{}:{}", node.0, node.1),
             slots,
@@ -572,28 +658,40 @@ async fn watch(topology: Weak<Topology>, node: Address, how: Try) {
         Try::Ping => (CHECK_EVERY, Instant::now() + CHECK_EVERY),
     };
     loop {
-        if Instant::now() >= next_try {
-            let Some(timeout) = topology.upgrade().map(|this| this.connect_timeout) else {
-                return;
-            };
-            let answered = match how {
-                Try::Connect => accepts(&node, timeout).await,
-                Try::Ping => reacts(&node, STALL_PATIENCE).await,
-            };
-            if answered {
-                if let Some(this) = topology.upgrade() {
-                    this.reached(&node);
-                }
-                return;
-            }
-            next_try = Instant::now() + pause;
-            pause = (pause * 2).min(LONGEST_PAUSE);
-        }
         let Some(this) = topology.upgrade() else {
             return;
         };
-        let mut connection = this.connection.clone();
-        let nodes = ask_nodes(&mut connection).await;
+        let timeout = this.connect_timeout;
+        // The cluster's view, asked while the node is tried: its slots are then all
+        // known when it is found gone, where those of the `MOVED`s alone left the others'
+        // requests sent, each `MOVED` making redis-rs read its map again, trying the node
+        // for a while, every other request waiting (measured under load: 10 reads of the
+        // others' keys served in 3 s). Asked patiently: redis-rs's client holds requests
+        // up while it reads its map, and this task holds up no one.
+        let ask = this.ask_nodes_surely(Some(&node), this.patience());
+        let (answered, nodes) = if Instant::now() >= next_try {
+            let tried = async {
+                match how {
+                    Try::Connect => accepts(&node, timeout).await,
+                    Try::Ping => reacts(&node, STALL_PATIENCE).await,
+                }
+            };
+            let (answered, nodes) = tokio::join!(tried, ask);
+            (Some(answered), nodes)
+        } else {
+            (None, ask.await)
+        };
+        match answered {
+            Some(true) => {
+                this.reached(&node);
+                return;
+            }
+            Some(false) => {
+                next_try = Instant::now() + pause;
+                pause = (pause * 2).min(LONGEST_PAUSE);
+            }
+            None => {}
+        }
         if !this.unreached(&node, nodes.as_deref(), next_try) {
             return;
         }
