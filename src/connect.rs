@@ -1230,7 +1230,7 @@ impl ClusterNodes {
                     .await
                     .map_err(Error::from_connect)
             };
-            let error = match tokio::time::timeout(connect_timeout / 4, attempt).await {
+            let error = match tokio::time::timeout(node_timeout(connect_timeout), attempt).await {
                 Ok(Ok(pubsub)) => return Ok(pubsub),
                 Ok(Err(error)) => error,
                 Err(_) => {
@@ -1317,6 +1317,16 @@ async fn open_cluster(
     ))
 }
 
+/// How long one node of a cluster is given to accept a connection (and answer its
+/// handshake): a quarter of the connect timeout, so that one node that does not (a
+/// stalled process, a host gone) leaves time to reach the others within it. redis-rs's
+/// cluster client leaves such a node out of its connections; this crate takes it for
+/// unreachable.
+#[cfg(feature = "cluster")]
+pub(crate) fn node_timeout(connect_timeout: Duration) -> Duration {
+    connect_timeout / 4
+}
+
 /// How this crate has redis-rs's cluster client connect to `cluster`.
 #[cfg(feature = "cluster")]
 fn cluster_builder(
@@ -1324,11 +1334,10 @@ fn cluster_builder(
     connect_timeout: Duration,
 ) -> redis::cluster::ClusterClientBuilder {
     // No resends (an INCR may have run), no response timeout (the Timeout layer's), and
-    // a node that does not answer within a quarter of the connect timeout is left out,
-    // so one stalled node does not keep the others from being reached.
+    // a node that does not answer within `node_timeout` is left out.
     let builder = redis::cluster::ClusterClient::builder(cluster.nodes.to_vec())
         .retries(0)
-        .connection_timeout(connect_timeout / 4);
+        .connection_timeout(node_timeout(connect_timeout));
     // redis-rs's cluster client takes TCP settings apart from the nodes' addresses.
     let builder = match cluster.nodes.first() {
         Some(first) => builder.tcp_settings(first.tcp_settings().clone()),
@@ -1404,7 +1413,7 @@ async fn diagnose(
         }
         None
     };
-    match tokio::time::timeout(connect_timeout / 4, ask).await {
+    match tokio::time::timeout(node_timeout(connect_timeout), ask).await {
         Ok(Some(found)) => found,
         _ => error,
     }

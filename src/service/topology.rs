@@ -19,9 +19,11 @@
 //! whose `MOVED` names the master, and reads its map again, trying to connect to the
 //! master meanwhile while every other request waits: one refresh and one connect per
 //! request. Here, the master a `MOVED` names is tried (a TCP connect, in a task of its
-//! own): if it cannot be reached, the requests for its slots are answered at once,
-//! unsent, until it can be (tried at a pace) or the cluster names another master for
-//! them (asked every [`CHECK_EVERY`]). See [`Topology::gone`].
+//! own, given the time redis-rs's client gives a node): if it cannot be reached, the
+//! requests for its slots are answered at once, unsent (those of the slots the `MOVED`s
+//! named at once, then all the cluster's view gives it, asked meanwhile), until it can
+//! be (tried at a pace) or the cluster names another master for them (asked every
+//! [`CHECK_EVERY`]). See [`Topology::gone`].
 //!
 //! A master that stalls (paused, hung) accepts connections and answers nothing: redis-rs
 //! sends its slots' requests to it, and each waited out its deadline. When one goes
@@ -180,7 +182,8 @@ pub(crate) struct Topology {
     checking: AtomicBool,
     /// When the last check ended.
     checked: Mutex<Option<Instant>>,
-    /// How long a master named by a `MOVED` is given to accept a connection.
+    /// The connect timeout: a master named by a `MOVED` is given a quarter of it to
+    /// accept a connection ([`node_timeout`](crate::connect::node_timeout)).
     connect_timeout: Duration,
     /// The masters `MOVED`s named: at most one entry per node, and none unless a master
     /// went or the client's map was out of date.
@@ -241,9 +244,10 @@ impl Topology {
     }
 
     /// `CLUSTER NODES` from a node, asked through redis-rs's client, each node within
-    /// `patience`; or, if none answers so, from a master last seen, but `except`, on a
-    /// connection of our own. redis-rs's client sends no request while it reads its map
-    /// of the slots, and a `MOVED` for a slot of a master it cannot reach has it read the
+    /// `patience`; and, if it has not answered within [`QUESTION_TIMEOUT`], of the
+    /// masters last seen but `except` too, one after another, on connections of our own:
+    /// the first answer. redis-rs's client sends no request while it reads its map of
+    /// the slots, and a `MOVED` for a slot of a master it cannot reach has it read the
     /// map again, trying the master for a while: while such requests go out, it rarely
     /// answers in time. Remembers the masters of the view read.
     async fn ask_nodes_surely(
@@ -252,24 +256,21 @@ impl Topology {
         patience: Duration,
     ) -> Option<Vec<Node>> {
         let mut connection = self.connection.clone();
-        let mut nodes = ask_nodes_within(&mut connection, patience).await;
-        if nodes.is_none() {
-            let seen = self
-                .seen
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
-            let cmd = redis::cmd("CLUSTER").arg("NODES").clone();
-            let others = seen.into_iter().filter(|seen| Some(seen) != except);
-            for (host, port) in others.take(SOURCES) {
-                let to = redirect::Node::new(host, port);
-                let asked = self.unlisted.ask(&to, &cmd, patience).await;
-                if let Some(answer) = asked.as_ref().and_then(parse) {
-                    nodes = Some(answer);
-                    break;
+        let through = ask_nodes_within(&mut connection, patience);
+        tokio::pin!(through);
+        let nodes = tokio::select! {
+            biased;
+            nodes = &mut through => nodes,
+            () = tokio::time::sleep(QUESTION_TIMEOUT) => {
+                let past = self.ask_past_redis_rs(except, patience);
+                tokio::pin!(past);
+                tokio::select! {
+                    Some(nodes) = &mut through => Some(nodes),
+                    Some(nodes) = &mut past => Some(nodes),
+                    else => None,
                 }
             }
-        }
+        };
         if let Some(nodes) = &nodes {
             let masters = nodes
                 .iter()
@@ -278,6 +279,30 @@ impl Topology {
             *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = masters.collect();
         }
         nodes
+    }
+
+    /// `CLUSTER NODES` from a master last seen but `except`, or from another if it does
+    /// not answer within `patience` (up to [`SOURCES`]), on connections of our own.
+    async fn ask_past_redis_rs(
+        &self,
+        except: Option<&Address>,
+        patience: Duration,
+    ) -> Option<Vec<Node>> {
+        let seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let cmd = redis::cmd("CLUSTER").arg("NODES").clone();
+        let others = seen.into_iter().filter(|seen| Some(seen) != except);
+        for (host, port) in others.take(SOURCES) {
+            let to = redirect::Node::new(host, port);
+            let asked = self.unlisted.ask(&to, &cmd, patience).await;
+            if let Some(nodes) = asked.as_ref().and_then(parse) {
+                return Some(nodes);
+            }
+        }
+        None
     }
 
     /// How long a node is given to answer a question asked in the background, where
@@ -472,6 +497,7 @@ impl Topology {
         let Some(at) = named.iter().position(|named| named.node == *node) else {
             return false;
         };
+        let mut grew = false;
         if let Some(nodes) = nodes {
             let elsewhere = nodes.iter().any(|other| {
                 other.usable
@@ -496,6 +522,7 @@ impl Topology {
                 for &range in &master.ranges {
                     if !named[at].ranges.contains(&range) {
                         named[at].ranges.push(range);
+                        grew = true;
                     }
                 }
             }
@@ -513,7 +540,9 @@ impl Topology {
         }
         self.any_gone.store(true, Relaxed);
         drop(named);
-        if newly {
+        // Its slots' calls that failed so far, the newly fenced ones' too, say nothing of
+        // the other masters.
+        if newly || grew {
             self.fence();
         }
         true
@@ -669,29 +698,36 @@ async fn watch(topology: Weak<Topology>, node: Address, how: Try) {
         // others' keys served in 3 s). Asked patiently: redis-rs's client holds requests
         // up while it reads its map, and this task holds up no one.
         let ask = this.ask_nodes_surely(Some(&node), this.patience());
-        let (answered, nodes) = if Instant::now() >= next_try {
+        let nodes = if Instant::now() >= next_try {
             let tried = async {
                 match how {
-                    Try::Connect => accepts(&node, timeout).await,
+                    Try::Connect => accepts(&node, crate::connect::node_timeout(timeout)).await,
                     Try::Ping => reacts(&node, STALL_PATIENCE).await,
                 }
             };
-            let (answered, nodes) = tokio::join!(tried, ask);
-            (Some(answered), nodes)
-        } else {
-            (None, ask.await)
-        };
-        match answered {
-            Some(true) => {
+            tokio::pin!(tried, ask);
+            let mut nodes = None;
+            let answered = loop {
+                tokio::select! {
+                    answered = &mut tried => break answered,
+                    asked = &mut ask, if nodes.is_none() => nodes = Some(asked),
+                }
+            };
+            if answered {
                 this.reached(&node);
                 return;
             }
-            Some(false) => {
-                next_try = Instant::now() + pause;
-                pause = (pause * 2).min(LONGEST_PAUSE);
+            next_try = Instant::now() + pause;
+            pause = (pause * 2).min(LONGEST_PAUSE);
+            match nodes {
+                Some(nodes) => nodes,
+                // Fenced off at once by the slots known so far; the view adds the rest.
+                None if this.unreached(&node, None, next_try) => ask.await,
+                None => return,
             }
-            None => {}
-        }
+        } else {
+            ask.await
+        };
         if !this.unreached(&node, nodes.as_deref(), next_try) {
             return;
         }
