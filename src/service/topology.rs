@@ -691,12 +691,12 @@ async fn watch(topology: Weak<Topology>, node: Address, how: Try) {
             return;
         };
         let timeout = this.connect_timeout;
-        // The cluster's view, asked while the node is tried: its slots are then all
-        // known when it is found gone, where those of the `MOVED`s alone left the others'
-        // requests sent, each `MOVED` making redis-rs read its map again, trying the node
-        // for a while, every other request waiting (measured under load: 10 reads of the
-        // others' keys served in 3 s). Asked patiently: redis-rs's client holds requests
-        // up while it reads its map, and this task holds up no one.
+        // The cluster's view, asked while the node is tried: all of its slots are then
+        // fenced off soon after it is found gone, where those of the `MOVED`s alone left
+        // the others' requests sent, each `MOVED` making redis-rs read its map again,
+        // trying the node for a while, every other request waiting (measured under load:
+        // 10 reads of the others' keys served in 3 s). Asked patiently: redis-rs's client
+        // holds requests up while it reads its map, and this task holds up no one.
         let ask = this.ask_nodes_surely(Some(&node), this.patience());
         let nodes = if Instant::now() >= next_try {
             let tried = async {
