@@ -46,7 +46,7 @@ pub(crate) struct ReplicaReads {
     /// has shut down. It is opened on the runtime of the first connect, and kept across
     /// the main connection's replacements; a client made on a runtime that then shut down
     /// read no replica again.
-    connection: Mutex<Option<(ClusterConnection, std::sync::Arc<Driver>)>>,
+    connection: Mutex<Option<(ClusterConnection, Arc<Driver>)>>,
     /// Held while the connection is opened: the reads that want it meanwhile wait.
     opening: tokio::sync::Mutex<()>,
     /// The slots' replicas as the cluster last told, and when.
@@ -63,7 +63,7 @@ pub(crate) struct ReplicaReads {
     /// Connections of our own to the replicas redis-rs's client has none to: its map
     /// (from `CLUSTER SLOTS`) may name none, as in a cluster just built, until something
     /// makes it read the map again.
-    unlisted: std::sync::Arc<Unlisted>,
+    unlisted: Arc<Unlisted>,
 }
 
 /// How long a read waits for a master before a replica is asked too
@@ -206,9 +206,9 @@ impl ReplicaReads {
     pub(crate) fn new(
         client: ClusterClient,
         connect_timeout: Duration,
-        unlisted: std::sync::Arc<Unlisted>,
-    ) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(ReplicaReads {
+        unlisted: Arc<Unlisted>,
+    ) -> Arc<Self> {
+        Arc::new(ReplicaReads {
             client,
             connect_timeout,
             connection: Mutex::new(None),

@@ -431,7 +431,7 @@ impl Topology {
             asks.spawn(async move {
                 let started = Instant::now();
                 let to = master_of(slot);
-                let answered = answers_within(&mut connection, to, &master.id, limit).await;
+                let answered = answers_as(&mut connection, to, &master.id, limit).await;
                 (named, answered.then(|| started.elapsed()))
             });
         }
@@ -599,14 +599,21 @@ impl Topology {
         let (Some((host, port)), Some(routed_slot)) = (&master.address, Slot::new(slot)) else {
             return;
         };
-        if answers_as(&mut connection, master_of(routed_slot), &master.id).await {
+        if answers_as(
+            &mut connection,
+            master_of(routed_slot),
+            &master.id,
+            QUESTION_TIMEOUT,
+        )
+        .await
+        {
             return;
         }
         let direct = SingleNodeRoutingInfo::ByAddress {
             host: host.clone(),
             port: *port,
         };
-        if answers_as(&mut connection, direct, &master.id).await {
+        if answers_as(&mut connection, direct, &master.id, QUESTION_TIMEOUT).await {
             tracing::warn!(
                 master = %format_args!("{host}:{port}"),
                 slot,
@@ -869,18 +876,8 @@ fn master_of(slot: Slot) -> SingleNodeRoutingInfo {
     SingleNodeRoutingInfo::SpecificNode(Route::with_slot(slot, SlotAddr::Master))
 }
 
-/// Whether the node `to` leads to answers `CLUSTER MYID` with `id` within
-/// [`QUESTION_TIMEOUT`].
-async fn answers_as(
-    connection: &mut ClusterConnection,
-    to: SingleNodeRoutingInfo,
-    id: &str,
-) -> bool {
-    answers_within(connection, to, id, QUESTION_TIMEOUT).await
-}
-
 /// Whether the node `to` leads to answers `CLUSTER MYID` with `id` within `limit`.
-async fn answers_within(
+async fn answers_as(
     connection: &mut ClusterConnection,
     to: SingleNodeRoutingInfo,
     id: &str,
