@@ -10,15 +10,17 @@
 //! the median of a variant's same-round ratios, with a distribution-free 95% interval),
 //! then the latency of one request at a time: p50, p99 and the overhead over raw
 //! redis-rs, from sessions on new connections with the variants taking turns in blocks
-//! (see `print_latency` for why). Raw redis-rs runs a second time on a connection of its
+//! (see `compare::print_latency` for why). Raw redis-rs runs a second time on a connection of its
 //! own, as a noise control. `BENCH_CRITERION_ONLY=1` skips the rounds, e.g. to profile
 //! one variant with `--profile-time`.
 
+mod compare;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};
 
+use compare::Contender;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::future::join_all;
 use redis::{
@@ -27,7 +29,7 @@ use redis::{
     io::tcp::TcpSettings,
 };
 use support::{FaultProxy, RedisServer};
-use tokio::runtime::{Builder, Runtime};
+use tokio::runtime::Builder;
 use tower::Layer;
 use tower::{Service, ServiceExt};
 use tower_redis_resilience::{
@@ -36,10 +38,6 @@ use tower_redis_resilience::{
     reconnect::{Reconnect, ReconnectConfig},
     retry::{Retry, RetryLayer},
 };
-
-const IN_FLIGHT: usize = 64;
-const PER_WORKER: usize = 20;
-const BATCH: usize = IN_FLIGHT * PER_WORKER;
 
 #[derive(Clone)]
 enum Variant {
@@ -63,7 +61,7 @@ enum Variant {
     RawAgain(MultiplexedConnection),
 }
 
-impl Variant {
+impl Contender for Variant {
     fn name(&self) -> &'static str {
         match self {
             Variant::Raw(_) => "raw redis-rs MultiplexedConnection",
@@ -80,14 +78,7 @@ impl Variant {
         }
     }
 
-    /// One worker: `PER_WORKER` GETs, one after another.
-    async fn worker(mut self) {
-        for _ in 0..PER_WORKER {
-            self.get().await;
-        }
-    }
-
-    async fn get(&mut self) {
+    async fn get(&mut self, _worker: usize) {
         let value: Option<Vec<u8>> = match self {
             Variant::Raw(conn) | Variant::RawDefault(conn) | Variant::RawAgain(conn) => {
                 conn.get("bench:key").await.unwrap()
@@ -103,11 +94,6 @@ impl Variant {
             }
         };
         assert!(value.is_some());
-    }
-
-    /// `BATCH` GETs with `IN_FLIGHT` outstanding at any time.
-    async fn batch(&self) {
-        join_all((0..IN_FLIGHT).map(|_| self.clone().worker())).await;
     }
 }
 
@@ -216,41 +202,25 @@ fn connector(url: &str) -> Connector {
     Connector::from_url(url).unwrap().tcp_nodelay(!nagle())
 }
 
-fn runtimes() -> Vec<(&'static str, Runtime)> {
-    vec![
-        (
-            "current_thread",
-            Builder::new_current_thread().enable_all().build().unwrap(),
-        ),
-        (
-            "multi_thread(2)",
-            Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap(),
-        ),
-    ]
-}
-
 fn bench(c: &mut Criterion) {
     let server = RedisServer::start();
-    for (flavour, rt) in runtimes() {
-        let variants = rt.block_on(variants(&server.url(), 0));
+    let url = server.url();
+    for (flavour, rt) in compare::runtimes() {
+        let made = rt.block_on(variants(&url, 0));
         let mut group = c.benchmark_group(format!("get_64_in_flight/{flavour}"));
-        group.throughput(Throughput::Elements(BATCH as u64));
+        group.throughput(Throughput::Elements(compare::BATCH as u64));
         group
             .sample_size(20)
             .measurement_time(Duration::from_secs(4));
-        for variant in &variants {
+        for variant in &made {
             group.bench_function(variant.name(), |b| {
-                b.to_async(&rt).iter(|| variant.batch());
+                b.to_async(&rt).iter(|| compare::batch(variant));
             });
         }
         group.finish();
         if std::env::var_os("BENCH_CRITERION_ONLY").is_none() {
-            print_ratios(flavour, &rt, &variants);
-            print_latency(flavour, &rt, &server.url());
+            compare::print_ratios(flavour, &rt, &made);
+            compare::print_latency(flavour, &rt, |session| variants(&url, session));
         }
     }
     if std::env::var_os("BENCH_CRITERION_ONLY").is_none() {
@@ -311,7 +281,7 @@ async fn callers(variant: &Variant, callers: usize, period: Duration) -> (f64, f
             let mut took = Vec::new();
             while Instant::now() < end {
                 let started = Instant::now();
-                variant.get().await;
+                variant.get(0).await;
                 took.push(started.elapsed());
             }
             took
@@ -322,142 +292,6 @@ async fn callers(variant: &Variant, callers: usize, period: Duration) -> (f64, f
     all.sort_unstable();
     let p50 = all[all.len() / 2].as_secs_f64() * 1e3;
     (all.len() as f64 / period.as_secs_f64(), p50)
-}
-
-/// One GET at a time: p50 and p99 of each variant, and its overhead over raw redis-rs.
-///
-/// The variants take turns in blocks of `BLOCK` calls (so drift hits them alike), and
-/// work a call leaves behind for the runtime (a timer to cancel, a task to wake) lands
-/// in its own variant's block, not in the next variant's first call. The calls are made
-/// in sessions, each on new connections opened in a rotated order, since two identical
-/// clients on two connections can land a microsecond apart for as long as the
-/// connections live. A variant's overhead is the median over sessions of its p50 minus
-/// raw redis-rs's p50 in the same session, with the smallest and largest session's.
-fn print_latency(flavour: &str, rt: &Runtime, url: &str) {
-    const SESSIONS: usize = 7;
-    const BLOCK: usize = 20;
-    const ROUNDS: usize = 100;
-    let mut all: Vec<Vec<Duration>> = vec![Vec::new(); VARIANTS];
-    let mut session_overheads: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS];
-    let mut names = Vec::new();
-    for session in 0..SESSIONS {
-        let mut variants = rt.block_on(variants(url, session));
-        names = variants.iter().map(Variant::name).collect();
-        let mut samples: Vec<Vec<Duration>> = (0..VARIANTS)
-            .map(|_| Vec::with_capacity(BLOCK * ROUNDS))
-            .collect();
-        rt.block_on(async {
-            for round in 0..ROUNDS {
-                for turn in 0..VARIANTS {
-                    let i = (round + turn) % VARIANTS;
-                    for _ in 0..BLOCK {
-                        let started = Instant::now();
-                        variants[i].get().await;
-                        samples[i].push(started.elapsed());
-                    }
-                }
-            }
-        });
-        let p50s: Vec<f64> = samples
-            .iter_mut()
-            .map(|own| {
-                own.sort_unstable();
-                own[own.len() / 2].as_secs_f64() * 1e6
-            })
-            .collect();
-        for (i, own) in samples.iter().enumerate() {
-            session_overheads[i].push(p50s[i] - p50s[0]);
-            all[i].extend_from_slice(own);
-        }
-    }
-    let quantile = |v: &[Duration], q: f64| v[((v.len() - 1) as f64 * q) as usize];
-    println!(
-        "\nGET, 1 in flight, {flavour}: {SESSIONS} sessions on new connections, {} calls \
-         each per session, in blocks of {BLOCK} taking turns (overhead: median over \
-         sessions of p50 - raw redis-rs's p50 [smallest, largest session])",
-        BLOCK * ROUNDS
-    );
-    for ((name, own), overheads) in names.iter().zip(&mut all).zip(&mut session_overheads) {
-        own.sort_unstable();
-        overheads.sort_by(f64::total_cmp);
-        println!(
-            "  {:<36} p50 {:>7.1?}  p99 {:>7.1?}  overhead {:>+6.2} µs [{:+.2}, {:+.2}]",
-            name,
-            quantile(own, 0.5),
-            quantile(own, 0.99),
-            overheads[overheads.len() / 2],
-            overheads[0],
-            overheads[overheads.len() - 1],
-        );
-    }
-}
-
-/// Interleaves the variants round by round (so drift hits them alike; the order rotates
-/// every round) and prints the median throughput of each, and its ratio to raw redis-rs:
-/// the median of its ratios to raw redis-rs in the same round, with a 95% interval.
-fn print_ratios(flavour: &str, rt: &Runtime, variants: &[Variant]) {
-    const ROUNDS: usize = 31;
-    let steal_before = cpu_steal();
-    const BATCHES_PER_ROUND: usize = 10;
-    let n = variants.len();
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); n];
-    for round in 0..ROUNDS {
-        for turn in 0..n {
-            let i = (round + turn) % n;
-            let started = Instant::now();
-            rt.block_on(async {
-                for _ in 0..BATCHES_PER_ROUND {
-                    variants[i].batch().await;
-                }
-            });
-            rates[i].push((BATCH * BATCHES_PER_ROUND) as f64 / started.elapsed().as_secs_f64());
-        }
-    }
-    println!(
-        "\nGET, {IN_FLIGHT} in flight, {flavour}: {ROUNDS} interleaved rounds \
-         (ratio: median of same-round ratios to raw redis-rs, 95% interval)"
-    );
-    if let (Some((s0, t0)), Some((s1, t1))) = (steal_before, cpu_steal()) {
-        // Time the hypervisor gave to others: above a few percent the ratios are noise.
-        println!(
-            "  cpu steal during the rounds: {:.1}%",
-            100.0 * (s1 - s0) as f64 / (t1 - t0).max(1) as f64
-        );
-    }
-    for (variant, own) in variants.iter().zip(&rates) {
-        let mut ratios: Vec<f64> = own.iter().zip(&rates[0]).map(|(o, r)| o / r).collect();
-        let (ratio, low, high) = median_with_interval(&mut ratios);
-        let (rate, _, _) = median_with_interval(&mut own.clone());
-        println!(
-            "  {:<36} {:>9.0} GET/s   ratio to raw {ratio:.3} [{low:.3}, {high:.3}]",
-            variant.name(),
-            rate,
-        );
-    }
-}
-
-/// The median of `values` and a 95% confidence interval for it, from the order
-/// statistics (distribution-free: no assumption about the shape of the noise).
-fn median_with_interval(values: &mut [f64]) -> (f64, f64, f64) {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    let half_width = 0.98 * (n as f64).sqrt();
-    let low = ((n as f64 / 2.0 - half_width).floor().max(0.0)) as usize;
-    let high = ((n as f64 / 2.0 + half_width).ceil() as usize).min(n - 1);
-    (values[n / 2], values[low], values[high])
-}
-
-/// (steal, total) jiffies from /proc/stat, where there is one.
-fn cpu_steal() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    Some((*fields.get(7)?, fields.iter().take(8).sum()))
 }
 
 criterion_group!(benches, bench);
