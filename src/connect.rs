@@ -1273,7 +1273,10 @@ async fn open_cluster(
         Use::Blocking => builder,
     };
     let client = builder.build().map_err(Error::from_connect)?;
-    let connection = match client.get_async_connection().await {
+    let connection = match client
+        .get_async_generic_connection::<crate::service::NodeConnection>()
+        .await
+    {
         Ok(connection) => connection,
         Err(err) => return Err(diagnose(cluster, connect_timeout, err).await),
     };
@@ -1363,13 +1366,14 @@ fn cluster_builder(
     }
 }
 
-/// Has redis-rs's cluster client give up on a node's reply after the connect timeout (an
-/// I/O error for that request). Without it, a stalled node held up every request to every
-/// node whenever the client read its map of the slots again (after a `MOVED`, say): it
-/// asks the nodes it knows one at a time, the stalled one perhaps first, and every
-/// request waits for it (measured: a master paused, then a slot moved between two
-/// others; not one read of the other masters' keys served until the paused one resumed).
-/// No overall limit on top: the Timeout layer sets the call's deadline.
+/// Has redis-rs's cluster client give up on a node's reply to its own commands after the
+/// connect timeout (an I/O error for that command; see `NodeConnection`, which keeps the
+/// application's requests free of a timer each). Without it, a stalled node held up every
+/// request to every node whenever the client read its map of the slots again (after a
+/// `MOVED`, say): it asks the nodes it knows one at a time, the stalled one perhaps
+/// first, and every request waits for it (measured: a master paused, then a slot moved
+/// between two others; not one read of the other masters' keys served until the paused
+/// one resumed). No overall limit on top: the Timeout layer sets the call's deadline.
 #[cfg(feature = "cluster")]
 fn with_node_response_timeout(
     builder: redis::cluster::ClusterClientBuilder,

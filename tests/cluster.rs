@@ -17,8 +17,9 @@ use support::{
     Blackhole, ConnectAttempts, RedisCluster, RedisServer, TokenService, asking,
     current_thread_runtime, eventually,
 };
+use tower::{Service, ServiceExt};
 use tower_redis_resilience::{
-    Connector, Credentials, Error, HealthStatus, ResilientClient,
+    Connector, Credentials, Error, HealthStatus, Request, ResilientClient,
     circuit_breaker::BreakerState,
     metrics::Outcome,
     pubsub::{Event, Events, Subscriber, SubscriberConfig},
@@ -102,6 +103,36 @@ async fn a_blocking_command_on_a_cluster_waits_past_the_connect_timeout() {
     let popped: Option<(String, String)> = client.blpop("jobs", 3.0).await.unwrap();
     push.await.unwrap();
     assert_eq!(popped, Some(("jobs".to_owned(), "job-1".to_owned())));
+    assert!(
+        asked.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        asked.elapsed()
+    );
+}
+
+/// A request waits for its node's reply as long as the caller does: the connect timeout
+/// bounds only redis-rs's own commands (its reads of the slots' map), not every request
+/// (which cost a timer each), and the deadline is the Timeout layer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_a_cluster_waits_for_a_slow_nodes_reply_past_the_connect_timeout() {
+    let cluster = RedisCluster::start(3, 0);
+    let master = &cluster.masters[cluster.master_index_of("slow")];
+    master.raw_command(&["SET", "slow", "reply"]);
+    let mut leaf = Connector::cluster(cluster.urls())
+        .unwrap()
+        .connect_timeout(Duration::from_millis(400))
+        .connect()
+        .await
+        .unwrap();
+    master.pause();
+    let asked = Instant::now();
+    let mut get = redis::cmd("GET");
+    get.arg("slow");
+    let reply = tokio::spawn(leaf.ready().await.unwrap().call(Request::from(get)));
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    master.resume();
+    let reply = reply.await.unwrap();
+    assert_eq!(reply.unwrap(), redis::Value::BulkString(b"reply".to_vec()));
     assert!(
         asked.elapsed() >= Duration::from_millis(900),
         "{:?}",

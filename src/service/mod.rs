@@ -2,6 +2,8 @@
 
 mod future;
 #[cfg(feature = "cluster")]
+mod node;
+#[cfg(feature = "cluster")]
 mod redirect;
 #[cfg(feature = "cluster")]
 mod replicas;
@@ -11,11 +13,17 @@ mod topology;
 
 pub use future::ResponseFuture;
 #[cfg(feature = "cluster")]
+pub(crate) use node::NodeConnection;
+#[cfg(feature = "cluster")]
 pub(crate) use redirect::Unlisted;
 #[cfg(feature = "cluster")]
 pub(crate) use replicas::ReplicaReads;
 #[cfg(feature = "cluster")]
 pub(crate) use topology::Topology;
+
+/// redis-rs's cluster client, over this crate's connections to the nodes.
+#[cfg(feature = "cluster")]
+pub(crate) type ClusterConnection = redis::cluster_async::ClusterConnection<node::NodeConnection>;
 
 use std::{
     fmt,
@@ -455,7 +463,7 @@ pub(crate) enum Conn {
     Single(MultiplexedConnection),
     #[cfg(feature = "cluster")]
     Cluster {
-        connection: redis::cluster_async::ClusterConnection,
+        connection: ClusterConnection,
         /// How it reaches nodes a redirect names that redis-rs's client does not know.
         unlisted: Arc<redirect::Unlisted>,
         /// Where reads the masters cannot serve go, when asked for.

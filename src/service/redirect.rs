@@ -31,12 +31,11 @@ use std::{
 use redis::{
     Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, Pipeline, RedisError, RedisResult, Value,
     aio::MultiplexedConnection,
-    cluster_async::ClusterConnection,
     cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot},
 };
 use tokio::time::Instant;
 
-use super::{Conn, RedisService, topology::Address};
+use super::{ClusterConnection, Conn, RedisService, topology::Address};
 use crate::{
     Error,
     connect::OwnTls,

@@ -10,14 +10,11 @@ use std::{
     time::Duration,
 };
 
-use redis::{
-    Cmd, Pipeline, RedisError, RedisResult, Value, cluster::ClusterClient,
-    cluster_async::ClusterConnection,
-};
+use redis::{Cmd, Pipeline, RedisError, RedisResult, Value, cluster::ClusterClient};
 use tokio::time::Instant;
 
 use super::{
-    Driver,
+    ClusterConnection, Driver,
     redirect::{Node, Unlisted, follow, follow_command},
     topology::{self, Address, SOURCES},
 };
@@ -261,7 +258,10 @@ impl ReplicaReads {
             if let Some(connection) = this.opened() {
                 return Ok(connection);
             }
-            let connection = this.client.get_async_connection().await?;
+            let connection = this
+                .client
+                .get_async_generic_connection::<super::NodeConnection>()
+                .await?;
             *this
                 .connection
                 .lock()

@@ -43,12 +43,12 @@ use std::{
 
 use redis::{
     Cmd, Pipeline, RedisError, Value,
-    cluster_async::ClusterConnection,
     cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr},
 };
 use tokio::time::Instant;
 
 use super::{
+    ClusterConnection,
     redirect::{self, FIRST_PAUSE, LONGEST_PAUSE, Redirect, Unlisted},
     replicas::{key_of, slot_of, slot_of_pipeline},
 };
