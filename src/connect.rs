@@ -954,7 +954,8 @@ impl Connector {
     /// application a connection belongs to (which service holds 5,000 connections?),
     /// where it would otherwise show only an address and port.
     ///
-    /// Not named: a cluster's node connections (redis-rs's cluster client opens them) and
+    /// Not named: a cluster's node connections (redis-rs's cluster client asks for each
+    /// with settings of its own, which carry no name) and
     /// [`Subscriber`](crate::pubsub::Subscriber)s'. A server that refuses the name (an ACL
     /// user that may not run `CLIENT`) leaves the connection unnamed, and it serves as
     /// usual. A name Redis would refuse (empty, or with a space, a newline or a character
@@ -1201,7 +1202,12 @@ pub(crate) async fn open(
     own_tls: &OwnTls,
     display: Arc<str>,
 ) -> Result<RedisService, Error> {
-    let (connection, driver) = open_multiplexed(info, client, own_tls).await?;
+    // No response timeout: deadlines belong to the Timeout layer, and a redis-rs timeout
+    // would fire under it with a different error. The caller bounds the connect.
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(None)
+        .set_response_timeout(None);
+    let (connection, driver) = open_multiplexed(info, client, own_tls, config).await?;
     Ok(RedisService::from_parts(
         Conn::Single(connection),
         driver,
@@ -1423,16 +1429,28 @@ async fn diagnose(
     }
 }
 
+/// A cluster node's connection, for redis-rs's cluster client, with the `config` it
+/// gives (its credentials provider included): run by this crate where it can be, so that
+/// a request made after the node closed it is known not to have been sent. Not bounded
+/// in time: the caller bounds it.
+#[cfg(feature = "cluster")]
+pub(crate) async fn open_node(
+    info: &ConnectionInfo,
+    config: AsyncConnectionConfig,
+) -> Result<(MultiplexedConnection, Option<Arc<Driver>>), Error> {
+    // TLS with certificates of the connector's own goes through redis-rs's TLS, which
+    // the cluster client is given them for.
+    open_multiplexed(info, None, &OwnTls::default(), config).await
+}
+
+/// A connection to `info` with `config`, run by this crate ([`Driver::spawn`]) where it
+/// can open the stream as redis-rs would, else opened and run by redis-rs.
 async fn open_multiplexed(
     info: &ConnectionInfo,
     client: Option<&redis::Client>,
     own_tls: &OwnTls,
+    config: AsyncConnectionConfig,
 ) -> Result<(MultiplexedConnection, Option<Arc<Driver>>), Error> {
-    // No response timeout: deadlines belong to the Timeout layer, and a redis-rs timeout
-    // would fire under it with a different error. The caller bounds the connect.
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(None)
-        .set_response_timeout(None);
     let io = |err: std::io::Error| Error::from_connect(err.into());
     #[cfg(not(feature = "tls"))]
     let OwnTls {} = own_tls;

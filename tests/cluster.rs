@@ -140,6 +140,24 @@ async fn a_request_on_a_cluster_waits_for_a_slow_nodes_reply_past_the_connect_ti
     );
 }
 
+/// An `INCR` on a node connection the node closed while it sat idle (a restart, the
+/// server's `timeout`, a load balancer, `CLIENT KILL`) goes through once: the close is
+/// known, so the `INCR` is refused unsent, redis-rs's client connects to the node again,
+/// and the retry sends it there. Before, it failed as a request that may have run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incr_on_a_node_connection_closed_while_idle_goes_through_once() {
+    let cluster = RedisCluster::start(3, 0);
+    let mut client = client(&cluster).await;
+    assert_eq!(client.incr::<_, _, u64>("n", 1).await.unwrap(), 1);
+    let master = &cluster.masters[cluster.master_index_of("n")];
+    let killed = master.raw_command(&["CLIENT", "KILL", "TYPE", "normal"]);
+    assert_ne!(killed, "0");
+    // The connection's task sees the close within microseconds; this is ample.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(client.incr::<_, _, u64>("n", 1).await.unwrap(), 2);
+    assert_eq!(master.raw_command(&["GET", "n"]), "2");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_hears_what_is_published_on_any_node() {
     let cluster = RedisCluster::start(3, 0);

@@ -1,6 +1,8 @@
 //! A cluster node's connection, as redis-rs's cluster client holds it: redis-rs's own
-//! multiplexed connection, whose replies are waited for without a time limit but for
-//! those of the commands the cluster client sends of its own accord.
+//! multiplexed connection, opened and run by this crate where it can (as one server's
+//! is), so that a request made after the node closed it is known not to have been sent;
+//! its replies are waited for without a time limit but for those of the commands the
+//! cluster client sends of its own accord.
 //!
 //! redis-rs applies the cluster client's response timeout to every request on every
 //! node, a tokio timer each; the Timeout layer already gives each call its deadline. The
@@ -21,6 +23,8 @@ use redis::{
     cluster_async::Connect,
 };
 
+use super::Driver;
+
 /// What a connection redis-rs's cluster client opens to a node is. One pointer:
 /// redis-rs's client moves a copy of the connection with each request it routes.
 #[derive(Clone)]
@@ -28,21 +32,37 @@ pub(crate) struct NodeConnection(Arc<Node>);
 
 struct Node {
     connection: MultiplexedConnection,
+    /// The connection's task, where this crate runs it: it tells when the node closed the
+    /// connection, and is stopped when redis-rs's client lets go of the connection.
+    driver: Option<Arc<Driver>>,
     /// How long the cluster client's own commands wait for the node's reply.
     own_commands_limit: Option<Duration>,
 }
 
+impl Node {
+    /// The error of a request made once the connection is known to have closed (the node
+    /// closed it while it sat idle: a restart, its `timeout`, `CLIENT KILL`): not sent.
+    /// redis-rs's client takes it for a dropped connection and connects to the node
+    /// again, and the retry may send the request there, an `INCR` included.
+    fn closed(&self) -> Option<RedisError> {
+        self.driver
+            .as_deref()
+            .is_some_and(Driver::has_ended)
+            .then(|| crate::Error::not_sent().into())
+    }
+}
+
 impl ConnectionLike for NodeConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        if let Some(closed) = self.0.closed() {
+            return Box::pin(std::future::ready(Err(closed)));
+        }
         let mut connection = self.0.connection.clone();
         match self.0.own_commands_limit {
             Some(limit) if sent_by_the_cluster_client(cmd) => Box::pin(async move {
                 tokio::time::timeout(limit, connection.send_packed_command(cmd))
                     .await
-                    // The error redis-rs gives a request past its response timeout.
-                    .unwrap_or_else(|_| {
-                        Err(RedisError::from(io::Error::from(io::ErrorKind::TimedOut)))
-                    })
+                    .unwrap_or_else(|_| Err(timed_out()))
             }),
             _ => Box::pin(async move { connection.send_packed_command(cmd).await }),
         }
@@ -54,6 +74,9 @@ impl ConnectionLike for NodeConnection {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
+        if let Some(closed) = self.0.closed() {
+            return Box::pin(std::future::ready(Err(closed)));
+        }
         let mut connection = self.0.connection.clone();
         Box::pin(async move {
             connection
@@ -72,12 +95,22 @@ impl Connect for NodeConnection {
     where
         T: IntoConnectionInfo + Send + 'a,
     {
-        let own_commands_limit = response_timeout(&config);
+        let own_commands_limit = limit_shown(&config, "response_timeout");
+        let connect_limit = limit_shown(&config, "connection_timeout");
         let config = config.set_response_timeout(None);
         Box::pin(async move {
-            let connection = MultiplexedConnection::connect_with_config(info, config).await?;
+            let info = info.into_connection_info()?;
+            let open = crate::connect::open_node(&info, config);
+            let opened = match connect_limit {
+                Some(limit) => tokio::time::timeout(limit, open)
+                    .await
+                    .unwrap_or_else(|_| Err(crate::Error::from_connect(timed_out()))),
+                None => open.await,
+            };
+            let (connection, driver) = opened?;
             Ok(NodeConnection(Arc::new(Node {
                 connection,
+                driver,
                 own_commands_limit,
             })))
         })
@@ -97,33 +130,39 @@ fn sent_by_the_cluster_client(cmd: &Cmd) -> bool {
         .any(|own| name.eq_ignore_ascii_case(own))
 }
 
-/// When redis-rs cannot be read, its own commands wait at most this long: the connect
+/// A limit redis-rs's config is read to have where it cannot be read: the connect
 /// timeout's default.
 const FALLBACK_LIMIT: Duration = Duration::from_secs(1);
 
-/// The response timeout the cluster client gave `config` (its `response_timeout`, which
-/// this crate sets to the connect timeout for the shared connection). redis-rs has no
-/// getter for it, so it is read from the `Debug` text, which shows it first
-/// (`AsyncConnectionConfig { response_timeout: Some(250ms), ...`). If that text cannot be
-/// read (a later redis-rs shows it otherwise), [`FALLBACK_LIMIT`]: a limit on the
-/// client's own commands is never lost.
-fn response_timeout(config: &AsyncConnectionConfig) -> Option<Duration> {
-    limit_shown(&format!("{config:?}"))
+/// The time limit the cluster client gave `config` in `field`: its `response_timeout`
+/// (which this crate sets to the connect timeout for the shared connection) or its
+/// `connection_timeout` (a quarter of it). redis-rs has no getters for them, so they are
+/// read from the `Debug` text (`AsyncConnectionConfig { response_timeout: Some(1s),
+/// connection_timeout: Some(250ms), ...`). If that cannot be read (a later redis-rs
+/// shows it otherwise), [`FALLBACK_LIMIT`]: a limit is never lost.
+fn limit_shown(config: &AsyncConnectionConfig, field: &str) -> Option<Duration> {
+    limit_in(&format!("{config:?}"), field)
 }
 
-/// The response timeout in a config's `Debug` text `shown`.
-fn limit_shown(shown: &str) -> Option<Duration> {
-    let Some((_, field)) = shown.split_once("response_timeout: ") else {
+/// The limit in `field` of a config's `Debug` text `shown`.
+fn limit_in(shown: &str, field: &str) -> Option<Duration> {
+    let Some((_, value)) = shown.split_once(&format!(" {field}: ")) else {
         return Some(FALLBACK_LIMIT);
     };
-    if field.starts_with("None") {
+    if value.starts_with("None") {
         return None;
     }
-    let read = field
+    let read = value
         .strip_prefix("Some(")
         .and_then(|some| some.split_once(')'))
         .and_then(|(duration, _)| parse_duration(duration));
     Some(read.unwrap_or(FALLBACK_LIMIT))
+}
+
+/// The error redis-rs gives a request past its response timeout, or a connect past its
+/// connection timeout.
+fn timed_out() -> RedisError {
+    RedisError::from(io::Error::from(io::ErrorKind::TimedOut))
 }
 
 /// A `Duration` from its `Debug` text (`1s`, `250ms`, `1.5s`, `333.333333ms`, `100µs`,
@@ -157,7 +196,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_response_timeout_given_is_read_back_exactly() {
+    fn the_limits_given_are_read_back_exactly() {
         for limit in [
             Duration::from_secs(1),
             Duration::from_millis(250),
@@ -167,11 +206,21 @@ mod tests {
             Duration::from_nanos(7),
             Duration::from_secs(3_600),
         ] {
-            let config = AsyncConnectionConfig::new().set_response_timeout(Some(limit));
-            assert_eq!(response_timeout(&config), Some(limit), "{config:?}");
+            let config = AsyncConnectionConfig::new()
+                .set_response_timeout(Some(limit))
+                .set_connection_timeout(Some(limit / 4));
+            assert_eq!(
+                limit_shown(&config, "response_timeout"),
+                Some(limit),
+                "{config:?}"
+            );
+            assert_eq!(limit_shown(&config, "connection_timeout"), Some(limit / 4));
         }
-        let none = AsyncConnectionConfig::new().set_response_timeout(None);
-        assert_eq!(response_timeout(&none), None);
+        let none = AsyncConnectionConfig::new()
+            .set_response_timeout(None)
+            .set_connection_timeout(None);
+        assert_eq!(limit_shown(&none, "response_timeout"), None);
+        assert_eq!(limit_shown(&none, "connection_timeout"), None);
     }
 
     #[test]
@@ -181,7 +230,11 @@ mod tests {
             "AsyncConnectionConfig { response_timeout: 250ms, .. }",
             "AsyncConnectionConfig { .. }",
         ] {
-            assert_eq!(limit_shown(shown), Some(FALLBACK_LIMIT), "{shown}");
+            assert_eq!(
+                limit_in(shown, "response_timeout"),
+                Some(FALLBACK_LIMIT),
+                "{shown}"
+            );
         }
         assert_eq!(parse_duration("1.5 fortnights"), None);
         assert_eq!(parse_duration("ms"), None);
