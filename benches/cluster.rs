@@ -14,10 +14,8 @@ mod compare;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::time::Duration;
-
 use compare::Contender;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group, criterion_main};
 use redis::{AsyncCommands, cluster::ClusterClient, cluster_async::ClusterConnection};
 use support::RedisCluster;
 use tower::{Service, ServiceExt};
@@ -146,21 +144,14 @@ fn bench(c: &mut Criterion) {
             }
             variants(&urls, 0).await
         });
-        let mut group = c.benchmark_group(format!("cluster_get_64_in_flight/{flavour}"));
-        group.throughput(Throughput::Elements(compare::BATCH as u64));
-        group
-            .sample_size(20)
-            .measurement_time(Duration::from_secs(4));
-        for variant in &made {
-            group.bench_function(variant.name(), |b| {
-                b.to_async(&rt).iter(|| compare::batch(variant));
-            });
-        }
-        group.finish();
-        if std::env::var_os("BENCH_CRITERION_ONLY").is_none() {
-            compare::print_ratios(flavour, &rt, &made);
-            compare::print_latency(flavour, &rt, |session| variants(&urls, session));
-        }
+        compare::run(
+            c,
+            "cluster_get_64_in_flight",
+            flavour,
+            &rt,
+            &made,
+            |session| variants(&urls, session),
+        );
     }
 }
 

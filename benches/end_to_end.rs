@@ -21,7 +21,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use compare::Contender;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group, criterion_main};
 use futures::future::join_all;
 use redis::{
     AsyncCommands, AsyncConnectionConfig, IntoConnectionInfo,
@@ -207,23 +207,11 @@ fn bench(c: &mut Criterion) {
     let url = server.url();
     for (flavour, rt) in compare::runtimes() {
         let made = rt.block_on(variants(&url, 0));
-        let mut group = c.benchmark_group(format!("get_64_in_flight/{flavour}"));
-        group.throughput(Throughput::Elements(compare::BATCH as u64));
-        group
-            .sample_size(20)
-            .measurement_time(Duration::from_secs(4));
-        for variant in &made {
-            group.bench_function(variant.name(), |b| {
-                b.to_async(&rt).iter(|| compare::batch(variant));
-            });
-        }
-        group.finish();
-        if std::env::var_os("BENCH_CRITERION_ONLY").is_none() {
-            compare::print_ratios(flavour, &rt, &made);
-            compare::print_latency(flavour, &rt, |session| variants(&url, session));
-        }
+        compare::run(c, "get_64_in_flight", flavour, &rt, &made, |session| {
+            variants(&url, session)
+        });
     }
-    if std::env::var_os("BENCH_CRITERION_ONLY").is_none() {
+    if !compare::criterion_only() {
         print_over_a_slow_link(&server);
     }
 }

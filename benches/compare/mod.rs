@@ -5,12 +5,13 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use criterion::{Criterion, Throughput};
 use futures::future::join_all;
 use tokio::runtime::{Builder, Runtime};
 
 pub const IN_FLIGHT: usize = 64;
 const PER_WORKER: usize = 20;
-pub const BATCH: usize = IN_FLIGHT * PER_WORKER;
+const BATCH: usize = IN_FLIGHT * PER_WORKER;
 
 /// A way of making GETs, on connections of its own. The first variant of a list is the
 /// one the others are measured against.
@@ -24,7 +25,7 @@ pub trait Contender: Clone {
 
 /// `BATCH` GETs with `IN_FLIGHT` outstanding at any time: each of `IN_FLIGHT` workers
 /// makes `PER_WORKER`, one after another.
-pub async fn batch<V: Contender>(variant: &V) {
+async fn batch<V: Contender>(variant: &V) {
     join_all((0..IN_FLIGHT).map(|worker| {
         let mut variant = variant.clone();
         async move {
@@ -34,6 +35,43 @@ pub async fn batch<V: Contender>(variant: &V) {
         }
     }))
     .await;
+}
+
+/// Whether only criterion's numbers are asked for (`BENCH_CRITERION_ONLY=1`, e.g. to
+/// profile one variant with `--profile-time`), without the rounds.
+pub fn criterion_only() -> bool {
+    std::env::var_os("BENCH_CRITERION_ONLY").is_some()
+}
+
+/// Criterion's numbers for each of `variants` (group `group/flavour`), then, unless
+/// [`criterion_only`], the interleaved rounds ([`print_ratios`]) and one request at a
+/// time ([`print_latency`], on new variants from `make`).
+pub fn run<V, F>(
+    c: &mut Criterion,
+    group: &str,
+    flavour: &str,
+    rt: &Runtime,
+    variants: &[V],
+    make: impl Fn(usize) -> F,
+) where
+    V: Contender,
+    F: Future<Output = Vec<V>>,
+{
+    let mut measured = c.benchmark_group(format!("{group}/{flavour}"));
+    measured.throughput(Throughput::Elements(BATCH as u64));
+    measured
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(4));
+    for variant in variants {
+        measured.bench_function(variant.name(), |b| {
+            b.to_async(rt).iter(|| batch(variant));
+        });
+    }
+    measured.finish();
+    if !criterion_only() {
+        print_ratios(flavour, rt, variants);
+        print_latency(flavour, rt, make);
+    }
 }
 
 pub fn runtimes() -> Vec<(&'static str, Runtime)> {
@@ -63,7 +101,7 @@ pub fn runtimes() -> Vec<(&'static str, Runtime)> {
 /// can land a microsecond apart for as long as the connections live. A variant's
 /// overhead is the median over sessions of its p50 minus the first variant's p50 in the
 /// same session, with the smallest and largest session's.
-pub fn print_latency<V, F>(flavour: &str, rt: &Runtime, make: impl Fn(usize) -> F)
+fn print_latency<V, F>(flavour: &str, rt: &Runtime, make: impl Fn(usize) -> F)
 where
     V: Contender,
     F: Future<Output = Vec<V>>,
@@ -132,7 +170,7 @@ where
 /// Interleaves the variants round by round (so drift hits them alike; the order rotates
 /// every round) and prints the median throughput of each, and its ratio to the first:
 /// the median of its ratios to the first in the same round, with a 95% interval.
-pub fn print_ratios<V: Contender>(flavour: &str, rt: &Runtime, variants: &[V]) {
+fn print_ratios<V: Contender>(flavour: &str, rt: &Runtime, variants: &[V]) {
     const ROUNDS: usize = 31;
     let steal_before = cpu_steal();
     const BATCHES_PER_ROUND: usize = 10;
